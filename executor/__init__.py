@@ -1,0 +1,3 @@
+"""The torch side of gpipe-planner: profiler, pipeline runtime and runners (see DESIGN.md)."""
+
+__all__: list[str] = []

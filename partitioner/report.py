@@ -1,0 +1,69 @@
+"""Plain-text tables for the command line.
+
+    >>> print(format_table(["k", "ms"], [[0, "1.5"], [1, "12.0"]]))
+    k    ms
+    0   1.5
+    1  12.0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .costs import CostModel, bytes_per_param
+from .plan import Plan
+from .units import format_bytes
+
+__all__ = ["format_table", "plan_report"]
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Columns right-aligned except the first, two spaces apart."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for r in cells:
+        parts = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:],
+                                                                      strict=True)]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def plan_report(plan: Plan, cm: CostModel) -> str:
+    """The per-stage table of a chain plan with its predicted step time and bubble."""
+    pred = plan.predicted
+    assert pred is not None, "plan_report needs a plan with predictions"
+    stage_ms = [c + m for c, m in zip(pred.stage_compute_ms, pred.stage_comm_ms or
+                                      (0.0,) * plan.num_stages, strict=True)]
+    bottleneck = max(stage_ms)
+    out_bytes = cm.layer_array("out_bytes")
+    rows = []
+    for k, s in enumerate(plan.stages):
+        start, end = s.layers
+        boundary = format_bytes(out_bytes[end - 1]) if k < plan.num_stages - 1 else "-"
+        rows.append([k, f"[{start}, {end})", end - start, s.device,
+                     f"{pred.stage_compute_ms[k]:.3f}",
+                     f"{stage_ms[k] - pred.stage_compute_ms[k]:.3f}", boundary,
+                     format_bytes(pred.stage_peak_bytes[k]),
+                     f"{100 * stage_ms[k] / bottleneck:.1f}%"])
+    headers = ["stage", "layers", "n", "device", "compute_ms", "comm_ms", "boundary",
+               "memory", "share"]
+    b = cm.microbatch_size
+    sizes = sorted(set([cm.global_batch // cm.microbatches, b]))
+    head = (f"{plan.profile_model} on {plan.profile_device}: K={plan.num_stages} stages, "
+            f"M={plan.microbatches} micro-batches of {'/'.join(map(str, sizes))} (B="
+            f"{plan.global_batch}), schedule={plan.schedule}, recompute={plan.recompute}")
+    link = ("free" if plan.link.bandwidth_gbps == float("inf") and plan.link.latency_ms == 0
+            else f"{plan.link.bandwidth_gbps:g} GB/s + {plan.link.latency_ms:g} ms")
+    assumptions = (f"memory limit {format_bytes(plan.memory_limit_bytes)}; optimizer "
+                   f"{plan.optimizer} ({bytes_per_param(cm.profile.dtype, plan.optimizer):g} "
+                   f"bytes/parameter for {cm.profile.dtype}); link {link}; times per "
+                   f"micro-batch of {b}")
+    summary = (f"predicted step {pred.step_ms:.3f} ms ({pred.method}: (M+K-1) x bottleneck "
+               f"{bottleneck:.3f} ms), bubble {100 * pred.bubble_fraction:.1f}% "
+               f"(balanced ideal (K-1)/(M+K-1) = "
+               f"{100 * (plan.num_stages - 1) / (plan.microbatches + plan.num_stages - 1):.1f}%)")
+    if pred.method != "closed-form":
+        summary = (f"predicted step {pred.step_ms:.3f} ms ({pred.method}), bubble "
+                   f"{100 * pred.bubble_fraction:.1f}%, bottleneck stage {bottleneck:.3f} ms")
+    return "\n".join([head, assumptions, "", format_table(headers, rows), "", summary])

@@ -1,0 +1,65 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from partitioner.costs import LINKS, CostModel
+from partitioner.plan import Plan, PlanError, load_plan, plan_from_dict, plan_to_dict, save_plan
+from partitioner.planner import make_plan
+from partitioner.profile import load_profile
+
+
+def _plan() -> tuple[Plan, CostModel]:
+    cm = CostModel(load_profile("h200/gpt2-medium"), 16, 4, stages=4, recompute="except_last",
+                   link=LINKS["nvlink"])
+    return make_plan(cm, 80 * 2**30), cm
+
+
+def test_round_trip_and_closed_form(tmp_path: Path) -> None:
+    plan, _ = _plan()
+    path = tmp_path / "plan.json"
+    save_plan(plan, path)
+    assert load_plan(path) == plan
+    data = json.loads(path.read_text())
+    assert data["format"] == "gpipe-plan/1"
+    assert data["stages"][0]["layers"] == [0, 6] and data["stages"][0]["device"] == "cuda:0"
+    pred = plan.predicted
+    assert pred is not None
+    stage_ms = [c + m for c, m in zip(pred.stage_compute_ms, pred.stage_comm_ms, strict=True)]
+    assert pred.step_ms == pytest.approx((4 + 4 - 1) * max(stage_ms))
+    busy = 4 * sum(stage_ms)
+    assert pred.bubble_fraction == pytest.approx(1 - busy / (4 * pred.step_ms))
+    assert pred.bubble_fraction >= 3 / 7 - 1e-12  # never below the balanced ideal
+    assert all(m <= 80 * 2**30 for m in pred.stage_peak_bytes)
+
+
+def test_plan_is_refused_for_another_model_or_profile() -> None:
+    plan, _ = _plan()
+    plan.check_against(26, load_profile("h200/gpt2-medium"))
+    with pytest.raises(PlanError, match="covers 26 layers but the model has 24"):
+        plan.check_against(24)
+    with pytest.raises(PlanError, match=r"not from .gpt-1\.3b."):
+        plan.check_against(26, load_profile("h200/gpt-1.3b"))
+
+
+def test_invalid_plans_list_every_problem() -> None:
+    plan, _ = _plan()
+    data = plan_to_dict(plan)
+    data["microbatches"] = 0
+    data["schedule"] = "zigzag"
+    data["stages"][1]["layers"] = [7, 12]
+    data["stages"][2]["layers"] = [12, 12]
+    with pytest.raises(PlanError) as info:
+        plan_from_dict(data)
+    msg = str(info.value)
+    assert "microbatches: 0" in msg and "schedule: 'zigzag'" in msg
+    assert "stages[1].layers: starts at 7 but the stage before ends at 6" in msg
+    assert "stages[2].layers: [12, 12) is empty" in msg
+
+
+def test_missing_or_broken_file(tmp_path: Path) -> None:
+    with pytest.raises(PlanError, match="does not exist"):
+        load_plan(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("[")
+    with pytest.raises(PlanError, match="not JSON"):
+        load_plan(tmp_path / "bad.json")
