@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 Kind = Literal["F", "B", "SF", "RF", "SB", "RB"]
-COMPUTE: tuple[str, ...] = ("F", "B")
+COMPUTE: tuple[Kind, ...] = ("F", "B")
 _TEXT = re.compile(r"^(\d+)(F|B|SF|RF|SB|RB)(\d+)$")
 
 
@@ -241,9 +241,10 @@ def _order_problems(sched: Schedule) -> list[str]:
                                 f"{a.microbatch}")
         expected = {Action(kind, k, i) for kind in COMPUTE for i in range(sched.microbatches)}
         if sched.is_lowered:
-            expected |= {Action(kind, k, i) for i in range(sched.microbatches) for kind, ok in
-                         (("RF", k > 0), ("SF", k < last), ("RB", k < last), ("SB", k > 0))
-                         if ok}
+            comm: tuple[tuple[Kind, bool], ...] = (
+                ("RF", k > 0), ("SF", k < last), ("RB", k < last), ("SB", k > 0))
+            expected |= {Action(kind, k, i) for i in range(sched.microbatches)
+                         for kind, ok in comm if ok}
         for a in sorted(expected - set(seen)):
             problems.append(f"stage {k}: {a} is missing")
         for a in sorted(set(seen) - expected):
