@@ -1,5 +1,6 @@
 """Exact partition of a chain of L layers into K contiguous stages (min-max, memory-limited).
 
+    >>> from partitioner import CostModel, load_profile
     >>> cm = CostModel(load_profile("h200/gpt2-medium"), 16, 4, stages=4, recompute="always")
     >>> sol = partition_chain(cm, memory_limit_bytes=80 * 2**30)
     >>> sol.boundaries                      # stage k holds layers [boundaries[k], boundaries[k+1])

@@ -1,8 +1,10 @@
 """Cost model: stage compute, boundary communication and memory of a plan, from a profile.
 
-    >>> cm = CostModel(load_profile("h200/gpt2-medium"), global_batch=16, microbatches=4)
-    >>> round(cm.stage_compute_ms(1, 25, stage=1), 1)   # 24 blocks, b=4, with recompute
-    69.8
+    >>> from partitioner import CostModel, load_profile
+    >>> cm = CostModel(load_profile("h200/gpt2-medium"), global_batch=16, microbatches=4,
+    ...                recompute="always")
+    >>> round(cm.stage_compute_ms(1, 25, stage=0), 1)   # 24 blocks at b=4, fwd twice
+    56.5
 
 Times at any micro-batch size b interpolate the measured sizes piecewise-linearly and
 extrapolate linearly outside them, never below zero: small micro-batches on a GPU are

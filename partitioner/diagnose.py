@@ -1,5 +1,6 @@
 """What would fit when no partition fits the memory limit: the message behind InfeasibleError.
 
+    >>> from partitioner import CostModel, load_profile
     >>> cm = CostModel(load_profile("h200/gpt-1.3b"), 16, 4, stages=2)
     >>> print(explain_infeasible(cm, 8 * 2**30))          # doctest: +ELLIPSIS
     no partition of the 26 layers into K=2 stages fits the memory limit of 8.00 GiB ...

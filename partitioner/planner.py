@@ -1,5 +1,6 @@
 """From a profile and a configuration to a plan: solve the partition, predict the step.
 
+    >>> from partitioner import CostModel, load_profile
     >>> cm = CostModel(load_profile("h200/gpt2-medium"), 16, 4, stages=4, recompute="always")
     >>> plan = make_plan(cm, memory_limit_bytes=80 * 2**30)
     >>> [s.layers for s in plan.stages]
