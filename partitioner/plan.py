@@ -1,8 +1,9 @@
 """The ``gpipe-plan/1`` format: which layers each stage runs, with which M, and what to expect.
 
-    >>> plan = load_plan("plan.json")                            # doctest: +SKIP
-    >>> [s.layers for s in plan.stages], plan.microbatches       # doctest: +SKIP
-    ([(0, 7), (7, 26)], 4)
+    >>> from partitioner import CostModel, load_profile, make_plan
+    >>> plan = make_plan(CostModel(load_profile("h200/gpt2-medium"), 16, 4, stages=2))
+    >>> [s.layers for s in plan.stages], plan.microbatches, plan.schedule
+    ([(0, 13), (13, 26)], 4, 'gpipe')
 
 Layer ranges are half-open [start, end). ``check_against`` refuses a plan applied to a model
 with another layer count or to a profile it was not made from.
