@@ -233,7 +233,7 @@ def build_model(name: str, batch: int = 8, seed: int = 0) -> Workload:
     ``seed`` and without touching the global random state.
 
         >>> build_model("resnet-tiny", batch=3).sample.shape
-        torch.Size([3, 3, 32, 32])
+        torch.Size([3, 3, 64, 64])
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; built-in models are: {', '.join(MODELS)} "
