@@ -25,7 +25,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CLOCKS", "Batch", "Measurement", "as_batch", "as_tensors", "batch_nbytes",
+__all__ = ["CLOCKS", "Batch", "Measurement", "as_batch", "as_tensors", "batch_nbytes", "default_flush_bytes",
            "harness_overhead_ms", "measure", "prepare_batch", "quiet_gc", "slice_batch"]
 
 Batch = Tensor | tuple[Tensor, ...]
@@ -142,38 +142,69 @@ class _Step:
                 fresh.append(t.clone())
         return _rebuild(self.x, fresh), leaves + self.params
 
-    def backward_args(self, out: Batch) -> tuple[list[Tensor], list[Tensor]]:
-        outs = [t for t in as_tensors(out, "output") if t.requires_grad]
-        return outs, [torch.ones_like(t) for t in outs]
+    def differentiable(self, out: Batch) -> list[Tensor]:
+        """The outputs the backward starts from (those that require grad)."""
+        return [t for t in as_tensors(out, "output") if t.requires_grad]
+
+
+class _Flusher:
+    """Evicts the caches between timed regions, as the rest of the model does in a real step:
+    a layer's weights and saved tensors are not still cached when its turn comes."""
+
+    def __init__(self, device: torch.device, flush_bytes: int | None) -> None:
+        if flush_bytes is None:
+            flush_bytes = default_flush_bytes(device)
+        self.buf = torch.zeros(flush_bytes // 4, device=device) if flush_bytes > 0 else None
+
+    def __call__(self) -> None:
+        if self.buf is not None:
+            self.buf.add_(1.0)  # reads and writes every line
+
+
+def default_flush_bytes(device: torch.device) -> int:
+    """Twice the last-level cache on a GPU (256 MiB if unknown); 4 MiB on a CPU, above its
+    per-core L2, so layer data falls back to the shared L3 as in a whole-model step."""
+    if device.type == "cuda":
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+        return 2 * int(l2) if l2 else 256 * 2**20
+    return 4 * 2**20
 
 
 def measure(module: nn.Module, x: Batch, device: torch.device, *, input_grad: bool = True,
             warmup: int = 2, repeat: int = 5, clock: str = "wall",
-            name: str = "module") -> Measurement:
+            flush_bytes: int | None = None, name: str = "module") -> Measurement:
     """Median forward and backward time of ``module`` on ``x`` (already on ``device``), with
     in/out/saved bytes and, on CUDA, the allocator peak of one forward+backward.
 
     ``input_grad``: whether the backward also computes the gradient of the floating inputs
     (True for every layer but the first, whose input is data). ``clock``: one of ``CLOCKS``
-    (ignored on CUDA, which always uses events).
+    (ignored on CUDA, which always uses events). ``flush_bytes``: size of the buffer written
+    before each timed forward and backward to evict the caches (None: ``default_flush_bytes``,
+    0: no flush); the input and the output gradient are then made fresh, so they are cached
+    as they would be coming straight from the neighbouring layer.
     """
     step = _Step(module, x, input_grad)
     timer = _Clock(device, clock)
+    flush = _Flusher(device, flush_bytes)
     fwd_ms: list[float] = []
     bwd_ms: list[float] = []
     has_backward = False
     with torch.enable_grad(), quiet_gc():
         for r in range(warmup + repeat):
+            flush()
             xin, wrt = step.inputs()
             t0 = timer.mark()
             out = module(xin)
             t1 = timer.mark()
-            outs, grads = step.backward_args(as_batch(out, name))
+            outs = step.differentiable(as_batch(out, name))
             has_backward = bool(outs and wrt)
+            flush()
+            grads = [torch.ones_like(t) for t in outs]
+            t2 = timer.mark()
             if has_backward:
                 torch.autograd.grad(outs, wrt, grads, allow_unused=True)
-            t2 = timer.mark()
-            f, b = timer.elapsed_ms([t0, t1, t2])
+            t3 = timer.mark()
+            f, _, b = timer.elapsed_ms([t0, t1, t2, t3])
             if r >= warmup:
                 fwd_ms.append(f)
                 bwd_ms.append(b if has_backward else 0.0)
@@ -215,8 +246,8 @@ def _peak_bytes(step: _Step, name: str) -> int:
     xin, wrt = step.inputs()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    out = as_batch(step.module(xin), name)
-    outs, grads = step.backward_args(out)
+    outs = step.differentiable(as_batch(step.module(xin), name))
+    grads = [torch.ones_like(t) for t in outs]
     if outs and wrt:
         torch.autograd.grad(outs, wrt, grads, allow_unused=True)
     torch.cuda.synchronize()
@@ -231,7 +262,7 @@ class _Noop(nn.Module):
 
 
 def harness_overhead_ms(device: torch.device, *, clock: str = "wall", layers: int = 8,
-                        repeat: int = 101, rounds: int = 3) -> tuple[float, float]:
+                        repeat: int = 51, rounds: int = 3) -> tuple[float, float]:
     """Per-call (fwd, bwd) cost that timing a layer alone pays and the whole model does not.
 
     With ``t1`` the time of one no-op layer alone and ``tN`` that of ``N`` no-op layers in one
@@ -243,8 +274,10 @@ def harness_overhead_ms(device: torch.device, *, clock: str = "wall", layers: in
     fwd, bwd = [], []
     gc.collect()
     for _ in range(rounds):
-        m1 = measure(one, x, device, warmup=10, repeat=repeat, clock=clock, name="no-op")
-        mn = measure(many, x, device, warmup=10, repeat=repeat, clock=clock, name="no-ops")
+        m1 = measure(one, x, device, warmup=5, repeat=repeat, clock=clock, flush_bytes=0,
+                     name="no-op")
+        mn = measure(many, x, device, warmup=5, repeat=repeat, clock=clock, flush_bytes=0,
+                     name="no-ops")
         fwd.append((layers * m1.fwd_ms - mn.fwd_ms) / (layers - 1))
         bwd.append((layers * m1.bwd_ms - mn.bwd_ms) / (layers - 1))
     return max(0.0, statistics.median(fwd)), max(0.0, statistics.median(bwd))
