@@ -25,7 +25,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CLOCKS", "Batch", "Measurement", "as_batch", "as_tensors", "batch_nbytes", "default_flush_bytes",
+__all__ = ["CLOCKS", "Batch", "Measurement", "as_batch", "as_tensors", "batch_nbytes",
            "harness_overhead_ms", "measure", "prepare_batch", "quiet_gc", "slice_batch"]
 
 Batch = Tensor | tuple[Tensor, ...]
@@ -151,9 +151,7 @@ class _Flusher:
     """Evicts the caches between timed regions, as the rest of the model does in a real step:
     a layer's weights and saved tensors are not still cached when its turn comes."""
 
-    def __init__(self, device: torch.device, flush_bytes: int | None) -> None:
-        if flush_bytes is None:
-            flush_bytes = default_flush_bytes(device)
+    def __init__(self, device: torch.device, flush_bytes: int) -> None:
         self.buf = torch.zeros(flush_bytes // 4, device=device) if flush_bytes > 0 else None
 
     def __call__(self) -> None:
@@ -161,27 +159,18 @@ class _Flusher:
             self.buf.add_(1.0)  # reads and writes every line
 
 
-def default_flush_bytes(device: torch.device) -> int:
-    """Twice the last-level cache on a GPU (256 MiB if unknown); 4 MiB on a CPU, above its
-    per-core L2, so layer data falls back to the shared L3 as in a whole-model step."""
-    if device.type == "cuda":
-        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
-        return 2 * int(l2) if l2 else 256 * 2**20
-    return 4 * 2**20
-
-
 def measure(module: nn.Module, x: Batch, device: torch.device, *, input_grad: bool = True,
             warmup: int = 2, repeat: int = 5, clock: str = "wall",
-            flush_bytes: int | None = None, name: str = "module") -> Measurement:
+            flush_bytes: int = 0, name: str = "module") -> Measurement:
     """Median forward and backward time of ``module`` on ``x`` (already on ``device``), with
     in/out/saved bytes and, on CUDA, the allocator peak of one forward+backward.
 
     ``input_grad``: whether the backward also computes the gradient of the floating inputs
     (True for every layer but the first, whose input is data). ``clock``: one of ``CLOCKS``
-    (ignored on CUDA, which always uses events). ``flush_bytes``: size of the buffer written
-    before each timed forward and backward to evict the caches (None: ``default_flush_bytes``,
-    0: no flush); the input and the output gradient are then made fresh, so they are cached
-    as they would be coming straight from the neighbouring layer.
+    (ignored on CUDA, which always uses events). ``flush_bytes``: size of a buffer written
+    before each timed forward and backward to evict the caches (0: no flush; e.g. twice the
+    L2 size to time a layer whose weights come from memory); the input and the output
+    gradient are made after it, so they are cached as if just made by the neighbouring layer.
     """
     step = _Step(module, x, input_grad)
     timer = _Clock(device, clock)

@@ -32,7 +32,6 @@ from .measure import (
     Batch,
     Measurement,
     as_tensors,
-    default_flush_bytes,
     harness_overhead_ms,
     measure,
     prepare_batch,
@@ -201,7 +200,7 @@ def profile_model(
     repeat: int = 10,
     threads: int | None = None,
     clock: str = "wall",
-    flush_bytes: int | None = None,
+    flush_bytes: int = 0,
     train: bool = True,
     correct_overhead: bool = True,
     name: str = "model",
@@ -214,8 +213,8 @@ def profile_model(
     intra-op threads while profiling (a pipeline rank may run with fewer than the machine
     has); ``clock`` on the CPU is ``"wall"`` (perf_counter) or ``"thread"`` (the thread's CPU
     time: immune to other processes on a shared machine, needs threads=1); ``flush_bytes``
-    evicts the caches before each timed forward and backward (None: a size that fits the
-    device, 0: off; see ``measure.measure``); ``train``
+    evicts the caches before each timed forward and backward (0: off; see
+    ``measure.measure``); ``train``
     profiles in training mode (dropout on, BatchNorm on batch statistics);
     ``correct_overhead`` subtracts the per-call harness cost measured on no-op layers
     (see ``measure.harness_overhead_ms``); ``progress(layer_name)`` is called after each layer.
@@ -227,7 +226,6 @@ def profile_model(
     gc.collect()
     with _preserved_state(dev, threads):
         used_threads = torch.get_num_threads()
-        flush = default_flush_bytes(dev) if flush_bytes is None else flush_bytes
         overhead = harness_overhead_ms(dev, clock=clock) if correct_overhead else (0.0, 0.0)
         xs = {b: prepare_batch(slice_batch(sample, b), dev, cast) for b in sizes}
         layers = list(model.named_children())
@@ -236,7 +234,7 @@ def profile_model(
             twin = _layer_copy(layer, dev, cast, train)
             param_bytes.append(_param_bytes(twin))
             row = [_measure_layer(twin, xs[b], dev, i, layer_name, b, warmup=warmup,
-                                  repeat=repeat, clock=clock, flush_bytes=flush)
+                                  repeat=repeat, clock=clock, flush_bytes=flush_bytes)
                    for b in sizes]
             per_size.append(row)
             xs = {b: m.output for b, m in zip(sizes, row, strict=True)}
@@ -260,17 +258,24 @@ def profile_model(
                         if dev.type == "cuda" else None),
         ))
     timer = {"wall": "time.perf_counter", "thread": "time.thread_time, the thread's CPU time"}
-    clock_text = "CUDA events, synchronised" if dev.type == "cuda" else timer[clock]
-    how = (f"Each layer timed alone on a copy ({clock_text}; median of {repeat} after {warmup} "
-           f"warm-up), input from a real forward pass of the layers before it, "
-           f"{'training' if train else 'eval'} mode, {used_threads} intra-op thread(s), "
-           f"caches flushed with {flush} bytes before each timed forward and backward; "
-           f"backward = torch.autograd.grad for the floating inputs and parameters; "
-           f"per-call harness overhead measured on no-op layers (fwd {fwd_over:.4f} ms, "
-           f"bwd {bwd_over:.4f} ms) and subtracted; saved_bytes = unique storages autograd "
-           f"saves for backward, parameters excluded"
-           + ("; peak_bytes = allocator peak of one forward+backward above what was allocated "
-              "before it." if dev.type == "cuda" else "."))
+    parts = [
+        f"Each layer timed alone on a copy "
+        f"({'CUDA events, synchronised' if dev.type == 'cuda' else timer[clock]}; median of "
+        f"{repeat} after {warmup} warm-up), input from a real forward pass of the layers "
+        f"before it, {'training' if train else 'eval'} mode, {used_threads} intra-op "
+        f"thread(s)",
+        "backward = torch.autograd.grad for the floating inputs and the parameters",
+        (f"per-call harness overhead measured on no-op layers (fwd {fwd_over:.4f} ms, bwd "
+         f"{bwd_over:.4f} ms) and subtracted" if correct_overhead
+         else "per-call harness overhead not corrected"),
+        "saved_bytes = unique storages autograd saves for backward, parameters excluded",
+    ]
+    if flush_bytes:
+        parts.append(f"caches flushed with {flush_bytes} bytes before each timed region")
+    if dev.type == "cuda":
+        parts.append("peak_bytes = allocator peak of one forward+backward above what was "
+                     "allocated before it")
+    how = "; ".join(parts) + "."
     model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
                        torch.float32)
     return Profile(
@@ -284,7 +289,7 @@ def profile_model(
         how=how,
         input=_describe_input(sample, input_info),
         extra={"harness": {"threads": used_threads, "warmup": warmup, "repeat": repeat,
-                           "train": train, "flush_bytes": flush,
+                           "train": train, "flush_bytes": flush_bytes,
                            "clock": clock if dev.type == "cpu" else "cuda-events",
                            "overhead_fwd_ms": round(fwd_over, 6),
                            "overhead_bwd_ms": round(bwd_over, 6)}},
@@ -302,7 +307,7 @@ def time_whole_model(
     repeat: int = 10,
     threads: int | None = None,
     clock: str = "wall",
-    flush_bytes: int | None = None,
+    flush_bytes: int = 0,
     train: bool = True,
 ) -> list[tuple[float, float]]:
     """(fwd_ms, bwd_ms) of the whole model as one module, per micro-batch size, with the same

@@ -81,6 +81,15 @@ def test_overhead_is_subtracted(monkeypatch: pytest.MonkeyPatch) -> None:
     assert prof.extra["harness"]["overhead_bwd_ms"] == 4.0 and "bwd 4.0000 ms" in prof.how
 
 
+def test_uncorrected_and_flushed_profiles_say_so() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    prof = profile_model(model, torch.ones(2, 4), [2], "cpu", correct_overhead=False,
+                         flush_bytes=2**20, **FAST)
+    assert "overhead not corrected" in prof.how and "flushed with 1048576 bytes" in prof.how
+    harness = prof.extra["harness"]
+    assert harness["overhead_bwd_ms"] == 0 and harness["flush_bytes"] == 2**20
+
+
 def test_harness_overhead_is_small_and_finite() -> None:
     fwd, bwd = harness_overhead_ms(CPU, repeat=21, rounds=1)
     assert math.isfinite(fwd) and math.isfinite(bwd)
