@@ -231,16 +231,17 @@ def _saved_bytes(step: _Step, name: str) -> tuple[int, Batch]:
 
 def _peak_bytes(step: _Step, name: str) -> int:
     """CUDA allocator peak of one forward+backward above what was allocated before it."""
-    torch.cuda.synchronize()
+    device = next(iter(as_tensors(step.x, "input"))).device
+    torch.cuda.synchronize(device)
     xin, wrt = step.inputs()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
     outs = step.differentiable(as_batch(step.module(xin), name))
     grads = [torch.ones_like(t) for t in outs]
     if outs and wrt:
         torch.autograd.grad(outs, wrt, grads, allow_unused=True)
-    torch.cuda.synchronize()
-    return max(0, torch.cuda.max_memory_allocated() - base)
+    torch.cuda.synchronize(device)
+    return max(0, torch.cuda.max_memory_allocated(device) - base)
 
 
 class _Noop(nn.Module):

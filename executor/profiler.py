@@ -92,7 +92,8 @@ def device_info(device: torch.device) -> DeviceInfo:
 
 @contextmanager
 def _preserved_state(device: torch.device, threads: int | None) -> Iterator[None]:
-    """Restore the RNG states (CPU, and CUDA where used), thread count and grad mode."""
+    """Restore the RNG states (CPU, and CUDA where used), thread count and grad mode; on a GPU,
+    make ``device`` the current one so events and streams belong to it."""
     cpu_rng = torch.get_rng_state()
     cuda_rng = (torch.cuda.get_rng_state_all()
                 if device.type == "cuda" or torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
@@ -102,7 +103,11 @@ def _preserved_state(device: torch.device, threads: int | None) -> Iterator[None
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        yield
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                yield
+        else:
+            yield
     finally:
         torch.set_num_threads(old_threads)
         torch.set_grad_enabled(grad_enabled)
