@@ -74,8 +74,8 @@ def slice_batch(x: Batch, b: int) -> Batch:
 def prepare_batch(x: Batch, device: torch.device, dtype: torch.dtype | None) -> Batch:
     """Move to ``device`` and cast floating tensors to ``dtype``; integer tensors stay integer."""
     def move(t: Tensor) -> Tensor:
-        cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
-        return t.detach().to(device=device, dtype=cast)
+        to_dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        return t.detach().to(device=device, dtype=to_dtype)
     return _rebuild(x, [move(t) for t in as_tensors(x, "batch")])
 
 
