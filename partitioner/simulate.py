@@ -96,7 +96,8 @@ def _durations(cm: CostModel, ranges: Sequence[tuple[int, int]],
     for s, b in enumerate(distinct):
         def stage_sum(key: str, b: int = b) -> FloatArray:
             prefix = np.concatenate(([0.0], np.cumsum(cm.layer_array(key, b))))
-            return prefix[ends] - prefix[starts]
+            out: FloatArray = prefix[ends] - prefix[starts]
+            return out
 
         fwd, bwd, saved = stage_sum("fwd_ms"), stage_sum("bwd_ms"), stage_sum("saved_bytes")
         out_bytes, in_bytes = cm.layer_array("out_bytes", b), cm.layer_array("in_bytes", b)
