@@ -42,7 +42,7 @@ from .costs import CostModel, FloatArray, split_microbatches
 from .schedule import Action, Schedule, ScheduleError, make_schedule, validate
 from .timeline import Event, Timeline
 
-__all__ = ["SimResult", "ranges_from_boundaries", "simulate"]
+__all__ = ["SimResult", "device_indices", "ranges_from_boundaries", "simulate"]
 
 _RF, _F, _SF, _RB, _B, _SB = range(1, 7)  # 0: nothing
 _CODE = {"RF": _RF, "F": _F, "SF": _SF, "RB": _RB, "B": _B, "SB": _SB}
@@ -68,6 +68,22 @@ class SimResult:
 def ranges_from_boundaries(boundaries: Sequence[int]) -> list[tuple[int, int]]:
     """``[(0, 7), (7, 26)]`` from cut points ``(0, 7, 26)``."""
     return [(boundaries[k], boundaries[k + 1]) for k in range(len(boundaries) - 1)]
+
+
+def device_indices(devices: Sequence[str]) -> list[int]:
+    """Which stages share a device, from a plan's device names: equal names with an index
+    (``cuda:0``) are one device; a name without one (``cpu``) is a device of the stage's own
+    (each stage its own process, as the distributed runner places them).
+
+        >>> device_indices(["cuda:0", "cuda:0", "cuda:1"]), device_indices(["cpu", "cpu"])
+        ([0, 0, 1], [0, 1])
+    """
+    index: dict[str, int] = {}
+    out = []
+    for k, name in enumerate(devices):
+        key = name if ":" in name else f"{name}#{k}"
+        out.append(index.setdefault(key, len(index)))
+    return out
 
 
 @dataclass(frozen=True)
