@@ -89,7 +89,7 @@ def test_profile_is_found_and_checked(plan_path: Path, tmp_path: Path,
     assert "plan again from this profile" in capsys.readouterr().err
     assert main(["simulate", str(plan_path), "--devices", "5"]) == 2
     assert "runs on 1..4 devices" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="runs on 1..4 devices"):
+    with pytest.raises(ValueError, match=r"runs on 1\.\.4 devices"):
         simulate_plan(plan, find_profile(plan), num_devices=0)
 
 
