@@ -3,6 +3,9 @@ per-stage time, hand-computed communication, shared devices and uneven micro-bat
 
 import itertools
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -202,3 +205,11 @@ def test_record_false_gives_the_same_figures() -> None:
     # stage_costs and the simulator see the same partition the same way
     sol = stage_costs(cm, [0, 1, 2, 3])
     assert list(a.stage_peak_bytes) == pytest.approx(sol.stage_memory_bytes)
+
+
+def test_bench_simulate_quick() -> None:
+    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_simulate.py"
+    result = subprocess.run([sys.executable, str(tool), "--quick"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "simulate_s" in result.stdout and "configs" in result.stdout
