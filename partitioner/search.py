@@ -10,7 +10,7 @@ partition function (default: the exact chain DP) gives the stages, and the simul
 the schedule on them: the ranking is by simulated step, which sees what the DP's bottleneck
 does not (uneven micro-batches, fill and drain, how forward and backward split a stage).
 Configurations that do the same thing are tried once: with K=1, ``except_last`` is
-``never``; with K=1 or M=1, 1F1B is GPipe. The partition without a memory limit depends only
+``never``; with K=1 or M=1, 1F1B is GPipe (each kept when its twin is not asked for). The partition without a memory limit depends only
 on (K, largest micro-batch, recompute), so it is solved once per such triple; where it fits
 the limit it is also the limited optimum (a relaxation's optimum that is feasible), and only
 where it does not is the limited problem solved.
@@ -141,10 +141,10 @@ def search(
     for big_k in range(1, min(devices, profile.num_layers) + 1):
         for m in ms:
             for rc in recompute:
-                if big_k == 1 and rc == "except_last":
+                if big_k == 1 and rc == "except_last" and "never" in recompute:
                     continue  # the only stage is the last: same as never
                 for sched in schedules:
-                    if sched == "1f1b" and (big_k == 1 or m == 1):
+                    if sched == "1f1b" and (big_k == 1 or m == 1) and "gpipe" in schedules:
                         continue  # the same actions as gpipe
                     tried += 1
                     cm = CostModel(profile, global_batch, m, stages=big_k,

@@ -100,6 +100,10 @@ def test_duplicates_are_skipped_and_the_table_says_how_many() -> None:
     assert res.tried == 6 + 3 + 2 * 2 * 3
     text = search_table(res, top=3)
     assert "21 configurations tried" in text and text.count("\n") == 4
+    # a twin is kept when the configuration it duplicates is not asked for
+    only = search(make_profile([1.0] * 3), devices=2, global_batch=3, schedules=["1f1b"],
+                  recompute=["except_last"])
+    assert only.tried == 3 + 3 and {c.microbatches for c in only.candidates} == {1, 2, 3}
 
 
 def test_microbatch_candidates_include_non_divisors() -> None:
