@@ -252,22 +252,23 @@ class _Noop(nn.Module):
 
 
 def harness_overhead_ms(device: torch.device, *, clock: str = "wall", layers: int = 8,
-                        repeat: int = 51, rounds: int = 3) -> tuple[float, float]:
+                        repeat: int = 51, rounds: int = 5) -> tuple[float, float]:
     """Per-call (fwd, bwd) cost that timing a layer alone pays and the whole model does not.
 
     With ``t1`` the time of one no-op layer alone and ``tN`` that of ``N`` no-op layers in one
     ``nn.Sequential``: ``t1 = c + o`` and ``tN = N*c + o`` (one call, one backward engine run),
-    so the overhead ``o = (N*t1 - tN) / (N - 1)``. Median over ``rounds`` to damp noise.
+    so the overhead ``o = (N*t1 - tN) / (N - 1)``. Each of ``t1`` and ``tN`` is the smallest
+    median over ``rounds``: other processes only ever add time, and ``t1`` counts ``N`` times.
     """
     x = torch.ones(1, device=device)
     one, many = _Noop(), nn.Sequential(*(_Noop() for _ in range(layers)))
-    fwd, bwd = [], []
+    t1: list[Measurement] = []
+    tn: list[Measurement] = []
     gc.collect()
     for _ in range(rounds):
-        m1 = measure(one, x, device, warmup=5, repeat=repeat, clock=clock, flush_bytes=0,
-                     name="no-op")
-        mn = measure(many, x, device, warmup=5, repeat=repeat, clock=clock, flush_bytes=0,
-                     name="no-ops")
-        fwd.append((layers * m1.fwd_ms - mn.fwd_ms) / (layers - 1))
-        bwd.append((layers * m1.bwd_ms - mn.bwd_ms) / (layers - 1))
-    return max(0.0, statistics.median(fwd)), max(0.0, statistics.median(bwd))
+        t1.append(measure(one, x, device, warmup=5, repeat=repeat, clock=clock, name="no-op"))
+        tn.append(measure(many, x, device, warmup=5, repeat=repeat, clock=clock,
+                          name="no-ops"))
+    fwd = (layers * min(m.fwd_ms for m in t1) - min(m.fwd_ms for m in tn)) / (layers - 1)
+    bwd = (layers * min(m.bwd_ms for m in t1) - min(m.bwd_ms for m in tn)) / (layers - 1)
+    return max(0.0, fwd), max(0.0, bwd)

@@ -28,6 +28,8 @@ __all__ = ["add_cost_arguments", "cost_model_from_args", "main"]
 #: command is the default when the first argument is not a subcommand name.
 COMMANDS: dict[str, str] = {
     "plan": "partitioner.cli:plan_main",
+    "compare": "partitioner.compare:compare_main",
+    "simulate": "partitioner.whatif:simulate_main", "search": "partitioner.whatif:search_main",
     "profile": "executor.profile_cli:main",
 }
 

@@ -15,8 +15,10 @@ from collections.abc import Sequence
 from .chain import ChainSolution, partition_chain
 from .costs import CostModel
 from .plan import Plan, Prediction, StagePlan
+from .simulate import device_indices, ranges_from_boundaries, simulate
 
-__all__ = ["closed_form_prediction", "default_devices", "make_plan", "plan_from_solution"]
+__all__ = ["closed_form_prediction", "default_devices", "make_plan", "plan_from_solution",
+           "simulated_prediction"]
 
 
 def default_devices(device_kind: str, stages: int) -> list[str]:
@@ -37,13 +39,29 @@ def closed_form_prediction(cm: CostModel, sol: ChainSolution) -> Prediction:
     return Prediction(step_ms, bubble, compute, sol.stage_memory_bytes, comm, "closed-form")
 
 
+def simulated_prediction(cm: CostModel, sol: ChainSolution,
+                         devices: Sequence[str] | None = None) -> Prediction:
+    """Replay the plan's schedule (``cm.schedule``) in the simulator: step, bubble and peak
+    memory as the schedule runs, uneven micro-batches and communication included; the
+    per-stage compute and communication stay the cost model's, per micro-batch of the
+    largest size (what the partition was balanced on)."""
+    big_k = len(sol.stage_ms)
+    ranges = ranges_from_boundaries(sol.boundaries)
+    res = simulate(cm, ranges, devices=device_indices(devices) if devices else None,
+                   record=False)
+    compute = tuple(cm.stage_compute_ms(start, end, k) for k, (start, end) in enumerate(ranges))
+    comm = tuple(sol.stage_ms[k] - compute[k] for k in range(big_k))
+    return Prediction(res.step_ms, res.bubble_fraction, compute, res.stage_peak_bytes, comm,
+                      "simulated")
+
+
 def plan_from_solution(
     cm: CostModel,
     sol: ChainSolution,
     memory_limit_bytes: float = math.inf,
     devices: Sequence[str] | None = None,
 ) -> Plan:
-    """Wrap a chain solution into a plan carrying its closed-form prediction."""
+    """Wrap a chain solution into a plan carrying its simulated prediction."""
     big_k = len(sol.boundaries) - 1
     devices = list(devices) if devices else default_devices(cm.profile.device.kind, big_k)
     if len(devices) != big_k:
@@ -63,7 +81,7 @@ def plan_from_solution(
         optimizer=cm.optimizer,
         link=cm.link,
         memory_limit_bytes=memory_limit_bytes,
-        predicted=closed_form_prediction(cm, sol),
+        predicted=simulated_prediction(cm, sol, devices),
     )
 
 

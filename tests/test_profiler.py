@@ -49,8 +49,8 @@ class SleepLayer(nn.Module):
 
 
 def _close(measured: float, expected: float) -> bool:
-    """Sleeps overshoot a little (and more on a loaded machine), never undershoot."""
-    return expected - 0.2 <= measured <= expected * 1.3 + 1.5
+    """Sleeps overshoot a little (more on a loaded machine), never undershoot."""
+    return expected - 0.3 <= measured <= expected * 1.5 + 3
 
 
 def test_sleep_layers_measure_their_sleeps() -> None:
