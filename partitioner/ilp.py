@@ -174,6 +174,7 @@ class _Model:
         self.r: dict[tuple[int, int], Any] = {}
         self.n: dict[tuple[int, int], Any] = {}
         self.exact: set[int] = set()  # the u whose r and n are expressions
+        memory_matters = d.limit is not None or memory_objective
         for u in range(n):
             if not d.succ[u]:
                 continue
@@ -182,7 +183,7 @@ class _Model:
             if bridge:
                 self.exact.add(u)
             for k in range(max(1, d.lo[u] + 1), max(d.hi[v] for v in d.succ[u]) + 1):
-                if d.comm[u] > 0 or (d.limit is not None or memory_objective) and d.stash[k][u]:
+                if d.comm[u] > 0 or (memory_matters and d.stash[k][u]):
                     self.r[u, k] = (self.y[v0][k] - self.y[u][k] if bridge
                                     else m.new_bool_var(f"r[{u},{k}]"))
             for j in range(d.lo[u], min(d.hi[u], big_k - 2) + 1):
