@@ -28,6 +28,7 @@ __all__ = ["add_cost_arguments", "cost_model_from_args", "main"]
 #: command is the default when the first argument is not a subcommand name.
 COMMANDS: dict[str, str] = {
     "plan": "partitioner.cli:plan_main",
+    "profile-graph": "executor.graph_profile:profile_graph_main",
 }
 
 EXIT_USAGE = 2

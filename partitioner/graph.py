@@ -36,7 +36,7 @@ from .costs import CostModel
 from .profile import Profile
 
 __all__ = ["GraphSolution", "assignment_problems", "evaluate_assignment", "layer_edges",
-           "layer_graph", "stage_of_nodes"]
+           "layer_graph", "reach_counts", "stage_of_nodes"]
 
 
 def layer_edges(profile: Profile) -> tuple[tuple[int, int], ...]:
@@ -59,6 +59,28 @@ def layer_graph(profile: Profile) -> nx.DiGraph:
         graph.add_node(i, name=lay.name, type=lay.type)
     graph.add_edges_from(layer_edges(profile))
     return graph
+
+
+def reach_counts(num_layers: int, edges: Sequence[tuple[int, int]]) -> tuple[list[int],
+                                                                              list[int]]:
+    """Number of ancestors and of descendants of every layer (edges go from lower to higher
+    indices, so one pass each way over bitsets suffices).
+
+        >>> reach_counts(4, [(0, 1), (0, 2), (1, 3), (2, 3)])
+        ([0, 1, 1, 3], [3, 1, 1, 0])
+    """
+    succ: list[list[int]] = [[] for _ in range(num_layers)]
+    for u, v in edges:
+        succ[u].append(v)
+    desc = [0] * num_layers
+    for u in range(num_layers - 1, -1, -1):
+        for v in succ[u]:
+            desc[u] |= desc[v] | (1 << v)
+    anc = [0] * num_layers
+    for u in range(num_layers):
+        for v in succ[u]:
+            anc[v] |= anc[u] | (1 << u)
+    return [bin(a).count("1") for a in anc], [bin(d).count("1") for d in desc]
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from ortools.sat.python import cp_model
 
 from .chain import InfeasibleError, partition_chain
 from .costs import CostModel
-from .graph import GraphSolution, evaluate_assignment, layer_edges
+from .graph import GraphSolution, evaluate_assignment, layer_edges, reach_counts
 from .units import format_bytes
 
 __all__ = ["SolveTimeoutError", "min_memory_graph", "partition_graph"]
@@ -73,23 +73,6 @@ class _Data:
     rounding_error_ms: float
 
 
-def _reach_counts(num_layers: int, succ: tuple[tuple[int, ...], ...]) -> tuple[list[int],
-                                                                                list[int]]:
-    """Number of ancestors and of descendants of every layer (bitsets over a topological
-    order: every edge goes from a lower to a higher index)."""
-    # Stages strictly between stage(u) and stage(v) of an edge u -> v can only hold layers
-    # that are neither ancestors of u nor descendants of v; the gap bound below counts them.
-    desc = [0] * num_layers
-    for u in range(num_layers - 1, -1, -1):
-        for v in succ[u]:
-            desc[u] |= desc[v] | (1 << v)
-    anc = [0] * num_layers
-    for u in range(num_layers):
-        for v in succ[u]:
-            anc[v] |= anc[u] | (1 << u)
-    return [a.bit_count() for a in anc], [d.bit_count() for d in desc]
-
-
 def _data(cm: CostModel, limit: float, memory_objective: bool) -> _Data:
     """Scale the per-layer costs of ``cm`` to integers and derive the domain bounds."""
     prof, big_k, n = cm.profile, cm.stages, cm.profile.num_layers
@@ -99,9 +82,11 @@ def _data(cm: CostModel, limit: float, memory_objective: bool) -> _Data:
         succ_l[u].append(v)
         has_pred[v] = True
     succ = tuple(tuple(s) for s in succ_l)
-    anc, desc = _reach_counts(n, succ)
+    anc, desc = reach_counts(n, layer_edges(prof))
     lo = tuple(max(0, big_k - n + a) for a in anc)
     hi = tuple(min(big_k - 1, n - 1 - d) for d in desc)
+    # Stages strictly between stage(u) and stage(v) of an edge u -> v can only hold layers that
+    # are neither ancestors of u nor descendants of v: at most this many stages lie between.
     gap = {(u, v): n - 2 - anc[u] - desc[v] for u in range(n) for v in succ[u]}
 
     fwd, bwd = cm.layer_array("fwd_ms"), cm.layer_array("bwd_ms")
@@ -396,12 +381,13 @@ def min_memory_graph(cm: CostModel, time_limit_s: float = 10.0,
         assert hint is not None  # without a limit the chain DP always has a partition
         return evaluate_assignment(cm, hint), 0.0, False
     sol = evaluate_assignment(cm, model.stage_of(solver))
-    bound = solver.best_objective_bound * d.unit_bytes - d.num_layers * d.unit_bytes
+    # every term was rounded up by less than one step; a stage has at most 2L terms
+    bound = (solver.best_objective_bound - 2 * d.num_layers) * d.unit_bytes
     return sol, max(0.0, bound), status == cp_model.OPTIMAL
 
 
 def _explain(cm: CostModel, limit: float, time_limit_s: float, workers: int | None) -> str:
-    """What would fit: the smallest limit at this K, and whether the chain order fits."""
+    """What would fit: the smallest limit at this K, and the options that lower memory."""
     sol, bound, proven = min_memory_graph(cm, min(time_limit_s, 10.0), workers)
     need = max(sol.stage_memory_bytes)
     what = ("" if proven else f" (found within the time limit; none fits below "

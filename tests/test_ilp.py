@@ -168,3 +168,18 @@ def chain_profile() -> Profile:
 def test_chain_profile_without_edges() -> None:
     sol = partition_graph(CostModel(chain_profile(), 1, 1, stages=2))
     assert sol.nodes == ((0, 1, 2), (3,)) and sol.bottleneck_ms == 18.0
+
+
+@pytest.mark.timeout(300)
+def test_bench_ilp_quick() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_ilp.py"
+    result = subprocess.run([sys.executable, str(tool), "--quick"], capture_output=True,
+                            text=True, timeout=280)
+    assert result.returncode == 0, result.stderr
+    assert "ilp/dp-1" in result.stdout and "gain mean" in result.stdout
+    chain_rows = result.stdout.split("== 200-layer chain")[1].split("\n== ")[0]
+    assert chain_rows.count("optimal") == 4  # all four chain cases proven optimal
