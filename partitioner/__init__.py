@@ -11,6 +11,8 @@ from .costs import LINKS, CostModel, Link, bytes_per_param, split_microbatches
 from .plan import Plan, PlanError, Prediction, StagePlan, load_plan, save_plan
 from .planner import make_plan
 from .profile import LayerProfile, Profile, ProfileError, load_profile, save_profile
+from .search import SearchResult, search
+from .simulate import SimResult, simulate
 
 __all__ = [
     "LINKS",
@@ -24,6 +26,8 @@ __all__ = [
     "Prediction",
     "Profile",
     "ProfileError",
+    "SearchResult",
+    "SimResult",
     "StagePlan",
     "bytes_per_param",
     "load_plan",
@@ -32,6 +36,8 @@ __all__ = [
     "partition_chain",
     "save_plan",
     "save_profile",
+    "search",
+    "simulate",
     "split_microbatches",
     "stage_costs",
 ]

@@ -29,6 +29,8 @@ __all__ = ["add_cost_arguments", "cost_model_from_args", "main"]
 COMMANDS: dict[str, str] = {
     "plan": "partitioner.cli:plan_main",
     "profile-graph": "executor.graph_profile:profile_graph_main",
+    "compare": "partitioner.compare:compare_main",
+    "simulate": "partitioner.whatif:simulate_main", "search": "partitioner.whatif:search_main",
 }
 
 EXIT_USAGE = 2

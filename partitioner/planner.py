@@ -17,9 +17,11 @@ from .chain import ChainSolution, partition_chain
 from .costs import CostModel
 from .graph import GraphSolution
 from .plan import Plan, Prediction, StagePlan
+from .simulate import device_indices, ranges_from_boundaries, simulate
 
 __all__ = ["SOLVERS", "closed_form_prediction", "default_devices", "make_plan",
-           "plan_from_graph_solution", "plan_from_solution", "resolve_solver"]
+           "plan_from_graph_solution", "plan_from_solution", "resolve_solver",
+           "simulated_prediction"]
 
 Solver = Literal["dp", "ilp", "auto"]
 SOLVERS: tuple[str, ...] = ("dp", "ilp", "auto")
@@ -44,6 +46,22 @@ def closed_form_prediction(cm: CostModel, sol: ChainSolution | GraphSolution) ->
                         for k in range(big_k))
     comm = tuple(ms - c for ms, c in zip(sol.stage_ms, compute, strict=True))
     return Prediction(step_ms, bubble, compute, sol.stage_memory_bytes, comm, "closed-form")
+
+
+def simulated_prediction(cm: CostModel, sol: ChainSolution,
+                         devices: Sequence[str] | None = None) -> Prediction:
+    """Replay the plan's schedule (``cm.schedule``) in the simulator: step, bubble and peak
+    memory as the schedule runs, uneven micro-batches and communication included; the
+    per-stage compute and communication stay the cost model's, per micro-batch of the
+    largest size (what the partition was balanced on)."""
+    big_k = len(sol.stage_ms)
+    ranges = ranges_from_boundaries(sol.boundaries)
+    res = simulate(cm, ranges, devices=device_indices(devices) if devices else None,
+                   record=False)
+    compute = tuple(cm.stage_compute_ms(start, end, k) for k, (start, end) in enumerate(ranges))
+    comm = tuple(sol.stage_ms[k] - compute[k] for k in range(big_k))
+    return Prediction(res.step_ms, res.bubble_fraction, compute, res.stage_peak_bytes, comm,
+                      "simulated")
 
 
 def _plan(cm: CostModel, stages: tuple[StagePlan, ...], memory_limit_bytes: float,
@@ -78,12 +96,12 @@ def plan_from_solution(
     memory_limit_bytes: float = math.inf,
     devices: Sequence[str] | None = None,
 ) -> Plan:
-    """Wrap a chain solution into a plan carrying its closed-form prediction."""
+    """Wrap a chain solution into a plan carrying its simulated prediction."""
     big_k = len(sol.boundaries) - 1
     devices = _devices(cm, devices, big_k)
     stages = tuple(StagePlan((sol.boundaries[k], sol.boundaries[k + 1]), devices[k])
                    for k in range(big_k))
-    return _plan(cm, stages, memory_limit_bytes, closed_form_prediction(cm, sol))
+    return _plan(cm, stages, memory_limit_bytes, simulated_prediction(cm, sol, devices))
 
 
 def plan_from_graph_solution(
@@ -93,7 +111,8 @@ def plan_from_graph_solution(
     devices: Sequence[str] | None = None,
 ) -> Plan:
     """Wrap a graph partition into a plan: each stage lists its ``nodes`` (sorted layer
-    indices) and, as ``layers``, their span [first, last + 1)."""
+    indices) and, as ``layers``, their span [first, last + 1). Its prediction is the closed
+    form: the simulator replays stages of layer ranges only, for now."""
     devices = _devices(cm, devices, len(sol.nodes))
     stages = tuple(StagePlan((nodes[0], nodes[-1] + 1), devices[k], tuple(nodes))
                    for k, nodes in enumerate(sol.nodes))

@@ -102,8 +102,12 @@ def plan_report(plan: Plan, cm: CostModel) -> str:
                f"(balanced ideal (K-1)/(M+K-1) = "
                f"{100 * (plan.num_stages - 1) / (plan.microbatches + plan.num_stages - 1):.1f}%)")
     if pred.method != "closed-form":
-        summary = (f"predicted step {pred.step_ms:.3f} ms ({pred.method}), bubble "
-                   f"{100 * pred.bubble_fraction:.1f}%, bottleneck stage {bottleneck:.3f} ms")
+        summary = (f"predicted step {pred.step_ms:.3f} ms ({pred.method}: the schedule "
+                   f"replayed), bubble {100 * pred.bubble_fraction:.1f}% (balanced ideal "
+                   f"{100 * (plan.num_stages - 1) / (plan.microbatches + plan.num_stages - 1):.1f}%)"
+                   f"\nbottleneck stage {bottleneck:.3f} ms per micro-batch; closed form "
+                   f"(M+K-1) x bottleneck = "
+                   f"{(plan.microbatches + plan.num_stages - 1) * bottleneck:.3f} ms")
     lines = [head, assumptions, "", format_table(headers, rows), "", summary]
     if plan.is_graph:
         ranges = all(s.nodes is not None and len(s.nodes) == s.layers[1] - s.layers[0]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 __all__ = [
@@ -93,7 +94,7 @@ class Schedule:
         mbs = {a.microbatch for row in rows for a in row}
         return Schedule(name, len(rows), max(mbs) + 1 if mbs else 0, tuple(rows))
 
-    @property
+    @cached_property  # asked once per action by clock() and validate(): compute it once
     def is_lowered(self) -> bool:
         return any(a.kind not in COMPUTE for row in self.actions for a in row)
 

@@ -3,10 +3,12 @@ from pathlib import Path
 
 import pytest
 
+from partitioner.chain import partition_chain
 from partitioner.costs import LINKS, CostModel
 from partitioner.plan import Plan, PlanError, load_plan, plan_from_dict, plan_to_dict, save_plan
-from partitioner.planner import make_plan
+from partitioner.planner import closed_form_prediction, make_plan
 from partitioner.profile import load_profile
+from partitioner.simulate import ranges_from_boundaries, simulate
 
 
 def _plan() -> tuple[Plan, CostModel]:
@@ -16,15 +18,20 @@ def _plan() -> tuple[Plan, CostModel]:
 
 
 def test_round_trip_and_closed_form(tmp_path: Path) -> None:
-    plan, _ = _plan()
+    plan, cm = _plan()
     path = tmp_path / "plan.json"
     save_plan(plan, path)
     assert load_plan(path) == plan
     data = json.loads(path.read_text())
     assert data["format"] == "gpipe-plan/1"
     assert data["stages"][0]["layers"] == [0, 6] and data["stages"][0]["device"] == "cuda:0"
-    pred = plan.predicted
-    assert pred is not None
+    # plans carry the simulator's prediction of their schedule
+    assert plan.predicted is not None and plan.predicted.method == "simulated"
+    sim = simulate(cm, ranges_from_boundaries(plan.boundaries))
+    assert plan.predicted.step_ms == sim.step_ms
+    assert plan.predicted.stage_peak_bytes == sim.stage_peak_bytes
+    assert plan.predicted.bubble_fraction >= 3 / 7 - 1e-12  # never below the balanced ideal
+    pred = closed_form_prediction(cm, partition_chain(cm, 80 * 2**30))
     stage_ms = [c + m for c, m in zip(pred.stage_compute_ms, pred.stage_comm_ms, strict=True)]
     assert pred.step_ms == pytest.approx((4 + 4 - 1) * max(stage_ms))
     busy = 4 * sum(stage_ms)

@@ -1,0 +1,115 @@
+"""Benchmark of the simulator and the search: a K=64, M=512 step (goal: under 1 s) and a search
+over >= 500 configurations (goal: under 10 s), against baselines timed in the same run.
+
+    python tools/bench_simulate.py            # full sizes
+    python tools/bench_simulate.py --quick    # small sizes (used by the test suite)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+from partitioner.chain import partition_chain
+from partitioner.costs import LINKS, CostModel
+from partitioner.profile import DeviceInfo, LayerProfile, Profile, load_profile
+from partitioner.schedule import Schedule, make_schedule
+from partitioner.search import search
+from partitioner.simulate import ranges_from_boundaries, simulate
+
+
+def _best_of(repeats: int, fn: Callable[[], object]) -> float:
+    """Smallest wall time of ``repeats`` runs (the machine is shared: the minimum is the
+    least disturbed)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _chain(num_layers: int) -> Profile:
+    """Identical layers, so the closed forms hold and can be checked."""
+    layers = tuple(LayerProfile(str(i), "Block", 4 * 10**6, (1.0, 1.9), (2.0, 3.8),
+                                (2e6, 4e6), (2e6, 4e6), (3e7, 6e7)) for i in range(num_layers))
+    return Profile("bench-chain", DeviceInfo("synthetic", "cuda", 80 * 2**30), "bfloat16",
+                   (1, 2), layers)
+
+
+def simulation(big_k: int, m: int, repeats: int) -> None:
+    print(f"== one step, K={big_k} stages, M={m} micro-batches ({2 * big_k * m} compute "
+          f"actions) ==")
+    print(f"{'schedule':>8} {'link':>7} {'timeline':>8} {'simulate_s':>10} {'generate_s':>10} "
+          f"{'ratio':>6} {'us/action':>9} {'step_ms':>10} {'closed_form':>11}")
+    prof = _chain(2 * big_k)
+    ranges = [(2 * k, 2 * k + 2) for k in range(big_k)]
+    for sched in ("gpipe", "1f1b"):
+        generate_s = _best_of(repeats, lambda sched=sched: make_schedule(sched, big_k, m))
+        schedule = make_schedule(sched, big_k, m)
+        for link in ("free", "nvlink"):
+            cm = CostModel(prof, m, m, stages=big_k, schedule=sched,  # type: ignore[arg-type]
+                           link=LINKS[link])
+            for record in (True, False):
+                def run(cm: CostModel = cm, record: bool = record,
+                        schedule: Schedule = schedule) -> object:
+                    return simulate(cm, ranges, schedule, record=record)
+                sim_s = _best_of(repeats, run)
+                step = simulate(cm, ranges, schedule, record=False).step_ms
+                closed = (m + big_k - 1) * 2 * (1.0 + 2.0)
+                print(f"{sched:>8} {link:>7} {record!s:>8} {sim_s:>10.3f} {generate_s:>10.3f} "
+                      f"{sim_s / generate_s:>6.1f} {1e6 * sim_s / (2 * big_k * m):>9.2f} "
+                      f"{step:>10.1f} {closed:>11.1f}")
+    print("(ratio: simulating / generating the same schedule; closed form (M+K-1)(f+b) holds "
+          "for the free link)\n")
+
+
+def search_speed(quick: bool) -> None:
+    print("== search over K, M, recompute and schedule (exact partition + simulation each) ==")
+    print(f"{'profile':>16} {'B':>4} {'N':>3} {'configs':>7} {'search_s':>8} "
+          f"{'ms/config':>9} {'dp_only_ms':>10} {'best':>28}")
+    cases = [("h200/gpt2-medium", 16, 4)] if quick else [
+        ("h200/gpt2-medium", 16, 8), ("h200/gpt-1.3b", 32, 8), ("h200/resnet50", 256, 8)]
+    for name, batch, devices in cases:
+        prof = load_profile(name)
+        limit = float(prof.device.memory_bytes or 0) or float("inf")
+        started = time.perf_counter()
+        res = search(prof, devices, batch, limit, link=LINKS["nvlink"])
+        total = time.perf_counter() - started
+        # baseline: one exact partition per configuration, no caching, no simulation
+        sample = [CostModel(prof, batch, m, stages=k, link=LINKS["nvlink"])
+                  for k in range(1, devices + 1) for m in (1, 2, 4)]
+        dp_ms = 1e3 * statistics.median(
+            _best_of(1, lambda cm=cm, limit=limit: partition_chain(cm, limit)) for cm in sample)
+        b = res.best
+        best = f"K={b.stages} M={b.microbatches} {b.schedule} {b.recompute}"
+        print(f"{name:>16} {batch:>4} {devices:>3} {res.tried:>7} {total:>8.2f} "
+              f"{1e3 * total / res.tried:>9.2f} {dp_ms:>10.2f} {best:>28}")
+    print("(dp_only_ms: one uncached exact partition, median; the search solves the partition "
+          "once per (K, b, recompute) and again only where the memory limit binds)")
+
+
+def sanity(big_k: int, m: int) -> None:
+    """The benchmark's step is the closed form: fail loudly rather than time a wrong answer."""
+    prof = _chain(big_k)
+    cm = CostModel(prof, m, m, stages=big_k)
+    step = simulate(cm, ranges_from_boundaries(list(range(big_k + 1))), record=False).step_ms
+    expected = (m + big_k - 1) * 3.0
+    if abs(step - expected) > 1e-6 * expected:
+        raise SystemExit(f"simulated step {step} != closed form {expected}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--quick", action="store_true", help="small sizes, one repeat")
+    args = p.parse_args()
+    big_k, m = (8, 32) if args.quick else (64, 512)
+    sanity(big_k, m)
+    simulation(big_k, m, repeats=1 if args.quick else 3)
+    search_speed(args.quick)
+
+
+if __name__ == "__main__":
+    main()
