@@ -79,6 +79,11 @@ class Plan:
         """Cut points of a chain plan: (0, end_0, end_1, ..., L)."""
         return (0, *(s.layers[1] for s in self.stages))
 
+    @property
+    def is_graph(self) -> bool:
+        """Whether stages are node sets of a layer graph (``nodes``), not layer ranges."""
+        return any(s.nodes is not None for s in self.stages)
+
     def check_against(self, num_layers: int, profile: Profile | None = None) -> None:
         """Raise PlanError unless the plan fits a model of ``num_layers`` layers (and profile)."""
         if num_layers != self.num_layers:
@@ -92,6 +97,18 @@ class Plan:
                 f"(sha256 {self.profile_sha256[:12]}…), not from {profile.model!r} "
                 f"(sha256 {profile.sha256()[:12]}…); plan again from this profile"
             )
+        if profile is not None and self.is_graph:
+            from .graph import assignment_problems, layer_edges, stage_of_nodes
+
+            try:
+                stage_of = stage_of_nodes([s.nodes or () for s in self.stages])
+            except ValueError as exc:
+                raise PlanError(f"the plan's stages do not partition the layers: {exc}") from None
+            problems = assignment_problems(num_layers, layer_edges(profile), stage_of,
+                                           self.num_stages)
+            if problems:
+                raise PlanError("the plan's stages are not a convex partition of the profile's "
+                                "layer graph:\n  " + "\n  ".join(problems))
 
 
 def _json_float(x: float) -> float | str:
@@ -155,8 +172,13 @@ def plan_from_dict(data: object, source: str = "plan") -> Plan:
     if data.get("recompute") not in RECOMPUTE_MODES:
         problems.append(f"recompute: {data.get('recompute')!r} is not one of {RECOMPUTE_MODES}")
     stages = _parse_stages(data.get("stages"), problems)
-    num_layers = prof.get("layers", stages[-1].layers[1] if stages else 0)
-    if stages and stages[-1].layers[1] != num_layers:
+    graph = any(s.nodes is not None for s in stages)
+    last = max((s.layers[1] for s in stages), default=0) if graph else (
+        stages[-1].layers[1] if stages else 0)
+    num_layers = prof.get("layers", last)
+    if graph:
+        _check_nodes(stages, num_layers, problems)
+    elif stages and stages[-1].layers[1] != num_layers:
         problems.append(f"stages: the last stage ends at layer {stages[-1].layers[1]} but the "
                         f"profile has {num_layers} layers")
     cost = data.get("cost_model", {})
@@ -203,6 +225,8 @@ def _parse_stages(raw: object, problems: list[str]) -> list[StagePlan]:
             continue
         start, end = rng  # type: ignore[misc]
         nodes = obj.get("nodes")
+        if nodes is not None and not isinstance(nodes, list):
+            problems.append(f"stages[{k}].nodes: {nodes!r} is not a list of layer indices")
         if nodes is None and start != expect:
             problems.append(f"stages[{k}].layers: starts at {start} but the stage before ends "
                             f"at {expect}; stages must cover the layers in order, without gaps")
@@ -213,6 +237,39 @@ def _parse_stages(raw: object, problems: list[str]) -> list[StagePlan]:
         stages.append(StagePlan((start, end), str(obj.get("device", "cpu")),
                                 tuple(nodes) if isinstance(nodes, list) else None))
     return stages
+
+
+def _check_nodes(stages: list[StagePlan], num_layers: int, problems: list[str]) -> None:
+    """A graph plan: every stage lists its nodes, sorted, and together they hold every layer
+    0..L-1 exactly once (convexity needs the profile's edges: ``Plan.check_against``)."""
+    seen: dict[int, int] = {}
+    for k, s in enumerate(stages):
+        if s.nodes is None:
+            problems.append(f"stages[{k}]: has no 'nodes' but other stages do; a graph plan "
+                            f"lists the nodes of every stage")
+            continue
+        if not s.nodes or any(not isinstance(i, int) or isinstance(i, bool) for i in s.nodes):
+            problems.append(f"stages[{k}].nodes: {list(s.nodes)!r} is not a non-empty list of "
+                            f"layer indices")
+            continue
+        if list(s.nodes) != sorted(set(s.nodes)):
+            problems.append(f"stages[{k}].nodes: not sorted or not unique; list each layer once, "
+                            f"in increasing order")
+        if s.layers != (min(s.nodes), max(s.nodes) + 1):
+            problems.append(f"stages[{k}].layers: {list(s.layers)} is not the span "
+                            f"[{min(s.nodes)}, {max(s.nodes) + 1}) of its nodes")
+        for i in s.nodes:
+            if not 0 <= i < num_layers:
+                problems.append(f"stages[{k}].nodes: layer {i} is outside 0..{num_layers - 1}")
+            elif i in seen:
+                problems.append(f"stages[{k}].nodes: layer {i} is also in stage {seen[i]}; "
+                                f"every layer belongs to exactly one stage")
+            else:
+                seen[i] = k
+    missing = sorted(set(range(num_layers)) - set(seen))
+    if missing:
+        problems.append(f"stages: layers {missing[:20]}{' ...' if len(missing) > 20 else ''} "
+                        f"are in no stage; every layer belongs to exactly one stage")
 
 
 def _parse_prediction(pred: Mapping[str, Any]) -> Prediction:

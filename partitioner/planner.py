@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 from .chain import ChainSolution, partition_chain
 from .costs import CostModel
+from .graph import GraphSolution
 from .plan import Plan, Prediction, StagePlan
 from .simulate import device_indices, ranges_from_boundaries, simulate
 
-__all__ = ["closed_form_prediction", "default_devices", "make_plan", "plan_from_solution",
+__all__ = ["SOLVERS", "closed_form_prediction", "default_devices", "make_plan",
+           "plan_from_graph_solution", "plan_from_solution", "resolve_solver",
            "simulated_prediction"]
+
+Solver = Literal["dp", "ilp", "auto"]
+SOLVERS: tuple[str, ...] = ("dp", "ilp", "auto")
 
 
 def default_devices(device_kind: str, stages: int) -> list[str]:
@@ -26,15 +32,18 @@ def default_devices(device_kind: str, stages: int) -> list[str]:
     return [f"cuda:{k}" for k in range(stages)] if device_kind == "cuda" else ["cpu"] * stages
 
 
-def closed_form_prediction(cm: CostModel, sol: ChainSolution) -> Prediction:
+def closed_form_prediction(cm: CostModel, sol: ChainSolution | GraphSolution) -> Prediction:
     """GPipe's fill-drain step: (M + K - 1) x the slowest stage (paper, Section 2.3); the
     bubble is the idle share, (K-1)/(M+K-1) when stages are balanced."""
     big_k, m = len(sol.stage_ms), cm.microbatches
     step_ms = (m + big_k - 1) * sol.bottleneck_ms
     busy = m * sum(sol.stage_ms)
     bubble = 1.0 - busy / (big_k * step_ms) if step_ms > 0 else 0.0
-    compute = tuple(cm.stage_compute_ms(sol.boundaries[k], sol.boundaries[k + 1], k)
-                    for k in range(big_k))
+    if isinstance(sol, GraphSolution):
+        compute = sol.stage_compute_ms
+    else:
+        compute = tuple(cm.stage_compute_ms(sol.boundaries[k], sol.boundaries[k + 1], k)
+                        for k in range(big_k))
     comm = tuple(ms - c for ms, c in zip(sol.stage_ms, compute, strict=True))
     return Prediction(step_ms, bubble, compute, sol.stage_memory_bytes, comm, "closed-form")
 
@@ -55,19 +64,8 @@ def simulated_prediction(cm: CostModel, sol: ChainSolution,
                       "simulated")
 
 
-def plan_from_solution(
-    cm: CostModel,
-    sol: ChainSolution,
-    memory_limit_bytes: float = math.inf,
-    devices: Sequence[str] | None = None,
-) -> Plan:
-    """Wrap a chain solution into a plan carrying its simulated prediction."""
-    big_k = len(sol.boundaries) - 1
-    devices = list(devices) if devices else default_devices(cm.profile.device.kind, big_k)
-    if len(devices) != big_k:
-        raise ValueError(f"{len(devices)} devices given for K={big_k} stages; give one per stage")
-    stages = tuple(StagePlan((sol.boundaries[k], sol.boundaries[k + 1]), devices[k])
-                   for k in range(big_k))
+def _plan(cm: CostModel, stages: tuple[StagePlan, ...], memory_limit_bytes: float,
+          predicted: Prediction) -> Plan:
     return Plan(
         profile_model=cm.profile.model,
         profile_device=cm.profile.device.name,
@@ -81,15 +79,68 @@ def plan_from_solution(
         optimizer=cm.optimizer,
         link=cm.link,
         memory_limit_bytes=memory_limit_bytes,
-        predicted=simulated_prediction(cm, sol, devices),
+        predicted=predicted,
     )
+
+
+def _devices(cm: CostModel, devices: Sequence[str] | None, big_k: int) -> list[str]:
+    devices = list(devices) if devices else default_devices(cm.profile.device.kind, big_k)
+    if len(devices) != big_k:
+        raise ValueError(f"{len(devices)} devices given for K={big_k} stages; give one per stage")
+    return devices
+
+
+def plan_from_solution(
+    cm: CostModel,
+    sol: ChainSolution,
+    memory_limit_bytes: float = math.inf,
+    devices: Sequence[str] | None = None,
+) -> Plan:
+    """Wrap a chain solution into a plan carrying its simulated prediction."""
+    big_k = len(sol.boundaries) - 1
+    devices = _devices(cm, devices, big_k)
+    stages = tuple(StagePlan((sol.boundaries[k], sol.boundaries[k + 1]), devices[k])
+                   for k in range(big_k))
+    return _plan(cm, stages, memory_limit_bytes, simulated_prediction(cm, sol, devices))
+
+
+def plan_from_graph_solution(
+    cm: CostModel,
+    sol: GraphSolution,
+    memory_limit_bytes: float = math.inf,
+    devices: Sequence[str] | None = None,
+) -> Plan:
+    """Wrap a graph partition into a plan: each stage lists its ``nodes`` (sorted layer
+    indices) and, as ``layers``, their span [first, last + 1). Its prediction is the closed
+    form: the simulator replays stages of layer ranges only, for now."""
+    devices = _devices(cm, devices, len(sol.nodes))
+    stages = tuple(StagePlan((nodes[0], nodes[-1] + 1), devices[k], tuple(nodes))
+                   for k, nodes in enumerate(sol.nodes))
+    return _plan(cm, stages, memory_limit_bytes, closed_form_prediction(cm, sol))
+
+
+def resolve_solver(solver: str, cm: CostModel) -> str:
+    """``auto`` means the DP for a chain profile and the ILP for a graph profile (with edges)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver {solver!r} is not one of {', '.join(SOLVERS)}")
+    if solver == "auto":
+        return "ilp" if cm.profile.edges is not None else "dp"
+    return solver
 
 
 def make_plan(
     cm: CostModel,
     memory_limit_bytes: float = math.inf,
     devices: Sequence[str] | None = None,
+    solver: Solver = "dp",
+    time_limit_s: float = 30.0,
 ) -> Plan:
-    """The exact chain partition for ``cm`` under the memory limit, as a plan."""
+    """The best partition for ``cm`` under the memory limit, as a plan: the exact chain DP
+    (``dp``), the CP-SAT graph partition (``ilp``, within ``time_limit_s``), or ``auto``."""
+    if resolve_solver(solver, cm) == "ilp":
+        from .ilp import partition_graph  # imports OR-Tools only when asked
+
+        graph_sol = partition_graph(cm, memory_limit_bytes, time_limit_s=time_limit_s)
+        return plan_from_graph_solution(cm, graph_sol, memory_limit_bytes, devices)
     sol = partition_chain(cm, memory_limit_bytes)
     return plan_from_solution(cm, sol, memory_limit_bytes, devices)

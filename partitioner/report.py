@@ -14,7 +14,34 @@ from .costs import CostModel, bytes_per_param
 from .plan import Plan
 from .units import format_bytes
 
-__all__ = ["format_table", "plan_report"]
+__all__ = ["format_ranges", "format_table", "plan_report"]
+
+#: Printed under the table of a graph-shaped plan.
+GRAPH_NOTE = ("graph-shaped plan: each stage is a convex set of layer-graph nodes (listed as "
+              "'nodes' in the plan), not a layer range; the executor runs chain plans only "
+              "for now")
+
+
+def format_ranges(nodes: Sequence[int], max_chars: int = 40) -> str:
+    """Sorted layer indices as compact runs, cut to about ``max_chars`` characters.
+
+        >>> format_ranges([0, 1, 2, 5, 7, 8]), format_ranges(range(0, 40, 2), max_chars=12)
+        ('0-2,5,7-8', '0,2,4,6,8,… (20 runs)')
+    """
+    nodes = list(nodes)
+    runs: list[str] = []
+    i = 0
+    while i < len(nodes):
+        j = i
+        while j + 1 < len(nodes) and nodes[j + 1] == nodes[j] + 1:
+            j += 1
+        runs.append(str(nodes[i]) if i == j else f"{nodes[i]}-{nodes[j]}")
+        i = j + 1
+    text = ",".join(runs)
+    if len(text) <= max_chars:
+        return text
+    shown = text[:max_chars].rsplit(",", 1)[0]
+    return f"{shown},… ({len(runs)} runs)"
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -37,16 +64,27 @@ def plan_report(plan: Plan, cm: CostModel) -> str:
                                       (0.0,) * plan.num_stages, strict=True)]
     bottleneck = max(stage_ms)
     out_bytes = cm.layer_array("out_bytes")
+    sent: tuple[float, ...] = ()
+    if plan.is_graph:
+        from .graph import evaluate_assignment, stage_of_nodes
+
+        sent = evaluate_assignment(cm, stage_of_nodes([s.nodes or () for s in plan.stages])
+                                   ).stage_sent_bytes
     rows = []
     for k, s in enumerate(plan.stages):
         start, end = s.layers
         boundary = format_bytes(out_bytes[end - 1]) if k < plan.num_stages - 1 else "-"
-        rows.append([k, f"[{start}, {end})", end - start, s.device,
+        where, count = f"[{start}, {end})", end - start
+        if s.nodes is not None:
+            where, count = format_ranges(s.nodes), len(s.nodes)
+            boundary = format_bytes(sent[k]) if sent[k] else "-"
+        rows.append([k, where, count, s.device,
                      f"{pred.stage_compute_ms[k]:.3f}",
                      f"{stage_ms[k] - pred.stage_compute_ms[k]:.3f}", boundary,
                      format_bytes(pred.stage_peak_bytes[k]),
                      f"{100 * stage_ms[k] / bottleneck:.1f}%"])
-    headers = ["stage", "layers", "n", "device", "compute_ms", "comm_ms", "boundary",
+    headers = ["stage", "nodes" if plan.is_graph else "layers", "n", "device", "compute_ms",
+               "comm_ms", "sent" if plan.is_graph else "boundary",
                "memory", "share"]
     b = cm.microbatch_size
     sizes = sorted(set([cm.global_batch // cm.microbatches, b]))
@@ -70,4 +108,10 @@ def plan_report(plan: Plan, cm: CostModel) -> str:
                    f"\nbottleneck stage {bottleneck:.3f} ms per micro-batch; closed form "
                    f"(M+K-1) x bottleneck = "
                    f"{(plan.microbatches + plan.num_stages - 1) * bottleneck:.3f} ms")
-    return "\n".join([head, assumptions, "", format_table(headers, rows), "", summary])
+    lines = [head, assumptions, "", format_table(headers, rows), "", summary]
+    if plan.is_graph:
+        ranges = all(s.nodes is not None and len(s.nodes) == s.layers[1] - s.layers[0]
+                     for s in plan.stages)
+        lines.append(GRAPH_NOTE + (" (these stages happen to be layer ranges too)" if ranges
+                                   else ""))
+    return "\n".join(lines)

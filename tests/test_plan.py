@@ -70,3 +70,45 @@ def test_missing_or_broken_file(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("[")
     with pytest.raises(PlanError, match="not JSON"):
         load_plan(tmp_path / "bad.json")
+
+
+def _graph_plan() -> Plan:
+    from partitioner.ilp import partition_graph
+    from partitioner.planner import plan_from_graph_solution
+
+    cm = CostModel(load_profile("pipedream/resnet18"), 4, 4, stages=8)
+    return plan_from_graph_solution(cm, partition_graph(cm, time_limit_s=30))
+
+
+def test_graph_plan_round_trip_and_convexity(tmp_path: Path) -> None:
+    plan = _graph_plan()
+    assert plan.is_graph and plan.num_layers == 70
+    save_plan(plan, tmp_path / "g.json")
+    again = load_plan(tmp_path / "g.json")
+    assert again == plan
+    again.check_against(70, load_profile("pipedream/resnet18"))
+    for s in plan.stages:
+        assert s.nodes is not None and s.layers == (s.nodes[0], s.nodes[-1] + 1)
+    # Swapping two stages' nodes keeps every layer once but sends edges backwards.
+    data = plan_to_dict(plan)
+    data["stages"][0], data["stages"][1] = data["stages"][1], data["stages"][0]
+    swapped = plan_from_dict(data)
+    with pytest.raises(PlanError, match="goes from stage 1 back to stage 0"):
+        swapped.check_against(70, load_profile("pipedream/resnet18"))
+
+
+def test_graph_plan_must_hold_every_layer_once() -> None:
+    data = plan_to_dict(_graph_plan())
+    first = data["stages"][0]["nodes"]
+    data["stages"][0]["nodes"] = [max(data["stages"][1]["nodes"]), *first]  # twice, unsorted
+    data["stages"][2]["nodes"] = data["stages"][2]["nodes"][1:]  # one layer lost...
+    del data["stages"][3]["nodes"]  # ...and a stage without nodes
+    lost = plan_to_dict(_graph_plan())["stages"][2]["nodes"][0]
+    with pytest.raises(PlanError) as info:
+        plan_from_dict(data)
+    msg = str(info.value)
+    assert "stages[0].nodes: not sorted or not unique" in msg
+    assert "is also in stage 0" in msg
+    assert f"layers [{lost}" in msg and "are in no stage" in msg
+    assert "stages[3]: has no 'nodes' but other stages do" in msg
+    assert "stages[2].layers:" in msg and "is not the span" in msg

@@ -130,8 +130,9 @@ def test_edges_are_validated() -> None:
     data["layers"].append(copy.deepcopy(data["layers"][0]))
     data["edges"] = [[0, 1], [1, 2], [0, 2]]
     assert profile_from_dict(data).edges == ((0, 1), (1, 2), (0, 2))
-    data["edges"] = [[0, 1], [0, 1], [2, 1], [0, 7], "x"]
+    data["edges"] = [[0, 1], [0, 1], [2, 1], [0, 7], "x", [1, 1]]
     problems = _problems(data)
+    assert any("edges[5]" in p and "cycle is impossible" in p for p in problems)  # self-loop
     assert any("appears twice" in p for p in problems)
     assert any("edges[2]" in p and "src < dst" in p for p in problems)
     assert any("edges[3]" in p and "outside 0..2" in p for p in problems)
