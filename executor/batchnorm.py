@@ -53,10 +53,10 @@ def keep_running_stats(module: nn.Module) -> Iterator[None]:
         yield
     finally:
         _STATE.recomputing = before
-        with torch.no_grad():
+        with torch.no_grad():  # through .data: autograd may hold the buffers for the backward
             for bn, copies in saved:
                 for buf, copy in zip(_buffers(bn), copies, strict=True):
-                    buf.copy_(copy)
+                    buf.data.copy_(copy)
 
 
 def _buffers(bn: _BatchNorm) -> list[torch.Tensor]:

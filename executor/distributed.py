@@ -348,4 +348,4 @@ def _to(batch: Batch | Sequence[torch.Tensor] | None, device: torch.device) -> B
         return batch.to(device)
     if isinstance(batch, (tuple, list)):
         return tuple(t.to(device) for t in batch)
-    return batch
+    return None

@@ -250,7 +250,7 @@ class Interpreter:
                     output = self._weighted_loss(output, i)
         if self.last:
             assert isinstance(output, torch.Tensor)
-            output.backward()
+            output.backward()  # type: ignore[no-untyped-call]
         else:
             grads = self._take(self._grad_in, action, "the output gradient")
             outs = [t for t in as_tuple(output) if t.is_floating_point()]

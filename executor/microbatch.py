@@ -12,14 +12,14 @@ the last micro-batches are the smaller ones when M does not divide B.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
+from typing import cast
 
 import torch
 
 __all__ = ["Batch", "as_tuple", "batch_size", "from_tuple", "gather", "scatter", "to_device"]
 
 #: What flows between layers of an ``nn.Sequential``: one tensor or a tuple of tensors.
-Batch = Union[torch.Tensor, tuple[torch.Tensor, ...]]
+Batch = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 def as_tuple(batch: Batch) -> tuple[torch.Tensor, ...]:
@@ -42,11 +42,11 @@ def check_batch(batch: object, name: str) -> Batch:
     if not parts or bad:
         raise TypeError(f"{name} must be a tensor or a tuple of tensors, got "
                         f"{type(batch).__name__}{' of ' + ', '.join(bad) if bad else ''}")
-    sizes = [p.shape[0] if p.dim() > 0 else None for p in parts]  # type: ignore[union-attr]
+    sizes = [p.shape[0] if p.dim() > 0 else None for p in parts]
     if None in sizes or len(set(sizes)) != 1:
         raise ValueError(f"{name}: every tensor needs the same batch size along dim 0, got "
                          f"sizes {sizes}; give tensors shaped (B, ...)")
-    return batch  # type: ignore[return-value]
+    return cast(Batch, batch)
 
 
 def batch_size(batch: Batch) -> int:

@@ -13,6 +13,7 @@ the model's parameters and an optimizer made from ``model.parameters()`` works u
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def manual_plan(boundaries: Sequence[int], microbatches: int, global_batch: int,
     big_k = len(cuts) - 1
     devices = list(devices) if devices is not None else ["cpu"] * big_k
     problems = []
-    if big_k < 1 or cuts[0] != 0 or any(b <= a for a, b in zip(cuts, cuts[1:])):
+    if big_k < 1 or cuts[0] != 0 or any(b <= a for a, b in itertools.pairwise(cuts)):
         problems.append(f"boundaries {cuts} must start at 0 and increase strictly "
                         f"(e.g. [0, 3, 7] for two stages of a 7-layer model)")
     if len(devices) != max(big_k, 0):

@@ -44,7 +44,7 @@ class Recorder:
         self._t0 = t0_s
         self._host, self._gpu = [], []
         if self._cuda:
-            self._origin = torch.cuda.Event(enable_timing=True)
+            self._origin = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
             self._origin.record(torch.cuda.current_stream(self.device))
             self._origin_ms = (time.perf_counter() - t0_s) * 1e3
 
@@ -52,7 +52,8 @@ class Recorder:
     def record(self, action: Action) -> Iterator[None]:
         if self._cuda:
             stream = torch.cuda.current_stream(self.device)
-            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start, end = (torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+                          for _ in range(2))
             start.record(stream)
             yield
             end.record(stream)

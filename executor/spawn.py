@@ -45,7 +45,7 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable[..., Any],
     out = Path(out_dir)
     try:
         torch.set_num_threads(threads)
-        store = dist.TCPStore("127.0.0.1", port, world_size + 1, False,
+        store = dist.TCPStore("127.0.0.1", port, world_size + 1, False,  # type: ignore[attr-defined]
                               timeout=timedelta(seconds=timeout_s))
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout_s))
@@ -83,7 +83,7 @@ def spawn_local(fn: Callable[..., Any], world_size: int, args: tuple[Any, ...] =
     whole run takes longer. Raises RankFailure naming how each rank ended."""
     if world_size < 1:
         raise ValueError(f"world_size={world_size}: need at least one rank")
-    store = dist.TCPStore("127.0.0.1", 0, world_size + 1, True,
+    store = dist.TCPStore("127.0.0.1", 0, world_size + 1, True,  # type: ignore[attr-defined]
                           timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="gpipe-ranks-") as tmp:

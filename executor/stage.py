@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Union
+from typing import cast
 
 import torch
 from torch import nn
@@ -30,8 +30,8 @@ __all__ = ["LayerSource", "RngState", "Stage", "build_layers", "check_device", "
 
 #: Where a stage's layers come from: the whole model, a callable building layer i, or a callable
 #: returning the layers of the half-open range [start, end).
-LayerSource = Union[nn.Sequential, Callable[[int], nn.Module],
-                    Callable[[int, int], Sequence[nn.Module]]]
+LayerSource = (nn.Sequential | Callable[[int], nn.Module]
+               | Callable[[int, int], Sequence[nn.Module]])
 
 
 def _arity(fn: Callable[..., object]) -> int:
@@ -53,12 +53,12 @@ def build_layers(source: LayerSource, start: int, end: int) -> list[tuple[int, n
         raise TypeError(f"layers must be an nn.Sequential or a layer factory, got "
                         f"{type(source).__name__}")
     if _arity(source) >= 2:
-        built = list(source(start, end))  # type: ignore[call-arg]
+        built = list(cast(Callable[[int, int], Sequence[nn.Module]], source)(start, end))
         if len(built) != end - start:
             raise ValueError(f"the layer factory returned {len(built)} layers for the range "
                              f"[{start}, {end}); it must return exactly {end - start}")
     else:
-        built = [source(i) for i in range(start, end)]  # type: ignore[call-arg]
+        built = [cast(Callable[[int], nn.Module], source)(i) for i in range(start, end)]
     bad = [f"layer {start + j} is a {type(m).__name__}" for j, m in enumerate(built)
            if not isinstance(m, nn.Module)]
     if bad:

@@ -13,14 +13,20 @@ import signal
 import time
 from typing import Any
 
+import executor_models as em
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 
-import executor_models as em
-from executor.distributed import (DistributedRunner, PeerError, decode_header, encode_header,
-                                  pack, unpack)
+from executor.distributed import (
+    DistributedRunner,
+    PeerError,
+    decode_header,
+    encode_header,
+    pack,
+    unpack,
+)
 from executor.interpreter import Packet
 from executor.pipeline import manual_plan
 from executor.spawn import RankFailure, spawn_local
