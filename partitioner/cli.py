@@ -28,6 +28,7 @@ __all__ = ["add_cost_arguments", "cost_model_from_args", "main"]
 #: command is the default when the first argument is not a subcommand name.
 COMMANDS: dict[str, str] = {
     "plan": "partitioner.cli:plan_main",
+    "compare": "partitioner.compare:compare_main",
 }
 
 EXIT_USAGE = 2
