@@ -7,18 +7,21 @@
 Rank k runs stage k and builds only layers [start_k, end_k) (from the model, or from a factory).
 Sends are asynchronous (``isend``, waited for at the end of the step); receives name the
 (kind, micro-batch) they want by tag, so no order between a pair of ranks is assumed and 1F1B
-cannot deadlock. Each direction of each neighbouring pair has its own process group (for NCCL,
-which matches messages by order, not tag, each group then carries one ordered stream).
+cannot deadlock. With gloo the pipeline's own group carries everything. NCCL ignores tags and
+matches by order, so there each direction of each neighbouring pair gets its own group, one
+ordered stream each, whose sends and receives both follow micro-batch order in GPipe and 1F1B
+(the NCCL path has not been run: no GPU was at hand when it was written).
 
-Shapes: an activation is preceded by a header (int64 tensor of ``HEADER_LEN``: tuple flag,
-tensor count, then dtype code, rank and sizes of each tensor), so the receiver allocates exactly
-what comes, whatever the micro-batch size or sequence length. A gradient needs no header: it has
-the shape and dtype of the output the receiver sent for that micro-batch.
+Shapes: an activation is sent as two messages: a header (int64 tensor of ``HEADER_LEN``: tuple
+flag, tensor count, then dtype code, rank and sizes of each tensor), so the receiver allocates
+exactly what comes whatever the micro-batch size or sequence length, then the tensors (one
+tensor as it is; several packed into one byte buffer). A gradient needs no header: it has the
+shapes and dtypes of the floating-point outputs the receiver sent for that micro-batch.
 
 Failures: a peer that raises and exits, or is killed, closes its connections, and a rank waiting
 on it gets an error at once; one that hangs is caught by the process group's timeout
 (``timeout_s``). Either way the waiting rank raises PeerError naming the action, the peer and the
-cause, and exits in turn, so every rank ends.
+cause; its process exits in turn (spawn_local and torchrun end it), so every rank ends.
 """
 
 from __future__ import annotations

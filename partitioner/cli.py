@@ -29,6 +29,7 @@ __all__ = ["add_cost_arguments", "cost_model_from_args", "main"]
 COMMANDS: dict[str, str] = {
     "plan": "partitioner.cli:plan_main",
     "compare": "partitioner.compare:compare_main",
+    "run": "executor.launch:main",
 }
 
 EXIT_USAGE = 2
