@@ -129,8 +129,9 @@ class DistTransport:
     and ``groups[src, dst]`` the group carrying messages from stage src to stage dst."""
 
     def __init__(self, stage: int, ranks: Sequence[int], device: torch.device,
-                 groups: Mapping[tuple[int, int], Any]) -> None:
+                 groups: Mapping[tuple[int, int], Any], timeout_s: float = 60.0) -> None:
         self.stage, self.ranks, self.device, self.groups = stage, list(ranks), device, groups
+        self.timeout = timedelta(seconds=timeout_s)
         self._pending: list[tuple[Any, torch.Tensor]] = []
 
     def _guard(self, what: str, peer: int, fn: Callable[[], T]) -> T:
@@ -152,7 +153,8 @@ class DistTransport:
 
     def _recv(self, tensor: torch.Tensor, peer: int, tag: int, what: str) -> torch.Tensor:
         group, src = self.groups[peer, self.stage], self.ranks[peer]
-        self._guard(what, peer, lambda: dist.recv(tensor, src, group=group, tag=tag))
+        work = self._guard(what, peer, lambda: dist.irecv(tensor, src, group=group, tag=tag))
+        self._guard(what, peer, lambda: work.wait(self.timeout))  # type: ignore[union-attr]
         return tensor
 
     def _send_tensors(self, tensors: Sequence[torch.Tensor], peer: int, direction: int,
@@ -199,7 +201,8 @@ class DistTransport:
         """Wait until every send of the step has been delivered."""
         pending, self._pending = self._pending, []
         for work, _ in pending:
-            self._guard("completing a send", self.stage, lambda w=work: w.wait())  # type: ignore[misc]
+            self._guard("completing a send", self.stage,
+                        lambda w=work: w.wait(self.timeout))  # type: ignore[misc]
 
 
 @dataclass
@@ -286,7 +289,8 @@ class DistributedRunner:
                                                      self.plan.microbatches)))
         self.actions = self.schedule.actions[self.index]
         self.transport = DistTransport(self.index, self.ranks, self.stage.device,
-                                       _channels(self.ranks, group, timeout_s, backend))
+                                       _channels(self.ranks, group, timeout_s, backend),
+                                       timeout_s)
         self.interpreter = Interpreter(
             self.stage, big_k, self.transport, Recorder(self.stage.device),
             DeferredBatchNorm(self.stage.module) if deferred_batchnorm else None)

@@ -35,6 +35,9 @@ from partitioner.plan import PlanError
 B, STEPS, LR = 8, 5, 0.1
 CONFIGS = list(itertools.product((1, 2, 3, 5, 8), ("never", "always", "except_last"),
                                  ("gpipe", "1f1b")))
+# The MLP runs every configuration; the GPT-like model (tuples, token ids) the uneven ones,
+# which is where its extra paths (several tensors per message, integers) could go wrong.
+MODEL_CONFIGS = {"mlp": CONFIGS, "gpt": [c for c in CONFIGS if c[0] in (3, 5)]}
 MODELS: dict[str, tuple[Any, int, Any, Any]] = {
     "mlp": (em.mlp_layer, em.MLP_LAYERS, em.mlp_batch, nn.functional.mse_loss),
     "gpt": (em.gpt_layer, em.GPT_LAYERS, em.gpt_batch, em.lm_loss),
@@ -110,8 +113,11 @@ def _sweep_rank() -> dict[Any, Any]:
     for stages in range(1, 5):
         group = dist.new_group(list(range(stages)))  # every rank makes every group
         if rank < stages:
-            for name, config in itertools.product(MODELS, CONFIGS):
-                results[name, stages, config] = _train(name, stages, config, group)
+            start = time.perf_counter()
+            for name, configs in MODEL_CONFIGS.items():
+                for config in configs:
+                    results[name, stages, config] = _train(name, stages, config, group)
+            results["seconds", stages] = time.perf_counter() - start
             if stages == 2:
                 results["errors"] = _errors(group)
                 results["timeline"] = _timeline(group)
@@ -153,7 +159,7 @@ def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> bool:
 def test_transparent_against_the_plain_model(sweep: list[dict[Any, Any]], name: str,
                                              stages: int) -> None:
     oracle = _oracle(name)
-    for config in CONFIGS:
+    for config in MODEL_CONFIGS[name]:
         ranks = [sweep[r][name, stages, config] for r in range(stages)]
         where = f"{name} K={stages} M, recompute, schedule = {config}"
         assert ranks[-1]["loss"] == pytest.approx(oracle["loss"], rel=1e-5), where
@@ -247,9 +253,11 @@ def _fault_rank(how: str, stages: int, faulty: int, timeout_s: float) -> None:
     ("hang", 2, "rank 1 was still running after the grace period and was killed"),
 ])
 def test_a_failing_rank_ends_every_rank(how: str, stages: int, expect: str) -> None:
+    # only a hang needs the timeout; elsewhere a long one shows that nothing waits for it
+    timeout_s = 3.0 if how == "hang" else 50.0
     start = time.monotonic()
     with pytest.raises(RankFailure) as info:
-        spawn_local(_fault_rank, stages, (how, stages, 1, 4.0), timeout_s=4.0, grace_s=4.0,
+        spawn_local(_fault_rank, stages, (how, stages, 1, timeout_s), grace_s=2.0,
                     deadline_s=90)
     assert time.monotonic() - start < 60
     err = info.value

@@ -57,7 +57,7 @@ def test_errors_before_starting_ranks(plan_path: Path) -> None:
         load_job("executor.launch")
     with pytest.raises(ValueError, match="cannot load it"):
         load_job("executor.launch:nothing_here")
-    with pytest.raises(TypeError, match="returned Plan, not an executor.launch.Job"):
+    with pytest.raises(TypeError, match=r"returned Plan, not an executor\.launch\.Job"):
         load_job("test_launch:_not_a_job")
     with pytest.raises(ValueError, match="train at least one step"):
         main(["--plan", str(plan_path), "--steps", "0"])

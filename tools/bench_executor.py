@@ -34,17 +34,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+import torch.distributed as dist
+from torch import nn
 
-from executor.distributed import DistributedRunner  # noqa: E402
-from executor.models import gpt, lm_loss  # noqa: E402
-from executor.profiler import profile_model  # noqa: E402
-from executor.spawn import spawn_local  # noqa: E402
-from partitioner import LINKS, CostModel, make_plan  # noqa: E402
-from partitioner.plan import Plan  # noqa: E402
-from partitioner.profile import LayerProfile, Profile  # noqa: E402
+from executor.distributed import DistributedRunner
+from executor.models import gpt, lm_loss
+from executor.profiler import profile_model
+from executor.spawn import spawn_local
+from partitioner import LINKS, CostModel, make_plan
+from partitioner.plan import Plan
+from partitioner.profile import LayerProfile, Profile
 
 VOCAB, SEQ, WIDTH, HEADS, BLOCKS, BATCH, K = 4096, 128, 256, 4, 8, 32, 2
 MICROBATCHES = (1, 2, 4, 8, 16)
