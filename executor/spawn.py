@@ -50,6 +50,8 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable[..., Any],
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout_s))
         value = fn(*args)
+        dist.barrier()  # leave together: a rank that exits at once could cut a slower peer's
+        # connection set-up short
         (out / f"{rank}.tmp").write_bytes(pickle.dumps(value))
         os.replace(out / f"{rank}.tmp", out / f"{rank}.ok")
     except BaseException as exc:  # report anything, then leave at once: peers see us go
