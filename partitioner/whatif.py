@@ -28,7 +28,7 @@ from .costs import LINKS, OPTIMIZERS, RECOMPUTE_MODES, SCHEDULES, CostModel
 from .gantt import PlotUnavailableError, save_gantt_png
 from .plan import Plan, PlanError, load_plan, save_plan
 from .profile import Profile, load_profile, shipped_profiles
-from .report import format_table
+from .report import format_ranges, format_table
 from .search import search, search_table
 from .simulate import SimResult, device_indices, ranges_from_boundaries, simulate
 from .timeline import save_chrome_trace
@@ -77,8 +77,13 @@ def simulate_plan(plan: Plan, profile: Profile, *, num_devices: int | None = Non
                          f"on 1..{big_k} devices; for more devices plan again with --stages "
                          f"{num_devices}, or let `partition-model search --devices "
                          f"{num_devices}` choose K")
-    ranges = ranges_from_boundaries(plan.boundaries)
-    return simulate(cm, ranges, devices=devices, optimizer_ms=optimizer_ms), cm, devices
+    if plan.is_graph:
+        res = simulate(cm, nodes=[s.nodes or () for s in plan.stages], devices=devices,
+                       optimizer_ms=optimizer_ms)
+    else:
+        res = simulate(cm, ranges_from_boundaries(plan.boundaries), devices=devices,
+                       optimizer_ms=optimizer_ms)
+    return res, cm, devices
 
 
 def simulate_main(argv: Sequence[str]) -> int:
@@ -148,11 +153,12 @@ def _simulate_report(plan: Plan, cm: CostModel, res: SimResult, devices: list[in
     head = (f"{plan.profile_model}: K={big_k} stages on {len(set(devices))} device(s), M={m} "
             f"(B={cm.global_batch}), schedule={cm.schedule}, recompute={cm.recompute}, "
             f"link {link}")
-    rows = [[k, f"[{s.layers[0]}, {s.layers[1]})", devices[k], f"{res.stage_busy_ms[k]:.3f}",
+    rows = [[k, format_ranges(s.nodes) if s.nodes is not None else
+             f"[{s.layers[0]}, {s.layers[1]})", devices[k], f"{res.stage_busy_ms[k]:.3f}",
              f"{res.stage_comm_ms[k]:.3f}",
              f"{res.step_ms - res.stage_busy_ms[k] - res.stage_comm_ms[k]:.3f}",
              format_bytes(res.stage_peak_bytes[k])] for k, s in enumerate(plan.stages)]
-    table = format_table(["stage", "layers", "device", "busy_ms", "send_ms", "idle_ms",
+    table = format_table(["stage", "nodes" if plan.is_graph else "layers", "device", "busy_ms", "send_ms", "idle_ms",
                           "peak_memory"], rows)
     ideal = (big_k - 1) / (m + big_k - 1)
     summary = (f"simulated step {res.step_ms:.3f} ms, bubble {100 * res.bubble_fraction:.1f}% "
