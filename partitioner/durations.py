@@ -103,7 +103,7 @@ def cross_transfers(cm: CostModel,
     first = np.ones(len(key), dtype=bool)
     first[1:] = key[1:] != key[:-1]
     u = src[first]
-    return u, stage_of[u], dst_stage[first], dst[first]  # type: ignore[return-value]
+    return u, stage_of[u], dst_stage[first], dst[first]
 
 
 def _stage_sums(values: FloatArray, order: IntArray, bounds: IntArray) -> FloatArray:

@@ -15,7 +15,8 @@ from typing import Literal
 
 from .chain import ChainSolution, partition_chain
 from .costs import CostModel
-from .graph import GraphSolution
+from .durations import stage_of_ranges
+from .graph import GraphSolution, evaluate_assignment
 from .plan import Plan, Prediction, StagePlan
 from .simulate import device_indices, ranges_from_boundaries, simulate
 
@@ -52,8 +53,9 @@ def simulated_prediction(cm: CostModel, sol: ChainSolution | GraphSolution,
                          devices: Sequence[str] | None = None) -> Prediction:
     """Replay the plan's schedule (``cm.schedule``) in the simulator: step, bubble and peak
     memory as the schedule runs, uneven micro-batches and communication included; the
-    per-stage compute and communication stay the cost model's, per micro-batch of the
-    largest size (what the partition was balanced on)."""
+    per-stage compute and communication stay the cost model's (the layer graph's, skip
+    edges included, on a graph profile), per micro-batch of the largest size (what the
+    partition was balanced on)."""
     devs = device_indices(devices) if devices else None
     if isinstance(sol, GraphSolution):
         res = simulate(cm, nodes=sol.nodes, devices=devs, record=False)
@@ -61,9 +63,13 @@ def simulated_prediction(cm: CostModel, sol: ChainSolution | GraphSolution,
     else:
         ranges = ranges_from_boundaries(sol.boundaries)
         res = simulate(cm, ranges, devices=devs, record=False)
-        compute = tuple(cm.stage_compute_ms(start, end, k)
-                        for k, (start, end) in enumerate(ranges))
-        comm = tuple(sol.stage_ms[k] - compute[k] for k in range(len(ranges)))
+        if cm.profile.edges is not None:  # a chain split of a graph: the graph's costs
+            graph = evaluate_assignment(cm, stage_of_ranges(ranges).tolist())
+            compute, comm = graph.stage_compute_ms, graph.stage_comm_ms
+        else:
+            compute = tuple(cm.stage_compute_ms(start, end, k)
+                            for k, (start, end) in enumerate(ranges))
+            comm = tuple(sol.stage_ms[k] - compute[k] for k in range(len(ranges)))
     return Prediction(res.step_ms, res.bubble_fraction, compute, res.stage_peak_bytes, comm,
                       "simulated")
 

@@ -9,32 +9,14 @@ import random
 import numpy as np
 import pytest
 
-from conftest import make_profile
+from conftest import make_profile, random_dag
 from partitioner.costs import CostModel, Link
-from partitioner.durations import cross_transfers, stage_of_ranges
+from partitioner.durations import cross_transfers
 from partitioner.graph import evaluate_assignment
 from partitioner.profile import Profile
 from partitioner.simulate import simulate
 
 LINKS = [Link(math.inf, 0.0), Link(1e-6, 0.0), Link(1e-7, 0.5)]
-
-
-def random_dag(rng: random.Random, n: int, chain_in_bytes: bool = True) -> Profile:
-    """n layers with random costs; each layer past the first few feeds from 1-3 earlier ones
-    (skips of any length), some are extra inputs (no predecessor)."""
-    out = [float(rng.randint(1, 1000)) for _ in range(n)]
-    prof = make_profile([rng.uniform(0.1, 3.0) for _ in range(n)],
-                        [rng.uniform(0.1, 6.0) for _ in range(n)],
-                        param_bytes=[4 * rng.randint(0, 500) for _ in range(n)],
-                        out_bytes=out,
-                        saved_bytes=[float(rng.randint(0, 1000)) for _ in range(n)],
-                        in_bytes=[float(rng.randint(1, 1000)) for _ in range(n)], sizes=(1, 2))
-    edges = set()
-    for v in range(1, n):
-        if rng.random() < 0.85:
-            for u in rng.sample(range(v), min(v, rng.randint(1, 3))):
-                edges.add((u, v))
-    return dataclasses.replace(prof, edges=tuple(sorted(edges)))
 
 
 def convex_assignment(rng: random.Random, prof: Profile, big_k: int) -> list[int]:
@@ -113,18 +95,20 @@ def test_a_graph_plan_of_ranges_simulates_as_the_chain_plan(seed: int) -> None:
     cuts = [0, *sorted(rng.sample(range(1, n), big_k - 1)), n]
     ranges = list(itertools.pairwise(cuts))
     devices = sorted(rng.randint(0, big_k - 1) for _ in range(big_k))
-    for rc, sched, link in itertools.product(["never", "always", "except_last"],
-                                             ["gpipe", "1f1b"], LINKS):
-        def run(prof: Profile, **stages: object) -> tuple[object, ...]:
-            cm = CostModel(prof, 11, 4, stages=big_k, recompute=rc,  # type: ignore[arg-type]
-                           schedule=sched, link=link)  # type: ignore[arg-type]
-            res = simulate(cm, devices=devices, optimizer_ms=2.5, **stages)  # type: ignore[arg-type]
-            assert res.timeline is not None
-            return (res.step_ms, res.bubble_fraction, res.stage_busy_ms, res.stage_comm_ms,
-                    res.stage_peak_bytes, res.timeline.events)
-        expected = run(chain, ranges=ranges)
-        assert run(graph, nodes=[range(a, b) for a, b in ranges]) == expected
-        assert run(graph, ranges=ranges) == expected
+    def run(prof: Profile, rc: str, sched: str, link: Link,
+            **stages: object) -> tuple[object, ...]:
+        cm = CostModel(prof, 11, 4, stages=big_k, recompute=rc,  # type: ignore[arg-type]
+                       schedule=sched, link=link)  # type: ignore[arg-type]
+        res = simulate(cm, devices=devices, optimizer_ms=2.5, **stages)  # type: ignore[arg-type]
+        assert res.timeline is not None
+        return (res.step_ms, res.bubble_fraction, res.stage_busy_ms, res.stage_comm_ms,
+                res.stage_peak_bytes, res.timeline.events)
+
+    for config in itertools.product(["never", "always", "except_last"], ["gpipe", "1f1b"],
+                                    LINKS):
+        expected = run(chain, *config, ranges=ranges)
+        assert run(graph, *config, nodes=[range(a, b) for a, b in ranges]) == expected
+        assert run(graph, *config, ranges=ranges) == expected
 
 
 def _balanced_dag(big_k: int, fwd_ms: float, bwd_ms: float) -> Profile:
