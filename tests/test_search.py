@@ -1,6 +1,7 @@
 """The search: every configuration's partition is the brute-force optimum under the limit,
 candidates are ranked by simulated step, and launch-bound costs favour few micro-batches."""
 
+import dataclasses
 import itertools
 import math
 import random
@@ -12,6 +13,7 @@ from partitioner.baselines import equal_layers
 from partitioner.chain import ChainSolution, InfeasibleError, stage_costs
 from partitioner.costs import LINKS, CostModel, Link
 from partitioner.graph import GraphSolution, assignment_problems, evaluate_assignment, layer_edges
+from partitioner.ilp import SolveTimeoutError, partition_graph
 from partitioner.profile import DeviceInfo, LayerProfile, Profile
 from partitioner.search import microbatch_candidates, search, search_table
 from partitioner.simulate import ranges_from_boundaries, simulate
@@ -199,3 +201,30 @@ def _against_brute_force(seed: int) -> bool:
                 res.best.schedule) == best_key
         return True
     return False
+
+
+def test_timeouts_and_gaps_are_counted_and_shown() -> None:
+    """A partition function that proves no optimum (a gap) and, where the memory limit
+    binds, finds nothing in time: the table shows the gap, the summary the time-outs."""
+    prof = random_dag(random.Random(5), 6)
+    calls: list[float] = []
+
+    def unproven(cm: CostModel, limit: float) -> GraphSolution:
+        calls.append(limit)
+        if math.isfinite(limit):
+            raise SolveTimeoutError("nothing found in time")
+        sol = partition_graph(cm, time_limit_s=30)
+        return dataclasses.replace(sol, status="feasible",
+                                   lower_bound_ms=0.9 * sol.bottleneck_ms)
+
+    free = search(prof, devices=2, global_batch=2, partition=unproven)
+    limit = sorted(c.peak_bytes for c in free.candidates)[len(free.candidates) // 2]
+    calls.clear()
+    res = search(prof, devices=2, global_batch=2, memory_limit_bytes=limit, partition=unproven)
+    assert res.solver == "custom" and res.unsolved > 0 and res.infeasible == 0
+    assert res.tried == len(res.candidates) + res.unsolved and res.solves == len(calls)
+    assert all(c.peak_bytes <= limit and c.partition_status == "gap 10.00%"
+               for c in res.candidates)
+    text = search_table(res)
+    assert f"{res.unsolved} found no partition within the ILP's time limit" in text
+    assert "gap 10.00%" in text and "solved by the given function" in text
