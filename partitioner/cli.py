@@ -30,7 +30,10 @@ COMMANDS: dict[str, str] = {
     "plan": "partitioner.cli:plan_main",
     "profile-graph": "executor.graph_profile:profile_graph_main",
     "compare": "partitioner.compare:compare_main",
-    "simulate": "partitioner.whatif:simulate_main", "search": "partitioner.whatif:search_main",
+    "simulate": "partitioner.whatif:simulate_main",
+    "search": "partitioner.whatif:search_main",
+    "profile": "executor.profile_cli:main",
+    "run": "executor.launch:main",
 }
 
 EXIT_USAGE = 2

@@ -1,0 +1,358 @@
+"""The distributed runner: one rank per stage, tensors over torch.distributed point-to-point.
+
+    runner = DistributedRunner(layer_factory, "plan.json")   # after init_process_group
+    result = runner.train_step(inputs, targets, loss_fn, timeline=True)
+    optimizer.step()   # an optimizer over runner.parameters(): this rank's layers
+
+Rank k runs stage k and builds only layers [start_k, end_k) (from the model, or from a factory).
+Sends are asynchronous (``isend``, waited for at the end of the step); receives name the
+(kind, micro-batch) they want by tag, so no order between a pair of ranks is assumed and 1F1B
+cannot deadlock. With gloo the pipeline's own group carries everything. NCCL ignores tags and
+matches by order, so there each direction of each neighbouring pair gets its own group, one
+ordered stream each, whose sends and receives both follow micro-batch order in GPipe and 1F1B
+(the NCCL path has not been run: no GPU was at hand when it was written).
+
+Shapes: an activation is sent as two messages: a header (int64 tensor of ``HEADER_LEN``: tuple
+flag, tensor count, then dtype code, rank and sizes of each tensor), so the receiver allocates
+exactly what comes whatever the micro-batch size or sequence length, then the tensors (one
+tensor as it is; several packed into one byte buffer). A gradient needs no header: it has the
+shapes and dtypes of the floating-point outputs the receiver sent for that micro-batch.
+
+Failures: a peer that raises and exits, or is killed, closes its connections, and a rank waiting
+on it gets an error at once; one that hangs is caught by the process group's timeout
+(``timeout_s``). Either way the waiting rank raises PeerError naming the action, the peer and the
+cause; its process exits in turn (spawn_local and torchrun end it), so every rank ends.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from partitioner.plan import Plan, PlanError
+from partitioner.schedule import lower, make_schedule, validate
+from partitioner.timeline import Event, Timeline
+
+from .batchnorm import DeferredBatchNorm
+from .interpreter import Interpreter, LossFn, Packet, StepData
+from .local import FORWARD_KINDS
+from .microbatch import Batch, gather
+from .pipeline import as_plan, stage_recomputes
+from .recorder import Recorder
+from .stage import LayerSource, Stage, build_layers, check_device
+
+__all__ = ["HEADER_LEN", "DistTransport", "DistributedRunner", "PeerError", "StepResult"]
+
+HEADER_LEN = 64
+_PARTS = 2  # tags: (2 * microbatch + direction) * _PARTS + part; part 0 header, 1 tensors
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
+           torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64)
+T = TypeVar("T")
+
+
+class PeerError(RuntimeError):
+    """Communication with a neighbouring rank failed (it failed, was killed or hangs)."""
+
+
+def _tag(direction: int, microbatch: int, part: int) -> int:
+    return (2 * microbatch + direction) * _PARTS + part
+
+
+def encode_header(packet: Packet) -> torch.Tensor:
+    """The int64 header describing ``packet``'s tensors (see module docstring)."""
+    words = [int(packet.is_tuple), len(packet.tensors)]
+    for t in packet.tensors:
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"a stage output has dtype {t.dtype}, which the executor cannot "
+                            f"send; use one of {', '.join(map(str, _DTYPES))}")
+        words += [_DTYPES.index(t.dtype), t.dim(), *t.shape]
+    if len(words) > HEADER_LEN:
+        raise ValueError(f"a stage output of {len(packet.tensors)} tensors with shapes "
+                         f"{[tuple(t.shape) for t in packet.tensors]} does not fit the "
+                         f"{HEADER_LEN}-word header; pass fewer or lower-rank tensors between "
+                         f"stages")
+    return torch.tensor(words + [0] * (HEADER_LEN - len(words)), dtype=torch.int64)
+
+
+def decode_header(header: torch.Tensor) -> tuple[bool, list[tuple[torch.dtype, list[int]]]]:
+    """Inverse of ``encode_header``: the tuple flag and each tensor's (dtype, shape)."""
+    words = header.tolist()
+    is_tuple, count, pos, specs = bool(words[0]), words[1], 2, []
+    for _ in range(count):
+        dtype, ndim = _DTYPES[words[pos]], words[pos + 1]
+        specs.append((dtype, words[pos + 2:pos + 2 + ndim]))
+        pos += 2 + ndim
+    return is_tuple, specs
+
+
+def _layout(specs: Sequence[tuple[torch.dtype, Sequence[int]]]) -> tuple[list[int], int]:
+    """Byte offsets of tensors packed into one buffer (each aligned to 8 bytes) and its size."""
+    offsets, total = [], 0
+    for dtype, shape in specs:
+        offsets.append(total)
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        total += -(-nbytes // 8) * 8
+    return offsets, total
+
+
+def pack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Several tensors as one uint8 message (a lone tensor is sent as it is, without a copy)."""
+    offsets, total = _layout([(t.dtype, t.shape) for t in tensors])
+    buf = torch.empty(total, dtype=torch.uint8, device=tensors[0].device)
+    for t, off in zip(tensors, offsets, strict=True):
+        raw = t.detach().reshape(-1).view(torch.uint8)
+        buf[off:off + raw.numel()].copy_(raw)
+    return buf
+
+
+def unpack(buf: torch.Tensor, specs: Sequence[tuple[torch.dtype, Sequence[int]]]
+           ) -> tuple[torch.Tensor, ...]:
+    """Inverse of ``pack``: views of ``buf`` with the given dtypes and shapes."""
+    offsets, _ = _layout(specs)
+    out = []
+    for (dtype, shape), off in zip(specs, offsets, strict=True):
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        out.append(buf[off:off + nbytes].view(dtype).reshape(tuple(shape)))
+    return tuple(out)
+
+
+class DistTransport:
+    """Point-to-point transport for this rank's ``stage``; ``ranks[k]`` is stage k's global rank
+    and ``groups[src, dst]`` the group carrying messages from stage src to stage dst."""
+
+    def __init__(self, stage: int, ranks: Sequence[int], device: torch.device,
+                 groups: Mapping[tuple[int, int], Any], timeout_s: float = 60.0) -> None:
+        self.stage, self.ranks, self.device, self.groups = stage, list(ranks), device, groups
+        self.timeout = timedelta(seconds=timeout_s)
+        self._pending: list[tuple[Any, torch.Tensor]] = []
+
+    def _guard(self, what: str, peer: int, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except (RuntimeError, ValueError) as exc:  # DistBackendError is a RuntimeError
+            raise PeerError(
+                f"stage {self.stage} (rank {self.ranks[self.stage]}): {what} with stage {peer} "
+                f"(rank {self.ranks[peer]}) failed: "
+                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. That rank "
+                f"(or one beyond it) has probably failed, been killed or hung; see its own "
+                f"error") from exc
+
+    def _isend(self, tensor: torch.Tensor, peer: int, tag: int, what: str) -> None:
+        tensor = tensor.contiguous()
+        group, dst = self.groups[self.stage, peer], self.ranks[peer]
+        work = self._guard(what, peer, lambda: dist.isend(tensor, dst, group=group, tag=tag))
+        self._pending.append((work, tensor))
+
+    def _recv(self, tensor: torch.Tensor, peer: int, tag: int, what: str) -> torch.Tensor:
+        group, src = self.groups[peer, self.stage], self.ranks[peer]
+        work = self._guard(what, peer, lambda: dist.irecv(tensor, src, group=group, tag=tag))
+        self._guard(what, peer, lambda: work.wait(self.timeout))  # type: ignore[union-attr]
+        return tensor
+
+    def _send_tensors(self, tensors: Sequence[torch.Tensor], peer: int, direction: int,
+                      microbatch: int, what: str) -> None:
+        if tensors:
+            body = tensors[0] if len(tensors) == 1 else pack(tensors)
+            self._isend(body, peer, _tag(direction, microbatch, 1), what)
+
+    def _recv_tensors(self, specs: Sequence[tuple[torch.dtype, Sequence[int]]], peer: int,
+                      direction: int, microbatch: int, what: str) -> tuple[torch.Tensor, ...]:
+        if not specs:
+            return ()
+        tag = _tag(direction, microbatch, 1)
+        if len(specs) == 1:
+            dtype, shape = specs[0]
+            return (self._recv(torch.empty(tuple(shape), dtype=dtype, device=self.device), peer,
+                               tag, what),)
+        buf = torch.empty(_layout(specs)[1], dtype=torch.uint8, device=self.device)
+        return unpack(self._recv(buf, peer, tag, what), specs)
+
+    def send_activation(self, stage: int, microbatch: int, packet: Packet) -> None:
+        what = f"sending the activation of micro-batch {microbatch}"
+        header = encode_header(packet).to(self.device)
+        self._isend(header, stage + 1, _tag(0, microbatch, 0), what)
+        self._send_tensors(packet.tensors, stage + 1, 0, microbatch, what)
+
+    def recv_activation(self, stage: int, microbatch: int) -> Packet:
+        what = f"receiving the activation of micro-batch {microbatch}"
+        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+        is_tuple, specs = decode_header(self._recv(header, stage - 1, _tag(0, microbatch, 0),
+                                                   what))
+        return Packet(self._recv_tensors(specs, stage - 1, 0, microbatch, what), is_tuple)
+
+    def send_grad(self, stage: int, microbatch: int, grads: tuple[torch.Tensor, ...]) -> None:
+        self._send_tensors(grads, stage - 1, 1, microbatch,
+                           f"sending the gradient of micro-batch {microbatch}")
+
+    def recv_grad(self, stage: int, microbatch: int,
+                  like: tuple[tuple[torch.Size, torch.dtype], ...]) -> tuple[torch.Tensor, ...]:
+        return self._recv_tensors([(dtype, list(shape)) for shape, dtype in like], stage + 1, 1,
+                                  microbatch, f"receiving the gradient of micro-batch {microbatch}")
+
+    def finish(self) -> None:
+        """Wait until every send of the step has been delivered."""
+        pending, self._pending = self._pending, []
+        for work, _ in pending:
+            self._guard("completing a send", self.stage,
+                        lambda w=work: w.wait(self.timeout))  # type: ignore[misc]
+
+
+@dataclass
+class StepResult:
+    """One rank's view of a step: the batch's loss on the last rank (else None), the measured
+    timeline of all stages on rank 0 when asked (else None)."""
+
+    loss: torch.Tensor | None
+    timeline: Timeline | None
+
+
+_GROUPS: dict[tuple[int, ...], tuple[Any, dict[tuple[int, int], Any]]] = {}
+
+
+def _channels(ranks: Sequence[int], group: Any, timeout_s: float,
+              backend: str) -> dict[tuple[int, int], Any]:
+    """The group carrying messages from stage src to stage dst, keyed (src, dst). Gloo matches
+    by tag, so the pipeline's own group carries everything. NCCL matches by order, so there each
+    direction of each neighbouring pair gets its own group: one ordered stream per direction.
+    Those are made once per world (every rank creates them all, in the same order, as
+    torch.distributed requires) and reused by later runners."""
+    pairs = [(k, k + 1) for k in range(len(ranks) - 1)] + [(k + 1, k) for k in
+                                                            range(len(ranks) - 1)]
+    if backend != "nccl":
+        return {pair: group for pair in pairs}
+    key, world = tuple(ranks), dist.group.WORLD
+    if key in _GROUPS and _GROUPS[key][0] is world:  # the cache holds on to that world
+        return _GROUPS[key][1]
+    groups = {(src, dst): dist.new_group(sorted((ranks[src], ranks[dst])),
+                                         timeout=timedelta(seconds=timeout_s), backend=backend)
+              for src, dst in pairs}
+    _GROUPS[key] = (world, groups)
+    return groups
+
+
+class DistributedRunner:
+    """This rank's stage of ``plan``, built from ``layers`` (an ``nn.Sequential`` or a factory,
+    see ``stage.build_layers``). Call after ``init_process_group``, on every rank of ``group``
+    (default: the whole world): its k-th rank runs stage k. ``device`` defaults to the plan's
+    device for this stage."""
+
+    def __init__(self, layers: LayerSource, plan: Plan | Mapping[str, object] | str | Path, *,
+                 num_layers: int | None = None, device: str | torch.device | None = None,
+                 deferred_batchnorm: bool = False, timeout_s: float = 60.0,
+                 group: Any = None) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialised: call "
+                               "init_process_group first (torchrun + python -m executor.launch "
+                               "does), or use executor.spawn.spawn_local for local CPU ranks")
+        self.plan = as_plan(plan)
+        self.group = group
+        self.ranks = dist.get_process_group_ranks(group) if group is not None else list(
+            range(dist.get_world_size()))
+        big_k, world = self.plan.num_stages, len(self.ranks)
+        if world != big_k:
+            raise ValueError(f"the world has {world} ranks but the plan has K={big_k} stages; "
+                             f"start one rank per stage (torchrun --nproc-per-node {big_k})")
+        if dist.get_rank() not in self.ranks:
+            raise ValueError(f"rank {dist.get_rank()} is not in the group {self.ranks}; only "
+                             f"its ranks make a runner")
+        self.index = self.ranks.index(dist.get_rank())  # this rank's stage k
+        if num_layers is None and isinstance(layers, torch.nn.Sequential):
+            num_layers = len(layers)
+        if num_layers is not None:
+            try:
+                self.plan.check_against(num_layers)
+            except PlanError as exc:
+                raise PlanError(f"rank {dist.get_rank()}: {exc}") from None
+        dev = device if device is not None else self.plan.stages[self.index].device
+        problem = check_device(dev)
+        if problem:
+            raise ValueError(f"rank {dist.get_rank()} (stage {self.index}): {problem}")
+        backend = str(dist.get_backend(group))
+        if backend == "nccl" and torch.device(dev).type != "cuda":
+            raise ValueError(f"rank {dist.get_rank()}: the NCCL backend needs a CUDA device, got "
+                             f"{dev!r}; use gloo on CPU")
+        if backend == "nccl" and group is not None:
+            raise ValueError("with NCCL the pipeline must span the whole world (group=None): "
+                             "its per-direction groups are made by every rank")
+        start, end = self.plan.stages[self.index].layers
+        self.stage = Stage(self.index, build_layers(layers, start, end), dev,
+                           recompute=stage_recomputes(self.plan, self.index))
+        self.schedule = validate(lower(make_schedule(self.plan.schedule, big_k,
+                                                     self.plan.microbatches)))
+        self.actions = self.schedule.actions[self.index]
+        self.transport = DistTransport(self.index, self.ranks, self.stage.device,
+                                       _channels(self.ranks, group, timeout_s, backend),
+                                       timeout_s)
+        self.interpreter = Interpreter(
+            self.stage, big_k, self.transport, Recorder(self.stage.device),
+            DeferredBatchNorm(self.stage.module) if deferred_batchnorm else None)
+
+    @property
+    def module(self) -> torch.nn.Sequential:
+        """This rank's layers (children named by their global index)."""
+        return self.stage.module
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.stage.parameters())
+
+    def _step(self, data: StepData, training: bool, timeline: bool) -> tuple[Any, Timeline | None]:
+        recorder = self.interpreter.recorder
+        assert recorder is not None
+        if timeline:  # a common clock: every rank starts counting as it leaves the barrier
+            dist.barrier(group=self.group)
+        recorder.reset(time.perf_counter())
+        self.interpreter.begin(data, training)
+        for action in self.actions:
+            if training or action.kind in FORWARD_KINDS:
+                self.interpreter.run(action)
+        self.transport.finish()
+        result = self.interpreter.end()
+        return result, self._gather_timeline(recorder.events(), training) if timeline else None
+
+    def _gather_timeline(self, events: list[Event], training: bool) -> Timeline | None:
+        rows: list[Any] = [None] * len(self.ranks) if self.index == 0 else []
+        dist.gather_object(events, rows if self.index == 0 else None, dst=self.ranks[0],
+                           group=self.group)
+        if self.index != 0:
+            return None
+        return Timeline(self.plan.num_stages, tuple(e for row in rows for e in row), "measured",
+                        {"schedule": self.schedule.name, "microbatches": self.plan.microbatches,
+                         "runner": "distributed", "training": training})
+
+    def _data(self, inputs: Batch | None, targets: Batch | None,
+              loss_fn: LossFn | None) -> StepData:
+        first, last = self.index == 0, self.index == self.plan.num_stages - 1
+        x = _to(inputs, self.stage.device) if first else None
+        y = _to(targets, self.stage.device) if last and loss_fn is not None else None
+        if x is None and y is None:  # a middle stage: the sizes come with the activations
+            return StepData([0] * self.plan.microbatches, None, None, loss_fn)
+        return StepData.split(x, y, self.plan.microbatches, loss_fn)
+
+    def train_step(self, inputs: Batch | None = None, targets: Batch | None = None,
+                   loss_fn: LossFn | None = None, *, timeline: bool = False) -> StepResult:
+        """One step of the plan's schedule on this rank. The first rank needs ``inputs``, the
+        last ``targets`` and ``loss_fn`` (others may pass them too; they are ignored).
+        Gradients accumulate in this rank's layers."""
+        result, tl = self._step(self._data(inputs, targets, loss_fn), True, timeline)
+        return StepResult(result.loss, tl)
+
+    def forward(self, inputs: Batch | None = None) -> Batch | None:
+        """Forward only, without autograd: the whole batch's outputs on the last rank."""
+        result, _ = self._step(self._data(inputs, None, None), False, False)
+        return gather(result.outputs) if result.outputs else None
+
+
+def _to(batch: Batch | Sequence[torch.Tensor] | None, device: torch.device) -> Batch | None:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, (tuple, list)):
+        return tuple(t.to(device) for t in batch)
+    return None

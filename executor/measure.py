@@ -1,0 +1,274 @@
+"""The timing harness behind the profiler: one module's forward/backward time and memory.
+
+    >>> import torch
+    >>> m = measure(torch.nn.Linear(4, 4), torch.ones(2, 4), torch.device("cpu"), repeat=3)
+    >>> m.saved_bytes                 # a Linear saves its input: 2 x 4 float32
+    32
+
+A *batch* is a tensor or a tuple of tensors, as a child of an ``nn.Sequential`` takes and
+returns. Each repetition runs the forward on a fresh copy of the input (so in-place layers
+see the same values every time) and the backward with ``torch.autograd.grad`` for the
+floating inputs and the parameters, so no ``.grad`` is ever written.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["CLOCKS", "Batch", "Measurement", "as_batch", "as_tensors", "batch_nbytes",
+           "harness_overhead_ms", "measure", "prepare_batch", "quiet_gc", "slice_batch"]
+
+Batch = Tensor | tuple[Tensor, ...]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Median times of one module at one input, and its memory (peak_bytes on CUDA only)."""
+
+    fwd_ms: float
+    bwd_ms: float
+    has_backward: bool
+    in_bytes: int
+    out_bytes: int
+    saved_bytes: int
+    peak_bytes: int | None
+    output: Batch
+
+
+def as_tensors(x: object, what: str) -> tuple[Tensor, ...]:
+    """The tensors of a batch; TypeError for anything but a tensor or a tuple of tensors."""
+    if isinstance(x, Tensor):
+        return (x,)
+    if isinstance(x, tuple) and x and all(isinstance(t, Tensor) for t in x):
+        return x
+    kind = type(x).__name__ if not isinstance(x, tuple) else \
+        f"tuple of ({', '.join(type(t).__name__ for t in x)})"
+    raise TypeError(f"{what} is a {kind}; the profiler needs a tensor or a non-empty tuple of "
+                    f"tensors (each child of the nn.Sequential must take and return one)")
+
+
+def batch_nbytes(x: Batch) -> int:
+    return sum(t.numel() * t.element_size() for t in as_tensors(x, "batch"))
+
+
+def _rebuild(x: Batch, ts: Sequence[Tensor]) -> Batch:
+    return ts[0] if isinstance(x, Tensor) else tuple(ts)
+
+
+def slice_batch(x: Batch, b: int) -> Batch:
+    """The first ``b`` rows of every tensor, as fresh contiguous tensors (their own storage)."""
+    return _rebuild(x, [t[:b].clone(memory_format=torch.contiguous_format)
+                        for t in as_tensors(x, "batch")])
+
+
+def prepare_batch(x: Batch, device: torch.device, dtype: torch.dtype | None) -> Batch:
+    """Move to ``device`` and cast floating tensors to ``dtype``; integer tensors stay integer."""
+    def move(t: Tensor) -> Tensor:
+        to_dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        return t.detach().to(device=device, dtype=to_dtype)
+    return _rebuild(x, [move(t) for t in as_tensors(x, "batch")])
+
+
+CLOCKS = ("wall", "thread")
+
+
+class _Clock:
+    """Wall time (perf_counter) or this thread's CPU time on the CPU; CUDA events (then one
+    synchronize) on a GPU. The thread clock ignores time the OS gives to other processes, so
+    it suits a shared machine, but it only sees work done on this thread (torch threads = 1).
+    """
+
+    def __init__(self, device: torch.device, clock: str = "wall") -> None:
+        self.cuda = device.type == "cuda"
+        self.now = time.thread_time if clock == "thread" else time.perf_counter
+
+    def mark(self) -> float | torch.cuda.Event:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            event.record()
+            return event
+        return self.now()
+
+    def elapsed_ms(self, marks: Sequence[float | torch.cuda.Event]) -> list[float]:
+        """Milliseconds between successive marks."""
+        if self.cuda:
+            torch.cuda.synchronize()  # the events' work is done, so their times are final
+            events = cast("list[torch.cuda.Event]", marks)
+            return [float(a.elapsed_time(b)) for a, b in itertools.pairwise(events)]
+        seconds = cast("list[float]", marks)
+        return [1000.0 * (b - a) for a, b in itertools.pairwise(seconds)]
+
+
+@contextmanager
+def quiet_gc() -> Iterator[None]:
+    """No garbage collection pauses inside timed regions (collect once before entering)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+class _Step:
+    """One forward+backward of ``module`` on a fresh copy of ``x``."""
+
+    def __init__(self, module: nn.Module, x: Batch, input_grad: bool) -> None:
+        self.module = module
+        self.x = x
+        self.input_grad = input_grad
+        self.params = [p for p in module.parameters() if p.requires_grad]
+
+    def inputs(self) -> tuple[Batch, list[Tensor]]:
+        """A fresh input (non-leaf, so in-place layers work) and the leaves to differentiate."""
+        leaves, fresh = [], []
+        for t in as_tensors(self.x, "input"):
+            if self.input_grad and t.is_floating_point():
+                leaf = t.detach().requires_grad_(True)
+                leaves.append(leaf)
+                fresh.append(leaf.clone())
+            else:
+                fresh.append(t.clone())
+        return _rebuild(self.x, fresh), leaves + self.params
+
+    def differentiable(self, out: Batch) -> list[Tensor]:
+        """The outputs the backward starts from (those that require grad)."""
+        return [t for t in as_tensors(out, "output") if t.requires_grad]
+
+
+class _Flusher:
+    """Evicts the caches between timed regions, as the rest of the model does in a real step:
+    a layer's weights and saved tensors are not still cached when its turn comes."""
+
+    def __init__(self, device: torch.device, flush_bytes: int) -> None:
+        self.buf = torch.zeros(flush_bytes // 4, device=device) if flush_bytes > 0 else None
+
+    def __call__(self) -> None:
+        if self.buf is not None:
+            self.buf.add_(1.0)  # reads and writes every line
+
+
+def measure(module: nn.Module, x: Batch, device: torch.device, *, input_grad: bool = True,
+            warmup: int = 2, repeat: int = 5, clock: str = "wall",
+            flush_bytes: int = 0, name: str = "module") -> Measurement:
+    """Median forward and backward time of ``module`` on ``x`` (already on ``device``), with
+    in/out/saved bytes and, on CUDA, the allocator peak of one forward+backward.
+
+    ``input_grad``: whether the backward also computes the gradient of the floating inputs
+    (True for every layer but the first, whose input is data). ``clock``: one of ``CLOCKS``
+    (ignored on CUDA, which always uses events). ``flush_bytes``: size of a buffer written
+    before each timed forward and backward to evict the caches (0: no flush; e.g. twice the
+    L2 size to time a layer whose weights come from memory); the input and the output
+    gradient are made after it, so they are cached as if just made by the neighbouring layer.
+    """
+    step = _Step(module, x, input_grad)
+    timer = _Clock(device, clock)
+    flush = _Flusher(device, flush_bytes)
+    fwd_ms: list[float] = []
+    bwd_ms: list[float] = []
+    has_backward = False
+    with torch.enable_grad(), quiet_gc():
+        for r in range(warmup + repeat):
+            flush()
+            xin, wrt = step.inputs()
+            t0 = timer.mark()
+            out = module(xin)
+            t1 = timer.mark()
+            outs = step.differentiable(as_batch(out, name))
+            has_backward = bool(outs and wrt)
+            flush()
+            grads = [torch.ones_like(t) for t in outs]
+            t2 = timer.mark()
+            if has_backward:
+                torch.autograd.grad(outs, wrt, grads, allow_unused=True)
+            t3 = timer.mark()
+            f, _, b = timer.elapsed_ms([t0, t1, t2, t3])
+            if r >= warmup:
+                fwd_ms.append(f)
+                bwd_ms.append(b if has_backward else 0.0)
+            del out, outs, grads, xin, wrt
+        saved, output = _saved_bytes(step, name)
+        peak = _peak_bytes(step, name) if device.type == "cuda" else None
+    return Measurement(statistics.median(fwd_ms), statistics.median(bwd_ms), has_backward,
+                       batch_nbytes(x), batch_nbytes(output), saved, peak, output)
+
+
+def as_batch(out: object, name: str) -> Batch:
+    ts = as_tensors(out, f"the output of layer {name}")
+    return ts[0] if isinstance(out, Tensor) else ts
+
+
+def _saved_bytes(step: _Step, name: str) -> tuple[int, Batch]:
+    """Bytes of the unique storages autograd saves for backward, parameters excluded; also
+    returns the output (detached) of this forward."""
+    param_storages = {p.untyped_storage().data_ptr() for p in step.module.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in param_storages:
+            seen[ptr] = max(seen.get(ptr, 0), storage.nbytes())
+        return t
+
+    xin, _ = step.inputs()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = as_batch(step.module(xin), name)
+    detached = _rebuild(out, [t.detach() for t in as_tensors(out, "output")])
+    return sum(seen.values()), detached
+
+
+def _peak_bytes(step: _Step, name: str) -> int:
+    """CUDA allocator peak of one forward+backward above what was allocated before it."""
+    device = next(iter(as_tensors(step.x, "input"))).device
+    torch.cuda.synchronize(device)
+    xin, wrt = step.inputs()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    outs = step.differentiable(as_batch(step.module(xin), name))
+    grads = [torch.ones_like(t) for t in outs]
+    if outs and wrt:
+        torch.autograd.grad(outs, wrt, grads, allow_unused=True)
+    torch.cuda.synchronize(device)
+    return max(0, torch.cuda.max_memory_allocated(device) - base)
+
+
+class _Noop(nn.Module):
+    """A layer with no work: a view, so it has a backward node but launches no kernel."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+
+def harness_overhead_ms(device: torch.device, *, clock: str = "wall", layers: int = 8,
+                        repeat: int = 51, rounds: int = 5) -> tuple[float, float]:
+    """Per-call (fwd, bwd) cost that timing a layer alone pays and the whole model does not.
+
+    With ``t1`` the time of one no-op layer alone and ``tN`` that of ``N`` no-op layers in one
+    ``nn.Sequential``: ``t1 = c + o`` and ``tN = N*c + o`` (one call, one backward engine run),
+    so the overhead ``o = (N*t1 - tN) / (N - 1)``. Each of ``t1`` and ``tN`` is the smallest
+    median over ``rounds``: other processes only ever add time, and ``t1`` counts ``N`` times.
+    """
+    x = torch.ones(1, device=device)
+    one, many = _Noop(), nn.Sequential(*(_Noop() for _ in range(layers)))
+    t1: list[Measurement] = []
+    tn: list[Measurement] = []
+    gc.collect()
+    for _ in range(rounds):
+        t1.append(measure(one, x, device, warmup=5, repeat=repeat, clock=clock, name="no-op"))
+        tn.append(measure(many, x, device, warmup=5, repeat=repeat, clock=clock,
+                          name="no-ops"))
+    fwd = (layers * min(m.fwd_ms for m in t1) - min(m.fwd_ms for m in tn)) / (layers - 1)
+    bwd = (layers * min(m.bwd_ms for m in t1) - min(m.bwd_ms for m in tn)) / (layers - 1)
+    return max(0.0, fwd), max(0.0, bwd)
