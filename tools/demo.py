@@ -1,6 +1,7 @@
 """The whole job end to end on the built-in default model: profile, plan, simulate, train, compare.
 
-    python tools/demo.py                 # what `make demo` runs; writes demo-out/
+    python tools/demo.py                    # what `make demo` runs; writes demo-out/
+    python tools/demo.py --workload images  # the paper's other workload: a ResNet on images
 
 Each step is one library call, and one command for your own model:
   1. profile   partition-model profile --model gpt-text --microbatch-sizes 1,2,4,8,16 --threads 1
@@ -35,7 +36,11 @@ from partitioner.timeline import load_chrome_trace, save_chrome_trace
 from partitioner.units import parse_bytes
 from partitioner.whatif import simulate_plan
 
-JOB = "executor.jobs:translation"  # gpt-text on a (synthetic) parallel corpus
+#: The paper's two workloads: model to profile and job to train (see executor/jobs.py).
+WORKLOADS = {
+    "translation": (DEFAULT_MODEL, "executor.jobs:translation"),  # gpt-text, parallel corpus
+    "images": ("resnet-tiny", "executor.jobs:images"),  # an image folder, one per class
+}
 
 
 def say(text: str) -> None:
@@ -48,17 +53,21 @@ def main() -> int:
     p.add_argument("--global-batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
     p.add_argument("--memory-limit", default="24MiB", help="per rank (default 24MiB)")
+    p.add_argument("--workload", choices=sorted(WORKLOADS), default="translation",
+                   help="translation: gpt-text on a parallel corpus (default); images: "
+                        "resnet-tiny on an image folder. Data from $GPIPE_DATA, else synthetic")
     args = p.parse_args()
+    model_name, job = WORKLOADS[args.workload]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     batch = args.global_batch
 
-    say(f"1. profile {DEFAULT_MODEL} layer by layer (1 thread, as each rank will run)")
-    work = build_model(DEFAULT_MODEL, batch=batch)
+    say(f"1. profile {model_name} layer by layer (1 thread, as each rank will run)")
+    work = build_model(model_name, batch=batch)
     sizes = [b for b in (1, 2, 4, 8, 16, 32) if b <= batch]
     profile = profile_model(work.model, work.sample, sizes, "cpu", threads=1, clock="thread",
-                            name=DEFAULT_MODEL, input_info=work.input_info)
+                            name=model_name, input_info=work.input_info)
     save_profile(profile, out / "profile.json")
     print(f"{profile.num_layers} layers at micro-batch sizes {sizes}: {out / 'profile.json'}")
 
@@ -88,7 +97,7 @@ def main() -> int:
 
     say(f"5. train {args.steps} steps on 2 local ranks (distributed executor, gloo)")
     summaries = spawn_local(run_rank, plan.num_stages,
-                            (JOB, str(out / "plan.json"), args.steps,
+                            (job, str(out / "plan.json"), args.steps,
                              str(out / "measured.json"), "cpu", 60.0, True), threads=1)
     last = summaries[-1]
     warm = min(3, args.steps - 1)
