@@ -29,6 +29,7 @@ from executor.spawn import spawn_local
 from partitioner.costs import CostModel
 from partitioner.plan import save_plan
 from partitioner.planner import make_plan
+from partitioner.profile import Profile
 from partitioner.report import format_table
 
 WORKLOADS = {"gpt-text": "executor.jobs:translation", "resnet-tiny": "executor.jobs:images"}
@@ -56,6 +57,14 @@ def _time_plans(job_spec: str, plan_paths: list[str], warmup: int, steps: int) -
     return medians
 
 
+def _profile_on_rank(name: str, batch: int, sizes: list[int], clock: str) -> Profile:
+    """Every rank profiles the same model at once, so each layer is timed while the other
+    cores are busy too, as they are when the pipeline runs."""
+    work = build_model(name, batch=batch)
+    return profile_model(work.model, work.sample, sizes, "cpu", threads=1, clock=clock,
+                         name=name, input_info=work.input_info)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(WORKLOADS), help="built-in models to run")
@@ -66,6 +75,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--clock", default="thread", choices=("thread", "wall"),
                    help="profiler clock (thread: CPU time of the profiling thread)")
+    p.add_argument("--alone", action="store_true",
+                   help="profile in this process alone (default: on two ranks at once, as "
+                        "the pipeline's ranks run)")
     p.add_argument("--quick", action="store_true", help="gpt-text, M=2 and 4, never: a smoke run")
     args = p.parse_args()
     models = args.models.split(",")
@@ -81,14 +93,16 @@ def main() -> None:
     rows, errors = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
-            work = build_model(name, batch=batch)
             sizes = sorted({-(-batch // m) for m in ms} | {batch // m for m in ms if batch // m})
-            profile = profile_model(work.model, work.sample, sizes, "cpu", threads=1,
-                                    clock=args.clock, name=name)
+            if args.alone:
+                profile = _profile_on_rank(name, batch, sizes, args.clock)
+            else:
+                profile = spawn_local(_profile_on_rank, 2, (name, batch, sizes, args.clock),
+                                      threads=1, timeout_s=300.0)[0]
             plans, predicted = [], []
             for m in ms:
                 for mode in modes:
-                    cm = CostModel(profile, batch, m, stages=2, recompute=mode,  # type: ignore[arg-type]
+                    cm = CostModel(profile, batch, m, stages=2, recompute=mode,
                                    link=link)
                     plan = make_plan(cm, devices=["cpu", "cpu"])
                     path = str(Path(tmp) / f"{name}-{m}-{mode}.json")
