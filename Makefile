@@ -19,9 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	mkdir -p demo-out
-	$(VENV)/bin/partition-model --profile h200/gpt2-medium --stages 4 --microbatches 4 \
-		--global-batch 16 --recompute except_last -o demo-out/plan.json
+	$(PY) tools/demo.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check partitioner executor tools tests

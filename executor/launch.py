@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
 from partitioner.plan import PlanError, load_plan
 from partitioner.timeline import save_chrome_trace
@@ -90,8 +91,11 @@ def load_job(spec: str) -> Job:
 
 
 def run_rank(job_spec: str, plan_path: str, steps: int, trace: str | None,
-             device: str | None, timeout_s: float) -> dict[str, Any]:
-    """Train ``steps`` steps on this rank (the process group is up); a summary of the rank."""
+             device: str | None, timeout_s: float, progress: bool = False) -> dict[str, Any]:
+    """Train ``steps`` steps on this rank (the process group is up); a summary of the rank:
+    its losses (last stage), the wall time of each whole step (``step_ms``, optimizer
+    included) and of each pipelined ``train_step`` alone (``pipeline_ms``). With ``progress``
+    the last stage shows a progress bar with the loss; otherwise it prints a line per step."""
     job, plan = load_job(job_spec), load_plan(plan_path)
     runner = DistributedRunner(job.layers, plan, num_layers=job.num_layers, device=device,
                                timeout_s=timeout_s)
@@ -99,23 +103,35 @@ def run_rank(job_spec: str, plan_path: str, steps: int, trace: str | None,
     make = job.optimizer or (lambda ps: torch.optim.SGD(ps, lr=0.01))
     optimizer = make(params) if params else None
     last = runner.index == plan.num_stages - 1
-    losses, step_ms = [], []
+    bar = tqdm(total=steps, desc="training", unit="step") if progress and last else None
+    losses: list[float] = []
+    step_ms: list[float] = []
+    pipeline_ms: list[float] = []
     for step in range(steps):
         inputs, targets = job.batch(step, plan.global_batch)
         start = time.perf_counter()
         if optimizer is not None:
             optimizer.zero_grad()
+        begin = time.perf_counter()
         result = runner.train_step(inputs, targets, job.loss_fn,
                                    timeline=trace is not None and step == steps - 1)
+        pipeline_ms.append((time.perf_counter() - begin) * 1e3)
         if optimizer is not None:
             optimizer.step()
         step_ms.append((time.perf_counter() - start) * 1e3)
         if last and result.loss is not None:
             losses.append(float(result.loss))
-            print(f"step {step}: loss {losses[-1]:.5f} ({step_ms[-1]:.1f} ms)", flush=True)
+            if bar is not None:
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", ms=f"{step_ms[-1]:.0f}")
+                bar.update()
+            else:
+                print(f"step {step}: loss {losses[-1]:.5f} ({step_ms[-1]:.1f} ms)", flush=True)
         if result.timeline is not None and trace is not None:
             save_chrome_trace(result.timeline, trace)
-    return {"stage": runner.index, "losses": losses, "step_ms": step_ms}
+    if bar is not None:
+        bar.close()
+    return {"stage": runner.index, "losses": losses, "step_ms": step_ms,
+            "pipeline_ms": pipeline_ms}
 
 
 def _torchrun_env() -> bool:
@@ -150,13 +166,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="give up on a silent peer after this long (default 60)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per rank when spawning local ranks (default 1)")
+    p.add_argument("--progress", action="store_true",
+                   help="show a progress bar with the loss instead of a line per step")
     args = p.parse_args(list(argv) if argv is not None else None)
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps}: train at least one step")
     plan = load_plan(args.plan)
     load_job(args.job)  # fail here, before starting any rank
     run_args = (args.job, args.plan, args.steps, args.trace, _device(args.device),
-                args.timeout_s)
+                args.timeout_s, args.progress)
     if _torchrun_env():
         device = run_args[4]
         backend = "nccl" if device is not None and device.startswith("cuda") else "gloo"
@@ -169,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.device not in ("auto", "cpu"):
         raise ValueError(f"--device {args.device}: without torchrun the ranks are local CPU "
                          f"processes; use --device cpu, or launch with torchrun")
-    cpu_args = (*run_args[:4], "cpu", run_args[5])
+    cpu_args = (*run_args[:4], "cpu", *run_args[5:])
     summaries = spawn_local(run_rank, plan.num_stages, cpu_args, threads=args.threads,
                             timeout_s=args.timeout_s)
     last = summaries[-1]

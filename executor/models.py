@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 #: The model the demo and the executor's tests use: it profiles and trains in seconds on 2 cores.
-DEFAULT_MODEL = "gpt-tiny"
+DEFAULT_MODEL = "gpt-text"
 
 
 @dataclass(frozen=True)
@@ -200,6 +200,9 @@ def _resnet_workload(name: str, batch: int, *, blocks: tuple[int, ...], width: i
 MODELS: dict[str, tuple[Callable[[str, int], Workload], str]] = {
     "gpt-tiny": (partial(_gpt_workload, vocab=256, seq=32, d_model=64, heads=4, layers=4),
                  "GPT, 4 blocks, d=64, 4 heads, 32 tokens, vocab 256 (0.2M params)"),
+    "gpt-text": (partial(_gpt_workload, vocab=259, seq=64, d_model=128, heads=4, layers=6),
+                 "GPT on byte tokens (vocab 259, the ParallelText data), 6 blocks, d=128, "
+                 "64 tokens (1.3M params): the demo's model"),
     "gpt-small": (partial(_gpt_workload, vocab=4096, seq=128, d_model=256, heads=8, layers=6),
                   "GPT, 6 blocks, d=256, 8 heads, 128 tokens, vocab 4096 (6.8M params)"),
     "gpt2-small": (partial(_gpt_workload, vocab=50304, seq=1024, d_model=768, heads=12,

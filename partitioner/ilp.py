@@ -316,14 +316,15 @@ def _check_stages(cm: CostModel) -> None:
 
 def partition_graph(cm: CostModel, memory_limit_bytes: float = math.inf, *,
                     time_limit_s: float = 30.0, workers: int | None = None,
-                    chain_order: bool = False) -> GraphSolution:
+                    chain_order: bool = False, explain: bool = True) -> GraphSolution:
     """The convex partition of ``cm.profile``'s layer graph (a chain without ``edges``) into
     ``cm.stages`` non-empty stages with the smallest bottleneck whose stages each fit
     ``memory_limit_bytes``, within ``time_limit_s`` seconds of CP-SAT on ``workers`` threads.
 
     ``status`` is ``optimal`` or ``feasible`` (then ``gap`` is the proven distance to the
     optimum); ``chain_order=True`` restricts the stages to ranges of the layer order. Raises
-    InfeasibleError when no partition fits, SolveTimeoutError when none was found in time.
+    InfeasibleError when no partition fits (``explain=False``: without the second solve
+    that finds what would fit), SolveTimeoutError when none was found in time.
     """
     _check_stages(cm)
     start = time.perf_counter()
@@ -343,7 +344,8 @@ def partition_graph(cm: CostModel, memory_limit_bytes: float = math.inf, *,
         sol = evaluate_assignment(cm, model.stage_of(solver))
         name = "optimal" if status == cp_model.OPTIMAL else "feasible"
     elif status == cp_model.INFEASIBLE:
-        raise InfeasibleError(_explain(cm, memory_limit_bytes, time_limit_s, workers))
+        raise InfeasibleError(_explain(cm, memory_limit_bytes, time_limit_s, workers) if explain
+                              else f"no convex partition into K={cm.stages} stages fits")
     elif status == cp_model.UNKNOWN and hint is not None and _fits(
             sol := evaluate_assignment(cm, hint), memory_limit_bytes):
         name, bound_ms = "feasible", 0.0 if math.isnan(bound_ms) else bound_ms

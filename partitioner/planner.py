@@ -15,7 +15,8 @@ from typing import Literal
 
 from .chain import ChainSolution, partition_chain
 from .costs import CostModel
-from .graph import GraphSolution
+from .durations import stage_of_ranges
+from .graph import GraphSolution, evaluate_assignment
 from .plan import Plan, Prediction, StagePlan
 from .simulate import device_indices, ranges_from_boundaries, simulate
 
@@ -48,18 +49,27 @@ def closed_form_prediction(cm: CostModel, sol: ChainSolution | GraphSolution) ->
     return Prediction(step_ms, bubble, compute, sol.stage_memory_bytes, comm, "closed-form")
 
 
-def simulated_prediction(cm: CostModel, sol: ChainSolution,
+def simulated_prediction(cm: CostModel, sol: ChainSolution | GraphSolution,
                          devices: Sequence[str] | None = None) -> Prediction:
     """Replay the plan's schedule (``cm.schedule``) in the simulator: step, bubble and peak
     memory as the schedule runs, uneven micro-batches and communication included; the
-    per-stage compute and communication stay the cost model's, per micro-batch of the
-    largest size (what the partition was balanced on)."""
-    big_k = len(sol.stage_ms)
-    ranges = ranges_from_boundaries(sol.boundaries)
-    res = simulate(cm, ranges, devices=device_indices(devices) if devices else None,
-                   record=False)
-    compute = tuple(cm.stage_compute_ms(start, end, k) for k, (start, end) in enumerate(ranges))
-    comm = tuple(sol.stage_ms[k] - compute[k] for k in range(big_k))
+    per-stage compute and communication stay the cost model's (the layer graph's, skip
+    edges included, on a graph profile), per micro-batch of the largest size (what the
+    partition was balanced on)."""
+    devs = device_indices(devices) if devices else None
+    if isinstance(sol, GraphSolution):
+        res = simulate(cm, nodes=sol.nodes, devices=devs, record=False)
+        compute, comm = sol.stage_compute_ms, sol.stage_comm_ms
+    else:
+        ranges = ranges_from_boundaries(sol.boundaries)
+        res = simulate(cm, ranges, devices=devs, record=False)
+        if cm.profile.edges is not None:  # a chain split of a graph: the graph's costs
+            graph = evaluate_assignment(cm, stage_of_ranges(ranges).tolist())
+            compute, comm = graph.stage_compute_ms, graph.stage_comm_ms
+        else:
+            compute = tuple(cm.stage_compute_ms(start, end, k)
+                            for k, (start, end) in enumerate(ranges))
+            comm = tuple(sol.stage_ms[k] - compute[k] for k in range(len(ranges)))
     return Prediction(res.step_ms, res.bubble_fraction, compute, res.stage_peak_bytes, comm,
                       "simulated")
 
@@ -111,12 +121,12 @@ def plan_from_graph_solution(
     devices: Sequence[str] | None = None,
 ) -> Plan:
     """Wrap a graph partition into a plan: each stage lists its ``nodes`` (sorted layer
-    indices) and, as ``layers``, their span [first, last + 1). Its prediction is the closed
-    form: the simulator replays stages of layer ranges only, for now."""
+    indices) and, as ``layers``, their span [first, last + 1); it carries the simulated
+    prediction of its schedule, as chain plans do."""
     devices = _devices(cm, devices, len(sol.nodes))
     stages = tuple(StagePlan((nodes[0], nodes[-1] + 1), devices[k], tuple(nodes))
                    for k, nodes in enumerate(sol.nodes))
-    return _plan(cm, stages, memory_limit_bytes, closed_form_prediction(cm, sol))
+    return _plan(cm, stages, memory_limit_bytes, simulated_prediction(cm, sol, devices))
 
 
 def resolve_solver(solver: str, cm: CostModel) -> str:

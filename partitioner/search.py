@@ -6,14 +6,23 @@
     ((2, 2, '1f1b'), 125)
 
 For every configuration (K <= devices stages, M micro-batches, recompute mode, schedule) the
-partition function (default: the exact chain DP) gives the stages, and the simulator replays
-the schedule on them: the ranking is by simulated step, which sees what the DP's bottleneck
-does not (uneven micro-batches, fill and drain, how forward and backward split a stage).
-Configurations that do the same thing are tried once: with K=1, ``except_last`` is
-``never``; with K=1 or M=1, 1F1B is GPipe (each kept when its twin is not asked for). The partition without a memory limit depends only
-on (K, largest micro-batch, recompute), so it is solved once per such triple; where it fits
-the limit it is also the limited optimum (a relaxation's optimum that is feasible), and only
-where it does not is the limited problem solved.
+partition function gives the stages: ``solver="auto"`` takes the exact chain DP for a chain
+profile and the CP-SAT graph partition (``ilp``, ``time_limit_s`` per solve) for a profile
+with edges. The simulator replays the schedule on them: the ranking is by simulated step,
+which sees what the bottleneck does not (uneven micro-batches, fill and drain, how forward
+and backward split a stage). Configurations that do the same thing are tried once: with
+K=1, ``except_last`` is ``never``; with K=1 or M=1, 1F1B is GPipe (each kept when its twin
+is not asked for).
+
+Caching, valid for both solvers. A stage's time depends only on (K, largest micro-batch b,
+recompute), so the partition without a memory limit is solved once per such triple; where
+it fits the limit it is also the limited optimum (a relaxation's optimum that is feasible;
+for an ILP partition that stopped at its time limit, its proven lower bound still bounds
+the limited problem, so its gap stays valid). Only where it does not fit is the limited
+problem solved, once per (K, b, recompute, micro-batches in flight per stage): the memory
+depends on nothing else, and grows with the micro-batches in flight, so where nothing fits,
+nothing fits with as many or more on every stage either (1F1B is tried before GPipe). On a graph profile ``dp`` splits the layer order (costs as
+``graph.py`` counts them, skip edges included): the comparison the ILP improves on.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .chain import ChainSolution, InfeasibleError, partition_chain, stage_costs
 from .costs import (
@@ -33,19 +42,22 @@ from .costs import (
     Optimizer,
     split_microbatches,
 )
+from .graph import GraphSolution, evaluate_assignment
 from .plan import Plan
-from .planner import plan_from_solution
+from .planner import plan_from_graph_solution, plan_from_solution, resolve_solver
 from .profile import Profile
 from .report import format_table
 from .simulate import ranges_from_boundaries, simulate
 from .units import format_bytes
 
-__all__ = ["Candidate", "PartitionFn", "SearchResult", "microbatch_candidates", "search",
-           "search_table"]
+__all__ = ["Candidate", "PartitionFn", "SearchResult", "microbatch_candidates",
+           "power_of_two_microbatches", "search", "search_table"]
 
+Solution = ChainSolution | GraphSolution
 #: Any solver with ``partition_chain``'s signature: (cost model, memory limit in bytes) ->
-#: stages as cut points, raising ``InfeasibleError`` when nothing fits.
-PartitionFn = Callable[[CostModel, float], ChainSolution]
+#: stages as cut points or node sets, raising ``InfeasibleError`` when nothing fits (and
+#: ``ilp.SolveTimeoutError`` when it found nothing in time).
+PartitionFn = Callable[[CostModel, float], Solution]
 
 
 @dataclass(frozen=True)
@@ -53,7 +65,7 @@ class Candidate:
     """One feasible configuration and what the simulator predicts for it."""
 
     cost_model: CostModel
-    solution: ChainSolution
+    solution: Solution
     step_ms: float
     bubble_fraction: float
     peak_bytes: float  # the largest stage's simulated peak
@@ -74,6 +86,17 @@ class Candidate:
     def schedule(self) -> str:
         return self.cost_model.schedule
 
+    @property
+    def partition_status(self) -> str:
+        """How good the partition is: ``exact`` (the DP), ``optimal`` or ``gap 0.12%`` (the
+        ILP: proven distance to the best), ``layer order`` (the DP's split of a graph)."""
+        sol = self.solution
+        if isinstance(sol, ChainSolution):
+            return "exact" if self.cost_model.profile.edges is None else "layer order"
+        if sol.status == "feasible":
+            return f"gap {100 * sol.gap:.2f}%"
+        return sol.status
+
 
 @dataclass(frozen=True)
 class SearchResult:
@@ -81,9 +104,14 @@ class SearchResult:
 
     candidates: tuple[Candidate, ...]
     tried: int
-    infeasible: int
+    infeasible: int  # no partition fits the memory limit
     seconds: float
     memory_limit_bytes: float
+    solver: str = "dp"  # dp, ilp, or custom (a partition function given)
+    solves: int = 0  # calls of the partition function
+    unsolved: int = 0  # configurations whose ILP found no partition within its time limit
+    time_limit_s: float | None = None  # per ILP solve
+    microbatches: tuple[int, ...] = ()  # the M tried
 
     @property
     def best(self) -> Candidate:
@@ -97,6 +125,9 @@ class SearchResult:
     def best_plan(self, devices: Sequence[str] | None = None) -> Plan:
         """The fastest configuration as a plan (with its simulated prediction)."""
         best = self.best
+        if isinstance(best.solution, GraphSolution):
+            return plan_from_graph_solution(best.cost_model, best.solution,
+                                            self.memory_limit_bytes, devices)
         return plan_from_solution(best.cost_model, best.solution, self.memory_limit_bytes,
                                   devices)
 
@@ -116,6 +147,19 @@ def microbatch_candidates(global_batch: int, all_up_to: int = 64) -> list[int]:
     return sorted(small | {-(-global_batch // b) for b in range(1, global_batch + 1)})
 
 
+def power_of_two_microbatches(global_batch: int) -> list[int]:
+    """Fewer M to try (the default for the slower graph partitioner): the fewest
+    micro-batches for each largest size b = B and b = 1, 2, 4, ... < B.
+
+        >>> power_of_two_microbatches(8), power_of_two_microbatches(12)
+        ([1, 2, 4, 8], [1, 2, 3, 6, 12])
+    """
+    if global_batch < 1:
+        raise ValueError(f"global batch B={global_batch} must be at least 1")
+    sizes = {global_batch} | {2**j for j in range(global_batch.bit_length()) if 2**j < global_batch}
+    return sorted({-(-global_batch // b) for b in sizes})
+
+
 def search(
     profile: Profile,
     devices: int,
@@ -126,56 +170,145 @@ def search(
     link: Link = LINKS["free"],
     optimizer: Optimizer = "adam",
     microbatches: Sequence[int] | None = None,
-    partition: PartitionFn = partition_chain,
+    partition: PartitionFn | None = None,
+    solver: str = "auto",
+    time_limit_s: float = 10.0,
 ) -> SearchResult:
-    """Try every K in 1..devices, M in ``microbatches`` (default ``microbatch_candidates``),
-    recompute mode and schedule; rank the feasible ones by simulated step time."""
+    """Try every K in 1..devices, M in ``microbatches``, recompute mode and schedule; rank
+    the feasible ones by simulated step time. ``solver`` (dp, ilp or auto) picks the
+    partition function unless ``partition`` is given; M defaults to
+    ``microbatch_candidates`` for the DP and ``power_of_two_microbatches`` for the ILP."""
     problems = _check(profile, devices, global_batch, schedules, recompute, microbatches)
     if problems:
         raise ValueError("cannot search:\n  " + "\n  ".join(problems))
-    ms = sorted(set(microbatches)) if microbatches else microbatch_candidates(global_batch)
+    name = "custom" if partition is not None else _resolve(solver, profile)
+    part = partition or _partition_fn(name, profile, time_limit_s)
+    if microbatches:
+        ms = sorted(set(microbatches))
+    else:
+        ms = (power_of_two_microbatches if name == "ilp" else microbatch_candidates)(global_batch)
     started = time.perf_counter()
     found: list[Candidate] = []
-    tried = infeasible = 0
-    relaxed: dict[tuple[int, int, str], ChainSolution] = {}
+    tried = infeasible = unsolved = 0
+    cache = _Cache(part)
     for big_k in range(1, min(devices, profile.num_layers) + 1):
         for m in ms:
             for rc in recompute:
                 if big_k == 1 and rc == "except_last" and "never" in recompute:
                     continue  # the only stage is the last: same as never
-                for sched in schedules:
-                    if sched == "1f1b" and (big_k == 1 or m == 1) and "gpipe" in schedules:
-                        continue  # the same actions as gpipe
-                    tried += 1
-                    cm = CostModel(profile, global_batch, m, stages=big_k,
+                group = [CostModel(profile, global_batch, m, stages=big_k,
                                    recompute=rc,  # type: ignore[arg-type]
                                    schedule=sched,  # type: ignore[arg-type]
                                    link=link, optimizer=optimizer)
-                    cand = _evaluate(cm, memory_limit_bytes, partition, relaxed)
-                    if cand is None:
-                        infeasible += 1
-                    else:
+                         for sched in schedules
+                         if not (sched == "1f1b" and (big_k == 1 or m == 1)
+                                 and "gpipe" in schedules)]  # else the same actions as gpipe
+                # fewest micro-batches in flight first: where they do not fit, more do not
+                for cm in sorted(group, key=lambda cm: sum(map(cm.in_flight, range(big_k)))):
+                    tried += 1
+                    cand = _evaluate(cm, memory_limit_bytes, cache)
+                    if isinstance(cand, Candidate):
                         found.append(cand)
+                    elif cand == "timeout":
+                        unsolved += 1
+                    else:
+                        infeasible += 1
     found.sort(key=lambda c: (c.step_ms, c.stages, c.peak_bytes, c.microbatches))
     return SearchResult(tuple(found), tried, infeasible, time.perf_counter() - started,
-                        memory_limit_bytes)
+                        memory_limit_bytes, name, cache.solves, unsolved,
+                        time_limit_s if name == "ilp" else None, tuple(ms))
 
 
-def _evaluate(cm: CostModel, limit: float, partition: PartitionFn,
-              relaxed: dict[tuple[int, int, str], ChainSolution]) -> Candidate | None:
-    key = (cm.stages, cm.microbatch_size, cm.recompute)
-    if key not in relaxed:
-        relaxed[key] = partition(cm, math.inf)
-    sol = stage_costs(cm, relaxed[key].boundaries)  # this M's memory on those stages
-    if max(sol.stage_memory_bytes) > limit:
-        try:
-            sol = partition(cm, limit)
-        except InfeasibleError:
-            return None
-    res = simulate(cm, ranges_from_boundaries(sol.boundaries), record=False)
+def _resolve(solver: str, profile: Profile) -> str:
+    return resolve_solver(solver, CostModel(profile, 1, 1))
+
+
+def _partition_fn(name: str, profile: Profile, time_limit_s: float) -> PartitionFn:
+    if name == "ilp":
+        from .ilp import partition_graph  # imports OR-Tools only when asked
+
+        def ilp(cm: CostModel, limit: float) -> Solution:
+            return partition_graph(cm, limit, time_limit_s=time_limit_s, explain=False)
+        return ilp
+    if profile.edges is None:
+        return partition_chain
+
+    def dp_layer_order(cm: CostModel, limit: float) -> Solution:
+        return _recost(cm, partition_chain(cm, limit))
+    return dp_layer_order
+
+
+def _recost(cm: CostModel, sol: Solution) -> Solution:
+    """The same stages' figures under ``cm`` (another M, or the graph's costs of a chain
+    split: skip edges included); an ILP solution keeps its status and bound."""
+    if isinstance(sol, GraphSolution):
+        new = evaluate_assignment(cm, sol.stage_of)
+        return replace(new, status=sol.status, lower_bound_ms=sol.lower_bound_ms,
+                       rounding_error_ms=sol.rounding_error_ms, time_limit_s=sol.time_limit_s,
+                       solve_s=sol.solve_s)
+    if cm.profile.edges is None:
+        return stage_costs(cm, sol.boundaries)
+    cuts = sol.boundaries
+    graph = evaluate_assignment(cm, [k for k in range(len(cuts) - 1)
+                                     for _ in range(cuts[k], cuts[k + 1])])
+    return ChainSolution(cuts, graph.stage_ms, graph.stage_memory_bytes)
+
+
+class _Cache:
+    """Partitions solved so far (see the module docstring): without a memory limit by (K, b,
+    recompute); with it by (K, b, recompute, micro-batches in flight per stage), and where
+    nothing fits, so that holding as many or more micro-batches on every stage is known not
+    to fit either (a stage's memory grows with them; the partition function is trusted to
+    report infeasibility exactly)."""
+
+    def __init__(self, partition: PartitionFn) -> None:
+        self.partition, self.solves = partition, 0
+        self.relaxed: dict[tuple[int, int, str], Solution] = {}
+        self.limited: dict[tuple[object, ...], Solution | str] = {}
+        self.infeasible: dict[tuple[int, int, str], list[tuple[int, ...]]] = {}
+
+    def solve(self, cm: CostModel, limit: float) -> Solution | str:
+        """A partition fitting ``limit``, or ``infeasible`` / ``timeout``."""
+        key = (cm.stages, cm.microbatch_size, cm.recompute)
+        if key not in self.relaxed:
+            self.solves += 1
+            self.relaxed[key] = self.partition(cm, math.inf)
+        sol = _recost(cm, self.relaxed[key])  # this M's memory on those stages
+        if max(sol.stage_memory_bytes) <= limit:
+            return sol
+        held = tuple(cm.in_flight(k) for k in range(cm.stages))
+        if any(all(h >= f for h, f in zip(held, fewer, strict=True))
+               for fewer in self.infeasible.get(key, ())):
+            return "infeasible"  # memory only grows with the micro-batches held
+        if (*key, held) not in self.limited:
+            self.solves += 1
+            try:
+                self.limited[(*key, held)] = self.partition(cm, limit)
+            except InfeasibleError:
+                self.limited[(*key, held)] = "infeasible"
+            except ValueError as exc:
+                from .ilp import SolveTimeoutError  # only the ILP raises it (already loaded)
+
+                if not isinstance(exc, SolveTimeoutError):
+                    raise
+                self.limited[(*key, held)] = "timeout"
+        found = self.limited[(*key, held)]
+        if found == "infeasible":
+            self.infeasible.setdefault(key, []).append(held)
+        return found if isinstance(found, str) else _recost(cm, found)
+
+
+def _evaluate(cm: CostModel, limit: float, cache: _Cache) -> Candidate | str:
+    sol = cache.solve(cm, limit)
+    if isinstance(sol, str):
+        return sol
+    if isinstance(sol, GraphSolution):
+        res = simulate(cm, nodes=sol.nodes, record=False)
+    else:
+        res = simulate(cm, ranges_from_boundaries(sol.boundaries), record=False)
     peak = max(res.stage_peak_bytes)
     if peak > limit * (1 + 1e-9):
-        return None
+        return "infeasible"
     return Candidate(cm, sol, res.step_ms, res.bubble_fraction, peak)
 
 
@@ -202,7 +335,8 @@ def _check(profile: Profile, devices: int, global_batch: int, schedules: Sequenc
 
 
 def search_table(result: SearchResult, top: int = 10) -> str:
-    """The ``top`` fastest candidates as a table, with how many were tried."""
+    """The ``top`` fastest candidates as a table, with how many were tried and how the
+    partitions were found (``partition``: exact, optimal, the proven gap, or layer order)."""
     rows = []
     for rank, c in enumerate(result.candidates[:top], 1):
         sizes = sorted(set(split_microbatches(c.cost_model.global_batch, c.microbatches)),
@@ -211,10 +345,25 @@ def search_table(result: SearchResult, top: int = 10) -> str:
         rows.append([rank, c.stages, c.microbatches, "/".join(map(str, sizes)), c.schedule,
                      c.recompute, f"{c.step_ms:.2f}", f"{samples_s:.1f}",
                      f"{100 * c.bubble_fraction:.1f}%", f"{c.solution.bottleneck_ms:.3f}",
-                     format_bytes(c.peak_bytes)])
+                     c.partition_status, format_bytes(c.peak_bytes)])
     headers = ["rank", "K", "M", "b", "schedule", "recompute", "step_ms", "samples/s",
-               "bubble", "bottleneck_ms", "peak_memory"]
+               "bubble", "bottleneck_ms", "partition", "peak_memory"]
+    timeout = (f", {result.unsolved} found no partition within the ILP's time limit"
+               if result.unsolved else "")
     summary = (f"{result.tried} configurations tried in {result.seconds:.2f} s: "
                f"{len(result.candidates)} fit, {result.infeasible} exceed the memory limit "
-               f"({format_bytes(result.memory_limit_bytes)})")
-    return format_table(headers, rows) + "\n" + summary
+               f"({format_bytes(result.memory_limit_bytes)}){timeout}")
+    how = {"dp": "the chain DP", "ilp": "CP-SAT on the layer graph", "custom": "the given "
+           "function"}[result.solver]
+    solver = f"partitions: {result.solves} solved by {how}"
+    if result.solver == "dp" and any(c.partition_status == "layer order"
+                                     for c in result.candidates):
+        solver += " (splits of the layer order, costed on the graph)"
+    if result.time_limit_s is not None:
+        graph = [c.solution for c in result.candidates if isinstance(c.solution, GraphSolution)]
+        proven = sum(sol.status == "optimal" for sol in graph)
+        worst = max((sol.gap for sol in graph), default=0.0)
+        solver += (f", at most {result.time_limit_s:g} s each; {proven} of the {len(graph)} "
+                   f"fitting configurations proven optimal"
+                   + (f", the others within {100 * worst:.2f}%" if proven < len(graph) else ""))
+    return format_table(headers, rows) + "\n" + summary + "\n" + solver

@@ -8,23 +8,28 @@
 
 The model (the choices a reader needs to trust the numbers):
 
+- Stages are layer ranges or, for a layer graph, any convex sets of layers (``nodes=``); a
+  chain's ranges are the special case of one rule (``durations.py`` says what each action
+  costs, edge by edge, exactly as ``graph.evaluate_assignment`` charges it).
 - Each stage runs its own action list in order (the Schedule is never re-derived). F(k,i)
   takes stage k's forward at micro-batch i's actual size (``split_microbatches``: uneven
   sizes, larger first); B(k,i) takes its backward, plus the forward again when k recomputes.
-- Communication. After F(k,i) the stage sends its output to k+1 (SF), after B(k,i) its input's
-  gradient to k-1 (SB); a send *occupies the sender* for ``latency + bytes / bandwidth`` and a
-  receive takes no time but waits until its send has finished. So a stage is occupied
-  compute + comm_in + comm_out per micro-batch, exactly the chain DP's stage time (its
-  bottleneck is the simulated throughput limit), and free communication gives the paper's
-  closed forms. Stages on the same device exchange tensors for free.
+- Communication. After F(k,i) the stage sends its outputs on (SF: to k+1, and on a graph
+  also what skips ahead to later stages), after B(k,i) the gradients of its inputs back (SB);
+  a send *occupies the sender* for ``latency + bytes / bandwidth`` per transfer and a
+  receive takes no time but waits until the previous stage's send has finished. So a stage
+  is occupied compute + comm_in + comm_out per micro-batch, exactly the partitioners' stage
+  time (their bottleneck is the simulated throughput limit), and free communication gives
+  the paper's closed forms. Stages on the same device exchange tensors for free.
 - Devices. Stages that share a device run one action at a time; when the device frees, the
   action that has been ready longest runs (ties: the lower stage). An optional optimizer step
   (``optimizer_ms`` for the whole model, split by parameter bytes) ends each stage once its
   device has finished all its compute (the flush at the end of a GPipe step).
 - Memory, replayed per stage: weights + gradients + optimizer state, plus per micro-batch in
-  flight its saved activations, or, when the stage recomputes, its stashed input, with one
+  flight its saved activations, or, when the stage recomputes, its stashed inputs, with one
   micro-batch's saved activations on top while B rebuilds and consumes them. This is
-  ``CostModel.stage_memory_bytes``'s closed form wherever both describe the same step.
+  ``CostModel.stage_memory_bytes``'s (and the graph evaluator's) closed form wherever both
+  describe the same step.
 - The predicted Timeline holds the compute actions and the sends that take time (receives
   are instants: their waiting shows as the gap before the action that needed them).
 """
@@ -38,7 +43,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .costs import CostModel, FloatArray, split_microbatches
+from .costs import CostModel
+from .durations import Durations, IntArray, stage_durations, stage_of_ranges
+from .graph import assignment_problems, layer_edges, stage_of_nodes
 from .schedule import Action, Schedule, ScheduleError, make_schedule, validate
 from .timeline import Event, Timeline
 
@@ -84,53 +91,6 @@ def device_indices(devices: Sequence[str]) -> list[int]:
         key = name if ":" in name else f"{name}#{k}"
         out.append(index.setdefault(key, len(index)))
     return out
-
-
-@dataclass(frozen=True)
-class _Durations:
-    """Per stage k and distinct micro-batch size s: what each action costs (see module doc)."""
-
-    fwd_ms: list[list[float]]
-    bwd_ms: list[list[float]]  # includes the recomputed forward
-    send_f_ms: list[list[float]]  # output to k+1 (0 at the last stage or on a shared device)
-    send_b_ms: list[list[float]]  # input's gradient to k-1
-    hold_bytes: list[list[float]]  # held from F to B: saved activations, or the stashed input
-    rebuild_bytes: list[list[float]]  # extra during B: saved activations when recomputing
-    state_bytes: list[float]
-    size_index: list[int]  # micro-batch i -> s
-
-
-def _durations(cm: CostModel, ranges: Sequence[tuple[int, int]],
-               devices: Sequence[int]) -> _Durations:
-    sizes = split_microbatches(cm.global_batch, cm.microbatches)
-    distinct = sorted(set(sizes), reverse=True)
-    big_k = len(ranges)
-    cuts = np.array([r[0] for r in ranges] + [ranges[-1][1]])
-    starts, ends = cuts[:-1], cuts[1:]
-    table: dict[str, list[list[float]]] = {k: [[0.0] * len(distinct) for _ in range(big_k)]
-                                           for k in ("f", "b", "sf", "sb", "hold", "rebuild")}
-    for s, b in enumerate(distinct):
-        def stage_sum(key: str, b: int = b) -> FloatArray:
-            prefix = np.concatenate(([0.0], np.cumsum(cm.layer_array(key, b))))
-            out: FloatArray = prefix[ends] - prefix[starts]
-            return out
-
-        fwd, bwd, saved = stage_sum("fwd_ms"), stage_sum("bwd_ms"), stage_sum("saved_bytes")
-        out_bytes, in_bytes = cm.layer_array("out_bytes", b), cm.layer_array("in_bytes", b)
-        for k in range(big_k):
-            rc = cm.recomputes(k)
-            table["f"][k][s] = float(fwd[k])
-            table["b"][k][s] = float(bwd[k] + (fwd[k] if rc else 0.0))
-            if k < big_k - 1 and devices[k] != devices[k + 1]:
-                link_ms = cm.link.transfer_ms(float(out_bytes[ends[k] - 1]))
-                table["sf"][k][s] = link_ms
-                table["sb"][k + 1][s] = link_ms  # the gradient has the activation's size
-            table["hold"][k][s] = float(in_bytes[starts[k]]) if rc else float(saved[k])
-            table["rebuild"][k][s] = float(saved[k]) if rc else 0.0
-    state = np.concatenate(([0.0], np.cumsum(cm.param_state_bytes())))
-    return _Durations(table["f"], table["b"], table["sf"], table["sb"], table["hold"],
-                      table["rebuild"], [float(x) for x in state[ends] - state[starts]],
-                      [distinct.index(b) for b in sizes])
 
 
 def _ops(sched: Schedule) -> list[list[Op]]:
@@ -187,22 +147,29 @@ def _fold(row: list[tuple[int, int, Action]]) -> list[Op]:
 
 def simulate(
     cm: CostModel,
-    ranges: Sequence[tuple[int, int]],
+    ranges: Sequence[tuple[int, int]] | None = None,
     schedule: Schedule | None = None,
     devices: Sequence[int] | None = None,
     optimizer_ms: float = 0.0,
     record: bool = True,
+    *,
+    nodes: Sequence[Sequence[int]] | None = None,
 ) -> SimResult:
-    """Replay ``schedule`` (default: ``cm.schedule`` for K = len(ranges), M) on stages holding
-    layers ``ranges[k] = (start, end)``; ``devices[k]``: stage k's device (default: its own).
+    """Replay ``schedule`` (default: ``cm.schedule`` for K stages, M) on stages holding layers
+    ``ranges[k] = (start, end)``, or the layer-graph nodes ``nodes[k]`` (convex sets; give one
+    of the two); ``devices[k]``: stage k's device (default: its own).
 
         >>> from partitioner import CostModel, load_profile
         >>> cm = CostModel(load_profile("h200/gpt2-medium"), 16, 4, stages=2)
         >>> simulate(cm, [(0, 13), (13, 26)], devices=[0, 0]).bubble_fraction  # one device
         0.0
+        >>> cm = CostModel(load_profile("pipedream/resnet18"), 4, 4, stages=2)
+        >>> round(simulate(cm, nodes=[range(35), range(35, 70)]).step_ms, 1)
+        828.0
     """
-    big_k, m = len(ranges), cm.microbatches
-    _check_inputs(cm, ranges, devices, optimizer_ms)
+    m = cm.microbatches
+    stage_of = _check_inputs(cm, ranges, nodes, devices, optimizer_ms)
+    big_k = cm.stages
     if schedule is None:
         schedule = make_schedule(cm.schedule, big_k, m)
     elif (schedule.stages, schedule.microbatches) != (big_k, m):
@@ -210,7 +177,7 @@ def simulate(
                          f"M={schedule.microbatches} but the plan has K={big_k}, M={m}; "
                          f"make the schedule with make_schedule(name, {big_k}, {m})")
     devs = list(range(big_k)) if devices is None else list(devices)
-    dur = _durations(cm, ranges, devs)
+    dur = stage_durations(cm, stage_of, devs)
     all_ops = _ops(schedule)
     sim = _Replay(big_k, m, devs, dur, record)
     sim.run(all_ops)
@@ -226,7 +193,7 @@ class _Replay:
     sends) or, on a shared device, after each step (so the device serves stages in order of
     readiness). Popped times never decrease, which is what makes both rules exact."""
 
-    def __init__(self, big_k: int, m: int, devs: list[int], dur: _Durations,
+    def __init__(self, big_k: int, m: int, devs: list[int], dur: Durations,
                  record: bool) -> None:
         self.m, self.devs, self.dur, self.record = m, devs, dur, record
         self.arrived = {_SF: [[-1.0] * m for _ in range(big_k)],  # [k][i]: k's output of i
@@ -309,31 +276,57 @@ class _Replay:
             pos[k], ready[k], held_bytes[k], peak_bytes[k] = p, t, held, peak
 
 
-def _check_inputs(cm: CostModel, ranges: Sequence[tuple[int, int]],
-                  devices: Sequence[int] | None, optimizer_ms: float) -> None:
+def _check_inputs(cm: CostModel, ranges: Sequence[tuple[int, int]] | None,
+                  nodes: Sequence[Sequence[int]] | None, devices: Sequence[int] | None,
+                  optimizer_ms: float) -> IntArray:
+    """Every problem with the stages, devices and optimizer time at once; the stage of each
+    layer when there is none."""
     problems = []
-    if len(ranges) != cm.stages:
-        problems.append(f"{len(ranges)} stage ranges given but the cost model has K={cm.stages}; "
-                        f"build it with stages={len(ranges)}")
-    expect = 0
-    for k, (start, end) in enumerate(ranges):
-        if start != expect or end <= start:
-            problems.append(f"stage {k} holds layers [{start}, {end}); stages must cover the "
-                            f"layers in order from 0, each with at least one layer")
-        expect = end
-    if ranges and expect != cm.profile.num_layers:
-        problems.append(f"the stages end at layer {expect} but the profile has "
-                        f"{cm.profile.num_layers} layers")
-    if devices is not None and len(devices) != len(ranges):
-        problems.append(f"{len(devices)} devices given for K={len(ranges)} stages; give one "
+    num_layers = cm.profile.num_layers
+    if (ranges is None) == (nodes is None):
+        raise ValueError("give the stages either as layer ranges or as nodes=, not "
+                         + ("both" if ranges is not None else "neither"))
+    stages = ranges if ranges is not None else nodes
+    assert stages is not None
+    if len(stages) != cm.stages:
+        what = "stage ranges" if ranges is not None else "node sets"
+        problems.append(f"{len(stages)} {what} given but the cost model has K={cm.stages}; "
+                        f"build it with stages={len(stages)}")
+    stage_of = None
+    if ranges is not None:
+        expect = 0
+        for k, (start, end) in enumerate(ranges):
+            if start != expect or end <= start:
+                problems.append(f"stage {k} holds layers [{start}, {end}); stages must cover "
+                                f"the layers in order from 0, each with at least one layer")
+            expect = end
+        if ranges and expect != num_layers:
+            problems.append(f"the stages end at layer {expect} but the profile has "
+                            f"{num_layers} layers")
+        if not problems:
+            stage_of = stage_of_ranges(ranges)
+    elif nodes is not None:
+        try:
+            owner = stage_of_nodes(nodes)
+        except ValueError as exc:
+            problems.append(str(exc))
+        else:
+            graph_problems = assignment_problems(num_layers, layer_edges(cm.profile), owner,
+                                                 len(nodes))
+            problems += graph_problems
+            if not graph_problems:
+                stage_of = np.asarray(owner, dtype=np.int64)
+    if devices is not None and len(devices) != len(stages):
+        problems.append(f"{len(devices)} devices given for K={len(stages)} stages; give one "
                         f"device index per stage")
     if not (optimizer_ms >= 0 and math.isfinite(optimizer_ms)):
         problems.append(f"optimizer_ms={optimizer_ms} must be a finite number >= 0")
-    if problems:
+    if problems or stage_of is None:
         raise ValueError("cannot simulate:\n  " + "\n  ".join(problems))
+    return stage_of
 
 
-def _result(cm: CostModel, schedule: Schedule, dur: _Durations, sim: _Replay,
+def _result(cm: CostModel, schedule: Schedule, dur: Durations, sim: _Replay,
             optimizer_ms: float, record: bool) -> SimResult:
     """Add the optimizer step: each device steps its stages once all its compute is done."""
     devs, stage_end = sim.devs, sim.ready

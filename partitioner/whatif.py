@@ -18,6 +18,7 @@ from .cli import (
     CliError,
     _bandwidth_arg,
     _nonneg_float,
+    _positive_float,
     _positive_int,
     add_cost_arguments,
     link_from_args,
@@ -27,8 +28,9 @@ from .cli import (
 from .costs import LINKS, OPTIMIZERS, RECOMPUTE_MODES, SCHEDULES, CostModel
 from .gantt import PlotUnavailableError, save_gantt_png
 from .plan import Plan, PlanError, load_plan, save_plan
+from .planner import SOLVERS
 from .profile import Profile, load_profile, shipped_profiles
-from .report import format_table
+from .report import format_ranges, format_table
 from .search import search, search_table
 from .simulate import SimResult, device_indices, ranges_from_boundaries, simulate
 from .timeline import save_chrome_trace
@@ -77,8 +79,13 @@ def simulate_plan(plan: Plan, profile: Profile, *, num_devices: int | None = Non
                          f"on 1..{big_k} devices; for more devices plan again with --stages "
                          f"{num_devices}, or let `partition-model search --devices "
                          f"{num_devices}` choose K")
-    ranges = ranges_from_boundaries(plan.boundaries)
-    return simulate(cm, ranges, devices=devices, optimizer_ms=optimizer_ms), cm, devices
+    if plan.is_graph:
+        res = simulate(cm, nodes=[s.nodes or () for s in plan.stages], devices=devices,
+                       optimizer_ms=optimizer_ms)
+    else:
+        res = simulate(cm, ranges_from_boundaries(plan.boundaries), devices=devices,
+                       optimizer_ms=optimizer_ms)
+    return res, cm, devices
 
 
 def simulate_main(argv: Sequence[str]) -> int:
@@ -148,11 +155,12 @@ def _simulate_report(plan: Plan, cm: CostModel, res: SimResult, devices: list[in
     head = (f"{plan.profile_model}: K={big_k} stages on {len(set(devices))} device(s), M={m} "
             f"(B={cm.global_batch}), schedule={cm.schedule}, recompute={cm.recompute}, "
             f"link {link}")
-    rows = [[k, f"[{s.layers[0]}, {s.layers[1]})", devices[k], f"{res.stage_busy_ms[k]:.3f}",
+    rows = [[k, format_ranges(s.nodes) if s.nodes is not None else
+             f"[{s.layers[0]}, {s.layers[1]})", devices[k], f"{res.stage_busy_ms[k]:.3f}",
              f"{res.stage_comm_ms[k]:.3f}",
              f"{res.step_ms - res.stage_busy_ms[k] - res.stage_comm_ms[k]:.3f}",
              format_bytes(res.stage_peak_bytes[k])] for k, s in enumerate(plan.stages)]
-    table = format_table(["stage", "layers", "device", "busy_ms", "send_ms", "idle_ms",
+    table = format_table(["stage", "nodes" if plan.is_graph else "layers", "device", "busy_ms", "send_ms", "idle_ms",
                           "peak_memory"], rows)
     ideal = (big_k - 1) / (m + big_k - 1)
     summary = (f"simulated step {res.step_ms:.3f} ms, bubble {100 * res.bubble_fraction:.1f}% "
@@ -176,13 +184,20 @@ def search_main(argv: Sequence[str]) -> int:
     p.add_argument("--recompute", default=",".join(RECOMPUTE_MODES), metavar="R1,R2",
                    help=f"recompute modes to try (default: {','.join(RECOMPUTE_MODES)})")
     p.add_argument("--microbatches", default=None, metavar="M1,M2",
-                   help="micro-batch counts to try (default: every M up to 64, then the "
-                        "fewest M for each micro-batch size)")
+                   help="micro-batch counts to try (default with the DP: every M up to 64, "
+                        "then the fewest M for each micro-batch size; with the ILP: the "
+                        "fewest M for micro-batches of B, 1, 2, 4, ...)")
+    p.add_argument("--solver", choices=SOLVERS, default="auto",
+                   help="dp: exact DP over layer ranges; ilp: CP-SAT over convex sets of the "
+                        "layer graph; auto (default): dp for chains, ilp for graph profiles")
+    p.add_argument("--time-limit", type=_positive_float, default=10.0, metavar="S",
+                   help="seconds each ILP partition may take (default 10); the table says "
+                        "which were proven optimal")
     p.add_argument("--top", type=_positive_int("--top"), default=10, help="rows to print")
     p.add_argument("-o", "--output", default=None, metavar="BEST.json",
                    help="write the best plan")
     args = p.parse_args(argv)
-    profile = load_profile_arg(args)
+    profile = load_profile_arg(args, warn_graph=args.solver == "dp")
     try:
         ms = [int(x) for x in args.microbatches.split(",")] if args.microbatches else None
     except ValueError:
@@ -192,9 +207,10 @@ def search_main(argv: Sequence[str]) -> int:
     result = search(profile, args.devices, args.global_batch, limit,
                     schedules=_names(args.schedules), recompute=_names(args.recompute),
                     link=link_from_args(args, profile), optimizer=args.optimizer,
-                    microbatches=ms)
+                    microbatches=ms, solver=args.solver, time_limit_s=args.time_limit)
     print(f"{profile.model} on {profile.device.name}, B={args.global_batch}, up to "
-          f"{args.devices} devices, fastest by simulated step:\n")
+          f"{args.devices} devices, M in {','.join(map(str, result.microbatches))}, "
+          f"fastest by simulated step:\n")
     print(search_table(result, args.top))
     best = result.best
     print(f"\nbest: K={best.stages}, M={best.microbatches}, {best.schedule}, recompute "

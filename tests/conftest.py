@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 
@@ -48,3 +49,21 @@ def make_profile(
         for i in range(n))
     return Profile("synthetic", DeviceInfo("test device", "cpu", memory_bytes), dtype,
                    tuple(sizes), layers, torch="none", created="2026-11-28T00:00:00Z")
+
+
+def random_dag(rng: random.Random, n: int) -> Profile:
+    """A layer DAG of n layers with random costs: each layer but the first feeds, with
+    probability 0.85, from 1-3 earlier ones (skips of any length); the others are inputs."""
+    out = [float(rng.randint(1, 1000)) for _ in range(n)]
+    prof = make_profile([rng.uniform(0.1, 3.0) for _ in range(n)],
+                        [rng.uniform(0.1, 6.0) for _ in range(n)],
+                        param_bytes=[4 * rng.randint(0, 500) for _ in range(n)],
+                        out_bytes=out,
+                        saved_bytes=[float(rng.randint(0, 1000)) for _ in range(n)],
+                        in_bytes=[float(rng.randint(1, 1000)) for _ in range(n)], sizes=(1, 2))
+    edges = set()
+    for v in range(1, n):
+        if rng.random() < 0.85:
+            for u in rng.sample(range(v), min(v, rng.randint(1, 3))):
+                edges.add((u, v))
+    return dataclasses.replace(prof, edges=tuple(sorted(edges)))

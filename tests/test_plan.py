@@ -3,8 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from partitioner.chain import partition_chain
+from partitioner.chain import partition_chain, stage_costs
 from partitioner.costs import LINKS, CostModel
+from partitioner.graph import evaluate_assignment, stage_of_nodes
 from partitioner.plan import Plan, PlanError, load_plan, plan_from_dict, plan_to_dict, save_plan
 from partitioner.planner import closed_form_prediction, make_plan
 from partitioner.profile import load_profile
@@ -112,3 +113,29 @@ def test_graph_plan_must_hold_every_layer_once() -> None:
     assert f"layers [{lost}" in msg and "are in no stage" in msg
     assert "stages[3]: has no 'nodes' but other stages do" in msg
     assert "stages[2].layers:" in msg and "is not the span" in msg
+
+
+def test_graph_plans_carry_the_simulated_prediction() -> None:
+    """A graph plan's prediction is its node sets replayed; a chain split of a graph profile
+    is costed on the graph too (its skip edges cross the cuts)."""
+    cm = CostModel(load_profile("pipedream/resnet18"), 4, 4, stages=4, recompute="always",
+                   link=LINKS["pcie"])
+    plan = make_plan(cm, solver="ilp", time_limit_s=30)
+    assert plan.is_graph and plan.predicted is not None
+    assert plan.predicted.method == "simulated"
+    nodes = [s.nodes or () for s in plan.stages]
+    sim = simulate(cm, nodes=nodes)
+    assert (plan.predicted.step_ms, plan.predicted.stage_peak_bytes) == (
+        sim.step_ms, sim.stage_peak_bytes)
+    graph = evaluate_assignment(cm, stage_of_nodes(nodes))
+    assert plan.predicted.stage_comm_ms == graph.stage_comm_ms
+    assert plan.predicted.stage_peak_bytes == pytest.approx(graph.stage_memory_bytes)
+    chain = make_plan(cm, solver="dp")
+    assert chain.predicted is not None and not chain.is_graph
+    cuts = chain.boundaries
+    split = evaluate_assignment(cm, [k for k in range(4) for _ in range(cuts[k], cuts[k + 1])])
+    assert chain.predicted.stage_comm_ms == split.stage_comm_ms
+    assert chain.predicted.stage_peak_bytes == pytest.approx(split.stage_memory_bytes)
+    assert max(split.stage_comm_ms) > max(stage_costs(cm, cuts).stage_ms[k] - c for k, c in
+                                          enumerate(split.stage_compute_ms))  # skips cost
+    assert chain.predicted.step_ms > plan.predicted.step_ms

@@ -118,3 +118,36 @@ def test_search_errors_exit_2(args: list[str], needle: str,
     assert main(["search", "--profile", "h200/gpt2-medium", "--devices", "2",
                  "--global-batch", "4", *args]) == 2
     assert needle in capsys.readouterr().err
+
+
+GRAPH_SEARCH = ["search", "--profile", "pipedream/resnet18", "--devices", "3",
+                "--global-batch", "4", "--recompute", "never,always", "--link", "pcie"]
+
+
+def test_search_on_a_graph_profile_uses_the_ilp(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """auto: CP-SAT on the layer graph, M from the short list, each partition's status in the
+    table; the best plan is graph-shaped and `simulate` replays it to its prediction."""
+    out = tmp_path / "best.json"
+    capsys.readouterr()
+    assert main([*GRAPH_SEARCH, "--time-limit", "20", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "M in 1,2,4," in text and "solved by CP-SAT on the layer graph" in text
+    assert "at most 20 s each" in text and "partition" in text.split("\n")[2]
+    first_row = text.split("rank")[1].splitlines()[1].split()
+    assert first_row[10] == "optimal"
+    best = load_plan(out)
+    assert best.is_graph and best.predicted is not None
+    assert float(first_row[6]) == pytest.approx(best.predicted.step_ms, abs=0.01)
+    data = _json(capsys, ["simulate", str(out), "--json"])
+    assert data["step_ms"] == pytest.approx(best.predicted.step_ms)
+    one = _json(capsys, ["simulate", str(out), "--json", "--devices", "1"])
+    assert one["step_ms"] == pytest.approx(sum(one["stage_busy_ms"]))  # type: ignore[arg-type]
+    assert main(["simulate", str(out)]) == 0
+    assert "nodes" in capsys.readouterr().out.split("\n")[2]
+    # the DP splits the layer order: never faster here, and the table says what it is
+    assert main([*GRAPH_SEARCH, "--solver", "dp", "--microbatches", "1,2,4"]) == 0
+    captured = capsys.readouterr()
+    assert "layer order" in captured.out and "planning it as a chain" in captured.err
+    dp_row = captured.out.split("rank")[1].splitlines()[1].split()
+    assert float(dp_row[6]) >= float(first_row[6]) - 0.01

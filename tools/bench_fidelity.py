@@ -1,0 +1,116 @@
+"""How well the simulator predicts real runs: predicted vs measured step time over a grid.
+
+    python tools/bench_fidelity.py                  # gpt-text and resnet-tiny, K=2, M 1..8
+    python tools/bench_fidelity.py --quick          # one model, two configurations
+
+For each built-in model: profile it layer by layer under the conditions a rank runs in (one
+thread), measure the gloo link between two local ranks, then for every (M, recompute) make the
+exact K=2 plan, predict its step with the simulator, and train it on two local ranks (the
+distributed executor, one thread each), timing each pipelined step between barriers. Prints
+the error of each configuration and, last, the median |error| (goal: <= 10%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from executor.calibrate import measure_link
+from executor.distributed import DistributedRunner
+from executor.launch import load_job
+from executor.models import build_model
+from executor.profiler import profile_model
+from executor.spawn import spawn_local
+from partitioner.costs import CostModel
+from partitioner.plan import save_plan
+from partitioner.planner import make_plan
+from partitioner.report import format_table
+
+WORKLOADS = {"gpt-text": "executor.jobs:translation", "resnet-tiny": "executor.jobs:images"}
+
+
+def _time_plans(job_spec: str, plan_paths: list[str], warmup: int, steps: int) -> list[float]:
+    """On each rank: the median wall time (ms) of a pipelined step, per plan."""
+    job = load_job(job_spec)
+    medians = []
+    for path in plan_paths:
+        runner = DistributedRunner(job.layers, path, num_layers=job.num_layers, device="cpu",
+                                   timeout_s=120.0)
+        params = runner.parameters()
+        batch = runner.plan.global_batch
+        times = []
+        for step in range(warmup + steps):
+            inputs, targets = job.batch(step, batch)
+            for p in params:
+                p.grad = None
+            dist.barrier()
+            start = time.perf_counter()
+            runner.train_step(inputs, targets, job.loss_fn)
+            times.append((time.perf_counter() - start) * 1e3)
+        medians.append(statistics.median(times[warmup:]))
+    return medians
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(WORKLOADS), help="built-in models to run")
+    p.add_argument("--global-batch", type=int, default=16)
+    p.add_argument("--microbatches", default="1,2,4,8")
+    p.add_argument("--recompute", default="never,always")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--clock", default="thread", choices=("thread", "wall"),
+                   help="profiler clock (thread: CPU time of the profiling thread)")
+    p.add_argument("--quick", action="store_true", help="gpt-text, M=2 and 4, never: a smoke run")
+    args = p.parse_args()
+    models = args.models.split(",")
+    ms = [int(x) for x in args.microbatches.split(",")]
+    modes = args.recompute.split(",")
+    if args.quick:
+        models, ms, modes, args.steps, args.warmup = ["gpt-text"], [2, 4], ["never"], 3, 1
+    batch = args.global_batch
+
+    link = measure_link()
+    print(f"link (gloo, 2 local ranks): {link.bandwidth_gbps:.2f} GB/s + "
+          f"{link.latency_ms:.3f} ms per message")
+    rows, errors = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in models:
+            work = build_model(name, batch=batch)
+            sizes = sorted({-(-batch // m) for m in ms} | {batch // m for m in ms if batch // m})
+            profile = profile_model(work.model, work.sample, sizes, "cpu", threads=1,
+                                    clock=args.clock, name=name)
+            plans, predicted = [], []
+            for m in ms:
+                for mode in modes:
+                    cm = CostModel(profile, batch, m, stages=2, recompute=mode,  # type: ignore[arg-type]
+                                   link=link)
+                    plan = make_plan(cm, devices=["cpu", "cpu"])
+                    path = str(Path(tmp) / f"{name}-{m}-{mode}.json")
+                    save_plan(plan, path)
+                    assert plan.predicted is not None
+                    plans.append((m, mode, plan))
+                    predicted.append(plan.predicted.step_ms)
+            per_rank = spawn_local(_time_plans, 2, (WORKLOADS[name],
+                                   [str(Path(tmp) / f"{name}-{m}-{mode}.json")
+                                    for m, mode, _ in plans], args.warmup, args.steps),
+                                   threads=1, timeout_s=120.0)
+            for j, (m, mode, plan) in enumerate(plans):
+                measured = max(r[j] for r in per_rank)
+                err = (predicted[j] - measured) / measured
+                errors.append(abs(err))
+                rows.append([name, m, mode, f"{plan.boundaries}", f"{predicted[j]:.1f}",
+                             f"{measured:.1f}", f"{100 * err:+.1f}%"])
+    print(format_table(["model", "M", "recompute", "cuts", "predicted_ms", "measured_ms",
+                        "error"], rows))
+    print(f"\nmedian |error| of the step time over {len(errors)} configurations: "
+          f"{100 * statistics.median(errors):.1f}% (goal <= 10%)")
+
+
+if __name__ == "__main__":
+    main()
