@@ -350,9 +350,10 @@ class DistributedRunner:
         return gather(result.outputs) if result.outputs else None
 
 
-def _to(batch: Batch | Sequence[torch.Tensor] | None, device: torch.device) -> Batch | None:
+def _to(batch: object, device: torch.device) -> Any:
+    """The batch on ``device``; anything else is returned as it is, for StepData to refuse."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
     if isinstance(batch, (tuple, list)):
-        return tuple(t.to(device) for t in batch)
-    return None
+        return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in batch)
+    return batch

@@ -4,20 +4,27 @@ torch.distributed.pipelining, the same training work side by side in one run.
     PYTHONPATH=. python tools/bench_executor.py            # about 3 minutes on 2 cores
 
 Workload: a GPT (embedding, 8 pre-LN blocks, d=256, 4 heads, 128 tokens, vocab 4096, final
-LayerNorm + LM head; executor.models.gpt), batch B=32, one SGD step per training step.
-Systems, each timed over the same steps (median step, in samples per second):
+LayerNorm + LM head; executor.models.gpt), batch B=32, one SGD step per training step. Every
+system runs the same model, as an nn.Sequential of 18 layers: the embedding, each block as its
+two residual halves (x + attn(ln1(x)), then x + mlp(ln2(x)): the block's own modules and
+arithmetic), the head. A pipeline may so cut between the halves of a block.
+Systems, interleaved over several rounds; each figure is the fastest step's samples per second
+(other processes on a shared machine only ever slow a step down):
 
 - single: one process, one thread, the whole batch;
 - ours: K=2 ranks (one thread each), the plan the project makes from its own profile of this
-  model on this machine (executor.profiler.profile_model + partitioner.make_plan);
+  model on this machine (executor.profiler.profile_model + partitioner.make_plan), run with
+  each of the project's schedules (1F1B keeps fewer micro-batches in flight, which on a CPU
+  also means activations still in cache when their backward comes);
 - torch-default: torch.distributed.pipelining's ScheduleGPipe on the split its users make by
-  default (equal numbers of blocks per stage, embedding first, head last);
+  default (equal numbers of whole blocks per stage, embedding first, head last);
 - torch-our-split: the same ScheduleGPipe on the project's split (runtime against runtime).
 
 The profile times layers only; the loss (cross-entropy over the vocabulary) runs on the last
 stage too, so its measured time is added to the last layer before planning. The last line is
 ``speedup_vs_single=X ratio_vs_torch_pipelining=Y ratio_same_split=Z``, each at the best M of
-each system (goals: X >= 1.8, Y >= 1.15, Z >= 1.0).
+each system, ours at its best schedule (goals: X >= 1.8, Y >= 1.15, Z >= 1.0); the line before
+gives the same ratios for ours with GPipe alone.
 """
 
 from __future__ import annotations
@@ -48,13 +55,37 @@ from partitioner.profile import LayerProfile, Profile
 
 VOCAB, SEQ, WIDTH, HEADS, BLOCKS, BATCH, K = 4096, 128, 256, 4, 8, 32, 2
 MICROBATCHES = (1, 2, 4, 8, 16)
+SCHEDULES = ("gpipe", "1f1b")
 SIZES = sorted({BATCH // m for m in MICROBATCHES})
 
 
+class Residual(nn.Module):
+    """x + body(norm(x)): one half of a pre-LN block."""
+
+    def __init__(self, norm: nn.Module, body: nn.Module) -> None:
+        super().__init__()
+        self.norm, self.body = norm, body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = x + self.body(self.norm(x))
+        return out
+
+
 def build() -> nn.Sequential:
+    """executor.models.gpt with each block as its two halves (same modules, same arithmetic)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return gpt(VOCAB, SEQ, WIDTH, HEADS, BLOCKS)
+        blocks = gpt(VOCAB, SEQ, WIDTH, HEADS, BLOCKS)
+    layers: list[nn.Module] = [blocks[0]]
+    for block in list(blocks)[1:-1]:
+        layers += [Residual(block.ln1, block.attn), Residual(block.ln2, block.mlp)]
+    return nn.Sequential(*layers, blocks[-1])
+
+
+def describe(cut: int) -> str:
+    """A cut of the 18-layer model in blocks: layers [0, cut) hold the embedding and
+    (cut - 1) / 2 blocks."""
+    return f"{cut}: emb+{(cut - 1) / 2:g} blocks"
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,8 +122,9 @@ def with_loss(profile: Profile, extra: list[tuple[float, float]]) -> Profile:
     return dataclasses.replace(profile, layers=layers)
 
 
-def timed(step: Callable[[], None], steps: int, sync: Callable[[], None]) -> float:
-    """Median seconds of ``steps`` steps after one warm-up, each between two synchronisations."""
+def timed(step: Callable[[], None], steps: int, sync: Callable[[], None]) -> list[float]:
+    """Seconds of each of ``steps`` steps after one warm-up, each between two
+    synchronisations of the ranks."""
     times = []
     for i in range(steps + 1):
         sync()
@@ -101,11 +133,10 @@ def timed(step: Callable[[], None], steps: int, sync: Callable[[], None]) -> flo
         sync()
         if i:
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
 
 
-def single(steps: int) -> float:
-    torch.set_num_threads(1)
+def _single(steps: int) -> list[float]:
     model, (x, y) = build(), batch()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
@@ -116,7 +147,7 @@ def single(steps: int) -> float:
     return timed(step, steps, lambda: None)
 
 
-def _ours(plan: Plan, steps: int) -> float:
+def _ours(plan: Plan, steps: int) -> list[float]:
     runner = DistributedRunner(build(), plan)
     opt = torch.optim.SGD(runner.parameters(), lr=1e-3)
     x, y = batch()
@@ -128,7 +159,7 @@ def _ours(plan: Plan, steps: int) -> float:
     return timed(step, steps, dist.barrier)
 
 
-def _torch(cut: int, m: int, steps: int) -> float:
+def _torch(cut: int, m: int, steps: int) -> list[float]:
     from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
     rank, model = dist.get_rank(), build()
@@ -149,20 +180,30 @@ def _torch(cut: int, m: int, steps: int) -> float:
     return timed(step, steps, dist.barrier)
 
 
-def ranks_main(plans: dict[int, Plan], default_cut: int, steps: int) -> dict[str, Any]:
-    """On each of the K ranks: every system at every M, interleaved (noise hits all alike)."""
-    out: dict[str, Any] = {}
-    for m, plan in plans.items():
-        our_cut = plan.stages[0].layers[1]
-        out["ours", m] = _ours(plan, steps)
-        out["torch-default", m] = _torch(default_cut, m, steps)
-        out["torch-our-split", m] = _torch(our_cut, m, steps)
+def ranks_main(plans: dict[tuple[str, int], Plan], default_cut: int, steps: int,
+               rounds: int) -> dict[Any, list[float]]:
+    """On each of the K ranks: every system at every M, interleaved, ``rounds`` times, so a
+    burst of load from elsewhere hits all systems alike. The single-process baseline runs on
+    rank 0 while the other ranks wait."""
+    out: dict[Any, list[float]] = {}
+    for _ in range(rounds):
+        for m in MICROBATCHES:
+            for schedule in SCHEDULES:
+                out.setdefault((f"ours-{schedule}", m), []).extend(
+                    _ours(plans[schedule, m], steps))
+            our_cut = plans["gpipe", m].stages[0].layers[1]
+            out.setdefault(("torch-default", m), []).extend(_torch(default_cut, m, steps))
+            out.setdefault(("torch-our-split", m), []).extend(_torch(our_cut, m, steps))
+        if dist.get_rank() == 0:
+            out.setdefault(("single", 1), []).extend(_single(steps))
+        dist.barrier()
     return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=3, help="timed steps per system and M")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per system, M and round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over all systems and M")
     p.add_argument("--repeat", type=int, default=3, help="profiler repetitions per layer")
     args = p.parse_args()
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; "
@@ -175,30 +216,34 @@ def main() -> None:
     profile = with_loss(profile, loss_ms(SIZES, args.repeat))
     print(f"profiled {profile.num_layers} layers at b={SIZES} in "
           f"{time.perf_counter() - t0:.0f} s")
-    plans = {m: make_plan(CostModel(profile, BATCH, m, stages=K, recompute="never",
-                                    link=LINKS["loopback"], optimizer="sgd"),
-                          devices=["cpu"] * K) for m in MICROBATCHES}
-    default_cut = 1 + BLOCKS // 2  # embedding + half the blocks | the rest + head
-    results = spawn_local(ranks_main, K, (plans, default_cut, args.steps), threads=1,
-                          timeout_s=600)[0]
-    base = single(args.steps)
-    rate = {name: {m: BATCH / results[name, m] for m in MICROBATCHES}
-            for name in ("ours", "torch-default", "torch-our-split")}
-    print(f"\n{'system':<16} {'split':<10}" + "".join(f"{'M=' + str(m):>9}"
-                                                    for m in MICROBATCHES) + "   (samples/s)")
-    print(f"{'single':<16} {'-':<10}" + f"{BATCH / base:>9.1f}" + " " * 9 * 4)
+    plans = {(sched, m): make_plan(CostModel(profile, BATCH, m, stages=K, recompute="never",
+                                             schedule=sched, link=LINKS["loopback"],
+                                             optimizer="sgd"), devices=["cpu"] * K)
+             for sched in SCHEDULES for m in MICROBATCHES}
+    default_cut = 1 + 2 * (BLOCKS // 2)  # embedding + half the blocks | the rest + head
+    times = spawn_local(ranks_main, K, (plans, default_cut, args.steps, args.rounds),
+                        threads=1, timeout_s=600)[0]
+    # the fastest step of each: load from other processes only ever slows a step down
+    base = min(times["single", 1])
+    names = [f"ours-{s}" for s in SCHEDULES] + ["torch-default", "torch-our-split"]
+    rate = {name: {m: BATCH / min(times[name, m]) for m in MICROBATCHES} for name in names}
+    print("\ncut per M (layers [0, cut) on rank 0): torch-default " + describe(default_cut)
+          + "; ours " + ", ".join(f"M={m} {describe(plans['gpipe', m].stages[0].layers[1])}"
+                                  for m in MICROBATCHES))
+    print(f"\n{'system':<16}" + "".join(f"{'M=' + str(m):>9}" for m in MICROBATCHES)
+          + "   (samples/s, fastest step)")
+    print(f"{'single':<16}" + f"{BATCH / base:>9.1f}")
     for name, r in rate.items():
-        split = (f"{default_cut}|{len(model) - default_cut}" if name == "torch-default"
-                 else "/".join(sorted({f"{pl.stages[0].layers[1]}|"
-                                       f"{len(model) - pl.stages[0].layers[1]}"
-                                       for pl in plans.values()})))
-        print(f"{name:<16} {split:<10}" + "".join(f"{r[m]:>9.1f}" for m in MICROBATCHES))
+        print(f"{name:<16}" + "".join(f"{r[m]:>9.1f}" for m in MICROBATCHES))
     best = {name: max(r.values()) for name, r in rate.items()}
-    print(f"\nsplits: layers [0, cut) | [cut, {len(model)}); layer 0 is the embedding, "
-          f"{len(model) - 1} the head; load average now {os.getloadavg()[0]:.2f}")
-    print(f"speedup_vs_single={best['ours'] * base / BATCH:.2f} "
-          f"ratio_vs_torch_pipelining={best['ours'] / best['torch-default']:.2f} "
-          f"ratio_same_split={best['ours'] / best['torch-our-split']:.2f}")
+    print(f"\nload average now {os.getloadavg()[0]:.2f}; ours-gpipe alone: speedup "
+          f"{best['ours-gpipe'] * base / BATCH:.2f}, vs torch-default "
+          f"{best['ours-gpipe'] / best['torch-default']:.2f}, same split "
+          f"{best['ours-gpipe'] / best['torch-our-split']:.2f}")
+    ours = max(best["ours-gpipe"], best["ours-1f1b"])  # the project's best schedule
+    print(f"speedup_vs_single={ours * base / BATCH:.2f} "
+          f"ratio_vs_torch_pipelining={ours / best['torch-default']:.2f} "
+          f"ratio_same_split={ours / best['torch-our-split']:.2f}")
 
 
 if __name__ == "__main__":
