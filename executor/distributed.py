@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -52,7 +52,8 @@ from .stage import LayerSource, Stage, build_layers, check_device
 __all__ = ["HEADER_LEN", "DistTransport", "DistributedRunner", "PeerError", "StepResult"]
 
 HEADER_LEN = 64
-_PARTS = 2  # tags: (2 * microbatch + direction) * _PARTS + part; part 0 header, 1 tensors
+_PARTS = 3  # tags: (2 * microbatch + direction) * _PARTS + part; part 0 header, 1 tensors,
+# 2 tensors larger than the receive posted for them (see DistTransport)
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
            torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64)
 T = TypeVar("T")
@@ -93,6 +94,10 @@ def decode_header(header: torch.Tensor) -> tuple[bool, list[tuple[torch.dtype, l
     return is_tuple, specs
 
 
+def _nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
 def _layout(specs: Sequence[tuple[torch.dtype, Sequence[int]]]) -> tuple[list[int], int]:
     """Byte offsets of tensors packed into one buffer (each aligned to 8 bytes) and its size."""
     offsets, total = [], 0
@@ -124,15 +129,34 @@ def unpack(buf: torch.Tensor, specs: Sequence[tuple[torch.dtype, Sequence[int]]]
     return tuple(out)
 
 
+class _Posted(NamedTuple):
+    """A receive already handed to the backend: its work handle and the buffer it fills."""
+
+    work: Any
+    buffer: torch.Tensor
+
+
 class DistTransport:
     """Point-to-point transport for this rank's ``stage``; ``ranks[k]`` is stage k's global rank
-    and ``groups[src, dst]`` the group carrying messages from stage src to stage dst."""
+    and ``groups[src, dst]`` the group carrying messages from stage src to stage dst.
+
+    Receives are posted early: gloo moves a message only once its receive is posted (the
+    sender's data waits for the receiver's "ready"), so a receive posted when the action needs
+    it stalls until the busy sender's progress thread answers. ``begin_step`` posts the step's
+    activation headers and, from the second step on, their bodies (into a buffer as large as
+    the previous step's body of that micro-batch, which both sides know; a larger body goes
+    on a second tag after a small filler, so a change of shape stays correct), and sending an
+    activation in training posts the receive of its gradient (whose shapes are the sent
+    tensors')."""
 
     def __init__(self, stage: int, ranks: Sequence[int], device: torch.device,
                  groups: Mapping[tuple[int, int], Any], timeout_s: float = 60.0) -> None:
         self.stage, self.ranks, self.device, self.groups = stage, list(ranks), device, groups
         self.timeout = timedelta(seconds=timeout_s)
         self._pending: list[tuple[Any, torch.Tensor]] = []
+        self._posted: dict[int, _Posted] = {}  # by tag
+        self._body_bytes: dict[int, int] = {}  # micro-batch -> its last activation body's bytes
+        self._training = True
 
     def _guard(self, what: str, peer: int, fn: Callable[[], T]) -> T:
         try:
@@ -145,17 +169,46 @@ class DistTransport:
                 f"(or one beyond it) has probably failed, been killed or hung; see its own "
                 f"error") from exc
 
+    def begin_step(self, microbatches: int, training: bool) -> None:
+        """Post this step's activation receives (a stage after the first)."""
+        self._training = training
+        if self.stage == 0:
+            return
+        what = "posting the receives of the activations"
+        for i in range(microbatches):
+            self._post(torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device),
+                       self.stage - 1, _tag(0, i, 0), what)
+            if self._body_bytes.get(i):
+                self._post(torch.empty(self._body_bytes[i], dtype=torch.uint8,
+                                       device=self.device), self.stage - 1, _tag(0, i, 1), what)
+
     def _isend(self, tensor: torch.Tensor, peer: int, tag: int, what: str) -> None:
         tensor = tensor.contiguous()
         group, dst = self.groups[self.stage, peer], self.ranks[peer]
         work = self._guard(what, peer, lambda: dist.isend(tensor, dst, group=group, tag=tag))
         self._pending.append((work, tensor))
 
-    def _recv(self, tensor: torch.Tensor, peer: int, tag: int, what: str) -> torch.Tensor:
+    def _post(self, tensor: torch.Tensor, peer: int, tag: int, what: str) -> None:
         group, src = self.groups[peer, self.stage], self.ranks[peer]
         work = self._guard(what, peer, lambda: dist.irecv(tensor, src, group=group, tag=tag))
-        self._guard(what, peer, lambda: work.wait(self.timeout))  # type: ignore[union-attr]
-        return tensor
+        self._posted[tag] = _Posted(work, tensor)
+
+    def _recv(self, tensor: torch.Tensor | None, peer: int, tag: int, what: str) -> torch.Tensor:
+        """Wait for the receive of ``tag``, posting it into ``tensor`` unless already posted."""
+        if tag not in self._posted:
+            assert tensor is not None
+            self._post(tensor, peer, tag, what)
+        posted = self._posted.pop(tag)
+        self._guard(what, peer, lambda: posted.work.wait(self.timeout))
+        return posted.buffer
+
+    @staticmethod
+    def _recv_buffer(specs: Sequence[tuple[torch.dtype, Sequence[int]]],
+                     device: torch.device) -> torch.Tensor:
+        if len(specs) == 1:
+            dtype, shape = specs[0]
+            return torch.empty(tuple(shape), dtype=dtype, device=device)
+        return torch.empty(_layout(specs)[1], dtype=torch.uint8, device=device)
 
     def _send_tensors(self, tensors: Sequence[torch.Tensor], peer: int, direction: int,
                       microbatch: int, what: str) -> None:
@@ -168,25 +221,50 @@ class DistTransport:
         if not specs:
             return ()
         tag = _tag(direction, microbatch, 1)
-        if len(specs) == 1:
-            dtype, shape = specs[0]
-            return (self._recv(torch.empty(tuple(shape), dtype=dtype, device=self.device), peer,
-                               tag, what),)
-        buf = torch.empty(_layout(specs)[1], dtype=torch.uint8, device=self.device)
-        return unpack(self._recv(buf, peer, tag, what), specs)
+        buf = self._recv(None if tag in self._posted else self._recv_buffer(specs, self.device),
+                         peer, tag, what)
+        return (buf,) if len(specs) == 1 else unpack(buf, specs)
 
     def send_activation(self, stage: int, microbatch: int, packet: Packet) -> None:
         what = f"sending the activation of micro-batch {microbatch}"
         header = encode_header(packet).to(self.device)
         self._isend(header, stage + 1, _tag(0, microbatch, 0), what)
-        self._send_tensors(packet.tensors, stage + 1, 0, microbatch, what)
+        tensors = [t.contiguous() for t in packet.tensors]
+        body = pack(tensors) if len(tensors) != 1 else tensors[0].reshape(-1).view(torch.uint8)
+        posted = self._body_bytes.get(microbatch) or None  # the receiver's posted bytes
+        self._body_bytes[microbatch] = body.numel()
+        if posted is not None and body.numel() > posted:  # fill the posted receive, then send
+            self._isend(torch.zeros(min(8, posted), dtype=torch.uint8, device=self.device),
+                        stage + 1, _tag(0, microbatch, 1), what)
+            self._isend(body, stage + 1, _tag(0, microbatch, 2), what)
+        elif body.numel():
+            self._isend(body, stage + 1, _tag(0, microbatch, 1), what)
+        if self._training:  # the gradient comes back with the shapes of the float tensors
+            grads = [(t.dtype, list(t.shape)) for t in tensors if t.is_floating_point()]
+            if grads:
+                self._post(self._recv_buffer(grads, self.device), stage + 1,
+                           _tag(1, microbatch, 1), f"posting the receive of the gradient of "
+                                                   f"micro-batch {microbatch}")
 
     def recv_activation(self, stage: int, microbatch: int) -> Packet:
         what = f"receiving the activation of micro-batch {microbatch}"
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
         is_tuple, specs = decode_header(self._recv(header, stage - 1, _tag(0, microbatch, 0),
                                                    what))
-        return Packet(self._recv_tensors(specs, stage - 1, 0, microbatch, what), is_tuple)
+        nbytes = _layout(specs)[1] if len(specs) != 1 else _nbytes(*specs[0])
+        posted = self._body_bytes.get(microbatch) or None
+        self._body_bytes[microbatch] = nbytes
+        tag = _tag(0, microbatch, 1)
+        if posted is not None and nbytes > posted:  # the posted receive holds a filler
+            self._recv(None, stage - 1, tag, what)
+            tag = _tag(0, microbatch, 2)
+        if not nbytes:
+            return Packet(tuple(torch.empty(tuple(shape), dtype=dtype, device=self.device)
+                                for dtype, shape in specs), is_tuple)
+        buf = self._recv(None if tag in self._posted else
+                         torch.empty(nbytes, dtype=torch.uint8, device=self.device),
+                         stage - 1, tag, what)
+        return Packet(unpack(buf[:nbytes], specs), is_tuple)
 
     def send_grad(self, stage: int, microbatch: int, grads: tuple[torch.Tensor, ...]) -> None:
         self._send_tensors(grads, stage - 1, 1, microbatch,
@@ -310,6 +388,7 @@ class DistributedRunner:
             dist.barrier(group=self.group)
         recorder.reset(time.perf_counter())
         self.interpreter.begin(data, training)
+        self.transport.begin_step(self.plan.microbatches, training)
         for action in self.actions:
             if training or action.kind in FORWARD_KINDS:
                 self.interpreter.run(action)
