@@ -107,6 +107,25 @@ def _timeline(group: Any) -> Any:
     return runner.train_step(x, x, nn.functional.mse_loss, timeline=True).timeline
 
 
+VARYING = (8, 5, 8, 6)  # batch sizes of successive steps: micro-batches shrink, then grow
+
+
+def _varying(name: str, group: Any) -> list[dict[str, Any]]:
+    """Steps whose micro-batches change size between steps (the receives posted from the
+    previous step's sizes must still deliver each step's tensors): loss and gradients."""
+    factory, num_layers, batch, loss_fn = MODELS[name]
+    runner = DistributedRunner(factory, manual_plan(cuts(num_layers, 2), 2, B), group=group)
+    out = []
+    for b in VARYING:
+        for p in runner.parameters():
+            p.grad = None
+        result = runner.train_step(*batch(b), loss_fn)
+        out.append({"loss": None if result.loss is None else float(result.loss),
+                    "grads": {n: p.grad.clone() for n, p in runner.module.named_parameters()
+                              if p.grad is not None}})
+    return out
+
+
 def _sweep_rank() -> dict[Any, Any]:
     torch.manual_seed(0)
     rank, results = dist.get_rank(), {}
@@ -121,6 +140,8 @@ def _sweep_rank() -> dict[Any, Any]:
             if stages == 2:
                 results["errors"] = _errors(group)
                 results["timeline"] = _timeline(group)
+                for name in MODELS:
+                    results["varying", name] = _varying(name, group)
     return results
 
 
@@ -172,6 +193,23 @@ def test_transparent_against_the_plain_model(sweep: list[dict[Any, Any]], name: 
             assert close(params[n], oracle["params"][n]), f"{where}: {n} after {STEPS} steps"
         assert all(r["forward"] is None for r in ranks[:-1])
         assert close(ranks[-1]["forward"], oracle["forward"]), where
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_micro_batches_may_change_size_between_steps(sweep: list[dict[Any, Any]],
+                                                     name: str) -> None:
+    factory, num_layers, batch, loss_fn = MODELS[name]
+    model = nn.Sequential(*(factory(i) for i in range(num_layers)))
+    for step, b in enumerate(VARYING):
+        model.zero_grad()
+        loss = loss_fn(model(batch(b)[0]), batch(b)[1])
+        loss.backward()
+        ranks = [sweep[r]["varying", name][step] for r in range(2)]
+        assert ranks[1]["loss"] == pytest.approx(float(loss.detach()), rel=1e-5), (step, b)
+        grads = {n: g for r in ranks for n, g in r["grads"].items()}
+        for n, p in model.named_parameters():
+            assert p.grad is not None and close(grads[n], p.grad), f"step {step} (B={b}): {n}"
 
 
 @pytest.mark.timeout(600)
