@@ -120,6 +120,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def add_solver_arguments(p: argparse.ArgumentParser, time_limit_s: float, help_time: str
+                         ) -> None:
+    """``--solver dp|ilp|auto`` and ``--time-limit S``, shared by plan and search."""
+    p.add_argument("--solver", choices=SOLVERS, default="auto",
+                   help="dp: exact DP over layer ranges; ilp: CP-SAT over convex sets of the "
+                        "layer graph; auto (default): dp for chains, ilp for graph profiles")
+    p.add_argument("--time-limit", type=_positive_float, default=time_limit_s, metavar="S",
+                   help=help_time)
+
+
 def link_from_args(args: argparse.Namespace, profile: Profile) -> Link:
     preset = LINKS[args.link or default_link(profile.device.kind)]
     bandwidth = preset.bandwidth_gbps if args.bandwidth is None else args.bandwidth
@@ -157,12 +167,8 @@ def plan_main(argv: Sequence[str]) -> int:
     add_cost_arguments(p)
     p.add_argument("--devices", default=None, metavar="D0,D1,...",
                    help="device of each stage (default: cuda:k on CUDA profiles, else cpu)")
-    p.add_argument("--solver", choices=SOLVERS, default="auto",
-                   help="dp: exact DP over layer ranges; ilp: CP-SAT over convex sets of the "
-                        "layer graph; auto (default): dp for chains, ilp for graph profiles")
-    p.add_argument("--time-limit", type=_positive_float, default=60.0, metavar="S",
-                   help="seconds the ILP may search (default 60); it reports optimal, or "
-                        "feasible with the proven gap")
+    add_solver_arguments(p, 60.0, "seconds the ILP may search (default 60); it reports "
+                         "optimal, or feasible with the proven gap")
     p.add_argument("-o", "--output", default=None, metavar="PLAN.json", help="write the plan")
     args = p.parse_args(argv)
     profile = load_profile_arg(args, warn_graph=args.solver == "dp")

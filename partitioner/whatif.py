@@ -18,9 +18,9 @@ from .cli import (
     CliError,
     _bandwidth_arg,
     _nonneg_float,
-    _positive_float,
     _positive_int,
     add_cost_arguments,
+    add_solver_arguments,
     link_from_args,
     load_profile_arg,
     memory_limit_from_args,
@@ -28,7 +28,6 @@ from .cli import (
 from .costs import LINKS, OPTIMIZERS, RECOMPUTE_MODES, SCHEDULES, CostModel
 from .gantt import PlotUnavailableError, save_gantt_png
 from .plan import Plan, PlanError, load_plan, save_plan
-from .planner import SOLVERS
 from .profile import Profile, load_profile, shipped_profiles
 from .report import format_ranges, format_table
 from .search import search, search_table
@@ -187,12 +186,8 @@ def search_main(argv: Sequence[str]) -> int:
                    help="micro-batch counts to try (default with the DP: every M up to 64, "
                         "then the fewest M for each micro-batch size; with the ILP: the "
                         "fewest M for micro-batches of B, 1, 2, 4, ...)")
-    p.add_argument("--solver", choices=SOLVERS, default="auto",
-                   help="dp: exact DP over layer ranges; ilp: CP-SAT over convex sets of the "
-                        "layer graph; auto (default): dp for chains, ilp for graph profiles")
-    p.add_argument("--time-limit", type=_positive_float, default=10.0, metavar="S",
-                   help="seconds each ILP partition may take (default 10); the table says "
-                        "which were proven optimal")
+    add_solver_arguments(p, 10.0, "seconds each ILP partition may take (default 10); the "
+                         "table says which were proven optimal")
     p.add_argument("--top", type=_positive_int("--top"), default=10, help="rows to print")
     p.add_argument("-o", "--output", default=None, metavar="BEST.json",
                    help="write the best plan")

@@ -15,6 +15,8 @@ import statistics
 import time
 from pathlib import Path
 
+from bench_partition import synthetic  # the same random chain (tools/ is on the path)
+
 from partitioner.chain import partition_chain
 from partitioner.costs import LINKS, CostModel
 from partitioner.graph import evaluate_assignment
@@ -64,18 +66,6 @@ def synthetic_dag(num_layers: int, seed: int) -> Profile:
                    (1,), tuple(layers), edges=tuple(sorted(edges)))
 
 
-def synthetic_chain(num_layers: int, seed: int) -> Profile:
-    rng = random.Random(seed)
-    layers = []
-    for i in range(num_layers):
-        fwd = rng.uniform(0.05, 2.0)
-        act = float(rng.randint(10**5, 10**7))
-        layers.append(LayerProfile(str(i), "Random", 4 * rng.randint(10**4, 10**7), (fwd,),
-                                   (2 * fwd,), (act,), (act,), (float(rng.randint(10**5, 10**8)),)))
-    return Profile(f"chain-{num_layers}", DeviceInfo("synthetic", "cuda", 80 * 2**30),
-                   "float32", (1,), tuple(layers))
-
-
 def dp_as_graph(cm: CostModel, limit: float) -> tuple[float, bool, float]:
     """The chain DP on the layer order: (its bottleneck under the graph costs, whether it fits
     the graph memory model, its solve seconds)."""
@@ -110,7 +100,7 @@ def dag_section(num_layers: int, limit_s: float) -> None:
 
 def chain_section(num_layers: int, limit_s: float) -> None:
     print(f"\n== {num_layers}-layer chain, K=8, B=M=32, NVLink: ILP against the DP ==")
-    prof = synthetic_chain(num_layers, seed=5)
+    prof = synthetic(num_layers, seed=5)
     print(f"{'recompute':>10} {'limit':>6} {'status':>9} {'ilp_s':>7} {'dp_s':>7} "
           f"{'ilp_ms':>11} {'dp_ms':>11} {'ilp/dp-1':>10} {'rounding':>9}")
     for recompute in ("never", "always"):
