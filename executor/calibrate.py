@@ -5,8 +5,8 @@
     (1.9, 0.08)
 
 Two ranks (gloo on 127.0.0.1, as the distributed runner uses) bounce a buffer of each size;
-half a round trip is one transfer. A least-squares line through (bytes, ms) gives
-``latency_ms`` (intercept) and ``bandwidth_gbps`` (inverse slope): the cost model's
+half a round trip is one transfer. A line through (bytes, ms), fitted on relative errors,
+gives ``latency_ms`` (intercept) and ``bandwidth_gbps`` (inverse slope): the cost model's
 ``latency + bytes / bandwidth``.
 """
 
@@ -53,8 +53,10 @@ def _ping_pong(sizes_bytes: Sequence[int], repeats: int) -> list[float]:
 
 
 def fit_link(sizes_bytes: Sequence[float], times_ms: Sequence[float]) -> Link:
-    """The line ``latency + bytes / bandwidth`` through measured points (least squares), with
-    the latency kept >= 0 and the bandwidth finite and positive.
+    """The line ``latency + bytes / bandwidth`` through measured points, fitted on relative
+    errors (each point weighs as 1 / its time), so the small messages, which are latency,
+    set the latency and a noisy large transfer cannot swing it; the latency is kept >= 0 and
+    the bandwidth finite and positive.
 
         >>> fit_link([1e6, 2e6, 3e6], [1.5, 2.5, 3.5])
         Link(bandwidth_gbps=1.0, latency_ms=0.5)
@@ -63,9 +65,10 @@ def fit_link(sizes_bytes: Sequence[float], times_ms: Sequence[float]) -> Link:
         raise ValueError(f"need at least two (size, time) points of equal count, got "
                          f"{len(sizes_bytes)} sizes and {len(times_ms)} times")
     x, y = np.asarray(sizes_bytes, dtype=float), np.asarray(times_ms, dtype=float)
-    slope, intercept = np.polyfit(x, y, 1)
+    w = 1.0 / np.maximum(y, 1e-9)
+    slope, intercept = np.polyfit(x, y, 1, w=w)
     if intercept < 0:  # refit through the origin
-        slope, intercept = float(np.dot(x, y) / np.dot(x, x)), 0.0
+        slope, intercept = float(np.dot(w * w * x, y) / np.dot(w * w * x, x)), 0.0
     slope = max(float(slope), 1e-12)
     return Link(bandwidth_gbps=round(1.0 / (slope * 1e6), 6), latency_ms=round(float(intercept), 6))
 
