@@ -14,9 +14,15 @@ ordered stream each, whose sends and receives both follow micro-batch order in G
 
 Shapes: an activation is sent as two messages: a header (int64 tensor of ``HEADER_LEN``: tuple
 flag, tensor count, then dtype code, rank and sizes of each tensor), so the receiver allocates
-exactly what comes whatever the micro-batch size or sequence length, then the tensors (one
-tensor as it is; several packed into one byte buffer). A gradient needs no header: it has the
-shapes and dtypes of the floating-point outputs the receiver sent for that micro-batch.
+exactly what comes whatever the micro-batch size or sequence length, then the tensors as one
+byte buffer (one tensor's own bytes, without a copy; several packed). A gradient needs no
+header: it has the shapes and dtypes of the floating-point outputs the receiver sent for that
+micro-batch.
+
+Receives are posted ahead (gloo): gloo moves a message only once its receive is posted, so a
+receive posted only when its action comes waits for the sender's progress thread to answer,
+which on a busy CPU took up to ~10 ms per message. Each step posts its activation receives at
+its start and the receive of each gradient as the activation goes out (``DistTransport``).
 
 Failures: a peer that raises and exits, or is killed, closes its connections, and a rank waiting
 on it gets an error at once; one that hangs is caught by the process group's timeout
@@ -147,11 +153,14 @@ class DistTransport:
     the previous step's body of that micro-batch, which both sides know; a larger body goes
     on a second tag after a small filler, so a change of shape stays correct), and sending an
     activation in training posts the receive of its gradient (whose shapes are the sent
-    tensors')."""
+    tensors'). ``post_early=False`` (NCCL, which matches by order and exact size) posts each
+    receive when it is needed."""
 
     def __init__(self, stage: int, ranks: Sequence[int], device: torch.device,
-                 groups: Mapping[tuple[int, int], Any], timeout_s: float = 60.0) -> None:
+                 groups: Mapping[tuple[int, int], Any], timeout_s: float = 60.0,
+                 post_early: bool = True) -> None:
         self.stage, self.ranks, self.device, self.groups = stage, list(ranks), device, groups
+        self.post_early = post_early
         self.timeout = timedelta(seconds=timeout_s)
         self._pending: list[tuple[Any, torch.Tensor]] = []
         self._posted: dict[int, _Posted] = {}  # by tag
@@ -171,8 +180,8 @@ class DistTransport:
 
     def begin_step(self, microbatches: int, training: bool) -> None:
         """Post this step's activation receives (a stage after the first)."""
-        self._training = training
-        if self.stage == 0:
+        self._training = training and self.post_early
+        if self.stage == 0 or not self.post_early:
             return
         what = "posting the receives of the activations"
         for i in range(microbatches):
@@ -232,7 +241,8 @@ class DistTransport:
         tensors = [t.contiguous() for t in packet.tensors]
         body = pack(tensors) if len(tensors) != 1 else tensors[0].reshape(-1).view(torch.uint8)
         posted = self._body_bytes.get(microbatch) or None  # the receiver's posted bytes
-        self._body_bytes[microbatch] = body.numel()
+        if self.post_early:
+            self._body_bytes[microbatch] = body.numel()
         if posted is not None and body.numel() > posted:  # fill the posted receive, then send
             self._isend(torch.zeros(min(8, posted), dtype=torch.uint8, device=self.device),
                         stage + 1, _tag(0, microbatch, 1), what)
@@ -253,7 +263,8 @@ class DistTransport:
                                                    what))
         nbytes = _layout(specs)[1] if len(specs) != 1 else _nbytes(*specs[0])
         posted = self._body_bytes.get(microbatch) or None
-        self._body_bytes[microbatch] = nbytes
+        if self.post_early:
+            self._body_bytes[microbatch] = nbytes
         tag = _tag(0, microbatch, 1)
         if posted is not None and nbytes > posted:  # the posted receive holds a filler
             self._recv(None, stage - 1, tag, what)
@@ -368,7 +379,7 @@ class DistributedRunner:
         self.actions = self.schedule.actions[self.index]
         self.transport = DistTransport(self.index, self.ranks, self.stage.device,
                                        _channels(self.ranks, group, timeout_s, backend),
-                                       timeout_s)
+                                       timeout_s, post_early=backend != "nccl")
         self.interpreter = Interpreter(
             self.stage, big_k, self.transport, Recorder(self.stage.device),
             DeferredBatchNorm(self.stage.module) if deferred_batchnorm else None)
