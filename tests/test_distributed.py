@@ -19,17 +19,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from executor.distributed import (
-    DistributedRunner,
-    PeerError,
-    decode_header,
-    encode_header,
-    pack,
-    unpack,
-)
+from executor.distributed import DistributedRunner, PeerError
 from executor.interpreter import Packet
 from executor.pipeline import manual_plan
 from executor.spawn import RankFailure, spawn_local
+from executor.transport import decode_header, encode_header, pack, unpack
 from partitioner.plan import PlanError
 
 B, STEPS, LR = 8, 5, 0.1
