@@ -7,8 +7,10 @@
 
 A *batch* is a tensor or a tuple of tensors, as a child of an ``nn.Sequential`` takes and
 returns. Each repetition runs the forward on a fresh copy of the input (so in-place layers
-see the same values every time) and the backward with ``torch.autograd.grad`` for the
-floating inputs and the parameters, so no ``.grad`` is ever written.
+see the same values every time) and the backward as training runs it: into ``.grad`` of the
+floating inputs and the parameters, the parameters' gradients accumulating into buffers that
+already exist (as for every micro-batch after a step's first); the module's own ``.grad``
+are put back afterwards.
 """
 
 from __future__ import annotations
@@ -178,7 +180,10 @@ def measure(module: nn.Module, x: Batch, device: torch.device, *, input_grad: bo
     fwd_ms: list[float] = []
     bwd_ms: list[float] = []
     has_backward = False
-    with torch.enable_grad(), quiet_gc():
+    own_grads = [p.grad for p in step.params]
+    for p in step.params:  # accumulate, as a training step does after its first micro-batch
+        p.grad = torch.zeros_like(p)
+    with torch.enable_grad(), quiet_gc(), _restoring(step.params, own_grads):
         for r in range(warmup + repeat):
             flush()
             xin, wrt = step.inputs()
@@ -191,7 +196,7 @@ def measure(module: nn.Module, x: Batch, device: torch.device, *, input_grad: bo
             grads = [torch.ones_like(t) for t in outs]
             t2 = timer.mark()
             if has_backward:
-                torch.autograd.grad(outs, wrt, grads, allow_unused=True)
+                torch.autograd.backward(outs, grads, inputs=wrt)
             t3 = timer.mark()
             f, _, b = timer.elapsed_ms([t0, t1, t2, t3])
             if r >= warmup:
@@ -202,6 +207,15 @@ def measure(module: nn.Module, x: Batch, device: torch.device, *, input_grad: bo
         peak = _peak_bytes(step, name) if device.type == "cuda" else None
     return Measurement(statistics.median(fwd_ms), statistics.median(bwd_ms), has_backward,
                        batch_nbytes(x), batch_nbytes(output), saved, peak, output)
+
+
+@contextmanager
+def _restoring(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
 
 
 def as_batch(out: object, name: str) -> Batch:

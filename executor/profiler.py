@@ -269,7 +269,8 @@ def profile_model(
         f"{repeat} after {warmup} warm-up), input from a real forward pass of the layers "
         f"before it, {'training' if train else 'eval'} mode, {used_threads} intra-op "
         f"thread(s)",
-        "backward = torch.autograd.grad for the floating inputs and the parameters",
+        "backward into .grad of the floating inputs and the parameters, the parameters' "
+        "gradients accumulating as in a training step",
         (f"per-call harness overhead measured on no-op layers (fwd {fwd_over:.4f} ms, bwd "
          f"{bwd_over:.4f} ms) and subtracted" if correct_overhead
          else "per-call harness overhead not corrected"),

@@ -249,3 +249,17 @@ def test_docstring_examples() -> None:
     for module in (executor.measure, executor.profiler):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_measure_accumulates_gradients_as_training_does_and_puts_the_module_back() -> None:
+    seen: list[int] = []
+    layer = nn.Linear(3, 3)
+    # every timed backward lands in .grad, and always in the same buffer: it accumulates, as
+    # every micro-batch after a step's first does in the runner
+    layer.weight.register_post_accumulate_grad_hook(
+        lambda p: seen.append(p.grad.data_ptr()))  # type: ignore[union-attr]
+    kept = torch.full_like(layer.bias, 0.5)
+    layer.bias.grad = kept
+    executor.measure.measure(layer, torch.ones(2, 3), torch.device("cpu"), warmup=0, repeat=2)
+    assert len(seen) == 2 and len(set(seen)) == 1
+    assert layer.weight.grad is None and layer.bias.grad is kept
