@@ -83,3 +83,12 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
                  "timelines.png"):
         assert (out / name).stat().st_size > 0, name
     assert "predicted step" in result.stdout and "error" in result.stdout
+
+
+@pytest.mark.timeout(300)
+def test_bench_fidelity_quick() -> None:
+    """The fidelity benchmark runs end to end (its figures are read in the benchmark itself)."""
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "bench_fidelity.py"), "--quick",
+                             "--alone"], capture_output=True, text=True, timeout=280)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "median |error| of the step time over 2 configurations" in result.stdout
