@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .costs import OPTIMIZERS, RECOMPUTE_MODES, SCHEDULES, Link
+from .jsonfile import read_json
 from .profile import Profile
 
 __all__ = ["FORMAT", "Plan", "PlanError", "Prediction", "StagePlan", "load_plan",
@@ -284,13 +285,7 @@ def _parse_prediction(pred: Mapping[str, Any]) -> Prediction:
 
 def load_plan(path: str | Path) -> Plan:
     """Read and validate a plan file."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise PlanError(f"plan file {str(path)!r} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise PlanError(f"plan file {str(path)!r} is not JSON: {exc}") from None
-    return plan_from_dict(data, str(path))
+    return plan_from_dict(read_json(path, "plan", PlanError), str(path))
 
 
 def save_plan(plan: Plan, path: str | Path) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .jsonfile import read_json
 from .schedule import COMPUTE, Action
 
 __all__ = ["Event", "Timeline", "load_chrome_trace", "merge_events", "save_chrome_trace"]
@@ -125,12 +126,7 @@ def save_chrome_trace(timeline: Timeline, path: str | Path) -> None:
 
 def load_chrome_trace(path: str | Path) -> Timeline:
     """Read a trace written by ``save_chrome_trace`` back into a Timeline."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"trace file {str(path)!r} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"trace file {str(path)!r} is not JSON: {exc}") from None
+    data = read_json(path, "trace")
     if not isinstance(data, dict) or "traceEvents" not in data:
         raise ValueError(f"trace file {str(path)!r} has no 'traceEvents'; give a trace written "
                          f"by partition-model (simulate --trace) or the executor")
