@@ -27,6 +27,7 @@ from torch import nn
 
 from partitioner.profile import DeviceInfo, LayerProfile, Profile
 
+from .allocator import keep_freed_memory
 from .measure import (
     CLOCKS,
     Batch,
@@ -227,6 +228,7 @@ def profile_model(
     model, sample, sizes = _check_args(model, sample, microbatch_sizes, warmup, repeat, threads,
                                        clock)
     dev, cast = parse_device(device), parse_dtype(dtype)
+    keep_freed_memory()  # the allocator the executor runs with (see executor.allocator)
     per_size: list[list[Measurement]] = []
     gc.collect()
     with _preserved_state(dev, threads):
@@ -322,6 +324,7 @@ def time_whole_model(
     model, sample, sizes = _check_args(model, sample, microbatch_sizes, warmup, repeat, threads,
                                        clock)
     dev, cast = parse_device(device), parse_dtype(dtype)
+    keep_freed_memory()  # the allocator the executor runs with (see executor.allocator)
     gc.collect()
     with _preserved_state(dev, threads):
         twin = _layer_copy(model, dev, cast, train)

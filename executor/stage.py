@@ -23,6 +23,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from .allocator import keep_freed_memory
 from .batchnorm import keep_running_stats
 from .microbatch import Batch
 
@@ -118,6 +119,7 @@ class Stage:
         self.layer_range = (layers[0][0], layers[-1][0] + 1)
         self.module = nn.Sequential(OrderedDict((str(i), m) for i, m in layers))
         self.module.to(self.device)
+        keep_freed_memory()  # activations freed in one step are reused by the next
 
     def __call__(self, x: Batch) -> Batch:
         out: Batch = self.module(x)
