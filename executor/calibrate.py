@@ -1,13 +1,22 @@
-"""Measure the link between two local ranks, so predictions use this machine's communication.
+"""Calibrate the cost model on this machine: the link between two local ranks, and how the
+executor's actions relate to the profile.
 
     >>> link = measure_link(sizes_bytes=(4096, 1 << 20), repeats=5)   # doctest: +SKIP
     >>> link.bandwidth_gbps, link.latency_ms                          # doctest: +SKIP
     (1.9, 0.08)
+    >>> measure_runtime("executor.jobs:translation", profile, 16, link=link)  # doctest: +SKIP
+    Runtime(compute_scale=1.08, action_ms=0.04)
 
 Two ranks (gloo on 127.0.0.1, as the distributed runner uses) bounce a buffer of each size;
 half a round trip is one transfer. A line through (bytes, ms), fitted on relative errors,
 gives ``latency_ms`` (intercept) and ``bandwidth_gbps`` (inverse slope): the cost model's
 ``latency + bytes / bandwidth``.
+
+``measure_runtime`` runs a short trial of the pipeline (K=2 local ranks, the distributed
+runner, a few steps at a few M) and compares each measured forward and backward action with
+its layers' profiled sum: the line through those points is the cost model's ``Runtime``
+(``compute_scale`` x profiled + ``action_ms``). Layers profiled one at a time run with hot
+caches; inside a pipeline they do not, and each action pays the runtime's dispatch.
 """
 
 from __future__ import annotations
@@ -20,11 +29,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from partitioner.costs import Link
+from partitioner.costs import CostModel, Link, Recompute, Runtime
+from partitioner.durations import stage_durations, stage_of_ranges
+from partitioner.plan import save_plan
+from partitioner.planner import make_plan
+from partitioner.profile import Profile
+from partitioner.simulate import ranges_from_boundaries
 
 from .spawn import spawn_local
 
-__all__ = ["fit_link", "measure_link"]
+__all__ = ["fit_link", "fit_runtime", "measure_link", "measure_runtime"]
 
 DEFAULT_SIZES = (4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20)
 
@@ -84,3 +98,92 @@ def measure_link(sizes_bytes: Sequence[int] = DEFAULT_SIZES, repeats: int = 10,
     per_rank = spawn_local(_ping_pong, 2, args=(list(sizes_bytes), repeats), threads=threads,
                            timeout_s=timeout_s, deadline_s=timeout_s * 2)
     return fit_link(list(sizes_bytes), per_rank[0])
+
+
+def fit_runtime(profiled_ms: Sequence[float], measured_ms: Sequence[float]) -> Runtime:
+    """The line ``measured = compute_scale * profiled + action_ms`` through (profiled,
+    measured) action times, fitted on relative errors as ``fit_link`` does; ``action_ms`` is
+    kept >= 0 (else the line is refitted through the origin).
+
+        >>> fit_runtime([1.0, 2.0, 4.0], [1.3, 2.5, 4.9])
+        Runtime(compute_scale=1.2, action_ms=0.1)
+    """
+    if len(profiled_ms) != len(measured_ms) or len(profiled_ms) < 2:
+        raise ValueError(f"need at least two (profiled, measured) pairs of equal count, got "
+                         f"{len(profiled_ms)} and {len(measured_ms)}")
+    x, y = np.asarray(profiled_ms, dtype=float), np.asarray(measured_ms, dtype=float)
+    if not (np.all(x > 0) and np.all(y > 0) and np.ptp(x) > 0):
+        raise ValueError("profiled and measured times must be > 0, with at least two distinct "
+                         "profiled times")
+    w = 1.0 / y
+    slope, intercept = np.polyfit(x, y, 1, w=w)
+    if intercept < 0 or slope <= 0:
+        slope, intercept = float(np.dot(w * w * x, y) / np.dot(w * w * x, x)), 0.0
+    return Runtime(compute_scale=round(float(slope), 6), action_ms=round(float(intercept), 6))
+
+
+def _trial(job_spec: str, plan_paths: list[str], warmup: int,
+           steps: int) -> list[dict[tuple[int, str, int], float]] | None:
+    """On each rank: run every plan for warmup + steps steps; rank 0 returns, per plan, the
+    median measured time of each (stage, 'F'|'B', micro-batch) over the timed steps."""
+    from collections import defaultdict
+
+    from .distributed import DistributedRunner
+    from .launch import load_job
+
+    job = load_job(job_spec)
+    out = []
+    for path in plan_paths:
+        runner = DistributedRunner(job.layers, path, num_layers=job.num_layers, device="cpu",
+                                   timeout_s=120.0)
+        params = runner.parameters()
+        times: dict[tuple[int, str, int], list[float]] = defaultdict(list)
+        for step in range(warmup + steps):
+            inputs, targets = job.batch(step, runner.plan.global_batch)
+            for p in params:
+                p.grad = None
+            result = runner.train_step(inputs, targets, job.loss_fn, timeline=True)
+            if result.timeline is not None and step >= warmup:
+                for e in result.timeline.events:
+                    if e.action.kind in ("F", "B"):
+                        key = (e.action.stage, e.action.kind, e.action.microbatch)
+                        times[key].append(e.duration_ms)
+        out.append({key: statistics.median(v) for key, v in times.items()})
+    return out if dist.get_rank() == 0 else None
+
+
+def measure_runtime(job: str, profile: Profile, global_batch: int, *, link: Link | None = None,
+                    microbatches: Sequence[int] = (1, 4), recompute: Recompute = "never",
+                    steps: int = 4, warmup: int = 2, threads: int = 1,
+                    timeout_s: float = 300.0) -> Runtime:
+    """Fit the executor's ``Runtime`` from a trial run of ``job`` (a ``module:function``
+    spec, see ``executor.launch``; ``profile`` is its model's profile) on two local CPU
+    ranks: for each M in ``microbatches``, the exact K=2 plan runs ``warmup + steps`` steps,
+    and every stage's median F and B time is paired with its profiled sum (the same
+    micro-batch size, before any runtime correction)."""
+    import tempfile
+    from pathlib import Path
+
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
+    models = [CostModel(profile, global_batch, m, stages=2, recompute=recompute,
+                        link=link or Link(float("inf"), 0.0)) for m in microbatches]
+    plans = [make_plan(cm, devices=["cpu", "cpu"]) for cm in models]
+    with tempfile.TemporaryDirectory(prefix="gpipe-calibrate-") as tmp:
+        paths = [str(Path(tmp) / f"trial-{i}.json") for i in range(len(plans))]
+        for plan, path in zip(plans, paths, strict=True):
+            save_plan(plan, path)
+        per_rank = spawn_local(_trial, 2, (job, paths, warmup, steps), threads=threads,
+                               timeout_s=timeout_s, deadline_s=timeout_s * 2)
+    measured = per_rank[0]
+    assert measured is not None
+    xs, ys = [], []
+    for cm, plan, meas in zip(models, plans, measured, strict=True):
+        ranges = ranges_from_boundaries(plan.boundaries)
+        dur = stage_durations(cm, stage_of_ranges(ranges), [0, 1])
+        for (k, kind, i), ms in sorted(meas.items()):
+            predicted = (dur.fwd_ms if kind == "F" else dur.bwd_ms)[k][dur.size_index[i]]
+            if predicted > 0:
+                xs.append(predicted)
+                ys.append(ms)
+    return fit_runtime(xs, ys)

@@ -15,7 +15,16 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .chain import InfeasibleError
-from .costs import LINKS, OPTIMIZERS, RECOMPUTE_MODES, SCHEDULES, CostModel, Link, default_link
+from .costs import (
+    LINKS,
+    OPTIMIZERS,
+    RECOMPUTE_MODES,
+    SCHEDULES,
+    CostModel,
+    Link,
+    Runtime,
+    default_link,
+)
 from .plan import PlanError, save_plan
 from .planner import SOLVERS, make_plan, plan_from_graph_solution, resolve_solver
 from .profile import Profile, ProfileError, load_profile
@@ -75,8 +84,35 @@ def _nonneg_float(text: str) -> float:
     except ValueError:
         value = -1.0
     if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"latency {text!r} must be a number of ms >= 0")
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number of ms >= 0")
     return value
+
+
+def _scale_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"--compute-scale {text!r} must be a number > 0 "
+                                         f"(1: actions take their profiled time)")
+    return value
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """``--compute-scale`` and ``--action-ms``: the executor's runtime as calibrated
+    (``executor.calibrate.measure_runtime``); unset means the profile as it is."""
+    p.add_argument("--compute-scale", type=_scale_arg, default=None, metavar="X",
+                   help="executor actions take X times their layers' profiled time "
+                        "(default 1; fitted by executor.calibrate.measure_runtime)")
+    p.add_argument("--action-ms", type=_nonneg_float, default=None, metavar="MS",
+                   help="fixed runtime cost of each forward and backward action (default 0)")
+
+
+def runtime_from_args(args: argparse.Namespace, base: Runtime | None = None) -> Runtime:
+    base = base or Runtime()
+    return Runtime(base.compute_scale if args.compute_scale is None else args.compute_scale,
+                   base.action_ms if args.action_ms is None else args.action_ms)
 
 
 def add_cost_arguments(p: argparse.ArgumentParser, stages_required: bool = True) -> None:
@@ -108,6 +144,7 @@ def add_cost_arguments(p: argparse.ArgumentParser, stages_required: bool = True)
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
                    help="optimizer state to budget for (default: adam, fp32 moments and "
                         "master weights for bf16/fp16 models: 16 bytes per parameter)")
+    add_runtime_arguments(p)
 
 
 def _positive_float(text: str) -> float:
@@ -152,7 +189,8 @@ def cost_model_from_args(args: argparse.Namespace, profile: Profile, stages: int
                          microbatches: int) -> CostModel:
     return CostModel(profile, args.global_batch, microbatches, stages=stages,
                      recompute=args.recompute, schedule=args.schedule,
-                     link=link_from_args(args, profile), optimizer=args.optimizer)
+                     link=link_from_args(args, profile), optimizer=args.optimizer,
+                     runtime=runtime_from_args(args))
 
 
 def memory_limit_from_args(args: argparse.Namespace, profile: Profile) -> float:

@@ -32,6 +32,7 @@ __all__ = [
     "Link",
     "Optimizer",
     "Recompute",
+    "Runtime",
     "ScheduleName",
     "bytes_per_param",
     "interpolate",
@@ -74,6 +75,38 @@ LINKS: dict[str, Link] = {
     "loopback": Link(2.0, 0.1),
     "free": Link(math.inf, 0.0),
 }
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How the executor's compute actions relate to their layers' profiled times: an F or B
+    of a stage takes ``compute_scale`` x (the sum of its layers' profiled times) + ``action_ms``.
+
+        >>> Runtime(compute_scale=1.2, action_ms=0.05).action_ms_for(10.0)
+        12.05
+
+    Layers profiled one at a time run hot: their weights and inputs sit in the caches. In a
+    pipeline a stage's layers run back to back and the stage waits between its actions, so
+    weights and saved activations must come back from memory (on a shared CPU this made
+    actions 1.1-1.3x slower than the profile), and each action pays the runtime's own
+    dispatch. ``executor.calibrate.measure_runtime`` fits both from a short trial run;
+    the default, Runtime(), takes the profile as it is.
+    """
+
+    compute_scale: float = 1.0
+    action_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.compute_scale) and self.compute_scale > 0):
+            raise ValueError(f"compute_scale={self.compute_scale!r} must be a finite number > 0 "
+                             f"(1.0: actions take their profiled time)")
+        if not (math.isfinite(self.action_ms) and self.action_ms >= 0):
+            raise ValueError(f"action_ms={self.action_ms!r} must be a finite number >= 0 "
+                             f"(0: no fixed cost per action)")
+
+    def action_ms_for(self, profiled_ms: float) -> float:
+        """The time of an action whose layers' profiled times add up to ``profiled_ms``."""
+        return self.compute_scale * profiled_ms + self.action_ms
 
 
 def default_link(device_kind: str) -> str:
@@ -165,6 +198,7 @@ class CostModel:
     schedule: ScheduleName = "gpipe"
     link: Link = field(default_factory=lambda: LINKS["free"])
     optimizer: Optimizer = "adam"
+    runtime: Runtime = field(default_factory=Runtime)
     _cache: dict[tuple[str, float], FloatArray] = field(
         default_factory=dict, init=False, repr=False, compare=False)
 
@@ -193,6 +227,8 @@ class CostModel:
         out = self._interpolate_layers(key, b)
         if key in ("fwd_ms", "bwd_ms") and any(lay.launch_ms for lay in self.profile.layers):
             out = np.maximum(out, self._interpolate_layers("launch_ms", b))
+        if key in ("fwd_ms", "bwd_ms") and self.runtime.compute_scale != 1.0:
+            out = out * self.runtime.compute_scale
         out.setflags(write=False)
         self._cache[(key, b)] = out
         return out
@@ -250,10 +286,11 @@ class CostModel:
 
     # -- one stage ------------------------------------------------------------------------------
     def stage_compute_ms(self, start: int, end: int, stage: int) -> float:
-        """Forward + backward (+ recomputed forward) of layers [start, end), one micro-batch."""
+        """Forward + backward (+ recomputed forward) of layers [start, end), one micro-batch,
+        with the runtime's fixed cost of its two actions (F and B)."""
         fwd = float(self.layer_array("fwd_ms")[start:end].sum())
         bwd = float(self.layer_array("bwd_ms")[start:end].sum())
-        return fwd + bwd + (fwd if self.recomputes(stage) else 0.0)
+        return fwd + bwd + (fwd if self.recomputes(stage) else 0.0) + 2 * self.runtime.action_ms
 
     def stage_comm_ms(self, start: int, end: int) -> float:
         """Sending the output forward and the input's gradient backward, one micro-batch."""

@@ -11,7 +11,8 @@ chain's ranges are the special case), and what crosses between stages follows th
 the layer graph (``graph.layer_edges``: the chain i -> i+1 for a profile without edges).
 
 - F(k,i): the sum of the stage's ``fwd_ms`` at micro-batch i's size; B(k,i): its ``bwd_ms``,
-  plus ``fwd_ms`` again when stage k recomputes.
+  plus ``fwd_ms`` again when stage k recomputes; both as the cost model's ``runtime`` runs
+  them (times ``compute_scale``, plus ``action_ms`` per action).
 - SF(k,i) after F: for each layer u of stage k and each *other* stage d that holds a
   successor of u, one transfer of ``out_bytes[u]`` (``link.transfer_ms``); the sender pays
   them all, in one send. SB(k,i) after B: the gradients of everything stage k received, one
@@ -149,8 +150,8 @@ def stage_durations(cm: CostModel, stage_of: IntArray, devices: Sequence[int]) -
         ms = np.where(paid & (out_bytes > 0), link.latency_ms + wire, 0.0)
         stash = (_per_stage(dst, cm.layer_array(recv_key, b)[recv_layer], big_k)
                  + _per_stage(root_stage, cm.layer_array("in_bytes", b)[roots], big_k))
-        table["f"][:, s] = fwd
-        table["b"][:, s] = bwd + np.where(rc, fwd, 0.0)
+        table["f"][:, s] = fwd + cm.runtime.action_ms  # fwd, bwd: scaled by the runtime
+        table["b"][:, s] = bwd + np.where(rc, fwd, 0.0) + cm.runtime.action_ms
         table["sf"][:, s] = _per_stage(src, ms, big_k)
         table["sb"][:, s] = _per_stage(dst, ms, big_k)
         table["hold"][:, s] = np.where(rc, stash, saved)

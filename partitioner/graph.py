@@ -183,7 +183,8 @@ def evaluate_assignment(cm: CostModel, stage_of: Sequence[int]) -> GraphSolution
     fwd, bwd = cm.layer_array("fwd_ms"), cm.layer_array("bwd_ms")
     saved, out = cm.layer_array("saved_bytes"), cm.layer_array("out_bytes")
     inputs, state = cm.layer_array("in_bytes"), cm.param_state_bytes()
-    compute, comm = [0.0] * big_k, [0.0] * big_k
+    compute = [2 * cm.runtime.action_ms] * big_k  # the runtime's cost of each stage's F and B
+    comm = [0.0] * big_k
     state_k, saved_k, stash_k, sent_k = [0.0] * big_k, [0.0] * big_k, [0.0] * big_k, [0.0] * big_k
     for i, k in enumerate(stage_of):
         compute[k] += float(fwd[i] + bwd[i]) + (float(fwd[i]) if cm.recomputes(k) else 0.0)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .costs import OPTIMIZERS, RECOMPUTE_MODES, SCHEDULES, Link
+from .costs import OPTIMIZERS, RECOMPUTE_MODES, SCHEDULES, Link, Runtime
 from .jsonfile import read_json
 from .profile import Profile
 
@@ -70,6 +70,7 @@ class Plan:
     link: Link = field(default_factory=lambda: Link(math.inf, 0.0))
     memory_limit_bytes: float = math.inf
     predicted: Prediction | None = None
+    runtime: Runtime = field(default_factory=Runtime)
 
     @property
     def num_stages(self) -> int:
@@ -136,7 +137,9 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "cost_model": {"optimizer": plan.optimizer,
                        "bandwidth_gbps": _json_float(plan.link.bandwidth_gbps),
                        "latency_ms": plan.link.latency_ms,
-                       "memory_limit_bytes": _json_float(plan.memory_limit_bytes)},
+                       "memory_limit_bytes": _json_float(plan.memory_limit_bytes),
+                       "compute_scale": plan.runtime.compute_scale,
+                       "action_ms": plan.runtime.action_ms},
     }
     if plan.predicted is not None:
         pred = asdict(plan.predicted)
@@ -189,6 +192,15 @@ def plan_from_dict(data: object, source: str = "plan") -> Plan:
     except TypeError as exc:
         problems.append(f"cost_model: {exc.args[0]!r} is not a number or 'inf'")
         link, limit = Link(math.inf, 0.0), math.inf
+    try:
+        runtime = Runtime(_float(cost.get("compute_scale", 1.0)),
+                          _float(cost.get("action_ms", 0.0)))
+    except TypeError as exc:
+        problems.append(f"cost_model: {exc.args[0]!r} is not a number")
+        runtime = Runtime()
+    except ValueError as exc:
+        problems.append(f"cost_model: {exc}")
+        runtime = Runtime()
     optimizer = cost.get("optimizer", "adam")
     if optimizer not in OPTIMIZERS:
         problems.append(f"cost_model.optimizer: {optimizer!r} is not one of {OPTIMIZERS}")
@@ -209,6 +221,7 @@ def plan_from_dict(data: object, source: str = "plan") -> Plan:
         link=link,
         memory_limit_bytes=limit,
         predicted=_parse_prediction(pred) if isinstance(pred, dict) else None,
+        runtime=runtime,
     )
 
 

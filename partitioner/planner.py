@@ -90,6 +90,7 @@ def _plan(cm: CostModel, stages: tuple[StagePlan, ...], memory_limit_bytes: floa
         link=cm.link,
         memory_limit_bytes=memory_limit_bytes,
         predicted=predicted,
+        runtime=cm.runtime,
     )
 
 

@@ -40,6 +40,7 @@ from .costs import (
     CostModel,
     Link,
     Optimizer,
+    Runtime,
     split_microbatches,
 )
 from .graph import GraphSolution, evaluate_assignment
@@ -173,10 +174,12 @@ def search(
     partition: PartitionFn | None = None,
     solver: str = "auto",
     time_limit_s: float = 10.0,
+    runtime: Runtime | None = None,
 ) -> SearchResult:
     """Try every K in 1..devices, M in ``microbatches``, recompute mode and schedule; rank
     the feasible ones by simulated step time. ``solver`` (dp, ilp or auto) picks the
-    partition function unless ``partition`` is given; M defaults to
+    partition function unless ``partition`` is given; ``runtime`` (default: the profile as it
+    is) says how the executor's actions relate to the profile; M defaults to
     ``microbatch_candidates`` for the DP and ``power_of_two_microbatches`` for the ILP."""
     problems = _check(profile, devices, global_batch, schedules, recompute, microbatches)
     if problems:
@@ -199,7 +202,8 @@ def search(
                 group = [CostModel(profile, global_batch, m, stages=big_k,
                                    recompute=rc,  # type: ignore[arg-type]
                                    schedule=sched,  # type: ignore[arg-type]
-                                   link=link, optimizer=optimizer)
+                                   link=link, optimizer=optimizer,
+                                   runtime=runtime or Runtime())
                          for sched in schedules
                          if not (sched == "1f1b" and (big_k == 1 or m == 1)
                                  and "gpipe" in schedules)]  # else the same actions as gpipe

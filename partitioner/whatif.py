@@ -20,10 +20,12 @@ from .cli import (
     _nonneg_float,
     _positive_int,
     add_cost_arguments,
+    add_runtime_arguments,
     add_solver_arguments,
     link_from_args,
     load_profile_arg,
     memory_limit_from_args,
+    runtime_from_args,
 )
 from .costs import LINKS, OPTIMIZERS, RECOMPUTE_MODES, SCHEDULES, CostModel
 from .gantt import PlotUnavailableError, save_gantt_png
@@ -66,7 +68,7 @@ def simulate_plan(plan: Plan, profile: Profile, *, num_devices: int | None = Non
     fields: dict[str, object] = {
         "global_batch": plan.global_batch, "microbatches": plan.microbatches,
         "schedule": plan.schedule, "recompute": plan.recompute, "link": plan.link,
-        "optimizer": plan.optimizer}
+        "optimizer": plan.optimizer, "runtime": plan.runtime}
     fields.update({k: v for k, v in overrides.items() if v is not None})
     cm = CostModel(profile, stages=big_k, **fields)  # type: ignore[arg-type]
     if num_devices is None:
@@ -108,6 +110,7 @@ def simulate_main(argv: Sequence[str]) -> int:
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None)
     p.add_argument("--optimizer-ms", type=_nonneg_float, default=0.0,
                    help="optimizer step of the whole model, split over stages by parameters")
+    add_runtime_arguments(p)
     p.add_argument("--trace", default=None, metavar="OUT.json",
                    help="write the predicted timeline as a Chrome trace (Perfetto)")
     p.add_argument("--png", default=None, metavar="OUT.png", help="write a Gantt chart")
@@ -124,7 +127,8 @@ def simulate_main(argv: Sequence[str]) -> int:
     res, cm, devices = simulate_plan(
         plan, profile, num_devices=args.devices, global_batch=args.global_batch,
         microbatches=args.microbatches, schedule=args.schedule, recompute=args.recompute,
-        link=link, optimizer=args.optimizer, optimizer_ms=args.optimizer_ms)
+        link=link, optimizer=args.optimizer, optimizer_ms=args.optimizer_ms,
+        runtime=runtime_from_args(args, plan.runtime))
     assert res.timeline is not None
     if args.trace:
         save_chrome_trace(res.timeline, args.trace)
@@ -202,7 +206,8 @@ def search_main(argv: Sequence[str]) -> int:
     result = search(profile, args.devices, args.global_batch, limit,
                     schedules=_names(args.schedules), recompute=_names(args.recompute),
                     link=link_from_args(args, profile), optimizer=args.optimizer,
-                    microbatches=ms, solver=args.solver, time_limit_s=args.time_limit)
+                    microbatches=ms, solver=args.solver, time_limit_s=args.time_limit,
+                    runtime=runtime_from_args(args))
     print(f"{profile.model} on {profile.device.name}, B={args.global_batch}, up to "
           f"{args.devices} devices, M in {','.join(map(str, result.microbatches))}, "
           f"fastest by simulated step:\n")

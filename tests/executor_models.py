@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -136,3 +137,45 @@ class Sleep(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         time.sleep(self.ms / 1e3)
         return x * self.scale
+
+
+class _RowSleep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, fwd_s: float, bwd_s: float) -> torch.Tensor:
+        ctx.bwd_s = bwd_s * x.shape[0]
+        time.sleep(fwd_s * x.shape[0])
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        time.sleep(ctx.bwd_s)
+        return grad, None, None
+
+
+class RowSleep(nn.Module):
+    """A layer whose forward sleeps ``fwd_ms`` and backward ``bwd_ms`` per row of its input:
+    known costs, proportional to the micro-batch size as a synthetic profile scales them."""
+
+    def __init__(self, fwd_ms: float, bwd_ms: float) -> None:
+        super().__init__()
+        self.fwd_s, self.bwd_s = fwd_ms / 1e3, bwd_ms / 1e3
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = _RowSleep.apply(x, self.fwd_s, self.bwd_s)
+        return out * self.scale
+
+
+#: per-row (fwd_ms, bwd_ms) of the sleep job's layers; the first layer's input is data, so
+#: autograd runs no backward of its own (as the profiler measures it: input_grad=False)
+SLEEP_MS = [(1.0, 0.0), (2.0, 1.0), (1.5, 1.5), (0.5, 3.0)]
+
+
+def sleep_job() -> Any:
+    """A job of RowSleep layers (``SLEEP_MS``): its actions take known times."""
+    from executor.launch import Job
+
+    def batch(step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.ones(size, 4), torch.zeros(size, 4)
+
+    return Job(lambda i: RowSleep(*SLEEP_MS[i]), len(SLEEP_MS), batch, F.mse_loss)

@@ -1,8 +1,10 @@
 import math
 
+import executor_models as em
 import pytest
 
-from executor.calibrate import fit_link, measure_link
+from conftest import make_profile
+from executor.calibrate import fit_link, fit_runtime, measure_link, measure_runtime
 
 
 def test_fit_link_recovers_latency_and_bandwidth() -> None:
@@ -34,3 +36,31 @@ def test_fit_link_takes_the_latency_from_the_small_messages() -> None:
     link = fit_link(sizes, times)
     assert link.latency_ms == pytest.approx(0.1, abs=0.03)
     assert link.bandwidth_gbps == pytest.approx(4.0, rel=0.1)
+
+
+def test_fit_runtime_recovers_scale_and_fixed_cost() -> None:
+    profiled = [0.5, 1.0, 2.0, 8.0]
+    runtime = fit_runtime(profiled, [1.25 * x + 0.2 for x in profiled])
+    assert runtime.compute_scale == pytest.approx(1.25, rel=1e-6)
+    assert runtime.action_ms == pytest.approx(0.2, abs=1e-6)
+    # a negative fixed cost (noise) is refitted through the origin
+    assert fit_runtime([1.0, 2.0], [0.9, 2.0]).action_ms == 0.0
+    with pytest.raises(ValueError, match="distinct"):
+        fit_runtime([1.0, 1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="two"):
+        fit_runtime([1.0], [1.0])
+
+
+@pytest.mark.timeout(240)
+def test_measure_runtime_on_layers_of_known_cost() -> None:
+    # layers that sleep a known time per row: a profile that says so fits a scale near 1
+    # and a small fixed cost; a profile that says half fits a scale near 2
+    fwd, bwd = [f for f, _ in em.SLEEP_MS], [b for _, b in em.SLEEP_MS]
+    exact = measure_runtime("executor_models:sleep_job", make_profile(fwd, bwd), 8,
+                            microbatches=(1, 4), steps=2, warmup=1)
+    assert exact.compute_scale == pytest.approx(1.0, abs=0.1)
+    assert exact.action_ms < 1.5  # sleeps overshoot, the loss, the runtime's dispatch
+    half = measure_runtime("executor_models:sleep_job",
+                           make_profile([f / 2 for f in fwd], [b / 2 for b in bwd]), 8,
+                           microbatches=(1, 4), steps=2, warmup=1)
+    assert half.compute_scale == pytest.approx(2.0, abs=0.2)

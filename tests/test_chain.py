@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from conftest import make_profile
 from partitioner.chain import InfeasibleError, partition_chain, stage_costs
-from partitioner.costs import CostModel, Link
+from partitioner.costs import CostModel, Link, Runtime
 from partitioner.profile import load_profile
 
 
@@ -47,7 +47,8 @@ def instances(draw: st.DrawFn) -> tuple[CostModel, float]:
     cm = CostModel(prof, draw(st.integers(m, 3 * m)), m, stages=k,
                    recompute=draw(st.sampled_from(["never", "always", "except_last"])),
                    schedule=draw(st.sampled_from(["gpipe", "1f1b"])), link=link,
-                   optimizer=draw(st.sampled_from(["none", "sgd", "adam"])))
+                   optimizer=draw(st.sampled_from(["none", "sgd", "adam"])),
+                   runtime=draw(st.sampled_from([Runtime(), Runtime(1.4, 0.3)])))
     limit_kind = draw(st.sampled_from(["none", "tight", "random"]))
     if limit_kind == "none":
         limit = math.inf

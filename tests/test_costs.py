@@ -7,6 +7,7 @@ from partitioner.costs import (
     LINKS,
     CostModel,
     Link,
+    Runtime,
     bytes_per_param,
     interpolate,
     split_microbatches,
@@ -91,3 +92,19 @@ def test_invalid_configuration() -> None:
     with pytest.raises(ValueError, match="K=0"):
         CostModel(prof, 1, 1, stages=0)
     assert math.isinf(LINKS["free"].bandwidth_gbps)
+
+
+def test_runtime_scales_layer_times_and_charges_each_action() -> None:
+    prof = make_profile([1.0, 2.0], [3.0, 4.0])
+    base = CostModel(prof, 2, 2, stages=1, recompute="always")
+    run = CostModel(prof, 2, 2, stages=1, recompute="always", runtime=Runtime(1.5, 0.2))
+    assert run.layer_array("fwd_ms") == pytest.approx(1.5 * base.layer_array("fwd_ms"))
+    assert run.layer_array("bwd_ms") == pytest.approx(1.5 * base.layer_array("bwd_ms"))
+    # F and B (the recomputed forward runs inside B): two fixed costs per micro-batch
+    assert run.stage_compute_ms(0, 2, 0) == pytest.approx(
+        1.5 * base.stage_compute_ms(0, 2, 0) + 2 * 0.2)
+    assert Runtime().action_ms_for(3.0) == 3.0
+    with pytest.raises(ValueError, match="compute_scale=0"):
+        Runtime(0.0)
+    with pytest.raises(ValueError, match="action_ms=-1"):
+        Runtime(1.0, -1.0)

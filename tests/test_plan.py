@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from partitioner.chain import partition_chain, stage_costs
-from partitioner.costs import LINKS, CostModel
+from partitioner.costs import LINKS, CostModel, Runtime
 from partitioner.graph import evaluate_assignment, stage_of_nodes
 from partitioner.plan import Plan, PlanError, load_plan, plan_from_dict, plan_to_dict, save_plan
 from partitioner.planner import closed_form_prediction, make_plan
@@ -139,3 +139,21 @@ def test_graph_plans_carry_the_simulated_prediction() -> None:
     assert max(split.stage_comm_ms) > max(stage_costs(cm, cuts).stage_ms[k] - c for k, c in
                                           enumerate(split.stage_compute_ms))  # skips cost
     assert chain.predicted.step_ms > plan.predicted.step_ms
+
+
+def test_plans_carry_the_runtime_they_were_made_with(tmp_path: Path) -> None:
+    cm = CostModel(load_profile("h200/gpt2-medium"), 16, 4, stages=4,
+                   runtime=Runtime(1.25, 0.5))
+    plan = make_plan(cm)
+    assert plan.runtime == Runtime(1.25, 0.5)
+    save_plan(plan, tmp_path / "plan.json")
+    assert load_plan(tmp_path / "plan.json") == plan
+    assert plan.predicted is not None
+    assert plan.predicted.step_ms == pytest.approx(
+        simulate(cm, ranges_from_boundaries(plan.boundaries)).step_ms)
+    data = plan_to_dict(plan)
+    data["cost_model"]["compute_scale"] = -2
+    with pytest.raises(PlanError, match="compute_scale=-2"):
+        plan_from_dict(data)
+    del data["cost_model"]["compute_scale"], data["cost_model"]["action_ms"]
+    assert plan_from_dict(data).runtime == Runtime()  # plans written before the runtime

@@ -5,13 +5,14 @@ import itertools
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from conftest import make_profile
 from partitioner.chain import partition_chain, stage_costs
-from partitioner.costs import LINKS, CostModel, Link
+from partitioner.costs import LINKS, CostModel, Link, Runtime
 from partitioner.profile import load_profile
 from partitioner.schedule import ScheduleError, from_rows, gpipe, lower, make_schedule
 from partitioner.simulate import SimResult, ranges_from_boundaries, simulate
@@ -213,3 +214,19 @@ def test_bench_simulate_quick() -> None:
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "simulate_s" in result.stdout and "configs" in result.stdout
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("big_k,m", [(1, 1), (2, 3), (4, 8)])
+def test_runtime_scales_every_action_and_adds_its_fixed_cost(schedule: str, big_k: int,
+                                                              m: int) -> None:
+    # balanced stages with actions of s*f + a and s*b + a: the closed form with those times
+    scale, fixed, f, b = 1.3, 0.25, 1.0, 2.0
+    cm, ranges = _balanced(big_k, m, f, b, schedule, layers_per_stage=2)
+    res = simulate(replace(cm, runtime=Runtime(scale, fixed)), ranges)
+    action = scale * (f + b) + 2 * fixed
+    assert res.step_ms == pytest.approx((m + big_k - 1) * action)
+    assert res.stage_busy_ms == pytest.approx([m * action] * big_k)
+    # the partitioner sees the same per-micro-batch stage time the simulator runs
+    costs = stage_costs(replace(cm, runtime=Runtime(scale, fixed)), (0, *(e for _, e in ranges)))
+    assert costs.stage_ms == pytest.approx([action] * big_k)

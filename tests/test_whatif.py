@@ -151,3 +151,22 @@ def test_search_on_a_graph_profile_uses_the_ilp(tmp_path: Path,
     assert "layer order" in captured.out and "planning it as a chain" in captured.err
     dp_row = captured.out.split("rank")[1].splitlines()[1].split()
     assert float(dp_row[6]) >= float(first_row[6]) - 0.01
+
+
+def test_runtime_options_scale_the_prediction(plan_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    base = _json(capsys, ["simulate", str(plan_path), "--json", "--bandwidth", "inf",
+                          "--latency-ms", "0"])
+    slow = _json(capsys, ["simulate", str(plan_path), "--json", "--bandwidth", "inf",
+                          "--latency-ms", "0", "--compute-scale", "2"])
+    assert float(slow["step_ms"]) == pytest.approx(2 * float(base["step_ms"]))  # type: ignore[arg-type]
+    out = plan_path.parent / "slow.json"
+    assert main([*PLAN, "--compute-scale", "1.5", "--action-ms", "0.1", "-o", str(out)]) == 0
+    plan = load_plan(out)
+    assert (plan.runtime.compute_scale, plan.runtime.action_ms) == (1.5, 0.1)
+    again = _json(capsys, ["simulate", str(out), "--json"])  # the plan's own runtime
+    assert plan.predicted is not None
+    assert float(again["step_ms"]) == pytest.approx(plan.predicted.step_ms)  # type: ignore[arg-type]
+    with pytest.raises(SystemExit):
+        main([*PLAN, "--compute-scale", "0"])
+    assert "--compute-scale '0' must be a number > 0" in capsys.readouterr().err

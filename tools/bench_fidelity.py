@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from executor.calibrate import measure_link
+from executor.calibrate import measure_link, measure_runtime
 from executor.distributed import DistributedRunner
 from executor.launch import load_job
 from executor.models import build_model
@@ -57,12 +57,13 @@ def _time_plans(job_spec: str, plan_paths: list[str], warmup: int, steps: int) -
     return medians
 
 
-def _profile_on_rank(name: str, batch: int, sizes: list[int], clock: str) -> Profile:
+def _profile_on_rank(name: str, batch: int, sizes: list[int], clock: str,
+                     flush_bytes: int = 0) -> Profile:
     """Every rank profiles the same model at once, so each layer is timed while the other
     cores are busy too, as they are when the pipeline runs."""
     work = build_model(name, batch=batch)
     return profile_model(work.model, work.sample, sizes, "cpu", threads=1, clock=clock,
-                         name=name, input_info=work.input_info)
+                         flush_bytes=flush_bytes, name=name, input_info=work.input_info)
 
 
 def main() -> None:
@@ -78,6 +79,7 @@ def main() -> None:
     p.add_argument("--alone", action="store_true",
                    help="profile in this process alone (default: on two ranks at once, as "
                         "the pipeline's ranks run)")
+    p.add_argument("--flush-mib", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="gpt-text, M=2 and 4, never: a smoke run")
     args = p.parse_args()
     models = args.models.split(",")
@@ -95,15 +97,19 @@ def main() -> None:
         for name in models:
             sizes = sorted({-(-batch // m) for m in ms} | {batch // m for m in ms if batch // m})
             if args.alone:
-                profile = _profile_on_rank(name, batch, sizes, args.clock)
+                profile = _profile_on_rank(name, batch, sizes, args.clock, args.flush_mib << 20)
             else:
-                profile = spawn_local(_profile_on_rank, 2, (name, batch, sizes, args.clock),
+                profile = spawn_local(_profile_on_rank, 2, (name, batch, sizes, args.clock, args.flush_mib << 20),
                                       threads=1, timeout_s=300.0)[0]
+            runtime = measure_runtime(WORKLOADS[name], profile, batch, link=link)
+            print(f"{name}: runtime fitted on a trial at M=1,4: actions take "
+                  f"{runtime.compute_scale:.3f} x profiled + {runtime.action_ms:.3f} ms",
+                  flush=True)
             plans, predicted = [], []
             for m in ms:
                 for mode in modes:
                     cm = CostModel(profile, batch, m, stages=2, recompute=mode,
-                                   link=link)
+                                   link=link, runtime=runtime)
                     plan = make_plan(cm, devices=["cpu", "cpu"])
                     path = str(Path(tmp) / f"{name}-{m}-{mode}.json")
                     save_plan(plan, path)
