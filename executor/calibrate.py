@@ -164,8 +164,14 @@ def measure_runtime(job: str, profile: Profile, global_batch: int, *, link: Link
     import tempfile
     from pathlib import Path
 
+    from .launch import load_job
+
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
+    layers = load_job(job).num_layers
+    if layers != profile.num_layers:
+        raise ValueError(f"job {job!r} has {layers} layers but profile {profile.model!r} has "
+                         f"{profile.num_layers}; give the profile of the job's model")
     models = [CostModel(profile, global_batch, m, stages=2, recompute=recompute,
                         link=link or Link(float("inf"), 0.0)) for m in microbatches]
     plans = [make_plan(cm, devices=["cpu", "cpu"]) for cm in models]
@@ -187,3 +193,52 @@ def measure_runtime(job: str, profile: Profile, global_batch: int, *, link: Link
                 xs.append(predicted)
                 ys.append(ms)
     return fit_runtime(xs, ys)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``partition-model calibrate``: measure the link and fit the runtime on two local ranks,
+    and print them as the options ``plan``, ``search`` and ``simulate`` take."""
+    import argparse
+    import json
+
+    from partitioner.profile import load_profile
+
+    p = argparse.ArgumentParser(
+        prog="partition-model calibrate",
+        description="Measure this machine's link between two local CPU ranks (gloo) and fit "
+                    "the executor's runtime from a short trial of the job's pipeline; prints "
+                    "the options that make plan/search/simulate predict this machine.")
+    p.add_argument("--job", required=True, metavar="MODULE:FUNCTION",
+                   help="the training job (an executor.launch.Job), e.g. "
+                        "executor.jobs:translation")
+    p.add_argument("--profile", required=True, metavar="PATH|NAME",
+                   help="the profile of the job's model (partition-model profile)")
+    p.add_argument("--global-batch", "-B", type=int, required=True, help="samples per step")
+    p.add_argument("--microbatches", default="1,4",
+                   help="M of the trial runs (default 1,4: two micro-batch sizes)")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per trial (default 4)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = p.parse_args(list(argv) if argv is not None else None)
+    try:
+        ms = [int(x) for x in args.microbatches.split(",")]
+    except ValueError:
+        p.error(f"--microbatches {args.microbatches!r} is not a comma-separated list of whole "
+                f"numbers, e.g. 1,4")
+    bad = [m for m in ms if not 1 <= m <= args.global_batch]
+    if bad or args.global_batch < 1:
+        p.error(f"--microbatches {args.microbatches}: every M must be 1..B (B="
+                f"{args.global_batch}); the trial needs a sample per micro-batch")
+    profile = load_profile(args.profile)
+    link = measure_link()
+    runtime = measure_runtime(args.job, profile, args.global_batch, link=link,
+                              microbatches=ms, steps=args.steps)
+    if args.json:
+        print(json.dumps({"bandwidth_gbps": link.bandwidth_gbps, "latency_ms": link.latency_ms,
+                          "compute_scale": runtime.compute_scale,
+                          "action_ms": runtime.action_ms}))
+    else:
+        print(f"link: {link.bandwidth_gbps:g} GB/s + {link.latency_ms:g} ms per message; "
+              f"actions take {runtime.compute_scale:g} x profiled + {runtime.action_ms:g} ms")
+        print(f"--bandwidth {link.bandwidth_gbps:g} --latency-ms {link.latency_ms:g} "
+              f"--compute-scale {runtime.compute_scale:g} --action-ms {runtime.action_ms:g}")
+    return 0

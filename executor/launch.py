@@ -5,8 +5,8 @@
         --trace measured.json        # no torchrun: spawns K local CPU ranks (gloo, 127.0.0.1)
 
 ``--job module:function`` names a function returning a ``Job``: the layers as a factory (each
-rank builds only its own range), the number of layers, the data and the loss. Rank 0 writes the
-measured timeline of the last step with ``--trace`` (the simulator's Chrome trace format, so
+rank builds only its own range), the number of layers, the data and the loss. Rank 0 writes a
+measured timeline with ``--trace``: of the last 5 steps, the one of median length (the simulator's Chrome trace format, so
 ``partition-model compare PREDICTED MEASURED`` can read it).
 """
 
@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from partitioner.plan import PlanError, load_plan
-from partitioner.timeline import save_chrome_trace
+from partitioner.timeline import Timeline, save_chrome_trace
 
 from .distributed import DistributedRunner
 from .interpreter import LossFn
@@ -37,6 +37,9 @@ from .spawn import RankFailure, spawn_local
 from .stage import LayerSource
 
 __all__ = ["Job", "demo_job", "load_job", "main", "run_rank"]
+
+#: with ``--trace``: the last steps whose timelines are recorded; the median one is written
+TRACED_STEPS = 5
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,9 @@ def run_rank(job_spec: str, plan_path: str, steps: int, trace: str | None,
     """Train ``steps`` steps on this rank (the process group is up); a summary of the rank:
     its losses (last stage), the wall time of each whole step (``step_ms``, optimizer
     included) and of each pipelined ``train_step`` alone (``pipeline_ms``). With ``progress``
-    the last stage shows a progress bar with the loss; otherwise it prints a line per step."""
+    the last stage shows a progress bar with the loss; otherwise it prints a line per step.
+    ``trace``: rank 0 records the last ``TRACED_STEPS`` steps' timelines and writes the one
+    of median length (one step alone can be an outlier on a shared machine)."""
     job, plan = load_job(job_spec), load_plan(plan_path)
     runner = DistributedRunner(job.layers, plan, num_layers=job.num_layers, device=device,
                                timeout_s=timeout_s)
@@ -107,6 +112,7 @@ def run_rank(job_spec: str, plan_path: str, steps: int, trace: str | None,
     losses: list[float] = []
     step_ms: list[float] = []
     pipeline_ms: list[float] = []
+    traced: list[Timeline] = []
     for step in range(steps):
         inputs, targets = job.batch(step, plan.global_batch)
         start = time.perf_counter()
@@ -114,7 +120,7 @@ def run_rank(job_spec: str, plan_path: str, steps: int, trace: str | None,
             optimizer.zero_grad()
         begin = time.perf_counter()
         result = runner.train_step(inputs, targets, job.loss_fn,
-                                   timeline=trace is not None and step == steps - 1)
+                                   timeline=trace is not None and step >= steps - TRACED_STEPS)
         pipeline_ms.append((time.perf_counter() - begin) * 1e3)
         if optimizer is not None:
             optimizer.step()
@@ -126,8 +132,10 @@ def run_rank(job_spec: str, plan_path: str, steps: int, trace: str | None,
                 bar.update()
             else:
                 print(f"step {step}: loss {losses[-1]:.5f} ({step_ms[-1]:.1f} ms)", flush=True)
-        if result.timeline is not None and trace is not None:
-            save_chrome_trace(result.timeline, trace)
+        if result.timeline is not None:
+            traced.append(result.timeline)
+    if traced and trace is not None:
+        save_chrome_trace(sorted(traced, key=lambda t: t.step_ms)[(len(traced) - 1) // 2], trace)
     if bar is not None:
         bar.close()
     return {"stage": runner.index, "losses": losses, "step_ms": step_ms,
@@ -158,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--plan", required=True, help="plan file (gpipe-plan/1 JSON)")
     p.add_argument("--steps", type=int, default=10, help="training steps (default 10)")
     p.add_argument("--trace", default=None, metavar="TRACE.json",
-                   help="write the last step's measured timeline (Chrome trace), from rank 0")
+                   help="write a measured timeline (Chrome trace) from rank 0: of the last "
+                        "5 steps, the one of median length")
     p.add_argument("--device", default="auto",
                    help="auto (cuda:LOCAL_RANK with CUDA, else cpu), plan (the plan's), or a "
                         "device for every rank")

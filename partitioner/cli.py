@@ -42,6 +42,7 @@ COMMANDS: dict[str, str] = {
     "simulate": "partitioner.whatif:simulate_main",
     "search": "partitioner.whatif:search_main",
     "profile": "executor.profile_cli:main",
+    "calibrate": "executor.calibrate:main",
     "run": "executor.launch:main",
 }
 

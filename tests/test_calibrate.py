@@ -1,10 +1,14 @@
+import json
 import math
+from pathlib import Path
 
 import executor_models as em
 import pytest
 
 from conftest import make_profile
 from executor.calibrate import fit_link, fit_runtime, measure_link, measure_runtime
+from partitioner.cli import main as cli_main
+from partitioner.profile import save_profile
 
 
 def test_fit_link_recovers_latency_and_bandwidth() -> None:
@@ -64,3 +68,22 @@ def test_measure_runtime_on_layers_of_known_cost() -> None:
                            make_profile([f / 2 for f in fwd], [b / 2 for b in bwd]), 8,
                            microbatches=(1, 4), steps=2, warmup=1)
     assert half.compute_scale == pytest.approx(2.0, abs=0.2)
+
+
+@pytest.mark.timeout(240)
+def test_calibrate_command_prints_the_planning_options(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fwd, bwd = [f for f, _ in em.SLEEP_MS], [b for _, b in em.SLEEP_MS]
+    save_profile(make_profile(fwd, bwd), tmp_path / "profile.json")
+    argv = ["calibrate", "--job", "executor_models:sleep_job", "--profile",
+            str(tmp_path / "profile.json"), "-B", "8", "--steps", "2"]
+    assert cli_main([*argv, "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["compute_scale"] == pytest.approx(1.0, abs=0.1)
+    assert figures["bandwidth_gbps"] > 0 and figures["latency_ms"] >= 0
+    with pytest.raises(SystemExit):  # M > B
+        cli_main([*argv[:-4], "-B", "2", "--microbatches", "1,4"])
+    assert "every M must be 1..B" in capsys.readouterr().err
+    save_profile(make_profile(fwd[:3], bwd[:3]), tmp_path / "short.json")
+    assert cli_main([*argv[:3], "--profile", str(tmp_path / "short.json"), "-B", "8"]) == 2
+    assert "has 4 layers but profile 'synthetic' has 3" in capsys.readouterr().err

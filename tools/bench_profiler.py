@@ -11,11 +11,12 @@ shows the median ratio over rounds (min..max beside it), with the per-call overh
 (``corrected``) and without it (``raw``: the correction added back), and the minor page faults
 per timed step of the whole model and of all layers timed alone (``faults``).
 
-Known gap on CPU: glibc's malloc may hand memory back to the OS after the whole model's
+On the CPU, glibc's malloc by default hands memory back to the OS after the whole model's
 backward frees every activation, so the next forward page-faults it in again, while a layer
-timed alone reuses its own freed memory; the ``faults`` column (per timed step, whole/layers,
-warm-up and memory passes included) shows when that happens. CUDA's caching allocator does
-not do this.
+timed alone reuses its own freed memory. The profiler (and the executor) therefore set malloc
+to keep freed memory (``executor.allocator``), as CUDA's caching allocator does; the
+``faults`` column (per timed step, whole/layers, warm-up and memory passes included) shows
+what page faults remain.
 """
 
 from __future__ import annotations

@@ -5,8 +5,10 @@
 
 Each step is one library call, and one command for your own model:
   1. profile   partition-model profile --model gpt-text --microbatch-sizes 1,2,4,8,16 --threads 1
-  2. link      (executor.calibrate.measure_link: gloo between two local ranks)
-  3. plan      partition-model search --profile profile.json --devices 2 --global-batch 16 ...
+  2. calibrate partition-model calibrate --job executor.jobs:translation --profile profile.json -B 16
+               (the link between two local ranks, and the runtime from a short trial run)
+  3. plan      partition-model search --profile profile.json --devices 2 --global-batch 16 \
+                 --bandwidth ... --latency-ms ... --compute-scale ... --action-ms ...
   4. predict   partition-model simulate plan.json --trace predicted.json
   5. train     partition-model run --job executor.jobs:translation --plan plan.json --trace ...
   6. compare   partition-model compare predicted.json measured.json
@@ -20,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from executor.calibrate import measure_link
+from executor.calibrate import measure_link, measure_runtime
 from executor.launch import run_rank
 from executor.models import DEFAULT_MODEL, build_model
 from executor.profiler import profile_model
@@ -71,13 +73,18 @@ def main() -> int:
     save_profile(profile, out / "profile.json")
     print(f"{profile.num_layers} layers at micro-batch sizes {sizes}: {out / 'profile.json'}")
 
-    say("2. measure the link between two local ranks (gloo on 127.0.0.1)")
+    say("2. calibrate: the link between two local ranks (gloo on 127.0.0.1), and the runtime "
+        "from a short trial run at M=1 and 4")
     link = measure_link()
-    print(f"{link.bandwidth_gbps:.2f} GB/s, {link.latency_ms:.3f} ms per message")
+    print(f"link {link.bandwidth_gbps:.2f} GB/s, {link.latency_ms:.3f} ms per message")
+    runtime = measure_runtime(job, profile, batch, link=link)
+    print(f"runtime: actions take {runtime.compute_scale:.3f} x their profiled time + "
+          f"{runtime.action_ms:.3f} ms (layers timed alone run with hot caches)")
 
     say(f"3. search K <= 2, M, recompute and schedule under {args.memory_limit} per rank")
     result = search(profile, devices=2, global_batch=batch,
-                    memory_limit_bytes=parse_bytes(args.memory_limit), link=link)
+                    memory_limit_bytes=parse_bytes(args.memory_limit), link=link,
+                    runtime=runtime)
     print(search_table(result, top=6))
     two = [c for c in result.candidates if c.stages == 2]
     if not two:
@@ -112,7 +119,7 @@ def main() -> int:
           f"steps {warm}..{args.steps - 1}): error {100 * err:+.1f}%")
     try:
         save_gantt_png([sim.timeline, measured], out / "timelines.png",
-                       ["predicted", "measured (last step)"])
+                       ["predicted", "measured (median of the last 5 steps)"])
         print(f"timelines: {out / 'timelines.png'}")
     except ImportError as exc:
         print(f"(no PNG: {exc})")
