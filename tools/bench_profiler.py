@@ -87,7 +87,7 @@ def main() -> None:
     p.add_argument("--clock", choices=("wall", "thread"), default="thread",
                    help="CPU clock: thread CPU time (default; ignores other processes on a "
                         "shared machine, needs --threads 1) or wall time")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=9)
     args = p.parse_args()
