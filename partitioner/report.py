@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .costs import CostModel, bytes_per_param
+from .costs import CostModel, Runtime, bytes_per_param
 from .plan import Plan
 from .units import format_bytes
 
@@ -97,6 +97,9 @@ def plan_report(plan: Plan, cm: CostModel) -> str:
                    f"{plan.optimizer} ({bytes_per_param(cm.profile.dtype, plan.optimizer):g} "
                    f"bytes/parameter for {cm.profile.dtype}); link {link}; times per "
                    f"micro-batch of {b}")
+    if plan.runtime != Runtime():
+        assumptions += (f"; runtime: actions take {plan.runtime.compute_scale:g} x profiled + "
+                        f"{plan.runtime.action_ms:g} ms")
     summary = (f"predicted step {pred.step_ms:.3f} ms ({pred.method}: (M+K-1) x bottleneck "
                f"{bottleneck:.3f} ms), bubble {100 * pred.bubble_fraction:.1f}% "
                f"(balanced ideal (K-1)/(M+K-1) = "

@@ -162,6 +162,7 @@ def test_runtime_options_scale_the_prediction(plan_path: Path,
     assert float(slow["step_ms"]) == pytest.approx(2 * float(base["step_ms"]))  # type: ignore[arg-type]
     out = plan_path.parent / "slow.json"
     assert main([*PLAN, "--compute-scale", "1.5", "--action-ms", "0.1", "-o", str(out)]) == 0
+    assert "runtime: actions take 1.5 x profiled + 0.1 ms" in capsys.readouterr().out
     plan = load_plan(out)
     assert (plan.runtime.compute_scale, plan.runtime.action_ms) == (1.5, 0.1)
     again = _json(capsys, ["simulate", str(out), "--json"])  # the plan's own runtime
