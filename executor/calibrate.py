@@ -24,6 +24,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ from partitioner.simulate import ranges_from_boundaries
 
 from .spawn import spawn_local
 
-__all__ = ["fit_link", "fit_runtime", "measure_link", "measure_runtime"]
+__all__ = ["Trial", "fit_link", "fit_runtime", "measure_link", "measure_runtime", "run_trials"]
 
 DEFAULT_SIZES = (4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20)
 
@@ -66,6 +67,17 @@ def _ping_pong(sizes_bytes: Sequence[int], repeats: int) -> list[float]:
     return out
 
 
+def _relative_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """Slope and intercept of the line through (x, y), each point weighing 1 / y (relative
+    errors); refitted through the origin when the intercept or the slope comes out negative."""
+    x, y = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    w = 1.0 / np.maximum(y, 1e-9)
+    slope, intercept = np.polyfit(x, y, 1, w=w)
+    if intercept < 0 or slope <= 0:
+        slope, intercept = float(np.dot(w * w * x, y) / np.dot(w * w * x, x)), 0.0
+    return float(slope), float(intercept)
+
+
 def fit_link(sizes_bytes: Sequence[float], times_ms: Sequence[float]) -> Link:
     """The line ``latency + bytes / bandwidth`` through measured points, fitted on relative
     errors (each point weighs as 1 / its time), so the small messages, which are latency,
@@ -78,12 +90,8 @@ def fit_link(sizes_bytes: Sequence[float], times_ms: Sequence[float]) -> Link:
     if len(sizes_bytes) != len(times_ms) or len(sizes_bytes) < 2:
         raise ValueError(f"need at least two (size, time) points of equal count, got "
                          f"{len(sizes_bytes)} sizes and {len(times_ms)} times")
-    x, y = np.asarray(sizes_bytes, dtype=float), np.asarray(times_ms, dtype=float)
-    w = 1.0 / np.maximum(y, 1e-9)
-    slope, intercept = np.polyfit(x, y, 1, w=w)
-    if intercept < 0:  # refit through the origin
-        slope, intercept = float(np.dot(w * w * x, y) / np.dot(w * w * x, x)), 0.0
-    slope = max(float(slope), 1e-12)
+    slope, intercept = _relative_line(sizes_bytes, times_ms)
+    slope = max(slope, 1e-12)
     return Link(bandwidth_gbps=round(1.0 / (slope * 1e6), 6), latency_ms=round(float(intercept), 6))
 
 
@@ -111,23 +119,29 @@ def fit_runtime(profiled_ms: Sequence[float], measured_ms: Sequence[float]) -> R
     if len(profiled_ms) != len(measured_ms) or len(profiled_ms) < 2:
         raise ValueError(f"need at least two (profiled, measured) pairs of equal count, got "
                          f"{len(profiled_ms)} and {len(measured_ms)}")
-    x, y = np.asarray(profiled_ms, dtype=float), np.asarray(measured_ms, dtype=float)
-    if not (np.all(x > 0) and np.all(y > 0) and np.ptp(x) > 0):
+    if not (min(profiled_ms) > 0 and min(measured_ms) > 0
+            and max(profiled_ms) > min(profiled_ms)):
         raise ValueError("profiled and measured times must be > 0, with at least two distinct "
                          "profiled times")
-    w = 1.0 / y
-    slope, intercept = np.polyfit(x, y, 1, w=w)
-    if intercept < 0 or slope <= 0:
-        slope, intercept = float(np.dot(w * w * x, y) / np.dot(w * w * x, x)), 0.0
+    slope, intercept = _relative_line(profiled_ms, measured_ms)
     return Runtime(compute_scale=round(float(slope), 6), action_ms=round(float(intercept), 6))
 
 
-def _trial(job_spec: str, plan_paths: list[str], warmup: int,
-           steps: int) -> list[dict[tuple[int, str, int], float]] | None:
-    """On each rank: run every plan for warmup + steps steps; rank 0 returns, per plan, the
-    median measured time of each (stage, 'F'|'B', micro-batch) over the timed steps."""
-    from collections import defaultdict
+@dataclass(frozen=True)
+class Trial:
+    """One plan's trial on one rank: the wall time of each timed step (from a barrier to
+    the end of ``train_step``) and, when recorded, the median time of each of the stages'
+    F and B actions, keyed (stage, kind, micro-batch) (rank 0 only; empty elsewhere)."""
 
+    step_ms: list[float]
+    action_ms: dict[tuple[int, str, int], float]
+
+
+def run_trials(job_spec: str, plan_paths: Sequence[str], warmup: int, steps: int,
+               record: bool = False) -> list[Trial]:
+    """On every rank of the process group: train each plan for ``warmup + steps`` steps of
+    ``job_spec`` (gradients cleared, no optimizer step), timing the last ``steps``. With
+    ``record`` the runner's timelines are gathered on rank 0 (which costs the step a gather)."""
     from .distributed import DistributedRunner
     from .launch import load_job
 
@@ -137,19 +151,23 @@ def _trial(job_spec: str, plan_paths: list[str], warmup: int,
         runner = DistributedRunner(job.layers, path, num_layers=job.num_layers, device="cpu",
                                    timeout_s=120.0)
         params = runner.parameters()
-        times: dict[tuple[int, str, int], list[float]] = defaultdict(list)
+        walls: list[float] = []
+        actions: dict[tuple[int, str, int], list[float]] = {}
         for step in range(warmup + steps):
             inputs, targets = job.batch(step, runner.plan.global_batch)
             for p in params:
                 p.grad = None
-            result = runner.train_step(inputs, targets, job.loss_fn, timeline=True)
+            dist.barrier()
+            start = time.perf_counter()
+            result = runner.train_step(inputs, targets, job.loss_fn, timeline=record)
+            walls.append((time.perf_counter() - start) * 1e3)
             if result.timeline is not None and step >= warmup:
                 for e in result.timeline.events:
                     if e.action.kind in ("F", "B"):
                         key = (e.action.stage, e.action.kind, e.action.microbatch)
-                        times[key].append(e.duration_ms)
-        out.append({key: statistics.median(v) for key, v in times.items()})
-    return out if dist.get_rank() == 0 else None
+                        actions.setdefault(key, []).append(e.duration_ms)
+        out.append(Trial(walls[warmup:], {k: statistics.median(v) for k, v in actions.items()}))
+    return out
 
 
 def measure_runtime(job: str, profile: Profile, global_batch: int, *, link: Link | None = None,
@@ -179,10 +197,9 @@ def measure_runtime(job: str, profile: Profile, global_batch: int, *, link: Link
         paths = [str(Path(tmp) / f"trial-{i}.json") for i in range(len(plans))]
         for plan, path in zip(plans, paths, strict=True):
             save_plan(plan, path)
-        per_rank = spawn_local(_trial, 2, (job, paths, warmup, steps), threads=threads,
+        per_rank = spawn_local(run_trials, 2, (job, paths, warmup, steps, True), threads=threads,
                                timeout_s=timeout_s, deadline_s=timeout_s * 2)
-    measured = per_rank[0]
-    assert measured is not None
+    measured = [trial.action_ms for trial in per_rank[0]]
     xs, ys = [], []
     for cm, plan, meas in zip(models, plans, measured, strict=True):
         ranges = ranges_from_boundaries(plan.boundaries)

@@ -17,14 +17,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
-import torch.distributed as dist
-
-from executor.calibrate import measure_link, measure_runtime
-from executor.distributed import DistributedRunner
-from executor.launch import load_job
+from executor.calibrate import measure_link, measure_runtime, run_trials
 from executor.models import build_model
 from executor.profiler import profile_model
 from executor.spawn import spawn_local
@@ -36,28 +31,6 @@ from partitioner.report import format_table
 
 TRIAL_MS = (1, 4)  # the calibration trial's M (recompute never)
 WORKLOADS = {"gpt-text": "executor.jobs:translation", "resnet-tiny": "executor.jobs:images"}
-
-
-def _time_plans(job_spec: str, plan_paths: list[str], warmup: int, steps: int) -> list[float]:
-    """On each rank: the median wall time (ms) of a pipelined step, per plan."""
-    job = load_job(job_spec)
-    medians = []
-    for path in plan_paths:
-        runner = DistributedRunner(job.layers, path, num_layers=job.num_layers, device="cpu",
-                                   timeout_s=120.0)
-        params = runner.parameters()
-        batch = runner.plan.global_batch
-        times = []
-        for step in range(warmup + steps):
-            inputs, targets = job.batch(step, batch)
-            for p in params:
-                p.grad = None
-            dist.barrier()
-            start = time.perf_counter()
-            runner.train_step(inputs, targets, job.loss_fn)
-            times.append((time.perf_counter() - start) * 1e3)
-        medians.append(statistics.median(times[warmup:]))
-    return medians
 
 
 def _profile_on_rank(name: str, batch: int, sizes: list[int], clock: str,
@@ -127,12 +100,12 @@ def main() -> None:
                     assert plan.predicted is not None
                     plans.append((m, mode, plan))
                     predicted.append(plan.predicted.step_ms)
-            per_rank = spawn_local(_time_plans, 2, (WORKLOADS[name],
+            per_rank = spawn_local(run_trials, 2, (WORKLOADS[name],
                                    [str(Path(tmp) / f"{name}-{m}-{mode}.json")
                                     for m, mode, _ in plans], args.warmup, args.steps),
                                    threads=1, timeout_s=120.0)
             for j, (m, mode, plan) in enumerate(plans):
-                measured = max(r[j] for r in per_rank)
+                measured = max(statistics.median(r[j].step_ms) for r in per_rank)
                 err = (predicted[j] - measured) / measured
                 trial = not args.uncalibrated and mode == "never" and m in TRIAL_MS
                 errors.append(abs(err))
