@@ -6,8 +6,8 @@
 
 ``--job module:function`` names a function returning a ``Job``: the layers as a factory (each
 rank builds only its own range), the number of layers, the data and the loss. Rank 0 writes a
-measured timeline with ``--trace``: of the last 5 steps, the one of median length (the simulator's Chrome trace format, so
-``partition-model compare PREDICTED MEASURED`` can read it).
+measured timeline with ``--trace``: of the last 5 steps, the one of median length (in the
+simulator's Chrome trace format, so ``partition-model compare PREDICTED MEASURED`` reads it).
 """
 
 from __future__ import annotations
