@@ -22,9 +22,11 @@ caches; inside a pipeline they do not, and each action pays the runtime's dispat
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,35 +34,38 @@ import torch.distributed as dist
 
 from partitioner.costs import CostModel, Link, Recompute, Runtime
 from partitioner.durations import stage_durations, stage_of_ranges
-from partitioner.plan import save_plan
+from partitioner.plan import Plan, save_plan
 from partitioner.planner import make_plan
 from partitioner.profile import Profile
 from partitioner.simulate import ranges_from_boundaries
 
 from .spawn import spawn_local
 
-__all__ = ["Trial", "fit_link", "fit_runtime", "measure_link", "measure_runtime", "run_trials"]
+__all__ = ["Trial", "check_job", "fit_link", "fit_runtime", "fit_trials", "measure_link",
+           "measure_runtime", "ping_pong", "run_trials", "trial_plans"]
 
 DEFAULT_SIZES = (4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20)
 
 
-def _ping_pong(sizes_bytes: Sequence[int], repeats: int) -> list[float]:
-    """On each of two ranks: the median one-way time (ms) of each size."""
-    rank = dist.get_rank()
-    peer = 1 - rank
+def ping_pong(sizes_bytes: Sequence[int], repeats: int, device: str = "cpu") -> list[float]:
+    """On every rank of the process group: ranks 0 and 1 bounce a buffer of each size on
+    ``device`` (the others wait); the median one-way time (ms) of each size."""
+    rank, dev = dist.get_rank(), torch.device(device)
     out = []
     for n_bytes in sizes_bytes:
-        buf = torch.zeros(max(1, n_bytes // 4), dtype=torch.float32)
+        buf = torch.zeros(max(1, n_bytes // 4), dtype=torch.float32, device=dev)
         times = []
         for r in range(repeats + 2):  # two warm-up rounds
             dist.barrier()
             start = time.perf_counter()
             if rank == 0:
-                dist.send(buf, peer)
-                dist.recv(buf, peer)
-            else:
-                dist.recv(buf, peer)
-                dist.send(buf, peer)
+                dist.send(buf, 1)
+                dist.recv(buf, 1)
+            elif rank == 1:
+                dist.recv(buf, 0)
+                dist.send(buf, 0)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
             if r >= 2:
                 times.append((time.perf_counter() - start) * 1e3 / 2)
         out.append(statistics.median(times))
@@ -103,7 +108,7 @@ def measure_link(sizes_bytes: Sequence[int] = DEFAULT_SIZES, repeats: int = 10,
                          f"sizes")
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be at least 1")
-    per_rank = spawn_local(_ping_pong, 2, args=(list(sizes_bytes), repeats), threads=threads,
+    per_rank = spawn_local(ping_pong, 2, args=(list(sizes_bytes), repeats), threads=threads,
                            timeout_s=timeout_s, deadline_s=timeout_s * 2)
     return fit_link(list(sizes_bytes), per_rank[0])
 
@@ -138,17 +143,18 @@ class Trial:
 
 
 def run_trials(job_spec: str, plan_paths: Sequence[str], warmup: int, steps: int,
-               record: bool = False) -> list[Trial]:
+               record: bool = False, device: str = "cpu") -> list[Trial]:
     """On every rank of the process group: train each plan for ``warmup + steps`` steps of
-    ``job_spec`` (gradients cleared, no optimizer step), timing the last ``steps``. With
-    ``record`` the runner's timelines are gathered on rank 0 (which costs the step a gather)."""
+    ``job_spec`` on ``device`` (gradients cleared, no optimizer step), timing the last
+    ``steps``. With ``record`` the runner's timelines are gathered on rank 0 (which costs
+    the step a gather)."""
     from .distributed import DistributedRunner
     from .launch import load_job
 
     job = load_job(job_spec)
     out = []
     for path in plan_paths:
-        runner = DistributedRunner(job.layers, path, num_layers=job.num_layers, device="cpu",
+        runner = DistributedRunner(job.layers, path, num_layers=job.num_layers, device=device,
                                    timeout_s=120.0)
         params = runner.parameters()
         walls: list[float] = []
@@ -170,6 +176,41 @@ def run_trials(job_spec: str, plan_paths: Sequence[str], warmup: int, steps: int
     return out
 
 
+def trial_plans(profile: Profile, global_batch: int, microbatches: Sequence[int], *,
+                stages: int = 2, link: Link | None = None, recompute: Recompute = "never",
+                devices: Sequence[str] | None = None) -> list[tuple[CostModel, Plan]]:
+    """The calibration trial: the exact plan of each M, with the profile taken as it is."""
+    models = [CostModel(profile, global_batch, m, stages=stages, recompute=recompute,
+                        link=link or Link(float("inf"), 0.0)) for m in microbatches]
+    return [(cm, make_plan(cm, devices=list(devices or ["cpu"] * stages))) for cm in models]
+
+
+def fit_trials(trials: Sequence[tuple[CostModel, Plan]],
+               measured: Sequence[Mapping[tuple[int, str, int], float]]) -> Runtime:
+    """The runtime through every measured (stage, F|B, micro-batch) time of the trial plans
+    against its profiled sum at that micro-batch's size (``Trial.action_ms`` of rank 0)."""
+    xs, ys = [], []
+    for (cm, plan), meas in zip(trials, measured, strict=True):
+        ranges = ranges_from_boundaries(plan.boundaries)
+        dur = stage_durations(cm, stage_of_ranges(ranges), list(range(plan.num_stages)))
+        for (k, kind, i), ms in sorted(meas.items()):
+            predicted = (dur.fwd_ms if kind == "F" else dur.bwd_ms)[k][dur.size_index[i]]
+            if predicted > 0:
+                xs.append(predicted)
+                ys.append(ms)
+    return fit_runtime(xs, ys)
+
+
+def check_job(job: str, profile: Profile) -> None:
+    """ValueError unless the job's model has the profile's layer count."""
+    from .launch import load_job
+
+    layers = load_job(job).num_layers
+    if layers != profile.num_layers:
+        raise ValueError(f"job {job!r} has {layers} layers but profile {profile.model!r} has "
+                         f"{profile.num_layers}; give the profile of the job's model")
+
+
 def measure_runtime(job: str, profile: Profile, global_batch: int, *, link: Link | None = None,
                     microbatches: Sequence[int] = (1, 4), recompute: Recompute = "never",
                     steps: int = 4, warmup: int = 2, threads: int = 1,
@@ -179,83 +220,14 @@ def measure_runtime(job: str, profile: Profile, global_batch: int, *, link: Link
     ranks: for each M in ``microbatches``, the exact K=2 plan runs ``warmup + steps`` steps,
     and every stage's median F and B time is paired with its profiled sum (the same
     micro-batch size, before any runtime correction)."""
-    import tempfile
-    from pathlib import Path
-
-    from .launch import load_job
-
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
-    layers = load_job(job).num_layers
-    if layers != profile.num_layers:
-        raise ValueError(f"job {job!r} has {layers} layers but profile {profile.model!r} has "
-                         f"{profile.num_layers}; give the profile of the job's model")
-    models = [CostModel(profile, global_batch, m, stages=2, recompute=recompute,
-                        link=link or Link(float("inf"), 0.0)) for m in microbatches]
-    plans = [make_plan(cm, devices=["cpu", "cpu"]) for cm in models]
+    check_job(job, profile)
+    trials = trial_plans(profile, global_batch, microbatches, link=link, recompute=recompute)
     with tempfile.TemporaryDirectory(prefix="gpipe-calibrate-") as tmp:
-        paths = [str(Path(tmp) / f"trial-{i}.json") for i in range(len(plans))]
-        for plan, path in zip(plans, paths, strict=True):
+        paths = [str(Path(tmp) / f"trial-{i}.json") for i in range(len(trials))]
+        for (_, plan), path in zip(trials, paths, strict=True):
             save_plan(plan, path)
         per_rank = spawn_local(run_trials, 2, (job, paths, warmup, steps, True), threads=threads,
                                timeout_s=timeout_s, deadline_s=timeout_s * 2)
-    measured = [trial.action_ms for trial in per_rank[0]]
-    xs, ys = [], []
-    for cm, plan, meas in zip(models, plans, measured, strict=True):
-        ranges = ranges_from_boundaries(plan.boundaries)
-        dur = stage_durations(cm, stage_of_ranges(ranges), [0, 1])
-        for (k, kind, i), ms in sorted(meas.items()):
-            predicted = (dur.fwd_ms if kind == "F" else dur.bwd_ms)[k][dur.size_index[i]]
-            if predicted > 0:
-                xs.append(predicted)
-                ys.append(ms)
-    return fit_runtime(xs, ys)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``partition-model calibrate``: measure the link and fit the runtime on two local ranks,
-    and print them as the options ``plan``, ``search`` and ``simulate`` take."""
-    import argparse
-    import json
-
-    from partitioner.profile import load_profile
-
-    p = argparse.ArgumentParser(
-        prog="partition-model calibrate",
-        description="Measure this machine's link between two local CPU ranks (gloo) and fit "
-                    "the executor's runtime from a short trial of the job's pipeline; prints "
-                    "the options that make plan/search/simulate predict this machine.")
-    p.add_argument("--job", required=True, metavar="MODULE:FUNCTION",
-                   help="the training job (an executor.launch.Job), e.g. "
-                        "executor.jobs:translation")
-    p.add_argument("--profile", required=True, metavar="PATH|NAME",
-                   help="the profile of the job's model (partition-model profile)")
-    p.add_argument("--global-batch", "-B", type=int, required=True, help="samples per step")
-    p.add_argument("--microbatches", default="1,4",
-                   help="M of the trial runs (default 1,4: two micro-batch sizes)")
-    p.add_argument("--steps", type=int, default=4, help="timed steps per trial (default 4)")
-    p.add_argument("--json", action="store_true", help="print the figures as JSON")
-    args = p.parse_args(list(argv) if argv is not None else None)
-    try:
-        ms = [int(x) for x in args.microbatches.split(",")]
-    except ValueError:
-        p.error(f"--microbatches {args.microbatches!r} is not a comma-separated list of whole "
-                f"numbers, e.g. 1,4")
-    bad = [m for m in ms if not 1 <= m <= args.global_batch]
-    if bad or args.global_batch < 1:
-        p.error(f"--microbatches {args.microbatches}: every M must be 1..B (B="
-                f"{args.global_batch}); the trial needs a sample per micro-batch")
-    profile = load_profile(args.profile)
-    link = measure_link()
-    runtime = measure_runtime(args.job, profile, args.global_batch, link=link,
-                              microbatches=ms, steps=args.steps)
-    if args.json:
-        print(json.dumps({"bandwidth_gbps": link.bandwidth_gbps, "latency_ms": link.latency_ms,
-                          "compute_scale": runtime.compute_scale,
-                          "action_ms": runtime.action_ms}))
-    else:
-        print(f"link: {link.bandwidth_gbps:g} GB/s + {link.latency_ms:g} ms per message; "
-              f"actions take {runtime.compute_scale:g} x profiled + {runtime.action_ms:g} ms")
-        print(f"--bandwidth {link.bandwidth_gbps:g} --latency-ms {link.latency_ms:g} "
-              f"--compute-scale {runtime.compute_scale:g} --action-ms {runtime.action_ms:g}")
-    return 0
+    return fit_trials(trials, [trial.action_ms for trial in per_rank[0]])

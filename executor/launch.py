@@ -142,7 +142,8 @@ def run_rank(job_spec: str, plan_path: str, steps: int, trace: str | None,
             "pipeline_ms": pipeline_ms}
 
 
-def _torchrun_env() -> bool:
+def under_torchrun() -> bool:
+    """Whether torchrun started this process (its rendezvous variables are set)."""
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
@@ -184,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_job(args.job)  # fail here, before starting any rank
     run_args = (args.job, args.plan, args.steps, args.trace, _device(args.device),
                 args.timeout_s, args.progress)
-    if _torchrun_env():
+    if under_torchrun():
         device = run_args[4]
         backend = "nccl" if device is not None and device.startswith("cuda") else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=args.timeout_s))

@@ -42,7 +42,7 @@ COMMANDS: dict[str, str] = {
     "simulate": "partitioner.whatif:simulate_main",
     "search": "partitioner.whatif:search_main",
     "profile": "executor.profile_cli:main",
-    "calibrate": "executor.calibrate:main",
+    "calibrate": "executor.calibrate_cli:main",
     "run": "executor.launch:main",
 }
 

@@ -1,5 +1,9 @@
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import executor_models as em
@@ -87,3 +91,27 @@ def test_calibrate_command_prints_the_planning_options(
     save_profile(make_profile(fwd[:3], bwd[:3]), tmp_path / "short.json")
     assert cli_main([*argv[:3], "--profile", str(tmp_path / "short.json"), "-B", "8"]) == 2
     assert "has 4 layers but profile 'synthetic' has 3" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(240)
+def test_calibrate_runs_under_torchrun(tmp_path: Path) -> None:
+    fwd, bwd = [f for f, _ in em.SLEEP_MS], [b for _, b in em.SLEEP_MS]
+    save_profile(make_profile(fwd, bwd), tmp_path / "profile.json")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tests = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests),
+                                          os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(port),
+           "-m", "executor.calibrate_cli", "--job", "executor_models:sleep_job",
+           "--profile", str(tmp_path / "profile.json"), "-B", "8", "--steps", "2", "--json"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=200)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1, done.stdout  # rank 0 alone prints
+    figures = json.loads(lines[0])
+    assert figures["compute_scale"] == pytest.approx(1.0, abs=0.1)
+    assert figures["bandwidth_gbps"] > 0
