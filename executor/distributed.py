@@ -22,9 +22,10 @@ cause; its process exits in turn (spawn_local and torchrun end it), so every ran
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -158,15 +159,27 @@ class DistributedRunner:
                 self.interpreter.run(action)
         self.transport.finish()
         result = self.interpreter.end()
-        return result, self._gather_timeline(recorder.events(), training) if timeline else None
+        return result, (self._gather_timeline(recorder.events(), recorder.t0_s, training)
+                        if timeline else None)
 
-    def _gather_timeline(self, events: list[Event], training: bool) -> Timeline | None:
+    def _gather_timeline(self, events: list[Event], t0_s: float,
+                         training: bool) -> Timeline | None:
+        """Every stage's events on rank 0, on rank 0's clock. Ranks on rank 0's host share
+        its monotonic clock (perf_counter), so their events move by the difference of the
+        moments each left the barrier; ranks elsewhere count from their own barrier exit."""
         rows: list[Any] = [None] * len(self.ranks) if self.index == 0 else []
-        dist.gather_object(events, rows if self.index == 0 else None, dst=self.ranks[0],
+        dist.gather_object((socket.gethostname(), t0_s, events),
+                           rows if self.index == 0 else None, dst=self.ranks[0],
                            group=self.group)
         if self.index != 0:
             return None
-        return Timeline(self.plan.num_stages, tuple(e for row in rows for e in row), "measured",
+        host0, base = rows[0][0], rows[0][1]
+        aligned = []
+        for host, t0, row in rows:
+            shift = (t0 - base) * 1e3 if host == host0 else 0.0
+            aligned += [replace(e, start_ms=e.start_ms + shift, end_ms=e.end_ms + shift)
+                        for e in row]
+        return Timeline(self.plan.num_stages, tuple(aligned), "measured",
                         {"schedule": self.schedule.name, "microbatches": self.plan.microbatches,
                          "runner": "distributed", "training": training})
 

@@ -8,7 +8,9 @@
     (['0F0'], True)
 
 Times are milliseconds after a host time origin ``t0`` that the runner chooses (on several ranks:
-the moment they leave a common barrier), so the events of all stages share one clock. On CPU an
+the moment each leaves a common barrier; the distributed runner then moves the events of ranks
+on rank 0's host onto rank 0's ``t0``, their monotonic clocks being one), so the events of all
+stages share one clock. On CPU an
 action is timed with the host's monotonic clock; on CUDA with events on the stage's device,
 read once at the end of the step (no synchronisation per action).
 """
@@ -62,6 +64,11 @@ class Recorder:
             begin = time.perf_counter()
             yield
             self._host.append((action, begin, time.perf_counter()))
+
+    @property
+    def t0_s(self) -> float:
+        """The host time (perf_counter) the step's times count from."""
+        return self._t0
 
     def events(self) -> list[Event]:
         """The step's events so far, in milliseconds from ``t0``."""

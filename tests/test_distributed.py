@@ -92,13 +92,26 @@ def _errors(group: Any) -> dict[str, str]:
     return found
 
 
-def _timeline(group: Any) -> Any:
-    """Two stages of one 30 ms layer each: a measured timeline with known durations."""
+def _timeline(group: Any, late_ms: float = 0.0) -> Any:
+    """Two stages of one 30 ms layer each: a measured timeline with known durations. With
+    ``late_ms``, rank 1 leaves the step's starting barrier that much later than rank 0."""
     plan = manual_plan([0, 1, 2], 3, 6, "gpipe", "never")
     runner = DistributedRunner(lambda i: em.Sleep(30.0), plan, group=group)
     x = torch.randn(6, 4)
     runner.train_step(x, x, nn.functional.mse_loss)  # warm-up
-    return runner.train_step(x, x, nn.functional.mse_loss, timeline=True).timeline
+    barrier = dist.barrier
+
+    def late_barrier(*args: Any, **kwargs: Any) -> Any:
+        out = barrier(*args, **kwargs)
+        time.sleep(late_ms / 1e3)
+        return out
+
+    if late_ms and dist.get_rank() == 1:
+        dist.barrier = late_barrier
+    try:
+        return runner.train_step(x, x, nn.functional.mse_loss, timeline=True).timeline
+    finally:
+        dist.barrier = barrier
 
 
 VARYING = (8, 5, 8, 6)  # batch sizes of successive steps: micro-batches shrink, then grow
@@ -134,6 +147,7 @@ def _sweep_rank() -> dict[Any, Any]:
             if stages == 2:
                 results["errors"] = _errors(group)
                 results["timeline"] = _timeline(group)
+                results["timeline_late"] = _timeline(group, late_ms=40.0)
                 for name in MODELS:
                     results["varying", name] = _varying(name, group)
     return results
@@ -232,6 +246,20 @@ def test_measured_timeline_shares_one_clock(sweep: list[dict[Any, Any]]) -> None
         assert ev[f"1F{i}"].start_ms >= ev[f"0F{i}"].end_ms - 3.0
         assert ev[f"0B{i}"].start_ms >= ev[f"1B{i}"].end_ms - 3.0
     assert tl.step_ms >= 4 * 30.0  # at least the fill and drain of one micro-batch
+
+
+@pytest.mark.timeout(600)
+def test_a_rank_leaving_the_barrier_late_stays_on_the_common_clock(
+        sweep: list[dict[Any, Any]]) -> None:
+    # rank 1 starts counting 40 ms after rank 0: on one host its events are moved onto
+    # rank 0's clock, so causality holds exactly (counted from its own barrier exit, its
+    # forward of micro-batch 0 would seem to start 40 ms before stage 0 had sent it)
+    tl = sweep[0]["timeline_late"]
+    ev = {str(e.action): e for e in tl.events}
+    for i in range(3):
+        assert ev[f"1F{i}"].start_ms >= ev[f"0F{i}"].end_ms
+        assert ev[f"0B{i}"].start_ms >= ev[f"1B{i}"].end_ms
+    assert ev["1F0"].start_ms >= 40.0  # rank 1 was asleep until then
 
 
 def test_header_round_trips_shapes_and_dtypes() -> None:
