@@ -39,7 +39,8 @@ from .measure import (
     slice_batch,
 )
 
-__all__ = ["DTYPES", "device_info", "parse_device", "parse_dtype", "profile_model",
+__all__ = ["DTYPES", "cpu_l2_bytes", "default_flush_bytes", "device_info", "parse_device",
+           "parse_dtype", "profile_model",
            "time_whole_model"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -115,6 +116,42 @@ def _preserved_state(device: torch.device, threads: int | None) -> Iterator[None
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def cpu_l2_bytes() -> int:
+    """One core's L2 cache in bytes (sysconf, else sysfs; 1 MiB when neither says)."""
+    try:
+        size = os.sysconf("SC_LEVEL2_CACHE_SIZE")
+        if size > 0:
+            return int(size)
+    except (ValueError, OSError):
+        pass
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index2/size") as f:
+            text = f.read().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+        return int(text.rstrip("KM")) * scale
+    except (OSError, ValueError):
+        return 1 << 20
+
+
+def default_flush_bytes(device: torch.device, model_bytes: int) -> int:
+    """The cache flush the profiler uses unless told: on the CPU, for a model whose weights
+    (``model_bytes``) do not fit one core's L2, twice that L2, so a layer's weights and saved
+    tensors come from beyond L2 as inside the whole model, while its input (made after the
+    flush) is hot as if just made by the layer before. None for a model that fits (its
+    weights stay in L2 from layer to layer) and none on CUDA.
+
+        >>> l2, cpu = cpu_l2_bytes(), torch.device("cpu")
+        >>> default_flush_bytes(cpu, 4 * l2) == 2 * l2, default_flush_bytes(cpu, l2 // 2)
+        (True, 0)
+        >>> default_flush_bytes(torch.device("cuda"), 4 * l2)
+        0
+    """
+    if device.type != "cpu":
+        return 0
+    l2 = cpu_l2_bytes()
+    return 2 * l2 if model_bytes > l2 else 0
 
 
 def _check_args(model: object, sample: object, sizes: Sequence[int], warmup: int, repeat: int,
@@ -206,7 +243,7 @@ def profile_model(
     repeat: int = 10,
     threads: int | None = None,
     clock: str = "wall",
-    flush_bytes: int = 0,
+    flush_bytes: int | None = None,
     train: bool = True,
     correct_overhead: bool = True,
     name: str = "model",
@@ -219,8 +256,9 @@ def profile_model(
     intra-op threads while profiling (a pipeline rank may run with fewer than the machine
     has); ``clock`` on the CPU is ``"wall"`` (perf_counter) or ``"thread"`` (the thread's CPU
     time: immune to other processes on a shared machine, needs threads=1); ``flush_bytes``
-    evicts the caches before each timed forward and backward (0: off; see
-    ``measure.measure``); ``train``
+    evicts the caches before each timed forward and backward (0: off; None: on the CPU twice
+    one core's L2 when the model's weights do not fit in it, see ``default_flush_bytes``;
+    see ``measure.measure``); ``train``
     profiles in training mode (dropout on, BatchNorm on batch statistics);
     ``correct_overhead`` subtracts the per-call harness cost measured on no-op layers
     (see ``measure.harness_overhead_ms``); ``progress(layer_name)`` is called after each layer.
@@ -229,6 +267,8 @@ def profile_model(
                                        clock)
     dev, cast = parse_device(device), parse_dtype(dtype)
     keep_freed_memory()  # the allocator the executor runs with (see executor.allocator)
+    if flush_bytes is None:
+        flush_bytes = default_flush_bytes(dev, _param_bytes(model))
     per_size: list[list[Measurement]] = []
     gc.collect()
     with _preserved_state(dev, threads):
@@ -315,7 +355,7 @@ def time_whole_model(
     repeat: int = 10,
     threads: int | None = None,
     clock: str = "wall",
-    flush_bytes: int = 0,
+    flush_bytes: int | None = None,
     train: bool = True,
 ) -> list[tuple[float, float]]:
     """(fwd_ms, bwd_ms) of the whole model as one module, per micro-batch size, with the same
@@ -325,6 +365,8 @@ def time_whole_model(
                                        clock)
     dev, cast = parse_device(device), parse_dtype(dtype)
     keep_freed_memory()  # the allocator the executor runs with (see executor.allocator)
+    if flush_bytes is None:
+        flush_bytes = default_flush_bytes(dev, _param_bytes(model))
     gc.collect()
     with _preserved_state(dev, threads):
         twin = _layer_copy(model, dev, cast, train)

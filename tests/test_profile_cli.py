@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from executor.profiler import cpu_l2_bytes
 from partitioner.cli import main
 from partitioner.profile import load_profile
 
@@ -60,6 +61,14 @@ def test_profiles_a_built_in_model(tmp_path: Path, capsys: pytest.CaptureFixture
     assert prof.num_layers == 6 and prof.dtype == "bfloat16"
     assert prof.input is not None and prof.input["kind"] == "tokens"
     assert prof.extra["harness"]["threads"] == 1 and prof.extra["harness"]["repeat"] == 1
+    # on the CPU each timed region starts with the caches flushed past one core's L2 when
+    # the model's weights do not fit in it
+    weights = sum(lay.param_bytes for lay in prof.layers)
+    assert prof.extra["harness"]["flush_bytes"] == (
+        2 * cpu_l2_bytes() if 2 * weights > cpu_l2_bytes() else 0)  # bf16: half the fp32 bytes
+    assert main(["profile", "--model", "gpt-tiny", "--microbatch-sizes", "1", *FAST,
+                 "--flush", "0", "-o", str(out)]) == 0
+    assert load_profile(out).extra["harness"]["flush_bytes"] == 0
 
 
 def test_profiles_a_user_function(tmp_path: Path, user_module: str) -> None:
@@ -101,7 +110,7 @@ def test_missing_cuda_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_bad_option_values_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     for bad in (["--microbatch-sizes", "0,2"], ["--microbatch-sizes", "a"], ["--repeat", "0"],
-                ["--dtype", "int8"]):
+                ["--dtype", "int8"], ["--flush", "lots"]):
         with pytest.raises(SystemExit) as exc:
             main(["profile", "--model", "gpt-tiny", *bad])
         assert exc.value.code == 2

@@ -35,7 +35,7 @@ WORKLOADS = {"gpt-text": "executor.jobs:translation", "resnet-tiny": "executor.j
 
 
 def _profile_on_rank(name: str, batch: int, sizes: list[int], clock: str,
-                     flush_bytes: int = 0) -> Profile:
+                     flush_bytes: int | None = None) -> Profile:
     """Every rank profiles the same model at once, so each layer is timed while the other
     cores are busy too, as they are when the pipeline runs."""
     work = build_model(name, batch=batch)
@@ -56,9 +56,9 @@ def main() -> None:
     p.add_argument("--alone", action="store_true",
                    help="profile in this process alone (default: on two ranks at once, as "
                         "the pipeline's ranks run)")
-    p.add_argument("--flush-mib", type=int, default=0,
+    p.add_argument("--flush-mib", type=int, default=None,
                    help="profile with the caches flushed by a buffer of this many MiB before "
-                        "each timed region (default 0: hot, as the profiler's default)")
+                        "each timed region (default: the profiler's, twice the L2 cache)")
     p.add_argument("--uncalibrated", action="store_true",
                    help="predict with the profile as it is (no runtime calibration)")
     p.add_argument("--schedules", default="gpipe",
@@ -72,6 +72,7 @@ def main() -> None:
     if args.quick:
         models, ms, modes, args.steps, args.warmup = ["gpt-text"], [2, 4], ["never"], 3, 1
     batch = args.global_batch
+    flush = None if args.flush_mib is None else args.flush_mib << 20
 
     link = measure_link()
     print(f"link (gloo, 2 local ranks): {link.bandwidth_gbps:.2f} GB/s + "
@@ -81,10 +82,10 @@ def main() -> None:
         for name in models:
             sizes = sorted({-(-batch // m) for m in ms} | {batch // m for m in ms if batch // m})
             if args.alone:
-                profile = _profile_on_rank(name, batch, sizes, args.clock, args.flush_mib << 20)
+                profile = _profile_on_rank(name, batch, sizes, args.clock, flush)
             else:
                 profile = spawn_local(_profile_on_rank, 2,
-                                      (name, batch, sizes, args.clock, args.flush_mib << 20),
+                                      (name, batch, sizes, args.clock, flush),
                                       threads=1, timeout_s=300.0)[0]
             runtime = (Runtime() if args.uncalibrated
                        else measure_runtime(WORKLOADS[name], profile, batch, link=link,

@@ -44,7 +44,8 @@ def bench_model(name: str, sizes: list[int], args: argparse.Namespace) -> list[l
     whole_ms: dict[int, list[float]] = {b: [] for b in sizes}
     faults = {b: [0, 0] for b in sizes}  # whole model, all layers; summed over rounds
     opts = {"warmup": args.warmup, "repeat": args.repeat, "threads": args.threads,
-            "clock": args.clock}
+            "clock": args.clock,
+            "flush_bytes": None if args.flush_mib is None else args.flush_mib << 20}
     start = time.perf_counter()
     for _ in range(args.rounds):
         for b in sizes:  # the whole model and its layers back to back: the same machine load
@@ -88,6 +89,10 @@ def main() -> None:
                    help="CPU clock: thread CPU time (default; ignores other processes on a "
                         "shared machine, needs --threads 1) or wall time")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--flush-mib", type=int, default=None,
+                   help="flush the caches with a buffer of this many MiB before each timed "
+                        "region, the whole model's and each layer's (default: the "
+                        "profiler's, twice one core's L2 cache; 0: off)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=9)
     args = p.parse_args()
