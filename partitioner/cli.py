@@ -89,21 +89,25 @@ def _nonneg_float(text: str) -> float:
     return value
 
 
-def _scale_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"--compute-scale {text!r} must be a number > 0 "
-                                         f"(1: actions take their profiled time)")
-    return value
+def _positive_number(option: str, rule: str) -> Callable[[str], float]:
+    """An argparse type: a finite number > 0, else ``option 'text' must be <rule>``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"{option} {text!r} must be {rule}")
+        return value
+    return parse
 
 
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     """``--compute-scale`` and ``--action-ms``: the executor's runtime as calibrated
     (``executor.calibrate.measure_runtime``); unset means the profile as it is."""
-    p.add_argument("--compute-scale", type=_scale_arg, default=None, metavar="X",
+    scale = _positive_number("--compute-scale", "a number > 0 (1: actions take their profiled "
+                             "time)")
+    p.add_argument("--compute-scale", type=scale, default=None, metavar="X",
                    help="executor actions take X times their layers' profiled time "
                         "(default 1; fitted by executor.calibrate.measure_runtime)")
     p.add_argument("--action-ms", type=_nonneg_float, default=None, metavar="MS",
@@ -148,23 +152,14 @@ def add_cost_arguments(p: argparse.ArgumentParser, stages_required: bool = True)
     add_runtime_arguments(p)
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"--time-limit {text!r} must be a number of seconds > 0")
-    return value
-
-
 def add_solver_arguments(p: argparse.ArgumentParser, time_limit_s: float, help_time: str
                          ) -> None:
     """``--solver dp|ilp|auto`` and ``--time-limit S``, shared by plan and search."""
     p.add_argument("--solver", choices=SOLVERS, default="auto",
                    help="dp: exact DP over layer ranges; ilp: CP-SAT over convex sets of the "
                         "layer graph; auto (default): dp for chains, ilp for graph profiles")
-    p.add_argument("--time-limit", type=_positive_float, default=time_limit_s, metavar="S",
+    seconds = _positive_number("--time-limit", "a number of seconds > 0")
+    p.add_argument("--time-limit", type=seconds, default=time_limit_s, metavar="S",
                    help=help_time)
 
 
