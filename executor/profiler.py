@@ -192,6 +192,21 @@ def _check_args(model: object, sample: object, sizes: Sequence[int], warmup: int
     return model, (tensors[0] if isinstance(sample, torch.Tensor) else tensors), clean
 
 
+def _prepare(model: object, sample: object, microbatch_sizes: Sequence[int],
+             device: str | torch.device, dtype: str | torch.dtype | None, warmup: int,
+             repeat: int, threads: int | None, clock: str, flush_bytes: int | None
+             ) -> tuple[nn.Sequential, Batch, list[int], torch.device, torch.dtype | None, int]:
+    """What profiling and timing the whole model share: the checked arguments, the device and
+    dtype, the flush to use, and the allocator the executor runs with (executor.allocator)."""
+    seq, batch, sizes = _check_args(model, sample, microbatch_sizes, warmup, repeat, threads,
+                                    clock)
+    dev, cast = parse_device(device), parse_dtype(dtype)
+    keep_freed_memory()
+    if flush_bytes is None:
+        flush_bytes = default_flush_bytes(dev, _param_bytes(seq))
+    return seq, batch, sizes, dev, cast, flush_bytes
+
+
 def _describe_input(sample: Batch, info: Mapping[str, Any] | None) -> dict[str, Any]:
     tensors = as_tensors(sample, "sample")
     shapes = [list(t.shape[1:]) for t in tensors]
@@ -263,12 +278,9 @@ def profile_model(
     ``correct_overhead`` subtracts the per-call harness cost measured on no-op layers
     (see ``measure.harness_overhead_ms``); ``progress(layer_name)`` is called after each layer.
     """
-    model, sample, sizes = _check_args(model, sample, microbatch_sizes, warmup, repeat, threads,
-                                       clock)
-    dev, cast = parse_device(device), parse_dtype(dtype)
-    keep_freed_memory()  # the allocator the executor runs with (see executor.allocator)
-    if flush_bytes is None:
-        flush_bytes = default_flush_bytes(dev, _param_bytes(model))
+    model, sample, sizes, dev, cast, flush_bytes = _prepare(
+        model, sample, microbatch_sizes, device, dtype, warmup, repeat, threads, clock,
+        flush_bytes)
     per_size: list[list[Measurement]] = []
     gc.collect()
     with _preserved_state(dev, threads):
@@ -361,12 +373,9 @@ def time_whole_model(
     """(fwd_ms, bwd_ms) of the whole model as one module, per micro-batch size, with the same
     harness as the layers (no overhead correction): the reference a profile's sum must match.
     """
-    model, sample, sizes = _check_args(model, sample, microbatch_sizes, warmup, repeat, threads,
-                                       clock)
-    dev, cast = parse_device(device), parse_dtype(dtype)
-    keep_freed_memory()  # the allocator the executor runs with (see executor.allocator)
-    if flush_bytes is None:
-        flush_bytes = default_flush_bytes(dev, _param_bytes(model))
+    model, sample, sizes, dev, cast, flush_bytes = _prepare(
+        model, sample, microbatch_sizes, device, dtype, warmup, repeat, threads, clock,
+        flush_bytes)
     gc.collect()
     with _preserved_state(dev, threads):
         twin = _layer_copy(model, dev, cast, train)
