@@ -24,8 +24,8 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,7 @@ from partitioner.durations import stage_durations, stage_of_ranges
 from partitioner.plan import Plan, save_plan
 from partitioner.planner import make_plan
 from partitioner.profile import Profile
-from partitioner.simulate import ranges_from_boundaries
+from partitioner.simulate import ranges_from_boundaries, simulate
 
 from .spawn import spawn_local
 
@@ -135,11 +135,13 @@ def fit_runtime(profiled_ms: Sequence[float], measured_ms: Sequence[float]) -> R
 @dataclass(frozen=True)
 class Trial:
     """One plan's trial on one rank: the wall time of each timed step (from a barrier to
-    the end of ``train_step``) and, when recorded, the median time of each of the stages'
-    F and B actions, keyed (stage, kind, micro-batch) (rank 0 only; empty elsewhere)."""
+    the end of ``train_step``) and, when recorded (rank 0 only; empty elsewhere), the median
+    time of each of the stages' F and B actions, keyed (stage, kind, micro-batch), and each
+    step's length on the measured timeline (first action's start to last action's end)."""
 
     step_ms: list[float]
     action_ms: dict[tuple[int, str, int], float]
+    timeline_ms: list[float] = field(default_factory=list)
 
 
 def run_trials(job_spec: str, plan_paths: Sequence[str], warmup: int, steps: int,
@@ -158,6 +160,7 @@ def run_trials(job_spec: str, plan_paths: Sequence[str], warmup: int, steps: int
                                    timeout_s=120.0)
         params = runner.parameters()
         walls: list[float] = []
+        spans: list[float] = []
         actions: dict[tuple[int, str, int], list[float]] = {}
         for step in range(warmup + steps):
             inputs, targets = job.batch(step, runner.plan.global_batch)
@@ -168,11 +171,13 @@ def run_trials(job_spec: str, plan_paths: Sequence[str], warmup: int, steps: int
             result = runner.train_step(inputs, targets, job.loss_fn, timeline=record)
             walls.append((time.perf_counter() - start) * 1e3)
             if result.timeline is not None and step >= warmup:
+                spans.append(result.timeline.step_ms)
                 for e in result.timeline.events:
                     if e.action.kind in ("F", "B"):
                         key = (e.action.stage, e.action.kind, e.action.microbatch)
                         actions.setdefault(key, []).append(e.duration_ms)
-        out.append(Trial(walls[warmup:], {k: statistics.median(v) for k, v in actions.items()}))
+        out.append(Trial(walls[warmup:], {k: statistics.median(v) for k, v in actions.items()},
+                         spans))
     return out
 
 
@@ -185,20 +190,43 @@ def trial_plans(profile: Profile, global_batch: int, microbatches: Sequence[int]
     return [(cm, make_plan(cm, devices=list(devices or ["cpu"] * stages))) for cm in models]
 
 
-def fit_trials(trials: Sequence[tuple[CostModel, Plan]],
-               measured: Sequence[Mapping[tuple[int, str, int], float]]) -> Runtime:
-    """The runtime through every measured (stage, F|B, micro-batch) time of the trial plans
-    against its profiled sum at that micro-batch's size (``Trial.action_ms`` of rank 0)."""
+def fit_trials(trials: Sequence[tuple[CostModel, Plan]], measured: Sequence[Trial]) -> Runtime:
+    """The runtime of the trial plans as rank 0 measured them: ``compute_scale`` and
+    ``action_ms`` through every (stage, F|B, micro-batch) time against its profiled sum at
+    that micro-batch's size; then ``message_ms``, the delivery delay that makes the simulated
+    steps as long as the measured ones (median timeline step per plan, summed over the plans;
+    0 when the actions alone already account for them, or when the link is free)."""
     xs, ys = [], []
-    for (cm, plan), meas in zip(trials, measured, strict=True):
+    for (cm, plan), trial in zip(trials, measured, strict=True):
         ranges = ranges_from_boundaries(plan.boundaries)
         dur = stage_durations(cm, stage_of_ranges(ranges), list(range(plan.num_stages)))
-        for (k, kind, i), ms in sorted(meas.items()):
+        for (k, kind, i), ms in sorted(trial.action_ms.items()):
             predicted = (dur.fwd_ms if kind == "F" else dur.bwd_ms)[k][dur.size_index[i]]
             if predicted > 0:
                 xs.append(predicted)
                 ys.append(ms)
-    return fit_runtime(xs, ys)
+    runtime = fit_runtime(xs, ys)
+    spans = [(cm, plan, statistics.median(t.timeline_ms))
+             for (cm, plan), t in zip(trials, measured, strict=True) if t.timeline_ms]
+    if not spans:
+        return runtime
+
+    def excess(delay_ms: float) -> float:  # simulated minus measured, over the trial plans
+        rt = replace(runtime, message_ms=delay_ms)
+        return sum(simulate(replace(cm, runtime=rt), ranges_from_boundaries(plan.boundaries),
+                            record=False).step_ms - ms for cm, plan, ms in spans)
+
+    low, high = 0.0, 1.0
+    if excess(low) >= 0:
+        return runtime
+    while excess(high) < 0:
+        if high > 100.0:  # messages cannot explain it (a free link has no messages to delay)
+            return runtime
+        low, high = high, 2 * high
+    for _ in range(40):
+        mid = (low + high) / 2
+        low, high = (mid, high) if excess(mid) < 0 else (low, mid)
+    return replace(runtime, message_ms=round(high, 6))
 
 
 def check_job(job: str, profile: Profile) -> None:
@@ -230,4 +258,4 @@ def measure_runtime(job: str, profile: Profile, global_batch: int, *, link: Link
             save_plan(plan, path)
         per_rank = spawn_local(run_trials, 2, (job, paths, warmup, steps, True), threads=threads,
                                timeout_s=timeout_s, deadline_s=timeout_s * 2)
-    return fit_trials(trials, [trial.action_ms for trial in per_rank[0]])
+    return fit_trials(trials, per_rank[0])

@@ -107,7 +107,7 @@ def _calibrate_world(args: argparse.Namespace, ms: list[int],
             measured = run_trials(args.job, paths, 2, args.steps, True, device)
         if rank != 0:
             return None
-        return link, fit_trials(trials, [t.action_ms for t in measured])
+        return link, fit_trials(trials, measured)
     finally:
         dist.destroy_process_group()
 
@@ -128,12 +128,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"bandwidth_gbps": link.bandwidth_gbps, "latency_ms": link.latency_ms,
                           "compute_scale": runtime.compute_scale,
-                          "action_ms": runtime.action_ms}))
+                          "action_ms": runtime.action_ms, "message_ms": runtime.message_ms}))
     else:
         print(f"link: {link.bandwidth_gbps:g} GB/s + {link.latency_ms:g} ms per message; "
-              f"actions take {runtime.compute_scale:g} x profiled + {runtime.action_ms:g} ms")
+              f"actions take {runtime.compute_scale:g} x profiled + {runtime.action_ms:g} ms; "
+              f"messages arrive {runtime.message_ms:g} ms after their send")
         print(f"--bandwidth {link.bandwidth_gbps:g} --latency-ms {link.latency_ms:g} "
-              f"--compute-scale {runtime.compute_scale:g} --action-ms {runtime.action_ms:g}")
+              f"--compute-scale {runtime.compute_scale:g} --action-ms {runtime.action_ms:g} "
+              f"--message-ms {runtime.message_ms:g}")
     return 0
 
 

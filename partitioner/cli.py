@@ -103,7 +103,7 @@ def _positive_number(option: str, rule: str) -> Callable[[str], float]:
 
 
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
-    """``--compute-scale`` and ``--action-ms``: the executor's runtime as calibrated
+    """``--compute-scale``, ``--action-ms``, ``--message-ms``: the executor's runtime as calibrated
     (``executor.calibrate.measure_runtime``); unset means the profile as it is."""
     scale = _positive_number("--compute-scale", "a number > 0 (1: actions take their profiled "
                              "time)")
@@ -112,12 +112,16 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
                         "(default 1; fitted by executor.calibrate.measure_runtime)")
     p.add_argument("--action-ms", type=_nonneg_float, default=None, metavar="MS",
                    help="fixed runtime cost of each forward and backward action (default 0)")
+    p.add_argument("--message-ms", type=_nonneg_float, default=None, metavar="MS",
+                   help="a message between devices reaches its receiver this long after its "
+                        "send ends (default 0)")
 
 
 def runtime_from_args(args: argparse.Namespace, base: Runtime | None = None) -> Runtime:
     base = base or Runtime()
     return Runtime(base.compute_scale if args.compute_scale is None else args.compute_scale,
-                   base.action_ms if args.action_ms is None else args.action_ms)
+                   base.action_ms if args.action_ms is None else args.action_ms,
+                   base.message_ms if args.message_ms is None else args.message_ms)
 
 
 def add_cost_arguments(p: argparse.ArgumentParser, stages_required: bool = True) -> None:

@@ -79,8 +79,10 @@ LINKS: dict[str, Link] = {
 
 @dataclass(frozen=True)
 class Runtime:
-    """How the executor's compute actions relate to their layers' profiled times: an F or B
-    of a stage takes ``compute_scale`` x (the sum of its layers' profiled times) + ``action_ms``.
+    """How the executor's actions relate to the profile and the link: an F or B of a stage
+    takes ``compute_scale`` x (the sum of its layers' profiled times) + ``action_ms``, and a
+    message between devices reaches its receiver ``message_ms`` after its send ends (a delay
+    that does not occupy the sender: waking a waiting rank, the backend's own threads).
 
         >>> Runtime(compute_scale=1.2, action_ms=0.05).action_ms_for(10.0)
         12.05
@@ -95,6 +97,7 @@ class Runtime:
 
     compute_scale: float = 1.0
     action_ms: float = 0.0
+    message_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.compute_scale) and self.compute_scale > 0):
@@ -103,6 +106,9 @@ class Runtime:
         if not (math.isfinite(self.action_ms) and self.action_ms >= 0):
             raise ValueError(f"action_ms={self.action_ms!r} must be a finite number >= 0 "
                              f"(0: no fixed cost per action)")
+        if not (math.isfinite(self.message_ms) and self.message_ms >= 0):
+            raise ValueError(f"message_ms={self.message_ms!r} must be a finite number >= 0 "
+                             f"(0: a message is there when its send ends)")
 
     def action_ms_for(self, profiled_ms: float) -> float:
         """The time of an action whose layers' profiled times add up to ``profiled_ms``."""

@@ -59,6 +59,7 @@ class Durations:
     rebuild_bytes: list[list[float]]  # extra during B: saved activations when recomputing
     state_bytes: list[float]  # weights + gradients + optimizer state
     size_index: list[int]  # micro-batch i -> s
+    message_ms: float = 0.0  # a paid transfer reaches its receiver this long after its send
 
 
 def stage_of_ranges(ranges: Sequence[tuple[int, int]]) -> IntArray:
@@ -159,4 +160,5 @@ def stage_durations(cm: CostModel, stage_of: IntArray, devices: Sequence[int]) -
     state = _stage_sums(cm.param_state_bytes(), order, bounds)
     lists = {key: arr.tolist() for key, arr in table.items()}
     return Durations(lists["f"], lists["b"], lists["sf"], lists["sb"], lists["hold"],
-                     lists["rebuild"], state.tolist(), [distinct.index(b) for b in sizes])
+                     lists["rebuild"], state.tolist(), [distinct.index(b) for b in sizes],
+                     cm.runtime.message_ms)

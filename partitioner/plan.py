@@ -139,7 +139,8 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
                        "latency_ms": plan.link.latency_ms,
                        "memory_limit_bytes": _json_float(plan.memory_limit_bytes),
                        "compute_scale": plan.runtime.compute_scale,
-                       "action_ms": plan.runtime.action_ms},
+                       "action_ms": plan.runtime.action_ms,
+                       "message_ms": plan.runtime.message_ms},
     }
     if plan.predicted is not None:
         pred = asdict(plan.predicted)
@@ -194,7 +195,7 @@ def plan_from_dict(data: object, source: str = "plan") -> Plan:
         link, limit = Link(math.inf, 0.0), math.inf
     try:
         runtime = Runtime(_float(cost.get("compute_scale", 1.0)),
-                          _float(cost.get("action_ms", 0.0)))
+                          _float(cost.get("action_ms", 0.0)), _float(cost.get("message_ms", 0.0)))
     except TypeError as exc:
         problems.append(f"cost_model: {exc.args[0]!r} is not a number")
         runtime = Runtime()

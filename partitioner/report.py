@@ -99,7 +99,8 @@ def plan_report(plan: Plan, cm: CostModel) -> str:
                    f"micro-batch of {b}")
     if plan.runtime != Runtime():
         assumptions += (f"; runtime: actions take {plan.runtime.compute_scale:g} x profiled + "
-                        f"{plan.runtime.action_ms:g} ms")
+                        f"{plan.runtime.action_ms:g} ms, messages arrive "
+                        f"{plan.runtime.message_ms:g} ms after their send")
     summary = (f"predicted step {pred.step_ms:.3f} ms ({pred.method}: (M+K-1) x bottleneck "
                f"{bottleneck:.3f} ms), bubble {100 * pred.bubble_fraction:.1f}% "
                f"(balanced ideal (K-1)/(M+K-1) = "

@@ -211,6 +211,7 @@ class _Replay:
         dev_free = dict.fromkeys(devs, 0.0)
         shared = [devs.count(d) > 1 for d in devs]
         send_ms = [{_SF: dur.send_f_ms[k], _SB: dur.send_b_ms[k]} for k in range(len(devs))]
+        delay = dur.message_ms
         blocked = [-1] * len(devs)  # recv code * m + i of the receive a stage waits for
         heap = [(0.0, k) for k in range(len(all_ops))]
         pop, push = heapq.heappop, heapq.heappush
@@ -257,15 +258,16 @@ class _Replay:
                 if send:
                     end = t + sends[send][s]
                     comm_ms[k] += end - t
+                    arrival = end + delay if end > t else end  # paid transfers only
                     if send == _SF:
-                        arrived_f[k][i] = end
+                        arrived_f[k][i] = arrival
                         dst = k + 1
                     else:
-                        arrived_b[k][i] = end
+                        arrived_b[k][i] = arrival
                         dst = k - 1
                     if blocked[dst] == (send - 2) * m + i:  # SF wakes RF, SB wakes RB
                         blocked[dst] = -1
-                        push(heap, (max(ready[dst], end), dst))
+                        push(heap, (max(ready[dst], arrival), dst))
                     if record and end > t:
                         events.append(Event(Action(_KIND[send], k, i), t, end,  # type: ignore[arg-type]
                                             state + held))

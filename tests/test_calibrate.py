@@ -68,6 +68,7 @@ def test_measure_runtime_on_layers_of_known_cost() -> None:
                             microbatches=(1, 4), steps=2, warmup=1)
     assert exact.compute_scale == pytest.approx(1.0, abs=0.1)
     assert exact.action_ms < 1.5  # sleeps overshoot, the loss, the runtime's dispatch
+    assert exact.message_ms == 0.0  # with a free link (no link given) there is no message
     half = measure_runtime("executor_models:sleep_job",
                            make_profile([f / 2 for f in fwd], [b / 2 for b in bwd]), 8,
                            microbatches=(1, 4), steps=2, warmup=1)
@@ -85,6 +86,7 @@ def test_calibrate_command_prints_the_planning_options(
     figures = json.loads(capsys.readouterr().out)
     assert figures["compute_scale"] == pytest.approx(1.0, abs=0.1)
     assert figures["bandwidth_gbps"] > 0 and figures["latency_ms"] >= 0
+    assert 0 <= figures["message_ms"] < 10  # the wake-up of a waiting rank, typically < 2 ms
     with pytest.raises(SystemExit):  # M > B
         cli_main([*argv[:-4], "-B", "2", "--microbatches", "1,4"])
     assert "every M must be 1..B" in capsys.readouterr().err

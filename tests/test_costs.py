@@ -108,3 +108,5 @@ def test_runtime_scales_layer_times_and_charges_each_action() -> None:
         Runtime(0.0)
     with pytest.raises(ValueError, match="action_ms=-1"):
         Runtime(1.0, -1.0)
+    with pytest.raises(ValueError, match="message_ms=nan"):
+        Runtime(1.0, 0.0, float("nan"))

@@ -143,9 +143,9 @@ def test_graph_plans_carry_the_simulated_prediction() -> None:
 
 def test_plans_carry_the_runtime_they_were_made_with(tmp_path: Path) -> None:
     cm = CostModel(load_profile("h200/gpt2-medium"), 16, 4, stages=4,
-                   runtime=Runtime(1.25, 0.5))
+                   runtime=Runtime(1.25, 0.5, 0.3))
     plan = make_plan(cm)
-    assert plan.runtime == Runtime(1.25, 0.5)
+    assert plan.runtime == Runtime(1.25, 0.5, 0.3)
     save_plan(plan, tmp_path / "plan.json")
     assert load_plan(tmp_path / "plan.json") == plan
     assert plan.predicted is not None
@@ -156,4 +156,5 @@ def test_plans_carry_the_runtime_they_were_made_with(tmp_path: Path) -> None:
     with pytest.raises(PlanError, match="compute_scale=-2"):
         plan_from_dict(data)
     del data["cost_model"]["compute_scale"], data["cost_model"]["action_ms"]
+    del data["cost_model"]["message_ms"]
     assert plan_from_dict(data).runtime == Runtime()  # plans written before the runtime

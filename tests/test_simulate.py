@@ -230,3 +230,17 @@ def test_runtime_scales_every_action_and_adds_its_fixed_cost(schedule: str, big_
     # the partitioner sees the same per-micro-batch stage time the simulator runs
     costs = stage_costs(replace(cm, runtime=Runtime(scale, fixed)), (0, *(e for _, e in ranges)))
     assert costs.stage_ms == pytest.approx([action] * big_k)
+
+
+
+def test_a_message_reaches_its_receiver_message_ms_after_its_send() -> None:
+    # K=2, M=1 on two devices: F0, send (latency), delay, F1, B1, send back, delay, B0
+    f, b, latency, delay = 1.0, 2.0, 0.5, 0.25
+    prof = make_profile([f, f], [b, b], out_bytes=[8.0, 8.0])
+    cm = CostModel(prof, 1, 1, stages=2, link=Link(math.inf, latency),
+                   runtime=Runtime(message_ms=delay))
+    res = simulate(cm, [(0, 1), (1, 2)])
+    assert res.step_ms == pytest.approx(2 * (f + b) + 2 * (latency + delay))
+    assert res.stage_comm_ms == pytest.approx([latency, latency])  # the delay is not the sender's
+    # stages on one device exchange data for free: no message, no delay
+    assert simulate(cm, [(0, 1), (1, 2)], devices=[0, 0]).step_ms == pytest.approx(2 * (f + b))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from partitioner.cli import main
-from partitioner.costs import CostModel
+from partitioner.costs import CostModel, Runtime
 from partitioner.plan import PlanError, load_plan, save_plan
 from partitioner.profile import load_profile
 from partitioner.simulate import ranges_from_boundaries, simulate
@@ -161,10 +161,11 @@ def test_runtime_options_scale_the_prediction(plan_path: Path,
                           "--latency-ms", "0", "--compute-scale", "2"])
     assert float(slow["step_ms"]) == pytest.approx(2 * float(base["step_ms"]))  # type: ignore[arg-type]
     out = plan_path.parent / "slow.json"
-    assert main([*PLAN, "--compute-scale", "1.5", "--action-ms", "0.1", "-o", str(out)]) == 0
+    assert main([*PLAN, "--compute-scale", "1.5", "--action-ms", "0.1", "--message-ms", "0.2",
+                 "-o", str(out)]) == 0
     assert "runtime: actions take 1.5 x profiled + 0.1 ms" in capsys.readouterr().out
     plan = load_plan(out)
-    assert (plan.runtime.compute_scale, plan.runtime.action_ms) == (1.5, 0.1)
+    assert plan.runtime == Runtime(1.5, 0.1, 0.2)
     again = _json(capsys, ["simulate", str(out), "--json"])  # the plan's own runtime
     assert plan.predicted is not None
     assert float(again["step_ms"]) == pytest.approx(plan.predicted.step_ms)  # type: ignore[arg-type]

@@ -93,7 +93,8 @@ def main() -> None:
             how = ("uncalibrated" if args.uncalibrated else
                    f"fitted on a trial at M={','.join(map(str, TRIAL_MS))}, recompute never")
             print(f"{name}: runtime ({how}): actions take {runtime.compute_scale:.3f} x "
-                  f"profiled + {runtime.action_ms:.3f} ms", flush=True)
+                  f"profiled + {runtime.action_ms:.3f} ms, messages arrive "
+                  f"{runtime.message_ms:.3f} ms after their send", flush=True)
             plans, predicted = [], []
             paths = []
             for m, mode, sched in itertools.product(ms, modes, schedules):
