@@ -17,7 +17,8 @@ the layer graph (``graph.layer_edges``: the chain i -> i+1 for a profile without
   successor of u, one transfer of ``out_bytes[u]`` (``link.transfer_ms``); the sender pays
   them all, in one send. SB(k,i) after B: the gradients of everything stage k received, one
   transfer back per (u, k). Transfers between stages on one device are free.
-- The schedule stays the pipeline's: stage k+1's receive waits for stage k's whole send.
+- The schedule stays the pipeline's: stage k+1's receive waits for stage k's whole send,
+  and then the runtime's ``message_ms`` (``Durations.message_ms``; paid transfers only).
   Data that skips stages (u in stage k feeding stage d > k+1) is charged to its sender's
   send, as ``graph.evaluate_assignment`` charges it, and needs no wait of its own: stage d
   receives from d-1 only after d-1 received from d-2 ... after k's send had finished, so it
