@@ -241,7 +241,7 @@ def check_job(job: str, profile: Profile) -> None:
 
 def measure_runtime(job: str, profile: Profile, global_batch: int, *, link: Link | None = None,
                     microbatches: Sequence[int] = (1, 4), recompute: Recompute = "never",
-                    steps: int = 4, warmup: int = 2, threads: int = 1,
+                    steps: int = 8, warmup: int = 2, threads: int = 1,
                     timeout_s: float = 300.0) -> Runtime:
     """Fit the executor's ``Runtime`` from a trial run of ``job`` (a ``module:function``
     spec, see ``executor.launch``; ``profile`` is its model's profile) on two local CPU

@@ -60,7 +60,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[int]]:
     p.add_argument("--global-batch", "-B", type=int, required=True, help="samples per step")
     p.add_argument("--microbatches", default="1,4",
                    help="M of the trial runs (default 1,4: two micro-batch sizes)")
-    p.add_argument("--steps", type=int, default=4, help="timed steps per trial (default 4)")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per trial (default 8)")
     p.add_argument("--timeout-s", type=float, default=300.0,
                    help="give up on a silent rank after this long (default 300)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
