@@ -27,7 +27,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CLOCKS", "Batch", "Measurement", "as_batch", "as_tensors", "batch_nbytes",
+__all__ = ["CLOCKS", "Batch", "Clock", "Measurement", "as_batch", "as_tensors", "batch_nbytes",
            "harness_overhead_ms", "measure", "prepare_batch", "quiet_gc", "slice_batch"]
 
 Batch = Tensor | tuple[Tensor, ...]
@@ -84,7 +84,7 @@ def prepare_batch(x: Batch, device: torch.device, dtype: torch.dtype | None) -> 
 CLOCKS = ("wall", "thread")
 
 
-class _Clock:
+class Clock:
     """Wall time (perf_counter) or this thread's CPU time on the CPU; CUDA events (then one
     synchronize) on a GPU. The thread clock ignores time the OS gives to other processes, so
     it suits a shared machine, but it only sees work done on this thread (torch threads = 1).
@@ -175,7 +175,7 @@ def measure(module: nn.Module, x: Batch, device: torch.device, *, input_grad: bo
     gradient are made after it, so they are cached as if just made by the neighbouring layer.
     """
     step = _Step(module, x, input_grad)
-    timer = _Clock(device, clock)
+    timer = Clock(device, clock)
     flush = _Flusher(device, flush_bytes)
     fwd_ms: list[float] = []
     bwd_ms: list[float] = []

@@ -26,7 +26,7 @@ from partitioner.units import format_bytes, parse_bytes
 
 from .measure import CLOCKS, Batch
 from .models import MODELS, build_model, list_models
-from .profiler import DTYPES, parse_device, profile_model
+from .profiler import DTYPES, TIMINGS, parse_device, profile_model
 
 __all__ = ["load_model_spec", "main"]
 
@@ -96,7 +96,10 @@ def _summary(prof: Profile) -> str:
     rows = [[lay.name, lay.type, f"{lay.fwd_ms[j]:.3f}", f"{lay.bwd_ms[j]:.3f}",
              format_bytes(lay.param_bytes), format_bytes(lay.out_bytes[j]),
              format_bytes(lay.saved_bytes[j])] for lay in prof.layers]
-    head = (f"{prof.model} on {prof.device.name} ({prof.dtype}), "
+    timing = prof.extra.get("harness", {}).get("timing")
+    where = {"model": ", layers timed inside the whole model",
+             "layer": ", layers timed alone"}.get(str(timing), "")
+    head = (f"{prof.model} on {prof.device.name} ({prof.dtype}){where}, "
             f"micro-batch size {prof.microbatch_sizes[j]}:")
     return head + "\n" + format_table(
         ["layer", "type", "fwd_ms", "bwd_ms", "params", "out", "saved"], rows)
@@ -137,10 +140,14 @@ def main(argv: Sequence[str]) -> int:
                    help="timed runs; the median is kept (default: 10)")
     p.add_argument("--batch", type=_count("--batch", 1), default=None,
                    help="rows of a built-in model's sample (default: the largest size)")
+    p.add_argument("--timing", choices=TIMINGS, default="auto",
+                   help="model: time each layer inside passes of the whole model; layer: each "
+                        "layer alone (for a model too big for the device); auto (default): "
+                        "model where the whole model fits in half the free memory")
     p.add_argument("--flush", type=_flush_arg, default=None, metavar="SIZE",
-                   help="flush the caches with a buffer of SIZE (e.g. 4MiB; 0: off) before each "
-                        "timed region (default: on the CPU, twice one core's L2 cache when "
-                        "the model's weights do not fit in it)")
+                   help="layers timed alone: flush the caches with a buffer of SIZE (e.g. 4MiB; "
+                        "0: off) before each timed region (default: on the CPU, twice one "
+                        "core's L2 cache when the model's weights do not fit in it)")
     p.add_argument("--eval", action="store_true",
                    help="profile in eval mode (default: training mode)")
     p.add_argument("-o", "--output", metavar="PROFILE.json", help="write the profile here")
@@ -161,7 +168,8 @@ def main(argv: Sequence[str]) -> int:
             prof = profile_model(
                 model, sample, args.microbatch_sizes, args.device, dtype=args.dtype,
                 warmup=args.warmup, repeat=args.repeat, threads=args.threads,
-                clock=args.clock, flush_bytes=args.flush, train=not args.eval,
+                clock=args.clock, timing=args.timing, flush_bytes=args.flush,
+                train=not args.eval,
                 name=args.model, input_info=info,
                 progress=lambda name: bar.update(1))
         except TypeError as exc:

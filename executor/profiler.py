@@ -6,8 +6,10 @@
     >>> prof.num_layers, prof.microbatch_sizes, prof.layers[0].type
     (6, (1, 2), 'Embed')
 
-Each layer is measured on a copy of it moved to the device, with inputs from a real forward
-pass of the layers before it, so the user's model is never changed (parameters, gradients,
+Each layer's memory is measured on a copy of it moved to the device, with inputs from a real
+forward pass of the layers before it; its time inside passes of a copy of the whole model
+where that fits the device (``executor.inmodel``), else alone with the per-call overhead
+corrected. The user's model is never changed (parameters, gradients,
 buffers, ``training`` flags and device); the global random state is restored afterwards.
 """
 
@@ -16,8 +18,6 @@ from __future__ import annotations
 import copy
 import datetime
 import gc
-import os
-import platform
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -25,9 +25,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from partitioner.profile import DeviceInfo, LayerProfile, Profile
+from partitioner.profile import LayerProfile, Profile
 
 from .allocator import keep_freed_memory
+from .devices import (
+    DTYPES,
+    cpu_l2_bytes,
+    default_flush_bytes,
+    device_info,
+    free_bytes,
+    parse_device,
+    parse_dtype,
+)
+from .inmodel import time_layers_in_model, whole_model_bytes
 from .measure import (
     CLOCKS,
     Batch,
@@ -39,58 +49,8 @@ from .measure import (
     slice_batch,
 )
 
-__all__ = ["DTYPES", "cpu_l2_bytes", "default_flush_bytes", "device_info", "parse_device",
-           "parse_dtype", "profile_model",
-           "time_whole_model"]
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_device(device: str | torch.device) -> torch.device:
-    """A torch.device that exists here; ValueError for CUDA on a machine without it."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device {device!r} is not a device name ({exc}); use cpu or "
-                         f"cuda[:N]") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {device!r}: the profiler supports cpu and cuda[:N]")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: CUDA is not available here (torch "
-                             f"{torch.__version__}, {torch.cuda.device_count()} GPUs); "
-                             f"profile with --device cpu or run on a machine with a GPU")
-        index = torch.cuda.current_device() if dev.index is None else dev.index
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s) here")
-        dev = torch.device("cuda", index)
-    return dev
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """``None`` keeps the model's own dtype; otherwise one of ``DTYPES`` (name or torch dtype)."""
-    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in DTYPES.values()):
-        return dtype
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-
-
-def device_info(device: torch.device) -> DeviceInfo:
-    """Name, kind and memory of a device; for the CPU, the machine's RAM."""
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return DeviceInfo(props.name, "cuda", int(props.total_memory))
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                        name)
-    except OSError:
-        pass
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return DeviceInfo(f"{name} ({os.cpu_count()} cores)", "cpu", int(memory))
-
+__all__ = ["DTYPES", "TIMINGS", "cpu_l2_bytes", "default_flush_bytes", "device_info",
+           "parse_device", "parse_dtype", "profile_model", "time_whole_model"]
 
 @contextmanager
 def _preserved_state(device: torch.device, threads: int | None) -> Iterator[None]:
@@ -116,42 +76,6 @@ def _preserved_state(device: torch.device, threads: int | None) -> Iterator[None
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
-
-
-def cpu_l2_bytes() -> int:
-    """One core's L2 cache in bytes (sysconf, else sysfs; 1 MiB when neither says)."""
-    try:
-        size = os.sysconf("SC_LEVEL2_CACHE_SIZE")
-        if size > 0:
-            return int(size)
-    except (ValueError, OSError):
-        pass
-    try:
-        with open("/sys/devices/system/cpu/cpu0/cache/index2/size") as f:
-            text = f.read().strip().upper()
-        scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
-        return int(text.rstrip("KM")) * scale
-    except (OSError, ValueError):
-        return 1 << 20
-
-
-def default_flush_bytes(device: torch.device, model_bytes: int) -> int:
-    """The cache flush the profiler uses unless told: on the CPU, for a model whose weights
-    (``model_bytes``) do not fit one core's L2, twice that L2, so a layer's weights and saved
-    tensors come from beyond L2 as inside the whole model, while its input (made after the
-    flush) is hot as if just made by the layer before. None for a model that fits (its
-    weights stay in L2 from layer to layer) and none on CUDA.
-
-        >>> l2, cpu = cpu_l2_bytes(), torch.device("cpu")
-        >>> default_flush_bytes(cpu, 4 * l2) == 2 * l2, default_flush_bytes(cpu, l2 // 2)
-        (True, 0)
-        >>> default_flush_bytes(torch.device("cuda"), 4 * l2)
-        0
-    """
-    if device.type != "cpu":
-        return 0
-    l2 = cpu_l2_bytes()
-    return 2 * l2 if model_bytes > l2 else 0
 
 
 def _check_args(model: object, sample: object, sizes: Sequence[int], warmup: int, repeat: int,
@@ -247,6 +171,12 @@ def _param_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in unique)
 
 
+#: How layers are timed: "model" inside passes of the whole model (executor.inmodel), "layer"
+#: each alone on its own copy (for a model that does not fit the device), "auto" the first
+#: where the whole model fits in half the device's free memory, else the second.
+TIMINGS = ("auto", "model", "layer")
+
+
 def profile_model(
     model: nn.Sequential,
     sample: Batch,
@@ -258,6 +188,7 @@ def profile_model(
     repeat: int = 10,
     threads: int | None = None,
     clock: str = "wall",
+    timing: str = "auto",
     flush_bytes: int | None = None,
     train: bool = True,
     correct_overhead: bool = True,
@@ -270,72 +201,65 @@ def profile_model(
     ``dtype`` casts floating parameters and inputs (None keeps them); ``threads`` sets torch's
     intra-op threads while profiling (a pipeline rank may run with fewer than the machine
     has); ``clock`` on the CPU is ``"wall"`` (perf_counter) or ``"thread"`` (the thread's CPU
-    time: immune to other processes on a shared machine, needs threads=1); ``flush_bytes``
-    evicts the caches before each timed forward and backward (0: off; None: on the CPU twice
-    one core's L2 when the model's weights do not fit in it, see ``default_flush_bytes``;
-    see ``measure.measure``); ``train``
-    profiles in training mode (dropout on, BatchNorm on batch statistics);
+    time: immune to other processes on a shared machine, needs threads=1); ``timing``: one of
+    ``TIMINGS``; ``train`` profiles in training mode (dropout on, BatchNorm on batch
+    statistics); ``progress(layer_name)`` is called after each layer. Memory figures always
+    come from each layer alone. For layers timed alone: ``flush_bytes`` evicts the caches
+    before each timed forward and backward (0: off; None: on the CPU twice one core's L2 when
+    the model's weights do not fit in it, see ``default_flush_bytes`` and ``measure.measure``);
     ``correct_overhead`` subtracts the per-call harness cost measured on no-op layers
-    (see ``measure.harness_overhead_ms``); ``progress(layer_name)`` is called after each layer.
+    (see ``measure.harness_overhead_ms``).
     """
+    if timing not in TIMINGS:
+        raise ValueError(f"timing={timing!r} is not one of {', '.join(TIMINGS)}")
     model, sample, sizes, dev, cast, flush_bytes = _prepare(
         model, sample, microbatch_sizes, device, dtype, warmup, repeat, threads, clock,
         flush_bytes)
-    per_size: list[list[Measurement]] = []
     gc.collect()
+    reps = {"warmup": warmup, "repeat": repeat, "clock": clock}
+    in_model: list[list[tuple[float, float, bool]]] | None = None
     with _preserved_state(dev, threads):
         used_threads = torch.get_num_threads()
-        overhead = harness_overhead_ms(dev, clock=clock) if correct_overhead else (0.0, 0.0)
-        xs = {b: prepare_batch(slice_batch(sample, b), dev, cast) for b in sizes}
-        layers = list(model.named_children())
-        param_bytes = []
-        for i, (layer_name, layer) in enumerate(layers):
-            twin = _layer_copy(layer, dev, cast, train)
-            param_bytes.append(_param_bytes(twin))
-            row = [_measure_layer(twin, xs[b], dev, i, layer_name, b, warmup=warmup,
-                                  repeat=repeat, clock=clock, flush_bytes=flush_bytes)
-                   for b in sizes]
-            per_size.append(row)
-            xs = {b: m.output for b, m in zip(sizes, row, strict=True)}
-            del twin
-            if progress is not None:
-                progress(layer_name)
+        alone = timing == "layer"
+        per_size, param_bytes = _layer_pass(
+            model, sample, sizes, dev, cast, train, progress,
+            reps if alone else {"warmup": 0, "repeat": 1, "clock": clock},
+            flush_bytes if alone else 0)
+        if not alone:
+            in_model = _try_in_model(model, sample, sizes, dev, cast, train, reps, timing,
+                                     whole_model_bytes(per_size, param_bytes))
+            if in_model is None:  # "auto" and the whole model does not fit: time them alone
+                per_size, _ = _layer_pass(model, sample, sizes, dev, cast, train, None, reps,
+                                          flush_bytes)
+        used = "layer" if in_model is None else "model"
+        overhead = (harness_overhead_ms(dev, clock=clock) if used == "layer" and
+                    correct_overhead else (0.0, 0.0))
     fwd_over, bwd_over = overhead
     profiled = []
-    for (layer_name, layer), row, pbytes in zip(layers, per_size, param_bytes, strict=True):
+    layers = list(model.named_children())
+    for i, ((layer_name, layer), row, pbytes) in enumerate(
+            zip(layers, per_size, param_bytes, strict=True)):
+        if in_model is not None:
+            fwd = tuple(round(t[i][0], 5) for t in in_model)
+            bwd = tuple(round(t[i][1], 5) if t[i][2] else 0.0 for t in in_model)
+        else:
+            fwd = tuple(round(max(0.0, m.fwd_ms - fwd_over), 5) for m in row)
+            bwd = tuple(round(max(0.0, m.bwd_ms - bwd_over), 5) if m.has_backward else 0.0
+                        for m in row)
         profiled.append(LayerProfile(
             name=layer_name,
             type=type(layer).__name__,
             param_bytes=pbytes,
-            fwd_ms=tuple(round(max(0.0, m.fwd_ms - fwd_over), 5) for m in row),
-            bwd_ms=tuple(round(max(0.0, m.bwd_ms - bwd_over), 5) if m.has_backward else 0.0
-                         for m in row),
+            fwd_ms=fwd,
+            bwd_ms=bwd,
             in_bytes=tuple(float(m.in_bytes) for m in row),
             out_bytes=tuple(float(m.out_bytes) for m in row),
             saved_bytes=tuple(float(m.saved_bytes) for m in row),
             peak_bytes=(tuple(float(m.peak_bytes or 0) for m in row)
                         if dev.type == "cuda" else None),
         ))
-    timer = {"wall": "time.perf_counter", "thread": "time.thread_time, the thread's CPU time"}
-    parts = [
-        f"Each layer timed alone on a copy "
-        f"({'CUDA events, synchronised' if dev.type == 'cuda' else timer[clock]}; median of "
-        f"{repeat} after {warmup} warm-up), input from a real forward pass of the layers "
-        f"before it, {'training' if train else 'eval'} mode, {used_threads} intra-op "
-        f"thread(s)",
-        "backward into .grad of the floating inputs and the parameters, the parameters' "
-        "gradients accumulating as in a training step",
-        (f"per-call harness overhead measured on no-op layers (fwd {fwd_over:.4f} ms, bwd "
-         f"{bwd_over:.4f} ms) and subtracted" if correct_overhead
-         else "per-call harness overhead not corrected"),
-        "saved_bytes = unique storages autograd saves for backward, parameters excluded",
-    ]
-    if flush_bytes:
-        parts.append(f"caches flushed with {flush_bytes} bytes before each timed region")
-    if dev.type == "cuda":
-        parts.append("peak_bytes = allocator peak of one forward+backward above what was "
-                     "allocated before it")
-    how = "; ".join(parts) + "."
+    how = _how(dev, used, clock, warmup, repeat, train, used_threads,
+               overhead if correct_overhead else None, flush_bytes if used == "layer" else 0)
     model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
                        torch.float32)
     return Profile(
@@ -349,11 +273,86 @@ def profile_model(
         how=how,
         input=_describe_input(sample, input_info),
         extra={"harness": {"threads": used_threads, "warmup": warmup, "repeat": repeat,
-                           "train": train, "flush_bytes": flush_bytes,
+                           "train": train, "timing": used,
+                           "flush_bytes": flush_bytes if used == "layer" else 0,
                            "clock": clock if dev.type == "cpu" else "cuda-events",
                            "overhead_fwd_ms": round(fwd_over, 6),
                            "overhead_bwd_ms": round(bwd_over, 6)}},
     )
+
+
+def _layer_pass(model: nn.Sequential, sample: Batch, sizes: list[int], dev: torch.device,
+                cast: torch.dtype | None, train: bool,
+                progress: Callable[[str], None] | None, reps: Mapping[str, Any],
+                flush_bytes: int) -> tuple[list[list[Measurement]], list[int]]:
+    """Each layer alone on its own copy at every size, its input the output of the layer
+    before: per layer, one Measurement per size, and its parameter bytes."""
+    xs = {b: prepare_batch(slice_batch(sample, b), dev, cast) for b in sizes}
+    per_size: list[list[Measurement]] = []
+    param_bytes = []
+    for i, (layer_name, layer) in enumerate(model.named_children()):
+        twin = _layer_copy(layer, dev, cast, train)
+        param_bytes.append(_param_bytes(twin))
+        row = [_measure_layer(twin, xs[b], dev, i, layer_name, b, flush_bytes=flush_bytes,
+                              **reps) for b in sizes]
+        per_size.append(row)
+        xs = {b: m.output for b, m in zip(sizes, row, strict=True)}
+        del twin
+        if progress is not None:
+            progress(layer_name)
+    return per_size, param_bytes
+
+
+def _try_in_model(model: nn.Sequential, sample: Batch, sizes: list[int], dev: torch.device,
+                  cast: torch.dtype | None, train: bool, reps: Mapping[str, Any], timing: str,
+                  need: int) -> list[list[tuple[float, float, bool]]] | None:
+    """Per size, the layers' times inside the whole model; None where ``timing`` is "auto" and
+    the whole model does not fit (``need`` bytes over half the device's free memory, or out of
+    memory on the way)."""
+    free = free_bytes(dev)
+    if timing == "auto" and need > free // 2:
+        return None
+    try:
+        twin = nn.Sequential(*_layer_copy(model, dev, cast, train).children())
+        out = [time_layers_in_model(twin, prepare_batch(slice_batch(sample, b), dev, cast),
+                                    dev, **reps) for b in sizes]
+    except torch.cuda.OutOfMemoryError as exc:
+        if timing == "auto":
+            return None
+        raise ValueError(f"the whole model does not fit on {dev} to time its layers in place "
+                         f"(needs about {need} bytes, {free} free: {exc}); use timing='layer' "
+                         f"(--timing layer) to time each layer alone") from None
+    return out
+
+
+def _how(dev: torch.device, used: str, clock: str, warmup: int, repeat: int, train: bool,
+         threads: int, overhead: tuple[float, float] | None, flush_bytes: int) -> str:
+    """The profile's ``how``: in words, how its figures were measured."""
+    timer = {"wall": "time.perf_counter", "thread": "time.thread_time, the thread's CPU time"}
+    clocked = (f"{'CUDA events, synchronised' if dev.type == 'cuda' else timer[clock]}; "
+               f"median of {repeat} after {warmup} warm-up")
+    mode = f"{'training' if train else 'eval'} mode, {threads} intra-op thread(s)"
+    if used == "model":
+        parts = [f"Each layer timed inside forward+backward passes of the whole model on a copy "
+                 f"({clocked}): a mark between layers in the forward, a hook on each layer's "
+                 f"input in the backward; {mode}",
+                 "the parameters' gradients accumulating as in a training step"]
+    else:
+        parts = [f"Each layer timed alone on a copy ({clocked}), input from a real forward "
+                 f"pass of the layers before it, {mode}",
+                 "backward into .grad of the floating inputs and the parameters, the "
+                 "parameters' gradients accumulating as in a training step",
+                 (f"per-call harness overhead measured on no-op layers (fwd {overhead[0]:.4f} "
+                  f"ms, bwd {overhead[1]:.4f} ms) and subtracted" if overhead is not None
+                  else "per-call harness overhead not corrected")]
+    parts.append("saved_bytes = unique storages autograd saves for backward, parameters "
+                 "excluded, measured on each layer alone")
+    if flush_bytes:
+        parts.append(f"caches flushed with {flush_bytes} bytes before each timed region")
+    if dev.type == "cuda":
+        parts.append("peak_bytes = allocator peak of one forward+backward above what was "
+                     "allocated before it")
+    return "; ".join(parts) + "."
 
 
 def time_whole_model(

@@ -61,13 +61,20 @@ def test_profiles_a_built_in_model(tmp_path: Path, capsys: pytest.CaptureFixture
     assert prof.num_layers == 6 and prof.dtype == "bfloat16"
     assert prof.input is not None and prof.input["kind"] == "tokens"
     assert prof.extra["harness"]["threads"] == 1 and prof.extra["harness"]["repeat"] == 1
-    # on the CPU each timed region starts with the caches flushed past one core's L2 when
-    # the model's weights do not fit in it
-    weights = sum(lay.param_bytes for lay in prof.layers)
-    assert prof.extra["harness"]["flush_bytes"] == (
-        2 * cpu_l2_bytes() if 2 * weights > cpu_l2_bytes() else 0)  # bf16: half the fp32 bytes
+    # by default the layers are timed inside the whole model (it fits), with no flush
+    assert prof.extra["harness"]["timing"] == "model" and prof.extra["harness"]["flush_bytes"] == 0
+    assert "layers timed inside the whole model" in text
+    # alone, each timed region starts with the caches flushed past one core's L2 when the
+    # model's weights do not fit in it
+    assert main(["profile", "--model", "gpt-small", "--microbatch-sizes", "1", *FAST,
+                 "--timing", "layer", "-o", str(out)]) == 0
+    alone = load_profile(out)
+    weights = sum(lay.param_bytes for lay in alone.layers)
+    assert weights > cpu_l2_bytes() and "layers timed alone" in capsys.readouterr().out
+    assert alone.extra["harness"]["timing"] == "layer"
+    assert alone.extra["harness"]["flush_bytes"] == 2 * cpu_l2_bytes()
     assert main(["profile", "--model", "gpt-tiny", "--microbatch-sizes", "1", *FAST,
-                 "--flush", "0", "-o", str(out)]) == 0
+                 "--timing", "layer", "--flush", "0", "-o", str(out)]) == 0
     assert load_profile(out).extra["harness"]["flush_bytes"] == 0
 
 
@@ -110,7 +117,7 @@ def test_missing_cuda_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_bad_option_values_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     for bad in (["--microbatch-sizes", "0,2"], ["--microbatch-sizes", "a"], ["--repeat", "0"],
-                ["--dtype", "int8"], ["--flush", "lots"]):
+                ["--dtype", "int8"], ["--flush", "lots"], ["--timing", "alone"]):
         with pytest.raises(SystemExit) as exc:
             main(["profile", "--model", "gpt-tiny", *bad])
         assert exc.value.code == 2

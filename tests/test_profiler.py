@@ -74,7 +74,7 @@ def test_thread_clock_ignores_time_off_the_cpu() -> None:
 def test_overhead_is_subtracted(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(executor.profiler, "harness_overhead_ms", lambda dev, clock: (2.0, 4.0))
     model = nn.Sequential(nn.Identity(), SleepLayer(8, 12))
-    prof = profile_model(model, torch.ones(1, 4), [1], "cpu", **FAST)
+    prof = profile_model(model, torch.ones(1, 4), [1], "cpu", timing="layer", **FAST)
     assert _close(prof.layers[1].fwd_ms[0], 6) and _close(prof.layers[1].bwd_ms[0], 8)
     # the first layer has no backward (data input, no parameters) and no negative time
     assert prof.layers[0].bwd_ms == (0.0,) and prof.layers[0].fwd_ms == (0.0,)
@@ -84,10 +84,68 @@ def test_overhead_is_subtracted(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_uncorrected_and_flushed_profiles_say_so() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     prof = profile_model(model, torch.ones(2, 4), [2], "cpu", correct_overhead=False,
-                         flush_bytes=2**20, **FAST)
+                         flush_bytes=2**20, timing="layer", **FAST)
     assert "overhead not corrected" in prof.how and "flushed with 1048576 bytes" in prof.how
     harness = prof.extra["harness"]
     assert harness["overhead_bwd_ms"] == 0 and harness["flush_bytes"] == 2**20
+
+
+class PairOut(nn.Module):
+    """(x, x * scale): a layer whose output is a tuple, one part passed through untouched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x, x * self.scale
+
+
+class PairIn(nn.Module):
+    def forward(self, xy: tuple[Tensor, Tensor]) -> Tensor:
+        return xy[0] + xy[1]
+
+
+@pytest.mark.parametrize("timing", ["model", "layer"])
+def test_each_layer_gets_its_own_sleeps_in_either_timing(timing: str) -> None:
+    """In-place, identity and tuple-passing layers between sleeping ones: each sleep lands on
+    its own layer, forward and backward, and nothing on the layers that do no work."""
+    model = nn.Sequential(SleepLayer(4, 10), nn.ReLU(inplace=True), SleepLayer(9, 5),
+                          nn.Identity(), PairOut(), PairIn(), SleepLayer(7, 12))
+    prof = profile_model(model, torch.ones(2, 4), [2], "cpu", timing=timing, **FAST)
+    assert prof.extra["harness"]["timing"] == timing
+    expected = [(4, 10), None, (9, 5), None, None, None, (7, 12)]
+    for lay, want in zip(prof.layers, expected, strict=True):
+        if want is None:
+            assert lay.fwd_ms[0] < 2 and lay.bwd_ms[0] < 2, (lay.name, lay.fwd_ms, lay.bwd_ms)
+        else:
+            assert _close(lay.fwd_ms[0], want[0]), (lay.name, lay.fwd_ms)
+            assert _close(lay.bwd_ms[0], want[1]), (lay.name, lay.bwd_ms)
+
+
+def test_in_model_times_add_up_to_the_whole_model() -> None:
+    model = nn.Sequential(SleepLayer(5, 8), nn.Linear(4, 4), SleepLayer(6, 3))
+    prof = profile_model(model, torch.ones(2, 4), [1, 2], "cpu", timing="model", **FAST)
+    assert "inside forward+backward passes of the whole model" in prof.how
+    assert prof.extra["harness"]["overhead_bwd_ms"] == 0 and "overhead" not in prof.how
+    (fwd, bwd), = time_whole_model(model, torch.ones(2, 4), [2], "cpu", flush_bytes=0, **FAST)
+    assert sum(lay.fwd_ms[1] for lay in prof.layers) == pytest.approx(fwd, abs=3)
+    assert sum(lay.bwd_ms[1] for lay in prof.layers) == pytest.approx(bwd, abs=3)
+
+
+def test_auto_times_layers_alone_when_the_model_does_not_fit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    auto = profile_model(model, torch.ones(2, 4), [2], "cpu", **FAST)
+    assert auto.extra["harness"]["timing"] == "model"
+    monkeypatch.setattr(executor.profiler, "free_bytes", lambda dev: 100)  # < 2 x its needs
+    small = profile_model(model, torch.ones(2, 4), [2], "cpu", **FAST)
+    assert small.extra["harness"]["timing"] == "layer" and "timed alone" in small.how
+    # asked for explicitly, the whole model is tried anyway (only running out says no)
+    forced = profile_model(model, torch.ones(2, 4), [2], "cpu", timing="model", **FAST)
+    assert forced.extra["harness"]["timing"] == "model"
+    with pytest.raises(ValueError, match="timing='inside' is not one of auto, model, layer"):
+        profile_model(model, torch.ones(2, 4), [2], timing="inside")
 
 
 def test_harness_overhead_is_small_and_finite() -> None:

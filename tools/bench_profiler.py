@@ -4,7 +4,9 @@ the whole model's measured forward+backward, per built-in model and micro-batch 
     python tools/bench_profiler.py                          # small built-ins, sizes 1,2,4,8
     python tools/bench_profiler.py --models gpt-tiny --rounds 5 --threads 2
 
-A ratio of 1.0 means the profile adds up to the model; the target is 0.9..1.1. Each round
+A ratio of 1.0 means the profile adds up to the model; the target is 0.9..1.1. ``--timing``
+picks how the profiler times layers (default: its own default, inside passes of the whole model
+where that fits; ``layer``: each alone, as for a model too big for the device). Each round
 measures the whole model and then profiles it, size by size, so both see the same machine
 load; the table
 shows the median ratio over rounds (min..max beside it), with the per-call overhead correction
@@ -27,7 +29,7 @@ import statistics
 import time
 
 from executor.models import build_model
-from executor.profiler import profile_model, time_whole_model
+from executor.profiler import TIMINGS, profile_model, time_whole_model
 from partitioner.report import format_table
 
 DEFAULT_MODELS = "gpt-tiny,resnet-tiny,gpt-small,resnet-small"
@@ -46,16 +48,22 @@ def bench_model(name: str, sizes: list[int], args: argparse.Namespace) -> list[l
     opts = {"warmup": args.warmup, "repeat": args.repeat, "threads": args.threads,
             "clock": args.clock,
             "flush_bytes": None if args.flush_mib is None else args.flush_mib << 20}
+    timing = {"timing": args.timing}
     start = time.perf_counter()
     for _ in range(args.rounds):
-        for b in sizes:  # the whole model and its layers back to back: the same machine load
-            before = _minor_faults()
-            (fwd_ms, bwd_ms), = time_whole_model(work.model, work.sample, [b], "cpu", **opts)
-            middle = _minor_faults()
-            prof = profile_model(work.model, work.sample, [b], "cpu", name=name, **opts)
-            faults[b][0] += middle - before
-            faults[b][1] += _minor_faults() - middle
+        for b in sizes:  # the layers and the whole model back to back: the same machine load
+            layers_start = _minor_faults()
+            prof = profile_model(work.model, work.sample, [b], "cpu", name=name, **opts,
+                                 **timing)
+            layers_faults = _minor_faults() - layers_start
             harness = prof.extra["harness"]
+            # the reference runs as the layers were timed: flushed only if they were
+            before = _minor_faults()
+            (fwd_ms, bwd_ms), = time_whole_model(
+                work.model, work.sample, [b], "cpu",
+                **{**opts, "flush_bytes": harness["flush_bytes"]})
+            faults[b][0] += _minor_faults() - before
+            faults[b][1] += layers_faults
             layers_ms = sum(lay.fwd_ms[0] + lay.bwd_ms[0] for lay in prof.layers)
             calls_ms = sum(harness["overhead_fwd_ms"]
                            + (harness["overhead_bwd_ms"] if lay.bwd_ms[0] > 0 else 0.0)
@@ -73,9 +81,10 @@ def bench_model(name: str, sizes: list[int], args: argparse.Namespace) -> list[l
                      f"{statistics.median(raw[b]):.3f}",
                      f"{faults[b][0] // steps}/{faults[b][1] // steps}",
                      "ok" if 0.9 <= ratio <= 1.1 else "OFF"])
-    print(f"  {name}: {args.rounds} round(s) in {took:.1f} s; per-call overhead fwd "
-          f"{harness['overhead_fwd_ms']:.4f} ms, bwd {harness['overhead_bwd_ms']:.4f} ms",
-          flush=True)
+    how = ("inside the whole model" if harness["timing"] == "model" else
+           f"alone; per-call overhead fwd {harness['overhead_fwd_ms']:.4f} ms, bwd "
+           f"{harness['overhead_bwd_ms']:.4f} ms")
+    print(f"  {name}: {args.rounds} round(s) in {took:.1f} s; layers timed {how}", flush=True)
     return rows
 
 
@@ -93,6 +102,8 @@ def main() -> None:
                    help="flush the caches with a buffer of this many MiB before each timed "
                         "region, the whole model's and each layer's (default: the "
                         "profiler's, twice one core's L2 cache; 0: off)")
+    p.add_argument("--timing", choices=TIMINGS, default="auto",
+                   help="how the profiler times layers (default: auto, its default)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=9)
     args = p.parse_args()
