@@ -7,11 +7,10 @@ the whole model's measured forward+backward, per built-in model and micro-batch 
 A ratio of 1.0 means the profile adds up to the model; the target is 0.9..1.1. ``--timing``
 picks how the profiler times layers (default: its own default, inside passes of the whole model
 where that fits; ``layer``: each alone, as for a model too big for the device). Each round
-measures the whole model and then profiles it, size by size, so both see the same machine
-load; the table
-shows the median ratio over rounds (min..max beside it), with the per-call overhead correction
+profiles the model and then measures the whole model, size by size, so both see the same
+machine load; the table shows the median ratio over rounds (min..max beside it), with the per-call overhead correction
 (``corrected``) and without it (``raw``: the correction added back), and the minor page faults
-per timed step of the whole model and of all layers timed alone (``faults``).
+per timed step of the whole model and of all the layers' timing passes (``faults``).
 
 On the CPU, glibc's malloc by default hands memory back to the OS after the whole model's
 backward frees every activation, so the next forward page-faults it in again, while a layer

@@ -79,7 +79,8 @@ def main() -> int:
     print(f"link {link.bandwidth_gbps:.2f} GB/s, {link.latency_ms:.3f} ms per message")
     runtime = measure_runtime(job, profile, batch, link=link)
     print(f"runtime: actions take {runtime.compute_scale:.3f} x their profiled time + "
-          f"{runtime.action_ms:.3f} ms (layers timed alone run with hot caches); messages "
+          f"{runtime.action_ms:.3f} ms (a stage that waits between actions finds its "
+          f"caches cold); messages "
           f"arrive {runtime.message_ms:.3f} ms after their send")
 
     say(f"3. search K <= 2, M, recompute and schedule under {args.memory_limit} per rank")
