@@ -12,6 +12,9 @@ Systems, interleaved over several rounds; each figure is the fastest step's samp
 (other processes on a shared machine only ever slow a step down):
 
 - single: one process, one thread, the whole batch;
+- single-M: the same step in one process as M micro-batches one after another (the work the
+  pipeline shares out), and balanced-bound: what K ranks could reach on that work with stages
+  of exactly equal work, free messages and GPipe's bubble, (M+K-1)/M x work/K per step;
 - ours: K=2 ranks (one thread each), the plan the project makes from its own profile of this
   model on this machine (executor.profiler.profile_model + partitioner.make_plan), run with
   each of the project's schedules (1F1B keeps fewer micro-batches in flight, which on a CPU
@@ -136,13 +139,17 @@ def timed(step: Callable[[], None], steps: int, sync: Callable[[], None]) -> lis
     return times
 
 
-def _single(steps: int) -> list[float]:
+def _single(steps: int, m: int = 1) -> list[float]:
+    """One process, one thread: the whole batch (m=1), or the same step as ``m``
+    micro-batches one after another (the work a pipeline shares out, without the pipeline)."""
     model, (x, y) = build(), batch()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    b = BATCH // m
 
     def step() -> None:
         opt.zero_grad()
-        lm_loss(model(x), y).backward()
+        for i in range(m):
+            (lm_loss(model(x[i * b:(i + 1) * b]), y[i * b:(i + 1) * b]) / m).backward()
         opt.step()
     return timed(step, steps, lambda: None)
 
@@ -195,7 +202,8 @@ def ranks_main(plans: dict[tuple[str, int], Plan], default_cut: int, steps: int,
             out.setdefault(("torch-default", m), []).extend(_torch(default_cut, m, steps))
             out.setdefault(("torch-our-split", m), []).extend(_torch(our_cut, m, steps))
         if dist.get_rank() == 0:
-            out.setdefault(("single", 1), []).extend(_single(steps))
+            for m in MICROBATCHES:
+                out.setdefault(("single", m), []).extend(_single(steps, m))
         dist.barrier()
     return out
 
@@ -227,19 +235,26 @@ def main() -> None:
     base = min(times["single", 1])
     names = [f"ours-{s}" for s in SCHEDULES] + ["torch-default", "torch-our-split"]
     rate = {name: {m: BATCH / min(times[name, m]) for m in MICROBATCHES} for name in names}
+    # the same micro-batches in one process, and what K ranks could reach with it: stages of
+    # exactly equal work, free messages, the bubble of GPipe/1F1B ((K-1)/M of a stage's work)
+    micro = {m: BATCH / min(times["single", m]) for m in MICROBATCHES}
+    bound = {m: micro[m] * K * m / (m + K - 1) for m in MICROBATCHES}
     print("\ncut per M (layers [0, cut) on rank 0): torch-default " + describe(default_cut)
           + "; ours " + ", ".join(f"M={m} {describe(plans['gpipe', m].stages[0].layers[1])}"
                                   for m in MICROBATCHES))
     print(f"\n{'system':<16}" + "".join(f"{'M=' + str(m):>9}" for m in MICROBATCHES)
           + "   (samples/s, fastest step)")
     print(f"{'single':<16}" + f"{BATCH / base:>9.1f}")
-    for name, r in rate.items():
+    for name, r in {"single-M": micro, **rate, "balanced-bound": bound}.items():
         print(f"{name:<16}" + "".join(f"{r[m]:>9.1f}" for m in MICROBATCHES))
+    print("(single-M: one process doing the step as M micro-batches; balanced-bound: K ranks "
+          "on that work with equal stages, free messages and the (K-1)/M bubble)")
     best = {name: max(r.values()) for name, r in rate.items()}
     print(f"\nload average now {os.getloadavg()[0]:.2f}; ours-gpipe alone: speedup "
           f"{best['ours-gpipe'] * base / BATCH:.2f}, vs torch-default "
           f"{best['ours-gpipe'] / best['torch-default']:.2f}, same split "
           f"{best['ours-gpipe'] / best['torch-our-split']:.2f}")
+    print(f"balanced-bound at its best M: {max(bound.values()) * base / BATCH:.2f}x single")
     ours = max(best["ours-gpipe"], best["ours-1f1b"])  # the project's best schedule
     print(f"speedup_vs_single={ours * base / BATCH:.2f} "
           f"ratio_vs_torch_pipelining={ours / best['torch-default']:.2f} "
