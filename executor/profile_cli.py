@@ -162,7 +162,8 @@ def main(argv: Sequence[str]) -> int:
         raise ValueError("give --model NAME|module:function (or --list-models)")
     parse_device(args.device)  # missing CUDA is an error before the model is built
     model, sample, info = load_model_spec(args.model, args.batch or max(args.microbatch_sizes))
-    with tqdm(total=len(model), desc=f"profiling {args.model}", unit="layer",
+    steps = len(model) + (len(args.microbatch_sizes) if args.timing != "layer" else 0)
+    with tqdm(total=steps, desc=f"profiling {args.model}", unit="step",
               file=sys.stderr, disable=None) as bar:
         try:
             prof = profile_model(

@@ -203,7 +203,8 @@ def profile_model(
     has); ``clock`` on the CPU is ``"wall"`` (perf_counter) or ``"thread"`` (the thread's CPU
     time: immune to other processes on a shared machine, needs threads=1); ``timing``: one of
     ``TIMINGS``; ``train`` profiles in training mode (dropout on, BatchNorm on batch
-    statistics); ``progress(layer_name)`` is called after each layer. Memory figures always
+    statistics); ``progress(name)`` is called after each layer's memory pass and then, when
+    the layers are timed inside the model, after each size's passes. Memory figures always
     come from each layer alone. For layers timed alone: ``flush_bytes`` evicts the caches
     before each timed forward and backward (0: off; None: on the CPU twice one core's L2 when
     the model's weights do not fit in it, see ``default_flush_bytes`` and ``measure.measure``);
@@ -227,7 +228,7 @@ def profile_model(
             flush_bytes if alone else 0)
         if not alone:
             in_model = _try_in_model(model, sample, sizes, dev, cast, train, reps, timing,
-                                     whole_model_bytes(per_size, param_bytes))
+                                     whole_model_bytes(per_size, param_bytes), progress)
             if in_model is None:  # "auto" and the whole model does not fit: time them alone
                 per_size, _ = _layer_pass(model, sample, sizes, dev, cast, train, None, reps,
                                           flush_bytes)
@@ -305,7 +306,8 @@ def _layer_pass(model: nn.Sequential, sample: Batch, sizes: list[int], dev: torc
 
 def _try_in_model(model: nn.Sequential, sample: Batch, sizes: list[int], dev: torch.device,
                   cast: torch.dtype | None, train: bool, reps: Mapping[str, Any], timing: str,
-                  need: int) -> list[list[tuple[float, float, bool]]] | None:
+                  need: int, progress: Callable[[str], None] | None
+                  ) -> list[list[tuple[float, float, bool]]] | None:
     """Per size, the layers' times inside the whole model; None where ``timing`` is "auto" and
     the whole model does not fit (``need`` bytes over half the device's free memory, or out of
     memory on the way)."""
@@ -314,8 +316,12 @@ def _try_in_model(model: nn.Sequential, sample: Batch, sizes: list[int], dev: to
         return None
     try:
         twin = nn.Sequential(*_layer_copy(model, dev, cast, train).children())
-        out = [time_layers_in_model(twin, prepare_batch(slice_batch(sample, b), dev, cast),
-                                    dev, **reps) for b in sizes]
+        out = []
+        for b in sizes:
+            out.append(time_layers_in_model(
+                twin, prepare_batch(slice_batch(sample, b), dev, cast), dev, **reps))
+            if progress is not None:
+                progress(f"the whole model at b={b}")
     except torch.cuda.OutOfMemoryError as exc:
         if timing == "auto":
             return None

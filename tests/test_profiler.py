@@ -148,6 +148,16 @@ def test_auto_times_layers_alone_when_the_model_does_not_fit(
         profile_model(model, torch.ones(2, 4), [2], timing="inside")
 
 
+def test_progress_reports_each_layer_then_each_size_in_the_model() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    for timing, tail in (("model", ["the whole model at b=1", "the whole model at b=2"]),
+                         ("layer", [])):
+        seen: list[str] = []
+        profile_model(model, torch.ones(2, 4), [2, 1], "cpu", timing=timing,
+                      progress=seen.append, **FAST)
+        assert seen == ["0", "1", *tail], timing
+
+
 def test_harness_overhead_is_small_and_finite() -> None:
     fwd, bwd = harness_overhead_ms(CPU, repeat=21, rounds=1)
     assert math.isfinite(fwd) and math.isfinite(bwd)
