@@ -35,7 +35,15 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .measure import Batch, Clock, Measurement, as_batch, as_tensors, quiet_gc
+from .measure import (
+    Batch,
+    Clock,
+    Measurement,
+    as_batch,
+    as_tensors,
+    quiet_gc,
+    rebuild_batch,
+)
 
 __all__ = ["time_layers_in_model", "whole_model_bytes"]
 
@@ -82,8 +90,7 @@ def _one_pass(layers: list[nn.Module], x: Batch, clock: Clock
     """One forward and one backward of the chain on a fresh copy of ``x``: per-layer
     milliseconds of each, and whether each layer's output requires grad."""
     n = len(layers)
-    ts = [t.clone() for t in as_tensors(x, "input")]
-    h: Batch = ts[0] if isinstance(x, Tensor) else tuple(ts)
+    h = rebuild_batch(x, [t.clone() for t in as_tensors(x, "input")])
     fwd_marks = [clock.mark()]
     in_marks: list[list[Mark]] = [[] for _ in range(n)]  # hooks on layer i's inputs
     outs_grad: list[bool] = []

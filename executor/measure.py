@@ -28,7 +28,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["CLOCKS", "Batch", "Clock", "Measurement", "as_batch", "as_tensors", "batch_nbytes",
-           "harness_overhead_ms", "measure", "prepare_batch", "quiet_gc", "slice_batch"]
+           "harness_overhead_ms", "measure", "prepare_batch", "quiet_gc", "rebuild_batch",
+           "slice_batch"]
 
 Batch = Tensor | tuple[Tensor, ...]
 
@@ -63,13 +64,14 @@ def batch_nbytes(x: Batch) -> int:
     return sum(t.numel() * t.element_size() for t in as_tensors(x, "batch"))
 
 
-def _rebuild(x: Batch, ts: Sequence[Tensor]) -> Batch:
+def rebuild_batch(x: Batch, ts: Sequence[Tensor]) -> Batch:
+    """``ts`` shaped as ``x``: the one tensor if ``x`` is a tensor, else a tuple."""
     return ts[0] if isinstance(x, Tensor) else tuple(ts)
 
 
 def slice_batch(x: Batch, b: int) -> Batch:
     """The first ``b`` rows of every tensor, as fresh contiguous tensors (their own storage)."""
-    return _rebuild(x, [t[:b].clone(memory_format=torch.contiguous_format)
+    return rebuild_batch(x, [t[:b].clone(memory_format=torch.contiguous_format)
                         for t in as_tensors(x, "batch")])
 
 
@@ -78,7 +80,7 @@ def prepare_batch(x: Batch, device: torch.device, dtype: torch.dtype | None) -> 
     def move(t: Tensor) -> Tensor:
         to_dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
         return t.detach().to(device=device, dtype=to_dtype)
-    return _rebuild(x, [move(t) for t in as_tensors(x, "batch")])
+    return rebuild_batch(x, [move(t) for t in as_tensors(x, "batch")])
 
 
 CLOCKS = ("wall", "thread")
@@ -142,7 +144,7 @@ class _Step:
                 fresh.append(leaf.clone())
             else:
                 fresh.append(t.clone())
-        return _rebuild(self.x, fresh), leaves + self.params
+        return rebuild_batch(self.x, fresh), leaves + self.params
 
     def differentiable(self, out: Batch) -> list[Tensor]:
         """The outputs the backward starts from (those that require grad)."""
@@ -239,7 +241,7 @@ def _saved_bytes(step: _Step, name: str) -> tuple[int, Batch]:
     xin, _ = step.inputs()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = as_batch(step.module(xin), name)
-    detached = _rebuild(out, [t.detach() for t in as_tensors(out, "output")])
+    detached = rebuild_batch(out, [t.detach() for t in as_tensors(out, "output")])
     return sum(seen.values()), detached
 
 

@@ -47,13 +47,12 @@ def bench_model(name: str, sizes: list[int], args: argparse.Namespace) -> list[l
     opts = {"warmup": args.warmup, "repeat": args.repeat, "threads": args.threads,
             "clock": args.clock,
             "flush_bytes": None if args.flush_mib is None else args.flush_mib << 20}
-    timing = {"timing": args.timing}
     start = time.perf_counter()
     for _ in range(args.rounds):
         for b in sizes:  # the layers and the whole model back to back: the same machine load
             layers_start = _minor_faults()
-            prof = profile_model(work.model, work.sample, [b], "cpu", name=name, **opts,
-                                 **timing)
+            prof = profile_model(work.model, work.sample, [b], "cpu", name=name,
+                                 timing=args.timing, **opts)
             layers_faults = _minor_faults() - layers_start
             harness = prof.extra["harness"]
             # the reference runs as the layers were timed: flushed only if they were
