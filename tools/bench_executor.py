@@ -4,7 +4,7 @@ torch.distributed.pipelining, the same training work side by side in one run.
     PYTHONPATH=. python tools/bench_executor.py            # about 3 minutes on 2 cores
 
 Workload: a GPT (embedding, 8 pre-LN blocks, d=256, 4 heads, 128 tokens, vocab 4096, final
-LayerNorm + LM head; executor.models.gpt), batch B=32, one SGD step per training step. Every
+LayerNorm + LM head; executor.workloads.models.gpt), batch B=32, one SGD step per training step. Every
 system runs the same model, as an nn.Sequential of 18 layers: the embedding, each block as its
 two residual halves (x + attn(ln1(x)), then x + mlp(ln2(x)): the block's own modules and
 arithmetic), the head. A pipeline may so cut between the halves of a block.
@@ -16,7 +16,7 @@ Systems, interleaved over several rounds; each figure is the fastest step's samp
   pipeline shares out), and balanced-bound: what K ranks could reach on that work with stages
   of exactly equal work, free messages and GPipe's bubble, (M+K-1)/M x work/K per step;
 - ours: K=2 ranks (one thread each), the plan the project makes from its own profile of this
-  model on this machine (executor.profiler.profile_model + partitioner.make_plan), run with
+  model on this machine (executor.profiling.profiler.profile_model + partitioner.make_plan), run with
   each of the project's schedules (1F1B keeps fewer micro-batches in flight, which on a CPU
   also means activations still in cache when their backward comes);
 - torch-default: torch.distributed.pipelining's ScheduleGPipe on the split its users make by
@@ -48,13 +48,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from executor.distributed import DistributedRunner
-from executor.models import gpt, lm_loss
-from executor.profiler import profile_model
-from executor.spawn import spawn_local
+from executor.distributed.runner import DistributedRunner
+from executor.distributed.spawn import spawn_local
+from executor.profiling.profiler import profile_model
+from executor.workloads.models import gpt, lm_loss
 from partitioner import LINKS, CostModel, make_plan
-from partitioner.plan import Plan
-from partitioner.profile import LayerProfile, Profile
+from partitioner.formats.plan import Plan
+from partitioner.formats.profile import LayerProfile, Profile
 
 VOCAB, SEQ, WIDTH, HEADS, BLOCKS, BATCH, K = 4096, 128, 256, 4, 8, 32, 2
 MICROBATCHES = (1, 2, 4, 8, 16)
@@ -75,7 +75,7 @@ class Residual(nn.Module):
 
 
 def build() -> nn.Sequential:
-    """executor.models.gpt with each block as its two halves (same modules, same arithmetic)."""
+    """executor.workloads.models.gpt with each block as its two halves (same modules, same arithmetic)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         blocks = gpt(VOCAB, SEQ, WIDTH, HEADS, BLOCKS)

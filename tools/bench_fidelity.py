@@ -5,7 +5,7 @@
 
 For each built-in model: profile it layer by layer under the conditions a rank runs in (one
 thread), measure the gloo link between two local ranks, calibrate the runtime (a short trial
-of the exact K=2 plans at M=1 and M=4, recompute never: executor.calibrate.measure_runtime),
+of the exact K=2 plans at M=1 and M=4, recompute never: executor.profiling.calibrate.measure_runtime),
 then for every (M, recompute) make the exact K=2 plan, predict its step with the simulator,
 and train it on two local ranks (the distributed executor, one thread each), timing each
 pipelined step between barriers. Prints the error of each configuration and, last, the
@@ -20,18 +20,19 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from executor.calibrate import measure_link, measure_runtime, run_trials
-from executor.models import build_model
-from executor.profiler import profile_model
-from executor.spawn import spawn_local
-from partitioner.costs import CostModel, Runtime
-from partitioner.plan import save_plan
-from partitioner.planner import make_plan
-from partitioner.profile import Profile
-from partitioner.report import format_table
+from executor.distributed.spawn import spawn_local
+from executor.profiling.calibrate import measure_link, measure_runtime, run_trials
+from executor.profiling.profiler import profile_model
+from executor.workloads.models import build_model
+from partitioner.cost.model import CostModel
+from partitioner.formats.assumptions import Runtime
+from partitioner.formats.plan import save_plan
+from partitioner.formats.profile import Profile
+from partitioner.report.tables import format_table
+from partitioner.solve.planner import make_plan
 
 TRIAL_MS = (1, 4)  # the calibration trial's M (recompute never)
-WORKLOADS = {"gpt-text": "executor.jobs:translation", "resnet-tiny": "executor.jobs:images"}
+WORKLOADS = {"gpt-text": "executor.workloads.jobs:translation", "resnet-tiny": "executor.workloads.jobs:images"}
 
 
 def _profile_on_rank(name: str, batch: int, sizes: list[int], clock: str,

@@ -17,11 +17,12 @@ from pathlib import Path
 
 from bench_partition import synthetic  # the same random chain (tools/ is on the path)
 
-from partitioner.chain import partition_chain
-from partitioner.costs import LINKS, CostModel
-from partitioner.graph import evaluate_assignment
-from partitioner.ilp import partition_graph
-from partitioner.profile import DeviceInfo, LayerProfile, Profile, load_profile
+from partitioner.cost.model import CostModel
+from partitioner.cost.partition import evaluate_assignment
+from partitioner.formats.assumptions import LINKS
+from partitioner.formats.profile import DeviceInfo, LayerProfile, Profile, load_profile
+from partitioner.solve.chain import partition_chain
+from partitioner.solve.ilp import partition_graph
 
 PIPEDREAM = Path(__file__).resolve().parents[1] / "profiles" / "pipedream"
 

@@ -13,10 +13,12 @@ import statistics
 import time
 from pathlib import Path
 
-from partitioner.baselines import balanced_weights, equal_layers
-from partitioner.chain import partition_chain, stage_costs
-from partitioner.costs import LINKS, CostModel
-from partitioner.profile import DeviceInfo, LayerProfile, Profile, load_profile
+from partitioner.cost.model import CostModel
+from partitioner.cost.partition import stage_costs
+from partitioner.formats.assumptions import LINKS
+from partitioner.formats.profile import DeviceInfo, LayerProfile, Profile, load_profile
+from partitioner.solve.baselines import balanced_weights, equal_layers
+from partitioner.solve.chain import partition_chain
 
 PIPEDREAM = Path(__file__).resolve().parents[1] / "profiles" / "pipedream"
 

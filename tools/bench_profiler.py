@@ -15,7 +15,7 @@ per timed step of the whole model and of all the layers' timing passes (``faults
 On the CPU, glibc's malloc by default hands memory back to the OS after the whole model's
 backward frees every activation, so the next forward page-faults it in again, while a layer
 timed alone reuses its own freed memory. The profiler (and the executor) therefore set malloc
-to keep freed memory (``executor.allocator``), as CUDA's caching allocator does; the
+to keep freed memory (``executor.runtime.allocator``), as CUDA's caching allocator does; the
 ``faults`` column (per timed step, whole/layers, warm-up and memory passes included) shows
 what page faults remain.
 """
@@ -27,9 +27,9 @@ import resource
 import statistics
 import time
 
-from executor.models import build_model
-from executor.profiler import TIMINGS, profile_model, time_whole_model
-from partitioner.report import format_table
+from executor.profiling.profiler import TIMINGS, profile_model, time_whole_model
+from executor.workloads.models import build_model
+from partitioner.report.tables import format_table
 
 DEFAULT_MODELS = "gpt-tiny,resnet-tiny,gpt-small,resnet-small"
 

@@ -13,12 +13,14 @@ import statistics
 import time
 from collections.abc import Callable
 
-from partitioner.chain import partition_chain
-from partitioner.costs import LINKS, CostModel
-from partitioner.profile import DeviceInfo, LayerProfile, Profile, load_profile
-from partitioner.schedule import Schedule, make_schedule
-from partitioner.search import search
-from partitioner.simulate import ranges_from_boundaries, simulate
+from partitioner.cost.model import CostModel
+from partitioner.formats.assumptions import LINKS
+from partitioner.formats.profile import DeviceInfo, LayerProfile, Profile, load_profile
+from partitioner.schedule.generators import make_schedule
+from partitioner.schedule.ir import Schedule
+from partitioner.simulator.engine import ranges_from_boundaries, simulate
+from partitioner.solve.chain import partition_chain
+from partitioner.solve.search import search
 
 
 def _best_of(repeats: int, fn: Callable[[], object]) -> float:

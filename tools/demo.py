@@ -5,12 +5,12 @@
 
 Each step is one library call, and one command for your own model:
   1. profile   partition-model profile --model gpt-text --microbatch-sizes 1,2,4,8,16 --threads 1
-  2. calibrate partition-model calibrate --job executor.jobs:translation --profile profile.json -B 16
+  2. calibrate partition-model calibrate --job executor.workloads.jobs:translation --profile profile.json -B 16
                (the link between two local ranks, and the runtime from a short trial run)
   3. plan      partition-model search --profile profile.json --devices 2 --global-batch 16 \
                  --bandwidth ... --latency-ms ... --compute-scale ... --action-ms ...
   4. predict   partition-model simulate plan.json --trace predicted.json
-  5. train     partition-model run --job executor.jobs:translation --plan plan.json --trace ...
+  5. train     partition-model run --job executor.workloads.jobs:translation --plan plan.json --trace ...
   6. compare   partition-model compare predicted.json measured.json
 """
 
@@ -22,26 +22,26 @@ import sys
 import time
 from pathlib import Path
 
-from executor.calibrate import measure_link, measure_runtime
-from executor.launch import run_rank
-from executor.models import DEFAULT_MODEL, build_model
-from executor.profiler import profile_model
-from executor.spawn import spawn_local
-from partitioner.compare import compare_timelines, relative_error
-from partitioner.gantt import save_gantt_png
-from partitioner.plan import save_plan
-from partitioner.planner import plan_from_solution
-from partitioner.profile import save_profile
-from partitioner.report import plan_report
-from partitioner.search import search, search_table
-from partitioner.timeline import load_chrome_trace, save_chrome_trace
-from partitioner.units import parse_bytes
-from partitioner.whatif import simulate_plan
+from executor.distributed.launch import run_rank
+from executor.distributed.spawn import spawn_local
+from executor.profiling.calibrate import measure_link, measure_runtime
+from executor.profiling.profiler import profile_model
+from executor.workloads.models import DEFAULT_MODEL, build_model
+from partitioner.formats.plan import save_plan
+from partitioner.formats.profile import save_profile
+from partitioner.formats.timeline import load_chrome_trace, save_chrome_trace
+from partitioner.formats.units import parse_bytes
+from partitioner.report.compare import compare_timelines, relative_error
+from partitioner.report.gantt import save_gantt_png
+from partitioner.report.plans import plan_report, search_table
+from partitioner.simulator.plans import simulate_plan
+from partitioner.solve.planner import plan_from_solution
+from partitioner.solve.search import search
 
-#: The paper's two workloads: model to profile and job to train (see executor/jobs.py).
+#: The paper's two workloads: model to profile and job to train (see executor/workloads/jobs.py).
 WORKLOADS = {
-    "translation": (DEFAULT_MODEL, "executor.jobs:translation"),  # gpt-text, parallel corpus
-    "images": ("resnet-tiny", "executor.jobs:images"),  # an image folder, one per class
+    "translation": (DEFAULT_MODEL, "executor.workloads.jobs:translation"),  # gpt-text, parallel corpus
+    "images": ("resnet-tiny", "executor.workloads.jobs:images"),  # an image folder, one per class
 }
 
 

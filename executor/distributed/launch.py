@@ -1,0 +1,132 @@
+"""Train a plan with one rank per stage: under torchrun, or on local CPU ranks spawned here.
+
+    summaries = launch("executor.workloads.jobs:demo", "plan.json", steps=5)
+    # no torchrun: K local CPU ranks (gloo, 127.0.0.1); under torchrun: this process's rank
+
+``partition-model run`` is the command behind it (``torchrun --nproc-per-node K -m
+partitioner.cli run ...`` on GPUs or nodes). The job names a function returning a ``Job``:
+the layers as a factory (each rank builds only its own range), the number of layers, the data
+and the loss. With ``trace`` rank 0 writes a measured timeline: of the last 5 steps, the one of
+median length (in the simulator's Chrome trace format, so ``partition-model compare`` reads it).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from executor.distributed.runner import DistributedRunner
+from executor.distributed.spawn import spawn_local
+from executor.runtime.allocator import keep_freed_memory
+from executor.runtime.job import load_job
+from executor.runtime.pipeline import executable_ranges
+from partitioner.formats.plan import load_plan
+from partitioner.formats.timeline import Timeline, save_chrome_trace
+
+__all__ = ["TRACED_STEPS", "choose_device", "launch", "run_rank", "under_torchrun"]
+
+#: with ``trace``: the last steps whose timelines are recorded; the median one is written
+TRACED_STEPS = 5
+
+
+def run_rank(job_spec: str, plan_path: str, steps: int, trace: str | None,
+             device: str | None, timeout_s: float, progress: bool = False,
+             keep_memory: bool = True) -> dict[str, Any]:
+    """Train ``steps`` steps on this rank (the process group is up); a summary of the rank:
+    its losses (last stage), the wall time of each whole step (``step_ms``, optimizer
+    included) and of each pipelined ``train_step`` alone (``pipeline_ms``). With ``progress``
+    the last stage shows a progress bar with the loss; otherwise it prints a line per step.
+    ``trace``: rank 0 records the last ``TRACED_STEPS`` steps' timelines and writes the one
+    of median length (one step alone can be an outlier on a shared machine). ``keep_memory``:
+    set this process's allocator to keep freed memory (``executor.runtime.allocator``)."""
+    if keep_memory:
+        keep_freed_memory()
+    job, plan = load_job(job_spec), load_plan(plan_path)
+    runner = DistributedRunner(job.layers, plan, num_layers=job.num_layers, device=device,
+                               timeout_s=timeout_s)
+    params = runner.parameters()
+    make = job.optimizer or (lambda ps: torch.optim.SGD(ps, lr=0.01))
+    optimizer = make(params) if params else None
+    last = runner.index == plan.num_stages - 1
+    bar = tqdm(total=steps, desc="training", unit="step") if progress and last else None
+    losses: list[float] = []
+    step_ms: list[float] = []
+    pipeline_ms: list[float] = []
+    traced: list[Timeline] = []
+    for step in range(steps):
+        inputs, targets = job.batch(step, plan.global_batch)
+        start = time.perf_counter()
+        if optimizer is not None:
+            optimizer.zero_grad()
+        begin = time.perf_counter()
+        result = runner.train_step(inputs, targets, job.loss_fn,
+                                   timeline=trace is not None and step >= steps - TRACED_STEPS)
+        pipeline_ms.append((time.perf_counter() - begin) * 1e3)
+        if optimizer is not None:
+            optimizer.step()
+        step_ms.append((time.perf_counter() - start) * 1e3)
+        if last and result.loss is not None:
+            losses.append(float(result.loss))
+            if bar is not None:
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", ms=f"{step_ms[-1]:.0f}")
+                bar.update()
+            else:
+                print(f"step {step}: loss {losses[-1]:.5f} ({step_ms[-1]:.1f} ms)", flush=True)
+        if result.timeline is not None:
+            traced.append(result.timeline)
+    if traced and trace is not None:
+        save_chrome_trace(sorted(traced, key=lambda t: t.step_ms)[(len(traced) - 1) // 2], trace)
+    if bar is not None:
+        bar.close()
+    return {"stage": runner.index, "losses": losses, "step_ms": step_ms,
+            "pipeline_ms": pipeline_ms}
+
+
+def under_torchrun() -> bool:
+    """Whether torchrun started this process (its rendezvous variables are set)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def choose_device(choice: str) -> str | None:
+    """``plan``: the plan's device for the stage (None); ``auto``: cuda:LOCAL_RANK if CUDA,
+    else cpu; anything else is the device itself."""
+    if choice == "plan":
+        return None
+    if choice == "auto":
+        cuda = torch.cuda.is_available()
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
+    return choice
+
+
+def launch(job_spec: str, plan_path: str, steps: int = 10, *, trace: str | None = None,
+           device: str = "auto", timeout_s: float = 60.0, threads: int = 1,
+           progress: bool = False, keep_memory: bool = True) -> list[dict[str, Any]]:
+    """Train the plan: under torchrun on this process's rank (its summary alone), otherwise
+    on K spawned local CPU ranks (every rank's summary, in rank order). The plan and the job
+    are checked before any rank starts."""
+    if steps < 1:
+        raise ValueError(f"steps={steps}: train at least one step")
+    plan = load_plan(plan_path)
+    job = load_job(job_spec)  # fail here, before starting any rank
+    executable_ranges(plan, job.num_layers)
+    chosen = choose_device(device)
+    if under_torchrun():
+        backend = "nccl" if chosen is not None and chosen.startswith("cuda") else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        try:
+            return [run_rank(job_spec, plan_path, steps, trace, chosen, timeout_s, progress,
+                             keep_memory)]
+        finally:
+            dist.destroy_process_group()
+    if device not in ("auto", "cpu"):
+        raise ValueError(f"device {device!r}: without torchrun the ranks are local CPU "
+                         f"processes; use --device cpu, or launch with torchrun")
+    return spawn_local(run_rank, plan.num_stages, (job_spec, plan_path, steps, trace, "cpu",
+                                                   timeout_s, progress, keep_memory),
+                       threads=threads, timeout_s=timeout_s)

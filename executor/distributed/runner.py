@@ -1,0 +1,215 @@
+"""The distributed runner: one rank per stage, tensors over torch.distributed point-to-point.
+
+    runner = DistributedRunner(layer_factory, "plan.json")   # after init_process_group
+    result = runner.train_step(inputs, targets, loss_fn, timeline=True)
+    optimizer.step()   # an optimizer over runner.parameters(): this rank's layers
+
+Rank k runs stage k and builds only layers [start_k, end_k) (from the model, or from a factory).
+Sends are asynchronous (``isend``, waited for at the end of the step); receives name the
+(kind, micro-batch) they want by tag, so no order between a pair of ranks is assumed and 1F1B
+cannot deadlock. With gloo the pipeline's own group carries everything. NCCL ignores tags and
+matches by order, so there each direction of each neighbouring pair gets its own group, one
+ordered stream each, whose sends and receives both follow micro-batch order in GPipe and 1F1B
+(the NCCL path has not been run: no GPU was at hand when it was written).
+
+Messages and the posting of receives ahead: see ``executor.distributed.transport``.
+
+Failures: a peer that raises and exits, or is killed, closes its connections, and a rank waiting
+on it gets an error at once; one that hangs is caught by the process group's timeout
+(``timeout_s``). Either way the waiting rank raises PeerError naming the action, the peer and the
+cause; its process exits in turn (spawn_local and torchrun end it), so every rank ends.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from executor.distributed.transport import HEADER_LEN, DistTransport, PeerError
+from executor.runtime.allocator import keep_freed_memory as keep_memory
+from executor.runtime.batch import Batch, gather, move
+from executor.runtime.batchnorm import DeferredBatchNorm
+from executor.runtime.devices import check_device
+from executor.runtime.interpreter import Interpreter, LossFn, StepData
+from executor.runtime.local import FORWARD_KINDS
+from executor.runtime.pipeline import as_plan, executable_ranges
+from executor.runtime.recorder import Recorder
+from executor.runtime.stage import LayerSource, Stage, build_layers
+from executor.runtime.ties import check_ties, tied_parameters
+from partitioner.formats.plan import Plan, PlanError
+from partitioner.formats.timeline import Event, Timeline
+from partitioner.schedule.generators import make_schedule
+from partitioner.schedule.ir import lower, validate
+
+__all__ = ["HEADER_LEN", "DistTransport", "DistributedRunner", "PeerError", "StepResult"]
+
+
+@dataclass
+class StepResult:
+    """One rank's view of a step: the batch's loss on the last rank (else None), the measured
+    timeline of all stages on rank 0 when asked (else None)."""
+
+    loss: torch.Tensor | None
+    timeline: Timeline | None
+
+
+_GROUPS: dict[tuple[int, ...], tuple[Any, dict[tuple[int, int], Any]]] = {}
+
+
+def _channels(ranks: Sequence[int], group: Any, timeout_s: float,
+              backend: str) -> dict[tuple[int, int], Any]:
+    """The group carrying messages from stage src to stage dst, keyed (src, dst). Gloo matches
+    by tag, so the pipeline's own group carries everything. NCCL matches by order, so there each
+    direction of each neighbouring pair gets its own group: one ordered stream per direction.
+    Those are made once per world (every rank creates them all, in the same order, as
+    torch.distributed requires) and reused by later runners."""
+    pairs = [(k, k + 1) for k in range(len(ranks) - 1)] + [(k + 1, k) for k in
+                                                            range(len(ranks) - 1)]
+    if backend != "nccl":
+        return {pair: group for pair in pairs}
+    key, world = tuple(ranks), dist.group.WORLD
+    if key in _GROUPS and _GROUPS[key][0] is world:  # the cache holds on to that world
+        return _GROUPS[key][1]
+    groups = {(src, dst): dist.new_group(sorted((ranks[src], ranks[dst])),
+                                         timeout=timedelta(seconds=timeout_s), backend=backend)
+              for src, dst in pairs}
+    _GROUPS[key] = (world, groups)
+    return groups
+
+
+class DistributedRunner:
+    """This rank's stage of ``plan``, built from ``layers`` (an ``nn.Sequential`` or a factory,
+    see ``stage.build_layers``). Call after ``init_process_group``, on every rank of ``group``
+    (default: the whole world): its k-th rank runs stage k. ``device`` defaults to the plan's
+    device for this stage; ``keep_freed_memory`` sets this process's allocator to keep freed
+    memory for the next step (``executor.runtime.allocator``, process-wide)."""
+
+    def __init__(self, layers: LayerSource, plan: Plan | Mapping[str, object] | str | Path, *,
+                 num_layers: int | None = None, device: str | torch.device | None = None,
+                 deferred_batchnorm: bool = False, timeout_s: float = 60.0,
+                 group: Any = None, keep_freed_memory: bool = False) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialised: call "
+                               "init_process_group first (torchrun + partition-model run "
+                               "does), or use executor.distributed.spawn.spawn_local for local CPU ranks")
+        self.plan = as_plan(plan)
+        self.group = group
+        self.ranks = dist.get_process_group_ranks(group) if group is not None else list(
+            range(dist.get_world_size()))
+        big_k, world = self.plan.num_stages, len(self.ranks)
+        if world != big_k:
+            raise ValueError(f"the world has {world} ranks but the plan has K={big_k} stages; "
+                             f"start one rank per stage (torchrun --nproc-per-node {big_k})")
+        if dist.get_rank() not in self.ranks:
+            raise ValueError(f"rank {dist.get_rank()} is not in the group {self.ranks}; only "
+                             f"its ranks make a runner")
+        self.index = self.ranks.index(dist.get_rank())  # this rank's stage k
+        if num_layers is None and isinstance(layers, torch.nn.Sequential):
+            num_layers = len(layers)
+        try:
+            ranges = (executable_ranges(self.plan, num_layers) if num_layers is not None
+                      else self.plan.layer_ranges())
+            if isinstance(layers, torch.nn.Sequential):
+                check_ties(tied_parameters(layers), ranges)
+        except PlanError as exc:
+            raise PlanError(f"rank {dist.get_rank()}: {exc}") from None
+        dev = device if device is not None else self.plan.stages[self.index].device
+        problem = check_device(dev)
+        if problem:
+            raise ValueError(f"rank {dist.get_rank()} (stage {self.index}): {problem}")
+        backend = str(dist.get_backend(group))
+        if backend == "nccl" and torch.device(dev).type != "cuda":
+            raise ValueError(f"rank {dist.get_rank()}: the NCCL backend needs a CUDA device, got "
+                             f"{dev!r}; use gloo on CPU")
+        if backend == "nccl" and group is not None:
+            raise ValueError("with NCCL the pipeline must span the whole world (group=None): "
+                             "its per-direction groups are made by every rank")
+        if keep_freed_memory:
+            keep_memory()
+        start, end = ranges[self.index]
+        self.stage = Stage(self.index, build_layers(layers, start, end), dev,
+                           recompute=self.plan.recomputes(self.index))
+        self.schedule = validate(lower(make_schedule(self.plan.schedule, big_k,
+                                                     self.plan.microbatches)))
+        self.actions = self.schedule.actions[self.index]
+        self.transport = DistTransport(self.index, self.ranks, self.stage.device,
+                                       _channels(self.ranks, group, timeout_s, backend),
+                                       timeout_s, post_early=backend != "nccl")
+        self.interpreter = Interpreter(
+            self.stage, big_k, self.transport, Recorder(self.stage.device),
+            DeferredBatchNorm(self.stage.module) if deferred_batchnorm else None)
+
+    @property
+    def module(self) -> torch.nn.Sequential:
+        """This rank's layers (children named by their global index)."""
+        return self.stage.module
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.stage.parameters())
+
+    def _step(self, data: StepData, training: bool, timeline: bool) -> tuple[Any, Timeline | None]:
+        recorder = self.interpreter.recorder
+        assert recorder is not None
+        if timeline:  # a common clock: every rank starts counting as it leaves the barrier
+            dist.barrier(group=self.group)
+        recorder.reset(time.perf_counter())
+        self.interpreter.begin(data, training)
+        self.transport.begin_step(self.plan.microbatches, training)
+        for action in self.actions:
+            if training or action.kind in FORWARD_KINDS:
+                self.interpreter.run(action)
+        self.transport.finish()
+        result = self.interpreter.end()
+        return result, (self._gather_timeline(recorder.events(), recorder.t0_s, training)
+                        if timeline else None)
+
+    def _gather_timeline(self, events: list[Event], t0_s: float,
+                         training: bool) -> Timeline | None:
+        """Every stage's events on rank 0, on rank 0's clock. Ranks on rank 0's host share
+        its monotonic clock (perf_counter), so their events move by the difference of the
+        moments each left the barrier; ranks elsewhere count from their own barrier exit."""
+        rows: list[Any] = [None] * len(self.ranks) if self.index == 0 else []
+        dist.gather_object((socket.gethostname(), t0_s, events),
+                           rows if self.index == 0 else None, dst=self.ranks[0],
+                           group=self.group)
+        if self.index != 0:
+            return None
+        host0, base = rows[0][0], rows[0][1]
+        aligned = []
+        for host, t0, row in rows:
+            shift = (t0 - base) * 1e3 if host == host0 else 0.0
+            aligned += [replace(e, start_ms=e.start_ms + shift, end_ms=e.end_ms + shift)
+                        for e in row]
+        return Timeline(self.plan.num_stages, tuple(aligned), "measured",
+                        {"schedule": self.schedule.name, "microbatches": self.plan.microbatches,
+                         "runner": "distributed", "training": training})
+
+    def _data(self, inputs: Batch | None, targets: Batch | None,
+              loss_fn: LossFn | None) -> StepData:
+        first, last = self.index == 0, self.index == self.plan.num_stages - 1
+        x = move(inputs, self.stage.device) if first else None
+        y = move(targets, self.stage.device) if last and loss_fn is not None else None
+        if x is None and y is None:  # a middle stage: the sizes come with the activations
+            return StepData([0] * self.plan.microbatches, None, None, loss_fn)
+        return StepData.split(x, y, self.plan.microbatches, loss_fn)
+
+    def train_step(self, inputs: Batch | None = None, targets: Batch | None = None,
+                   loss_fn: LossFn | None = None, *, timeline: bool = False) -> StepResult:
+        """One step of the plan's schedule on this rank. The first rank needs ``inputs``, the
+        last ``targets`` and ``loss_fn`` (others may pass them too; they are ignored).
+        Gradients accumulate in this rank's layers."""
+        result, tl = self._step(self._data(inputs, targets, loss_fn), True, timeline)
+        return StepResult(result.loss, tl)
+
+    def forward(self, inputs: Batch | None = None) -> Batch | None:
+        """Forward only, without autograd: the whole batch's outputs on the last rank."""
+        result, _ = self._step(self._data(inputs, None, None), False, False)
+        return gather(result.outputs) if result.outputs else None

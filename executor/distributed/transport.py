@@ -1,0 +1,271 @@
+"""Point-to-point transport of the distributed runner: activations and gradients over gloo/NCCL.
+
+    transport = DistTransport(stage, ranks, torch.device("cpu"), groups)   # one per rank
+    transport.begin_step(microbatches, training=True)
+    transport.send_activation(stage, 0, packet); transport.finish()
+
+Shapes: an activation is sent as two messages: a header (int64 tensor of ``HEADER_LEN``: tuple
+flag, tensor count, then dtype code, rank and sizes of each tensor), so the receiver allocates
+exactly what comes whatever the micro-batch size or sequence length, then the tensors as one
+byte buffer (one tensor's own bytes, without a copy; several packed). A gradient needs no
+header: it has the shapes and dtypes of the floating-point outputs the receiver sent for that
+micro-batch.
+
+Receives are posted ahead (gloo): gloo moves a message only once its receive is posted, so a
+receive posted only when its action comes waits for the sender's progress thread to answer,
+which on a busy CPU took up to ~10 ms per message. Each step posts its activation receives at
+its start and the receive of each gradient as the activation goes out (``DistTransport``).
+
+Failures of a peer surface as PeerError, naming the action, the peer and the cause.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
+from typing import Any, NamedTuple, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from executor.runtime.interpreter import Packet
+
+__all__ = ["HEADER_LEN", "DistTransport", "PeerError", "decode_header", "encode_header", "pack",
+           "unpack"]
+
+HEADER_LEN = 64
+_PARTS = 3  # tags: (2 * microbatch + direction) * _PARTS + part; part 0 header, 1 tensors,
+# 2 tensors larger than the receive posted for them (see DistTransport)
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
+           torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64)
+T = TypeVar("T")
+
+
+class PeerError(RuntimeError):
+    """Communication with a neighbouring rank failed (it failed, was killed or hangs)."""
+
+
+def _tag(direction: int, microbatch: int, part: int) -> int:
+    return (2 * microbatch + direction) * _PARTS + part
+
+
+def encode_header(packet: Packet) -> torch.Tensor:
+    """The int64 header describing ``packet``'s tensors (see module docstring)."""
+    words = [int(packet.is_tuple), len(packet.tensors)]
+    for t in packet.tensors:
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"a stage output has dtype {t.dtype}, which the executor cannot "
+                            f"send; use one of {', '.join(map(str, _DTYPES))}")
+        words += [_DTYPES.index(t.dtype), t.dim(), *t.shape]
+    if len(words) > HEADER_LEN:
+        raise ValueError(f"a stage output of {len(packet.tensors)} tensors with shapes "
+                         f"{[tuple(t.shape) for t in packet.tensors]} does not fit the "
+                         f"{HEADER_LEN}-word header; pass fewer or lower-rank tensors between "
+                         f"stages")
+    return torch.tensor(words + [0] * (HEADER_LEN - len(words)), dtype=torch.int64)
+
+
+def decode_header(header: torch.Tensor) -> tuple[bool, list[tuple[torch.dtype, list[int]]]]:
+    """Inverse of ``encode_header``: the tuple flag and each tensor's (dtype, shape)."""
+    words = header.tolist()
+    is_tuple, count, pos, specs = bool(words[0]), words[1], 2, []
+    for _ in range(count):
+        dtype, ndim = _DTYPES[words[pos]], words[pos + 1]
+        specs.append((dtype, words[pos + 2:pos + 2 + ndim]))
+        pos += 2 + ndim
+    return is_tuple, specs
+
+
+def _nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def _layout(specs: Sequence[tuple[torch.dtype, Sequence[int]]]) -> tuple[list[int], int]:
+    """Byte offsets of tensors packed into one buffer (each aligned to 8 bytes) and its size."""
+    offsets, total = [], 0
+    for dtype, shape in specs:
+        offsets.append(total)
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        total += -(-nbytes // 8) * 8
+    return offsets, total
+
+
+def pack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Several tensors as one uint8 message (a lone tensor is sent as it is, without a copy)."""
+    offsets, total = _layout([(t.dtype, t.shape) for t in tensors])
+    buf = torch.empty(total, dtype=torch.uint8, device=tensors[0].device)
+    for t, off in zip(tensors, offsets, strict=True):
+        raw = t.detach().reshape(-1).view(torch.uint8)
+        buf[off:off + raw.numel()].copy_(raw)
+    return buf
+
+
+def unpack(buf: torch.Tensor, specs: Sequence[tuple[torch.dtype, Sequence[int]]]
+           ) -> tuple[torch.Tensor, ...]:
+    """Inverse of ``pack``: views of ``buf`` with the given dtypes and shapes."""
+    offsets, _ = _layout(specs)
+    out = []
+    for (dtype, shape), off in zip(specs, offsets, strict=True):
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        out.append(buf[off:off + nbytes].view(dtype).reshape(tuple(shape)))
+    return tuple(out)
+
+
+class _Posted(NamedTuple):
+    """A receive already handed to the backend: its work handle and the buffer it fills."""
+
+    work: Any
+    buffer: torch.Tensor
+
+
+class DistTransport:
+    """Point-to-point transport for this rank's ``stage``; ``ranks[k]`` is stage k's global rank
+    and ``groups[src, dst]`` the group carrying messages from stage src to stage dst.
+
+    Receives are posted early: gloo moves a message only once its receive is posted (the
+    sender's data waits for the receiver's "ready"), so a receive posted when the action needs
+    it stalls until the busy sender's progress thread answers. ``begin_step`` posts the step's
+    activation headers and, from the second step on, their bodies (into a buffer as large as
+    the previous step's body of that micro-batch, which both sides know; a larger body goes
+    on a second tag after a small filler, so a change of shape stays correct), and sending an
+    activation in training posts the receive of its gradient (whose shapes are the sent
+    tensors'). ``post_early=False`` (NCCL, which matches by order and exact size) posts each
+    receive when it is needed."""
+
+    def __init__(self, stage: int, ranks: Sequence[int], device: torch.device,
+                 groups: Mapping[tuple[int, int], Any], timeout_s: float = 60.0,
+                 post_early: bool = True) -> None:
+        self.stage, self.ranks, self.device, self.groups = stage, list(ranks), device, groups
+        self.post_early = post_early
+        self.timeout = timedelta(seconds=timeout_s)
+        self._pending: list[tuple[Any, torch.Tensor]] = []
+        self._posted: dict[int, _Posted] = {}  # by tag
+        self._body_bytes: dict[int, int] = {}  # micro-batch -> its last activation body's bytes
+        self._training = True
+
+    def _guard(self, what: str, peer: int, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except (RuntimeError, ValueError) as exc:  # DistBackendError is a RuntimeError
+            raise PeerError(
+                f"stage {self.stage} (rank {self.ranks[self.stage]}): {what} with stage {peer} "
+                f"(rank {self.ranks[peer]}) failed: "
+                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. That rank "
+                f"(or one beyond it) has probably failed, been killed or hung; see its own "
+                f"error") from exc
+
+    def begin_step(self, microbatches: int, training: bool) -> None:
+        """Post this step's activation receives (a stage after the first)."""
+        self._training = training and self.post_early
+        if self.stage == 0 or not self.post_early:
+            return
+        what = "posting the receives of the activations"
+        for i in range(microbatches):
+            self._post(torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device),
+                       self.stage - 1, _tag(0, i, 0), what)
+            if self._body_bytes.get(i):
+                self._post(torch.empty(self._body_bytes[i], dtype=torch.uint8,
+                                       device=self.device), self.stage - 1, _tag(0, i, 1), what)
+
+    def _isend(self, tensor: torch.Tensor, peer: int, tag: int, what: str) -> None:
+        tensor = tensor.contiguous()
+        group, dst = self.groups[self.stage, peer], self.ranks[peer]
+        work = self._guard(what, peer, lambda: dist.isend(tensor, dst, group=group, tag=tag))
+        self._pending.append((work, tensor))
+
+    def _post(self, tensor: torch.Tensor, peer: int, tag: int, what: str) -> None:
+        group, src = self.groups[peer, self.stage], self.ranks[peer]
+        work = self._guard(what, peer, lambda: dist.irecv(tensor, src, group=group, tag=tag))
+        self._posted[tag] = _Posted(work, tensor)
+
+    def _recv(self, tensor: torch.Tensor | None, peer: int, tag: int, what: str) -> torch.Tensor:
+        """Wait for the receive of ``tag``, posting it into ``tensor`` unless already posted."""
+        if tag not in self._posted:
+            assert tensor is not None
+            self._post(tensor, peer, tag, what)
+        posted = self._posted.pop(tag)
+        self._guard(what, peer, lambda: posted.work.wait(self.timeout))
+        return posted.buffer
+
+    @staticmethod
+    def _recv_buffer(specs: Sequence[tuple[torch.dtype, Sequence[int]]],
+                     device: torch.device) -> torch.Tensor:
+        if len(specs) == 1:
+            dtype, shape = specs[0]
+            return torch.empty(tuple(shape), dtype=dtype, device=device)
+        return torch.empty(_layout(specs)[1], dtype=torch.uint8, device=device)
+
+    def _send_tensors(self, tensors: Sequence[torch.Tensor], peer: int, direction: int,
+                      microbatch: int, what: str) -> None:
+        if tensors:
+            body = tensors[0] if len(tensors) == 1 else pack(tensors)
+            self._isend(body, peer, _tag(direction, microbatch, 1), what)
+
+    def _recv_tensors(self, specs: Sequence[tuple[torch.dtype, Sequence[int]]], peer: int,
+                      direction: int, microbatch: int, what: str) -> tuple[torch.Tensor, ...]:
+        if not specs:
+            return ()
+        tag = _tag(direction, microbatch, 1)
+        buf = self._recv(None if tag in self._posted else self._recv_buffer(specs, self.device),
+                         peer, tag, what)
+        return (buf,) if len(specs) == 1 else unpack(buf, specs)
+
+    def send_activation(self, stage: int, microbatch: int, packet: Packet) -> None:
+        what = f"sending the activation of micro-batch {microbatch}"
+        header = encode_header(packet).to(self.device)
+        self._isend(header, stage + 1, _tag(0, microbatch, 0), what)
+        tensors = [t.contiguous() for t in packet.tensors]
+        body = pack(tensors) if len(tensors) != 1 else tensors[0].reshape(-1).view(torch.uint8)
+        posted = self._body_bytes.get(microbatch) or None  # the receiver's posted bytes
+        if self.post_early:
+            self._body_bytes[microbatch] = body.numel()
+        if posted is not None and body.numel() > posted:  # fill the posted receive, then send
+            self._isend(torch.zeros(min(8, posted), dtype=torch.uint8, device=self.device),
+                        stage + 1, _tag(0, microbatch, 1), what)
+            self._isend(body, stage + 1, _tag(0, microbatch, 2), what)
+        elif body.numel():
+            self._isend(body, stage + 1, _tag(0, microbatch, 1), what)
+        if self._training:  # the gradient comes back with the shapes of the float tensors
+            grads = [(t.dtype, list(t.shape)) for t in tensors if t.is_floating_point()]
+            if grads:
+                self._post(self._recv_buffer(grads, self.device), stage + 1,
+                           _tag(1, microbatch, 1), f"posting the receive of the gradient of "
+                                                   f"micro-batch {microbatch}")
+
+    def recv_activation(self, stage: int, microbatch: int) -> Packet:
+        what = f"receiving the activation of micro-batch {microbatch}"
+        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+        is_tuple, specs = decode_header(self._recv(header, stage - 1, _tag(0, microbatch, 0),
+                                                   what))
+        nbytes = _layout(specs)[1] if len(specs) != 1 else _nbytes(*specs[0])
+        posted = self._body_bytes.get(microbatch) or None
+        if self.post_early:
+            self._body_bytes[microbatch] = nbytes
+        tag = _tag(0, microbatch, 1)
+        if posted is not None and nbytes > posted:  # the posted receive holds a filler
+            self._recv(None, stage - 1, tag, what)
+            tag = _tag(0, microbatch, 2)
+        if not nbytes:
+            return Packet(tuple(torch.empty(tuple(shape), dtype=dtype, device=self.device)
+                                for dtype, shape in specs), is_tuple)
+        buf = self._recv(None if tag in self._posted else
+                         torch.empty(nbytes, dtype=torch.uint8, device=self.device),
+                         stage - 1, tag, what)
+        return Packet(unpack(buf[:nbytes], specs), is_tuple)
+
+    def send_grad(self, stage: int, microbatch: int, grads: tuple[torch.Tensor, ...]) -> None:
+        self._send_tensors(grads, stage - 1, 1, microbatch,
+                           f"sending the gradient of micro-batch {microbatch}")
+
+    def recv_grad(self, stage: int, microbatch: int,
+                  like: tuple[tuple[torch.Size, torch.dtype], ...]) -> tuple[torch.Tensor, ...]:
+        return self._recv_tensors([(dtype, list(shape)) for shape, dtype in like], stage + 1, 1,
+                                  microbatch, f"receiving the gradient of micro-batch {microbatch}")
+
+    def finish(self) -> None:
+        """Wait until every send of the step has been delivered."""
+        pending, self._pending = self._pending, []
+        for work, _ in pending:
+            self._guard("completing a send", self.stage,
+                        lambda w=work: w.wait(self.timeout))  # type: ignore[misc]

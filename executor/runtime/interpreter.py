@@ -1,0 +1,286 @@
+"""The action interpreter: runs one stage's actions of a lowered schedule, one handler per kind.
+
+    >>> import torch
+    >>> from partitioner.schedule.generators import gpipe
+    >>> from partitioner.schedule.ir import lower
+    >>> stage = Stage(0, [(0, torch.nn.Linear(3, 1))], "cpu")
+    >>> interp = Interpreter(stage, 1, transport=None)   # one stage: nothing to send
+    >>> interp.begin(StepData.split(torch.ones(4, 3), torch.zeros(4, 1), 2, torch.nn.MSELoss()))
+    >>> for action in lower(gpipe(1, 2)).actions[0]:
+    ...     interp.run(action)
+    >>> interp.end().loss is not None
+    True
+
+The runners only decide *where* actions run (one process, or one rank per stage); *what* runs and
+in which order is the schedule's. A stage's state between actions lives here: the inputs waiting
+for F, what B needs (the graph, or with re-materialisation only the input and the random state),
+and the tensors waiting to be sent. The loss of micro-batch i is weighted by b_i / B, so the
+summed loss and gradients are those of the whole batch under a mean-reduced loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+import torch
+
+from executor.runtime.batch import Batch, as_tuple, batch_size, check_batch, from_tuple, scatter
+from executor.runtime.batchnorm import DeferredBatchNorm
+from executor.runtime.recorder import Recorder
+from executor.runtime.stage import RngState, Stage
+from partitioner.cost.model import split_microbatches
+from partitioner.schedule.ir import Action
+
+__all__ = ["Interpreter", "LossFn", "Packet", "StageResult", "StepData", "Transport"]
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+class Packet(NamedTuple):
+    """A stage's output as it crosses to the next stage: its tensors (detached), whether it was a
+    tuple, and for each tensor whether a gradient comes back (floating-point tensors)."""
+
+    tensors: tuple[torch.Tensor, ...]
+    is_tuple: bool
+
+    @property
+    def needs_grad(self) -> tuple[bool, ...]:
+        return tuple(t.is_floating_point() for t in self.tensors)
+
+
+class Transport(Protocol):
+    """Carries packets forward (stage k -> k+1) and gradients backward (k -> k-1). Sends do not
+    wait for the receiver; a receive blocks until the (kind, micro-batch) it names arrived."""
+
+    def send_activation(self, stage: int, microbatch: int, packet: Packet) -> None: ...
+
+    def recv_activation(self, stage: int, microbatch: int) -> Packet: ...
+
+    def send_grad(self, stage: int, microbatch: int, grads: tuple[torch.Tensor, ...]) -> None: ...
+
+    def recv_grad(self, stage: int, microbatch: int,
+                  like: tuple[tuple[torch.Size, torch.dtype], ...]) -> tuple[torch.Tensor, ...]: ...
+
+
+@dataclass
+class StepData:
+    """One step's input as a stage sees it: micro-batch sizes, the micro-batches of the inputs
+    (first stage) and targets (last stage), and the loss (None: forward only)."""
+
+    sizes: list[int]
+    inputs: list[Batch] | None = None
+    targets: list[Batch] | None = None
+    loss_fn: LossFn | None = None
+
+    @staticmethod
+    def split(inputs: object, targets: object, microbatches: int,
+              loss_fn: LossFn | None) -> StepData:
+        """Check the batch and cut it into M micro-batches (inputs or targets may be None on
+        ranks that do not need them, but not both)."""
+        x = check_batch(inputs, "inputs") if inputs is not None else None
+        y = check_batch(targets, "targets") if targets is not None else None
+        sizes_b = [batch_size(b) for b in (x, y) if b is not None]
+        if not sizes_b:
+            raise ValueError("give the inputs (first stage) or the targets (last stage)")
+        if len(set(sizes_b)) > 1:
+            raise ValueError(f"inputs have batch size {sizes_b[0]} but targets {sizes_b[1]}; "
+                             f"give one target per sample")
+        b = sizes_b[0]
+        if b < microbatches:
+            raise ValueError(f"the batch has B={b} samples but the plan splits it into "
+                             f"M={microbatches} micro-batches; every micro-batch needs a sample: "
+                             f"use a batch of at least {microbatches} or a plan with M <= {b}")
+        sizes = split_microbatches(b, microbatches)
+        return StepData(sizes, scatter(x, sizes) if x is not None else None,
+                        scatter(y, sizes) if y is not None else None, loss_fn)
+
+
+@dataclass
+class StageResult:
+    """What a stage returns after a step: the summed weighted loss (last stage, training), the
+    outputs per micro-batch (last stage, forward only)."""
+
+    loss: torch.Tensor | None = None
+    outputs: list[Batch] = field(default_factory=list)
+
+
+@dataclass
+class _Saved:
+    """What B(k, i) needs: the stage input, and either the output (graph kept) or the random
+    state to replay the forward from."""
+
+    inputs: Batch
+    output: Batch | None
+    rng: RngState | None
+
+
+class Interpreter:
+    """Runs the actions of ``stage`` (of ``num_stages``); a table maps each kind to its handler."""
+
+    def __init__(self, stage: Stage, num_stages: int, transport: Transport | None,
+                 recorder: Recorder | None = None,
+                 batchnorm: DeferredBatchNorm | None = None) -> None:
+        self.stage = stage
+        self.first = stage.index == 0
+        self.last = stage.index == num_stages - 1
+        self.transport = transport
+        self.recorder = recorder
+        self.batchnorm = batchnorm
+        self.handlers: dict[str, Callable[[Action], None]] = {
+            "F": self._forward, "B": self._backward,
+            "SF": self._send_activation, "RF": self._recv_activation,
+            "SB": self._send_grad, "RB": self._recv_grad,
+        }
+        self._data = StepData([])
+        self._training = False
+        self._clear()
+
+    def _clear(self) -> None:
+        self._inbox: dict[int, Batch] = {}
+        self._outbox: dict[int, Packet] = {}
+        self._out_meta: dict[int, tuple[tuple[torch.Size, torch.dtype], ...]] = {}
+        self._saved: dict[int, _Saved] = {}
+        self._grad_in: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._grad_out: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._outputs: dict[int, Batch] = {}
+        self._loss: torch.Tensor | None = None
+
+    # -- step ------------------------------------------------------------------------------------
+
+    def begin(self, data: StepData, training: bool = True) -> None:
+        """Start a step (training: F and B; else forward only, without autograd)."""
+        if self.first and data.inputs is None:
+            raise ValueError(f"stage {self.stage.index} is the first stage: give it the inputs")
+        if self.last and training and (data.targets is None or data.loss_fn is None):
+            raise ValueError(f"stage {self.stage.index} is the last stage: give it the targets "
+                             f"and the loss function")
+        self._clear()
+        self._data, self._training = data, training
+        if self.first:
+            assert data.inputs is not None
+            self._inbox = dict(enumerate(data.inputs))
+        if training and self.batchnorm is not None:
+            self.batchnorm.begin_step()
+
+    def run(self, action: Action) -> None:
+        """Run one action through its handler (timed when there is a recorder)."""
+        handler = self.handlers.get(action.kind)
+        if handler is None:
+            raise ValueError(f"action {action}: kind {action.kind!r} has no handler; the "
+                             f"executor runs kinds {', '.join(self.handlers)}")
+        if action.stage != self.stage.index:
+            raise ValueError(f"action {action} belongs to stage {action.stage}, not to stage "
+                             f"{self.stage.index}")
+        if self.recorder is None:
+            handler(action)
+        else:
+            with self.recorder.record(action):
+                handler(action)
+
+    def end(self) -> StageResult:
+        """Finish the step; every micro-batch must have gone through."""
+        left = {name: sorted(box) for name, box in (
+            ("inputs not forwarded", self._inbox), ("outputs not sent", self._outbox),
+            ("backwards not run", self._saved), ("gradients not used", self._grad_in),
+            ("gradients not sent", self._grad_out)) if box}
+        if left:
+            raise RuntimeError(f"stage {self.stage.index} ended the step with " + "; ".join(
+                f"{name}: micro-batches {mbs}" for name, mbs in left.items()))
+        if self._training and self.batchnorm is not None:
+            self.batchnorm.end_step()
+        result = StageResult(self._loss, [self._outputs[i] for i in sorted(self._outputs)])
+        self._clear()
+        return result
+
+    # -- handlers --------------------------------------------------------------------------------
+
+    def _take(self, box: dict[int, Any], action: Action, what: str) -> Any:
+        if action.microbatch not in box:
+            raise RuntimeError(f"action {action}: {what} of micro-batch {action.microbatch} is "
+                               f"not there; the schedule runs this action too early")
+        return box.pop(action.microbatch)
+
+    def _weighted_loss(self, output: Batch, i: int) -> torch.Tensor:
+        data = self._data
+        assert data.loss_fn is not None and data.targets is not None
+        loss = data.loss_fn(output, data.targets[i])
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError(f"the loss function must return a scalar tensor, got "
+                            f"{type(loss).__name__} {getattr(loss, 'shape', '')}")
+        return loss.reshape(()) * (data.sizes[i] / sum(data.sizes))
+
+    def _forward(self, action: Action) -> None:
+        i = action.microbatch
+        x = self._take(self._inbox, action, "the input")
+        if not self._training:
+            with torch.no_grad():
+                y = self.stage(x)
+            self._emit(i, y)
+            return
+        rng = self.stage.rng_state() if self.stage.recompute else None
+        with torch.set_grad_enabled(not self.stage.recompute):
+            y = self.stage(x)
+            loss = self._weighted_loss(y, i) if self.last else None
+        if loss is not None:
+            self._loss = loss.detach() if self._loss is None else self._loss + loss.detach()
+            self._saved[i] = _Saved(x, None if self.stage.recompute else loss, rng)
+        else:
+            self._saved[i] = _Saved(x, None if self.stage.recompute else y, rng)
+            self._emit(i, y)
+
+    def _emit(self, i: int, y: Batch) -> None:
+        if self.last:
+            self._outputs[i] = y
+            return
+        tensors = tuple(t.detach() for t in as_tuple(y))
+        self._outbox[i] = Packet(tensors, isinstance(y, tuple))
+        self._out_meta[i] = tuple((t.shape, t.dtype) for t in tensors if t.is_floating_point())
+
+    def _backward(self, action: Action) -> None:
+        i = action.microbatch
+        saved: _Saved = self._take(self._saved, action, "the forward state")
+        output = saved.output
+        if output is None:  # re-materialise from the stage input, replaying the random state
+            assert saved.rng is not None
+            with self.stage.replaying(saved.rng), torch.enable_grad():
+                output = self.stage(saved.inputs)
+                if self.last:
+                    output = self._weighted_loss(output, i)
+        if self.last:
+            assert isinstance(output, torch.Tensor)
+            output.backward()  # type: ignore[no-untyped-call]
+        else:
+            grads = self._take(self._grad_in, action, "the output gradient")
+            outs = [t for t in as_tuple(output) if t.is_floating_point()]
+            pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if o.requires_grad]
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        if not self.first:
+            leaves = [t for t in as_tuple(saved.inputs) if t.is_floating_point()]
+            self._grad_out[i] = tuple(t.grad if t.grad is not None else torch.zeros_like(t)
+                                      for t in leaves)
+
+    def _send_activation(self, action: Action) -> None:
+        assert self.transport is not None
+        self.transport.send_activation(self.stage.index, action.microbatch,
+                                       self._take(self._outbox, action, "the output"))
+
+    def _recv_activation(self, action: Action) -> None:
+        assert self.transport is not None
+        packet = self.transport.recv_activation(self.stage.index, action.microbatch)
+        tensors = [t.requires_grad_(True) if self._training and needs else t
+                   for t, needs in zip(packet.tensors, packet.needs_grad, strict=True)]
+        self._inbox[action.microbatch] = from_tuple(tensors, packet.is_tuple)
+
+    def _send_grad(self, action: Action) -> None:
+        assert self.transport is not None
+        self.transport.send_grad(self.stage.index, action.microbatch,
+                                 self._take(self._grad_out, action, "the input gradient"))
+
+    def _recv_grad(self, action: Action) -> None:
+        assert self.transport is not None
+        i = action.microbatch
+        like = self._out_meta.pop(i)
+        self._grad_in[i] = self.transport.recv_grad(self.stage.index, i, like)

@@ -1,0 +1,136 @@
+"""The local runner: all stages in one process, each on its own device (or all on one).
+
+    >>> import torch
+    >>> from executor.runtime.stage import Stage
+    >>> layers = [(0, torch.nn.Linear(4, 4)), (1, torch.nn.Linear(4, 1))]
+    >>> runner = LocalRunner([Stage(0, layers[:1], "cpu"), Stage(1, layers[1:], "cpu")],
+    ...                      schedule="1f1b", microbatches=3)
+    >>> loss, timeline = runner.train_step(torch.ones(5, 4), torch.zeros(5, 1), torch.nn.MSELoss())
+    >>> len(timeline.events)   # 3 x (F, B) per stage + 3 x (SF, RF, SB, RB)
+    24
+
+The runner walks the lowered schedule in the order of its unit-time replay (``Schedule.clock``),
+which is the schedule's own order: the runner adds none. Tensors cross between stages through an
+in-process mailbox keyed by (kind, stage, micro-batch), copied to the receiving stage's device.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from executor.runtime.batch import Batch, gather
+from executor.runtime.batchnorm import DeferredBatchNorm
+from executor.runtime.interpreter import Interpreter, LossFn, Packet, StepData
+from executor.runtime.recorder import Recorder
+from executor.runtime.stage import Stage
+from partitioner.formats.timeline import Timeline
+from partitioner.schedule.generators import make_schedule
+from partitioner.schedule.ir import Action, Schedule, lower, validate
+
+__all__ = ["LocalRunner", "LocalTransport", "run_order"]
+
+FORWARD_KINDS = ("F", "SF", "RF")
+
+
+def run_order(schedule: Schedule) -> list[Action]:
+    """All stages' actions of a schedule as one sequence that respects every dependency: its
+    unit-time replay, read clock by clock and stage by stage."""
+    rows = schedule.clock()
+    if rows is None:
+        validate(schedule)  # raises, naming the deadlock
+        raise AssertionError("validate accepted a schedule that cannot run")
+    return [a for row in rows for a in row if a is not None]
+
+
+class LocalTransport:
+    """In-process mailbox between the stages on ``devices``."""
+
+    def __init__(self, devices: Sequence[torch.device]) -> None:
+        self.devices = list(devices)
+        self._box: dict[tuple[str, int, int], object] = {}
+
+    def _pop(self, key: tuple[str, int, int]) -> object:
+        if key not in self._box:
+            raise RuntimeError(f"stage {key[1]} receives the {'activation' if key[0] == 'F' else 'gradient'}"
+                               f" of micro-batch {key[2]} before it was sent")
+        return self._box.pop(key)
+
+    def send_activation(self, stage: int, microbatch: int, packet: Packet) -> None:
+        dev = self.devices[stage + 1]
+        self._box["F", stage + 1, microbatch] = Packet(
+            tuple(t.to(dev) for t in packet.tensors), packet.is_tuple)
+
+    def recv_activation(self, stage: int, microbatch: int) -> Packet:
+        packet = self._pop(("F", stage, microbatch))
+        assert isinstance(packet, Packet)
+        return packet
+
+    def send_grad(self, stage: int, microbatch: int, grads: tuple[torch.Tensor, ...]) -> None:
+        dev = self.devices[stage - 1]
+        self._box["B", stage - 1, microbatch] = tuple(g.to(dev) for g in grads)
+
+    def recv_grad(self, stage: int, microbatch: int,
+                  like: tuple[tuple[torch.Size, torch.dtype], ...]) -> tuple[torch.Tensor, ...]:
+        grads = self._pop(("B", stage, microbatch))
+        assert isinstance(grads, tuple)
+        return grads
+
+
+class LocalRunner:
+    """Runs ``schedule`` ('gpipe' or '1f1b') with M micro-batches over ``stages`` in one
+    process; ``deferred_batchnorm`` updates BatchNorm statistics once per mini-batch."""
+
+    def __init__(self, stages: Sequence[Stage], schedule: str, microbatches: int,
+                 deferred_batchnorm: bool = False) -> None:
+        self.stages = list(stages)
+        big_k = len(self.stages)
+        self.microbatches = microbatches
+        self.schedule = validate(lower(make_schedule(schedule, big_k, microbatches)))
+        self.order = run_order(self.schedule)
+        self.forward_order = [a for a in self.order if a.kind in FORWARD_KINDS]
+        self.transport = LocalTransport([s.device for s in self.stages])
+        self.interpreters = [
+            Interpreter(s, big_k, self.transport, Recorder(s.device),
+                        DeferredBatchNorm(s.module) if deferred_batchnorm else None)
+            for s in self.stages]
+
+    def _run(self, order: Sequence[Action], data: StepData, training: bool) -> Timeline:
+        first, last = self.interpreters[0], self.interpreters[-1]
+        t0 = time.perf_counter()
+        for interp in self.interpreters:
+            assert interp.recorder is not None
+            interp.recorder.reset(t0)
+            interp.begin(StepData(data.sizes,
+                                  data.inputs if interp is first else None,
+                                  data.targets if interp is last else None,
+                                  data.loss_fn), training)
+        for action in order:
+            self.interpreters[action.stage].run(action)
+        events = []
+        for interp in self.interpreters:
+            assert interp.recorder is not None
+            events += interp.recorder.events()
+        return Timeline(len(self.stages), tuple(events), "measured",
+                        {"schedule": self.schedule.name, "microbatches": self.microbatches,
+                         "runner": "local", "training": training})
+
+    def train_step(self, inputs: Batch, targets: Batch,
+                   loss_fn: LossFn) -> tuple[torch.Tensor, Timeline]:
+        """One step: the whole batch's loss (detached, on the last stage's device) and the
+        measured timeline; gradients accumulate in the stages' parameters."""
+        data = StepData.split(inputs, targets, self.microbatches, loss_fn)
+        timeline = self._run(self.order, data, training=True)
+        results = [interp.end() for interp in self.interpreters]
+        loss = results[-1].loss
+        assert loss is not None
+        return loss, timeline
+
+    def forward(self, inputs: Batch) -> tuple[Batch, Timeline]:
+        """Forward only, without autograd: the outputs of the whole batch, joined."""
+        data = StepData.split(inputs, None, self.microbatches, None)
+        timeline = self._run(self.forward_order, data, training=False)
+        results = [interp.end() for interp in self.interpreters]
+        return gather(results[-1].outputs), timeline

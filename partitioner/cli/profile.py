@@ -1,0 +1,101 @@
+"""``partition-model profile``: measure a built-in or user model and write a profile.
+
+    $ partition-model profile --model gpt-tiny --microbatch-sizes 1,2,4 --device cpu \\
+          -o gpt-tiny.json
+    $ partition-model profile --model mypkg.models:make --microbatch-sizes 8,16 --device cuda
+
+``module:function`` names a function taking no arguments and returning
+``(nn.Sequential, sample_batch)``. The executor (torch) is imported only when this runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from partitioner.cli.options import count, count_list, size
+from partitioner.formats.profile import save_profile
+from partitioner.report.profiles import profile_summary
+
+__all__ = ["main"]
+
+
+def _flush(text: str) -> int:
+    """``--flush``: a byte size, or 0/off."""
+    return 0 if text.strip().lower() in ("0", "off") else size("--flush")(text)
+
+
+def main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="partition-model profile",
+        description="Measure each layer of an nn.Sequential (forward/backward time, "
+                    "activation and saved bytes) at several micro-batch sizes and write a "
+                    "gpipe-profile/1 JSON file.")
+    p.add_argument("--model", metavar="NAME|module:function",
+                   help="a built-in model (see --list-models) or a function returning "
+                        "(nn.Sequential, sample_batch)")
+    p.add_argument("--list-models", action="store_true", help="list the built-in models")
+    p.add_argument("--microbatch-sizes", type=count_list("--microbatch-sizes", high=2**20),
+                   default=[1, 2, 4], metavar="1,2,4",
+                   help="micro-batch sizes to measure (default: 1,2,4)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--dtype", default=None,
+                   help="float32, bfloat16 or float16: cast parameters and floating inputs "
+                        "(default: the model's own)")
+    p.add_argument("--threads", type=count("--threads", high=1024), default=None,
+                   help="torch intra-op threads while profiling (default: torch's)")
+    p.add_argument("--clock", default="wall",
+                   help="CPU clock: wall time (default) or thread, the thread's CPU time (needs "
+                        "--threads 1; ignores other processes on a shared machine)")
+    p.add_argument("--warmup", type=count("--warmup", 0, 10**4), default=3,
+                   help="untimed runs first (default: 3)")
+    p.add_argument("--repeat", type=count("--repeat", 1, 10**4), default=10,
+                   help="timed runs; the median is kept (default: 10)")
+    p.add_argument("--batch", type=count("--batch", high=2**20), default=None,
+                   help="rows of a built-in model's sample (default: the largest size)")
+    p.add_argument("--timing", default="auto",
+                   help="model: time each layer inside passes of the whole model; layer: each "
+                        "layer alone (for a model too big for the device); auto (default): "
+                        "model where the whole model fits in half the free memory")
+    p.add_argument("--flush", type=_flush, default=None, metavar="SIZE",
+                   help="layers timed alone: flush the caches with a buffer of SIZE (e.g. 4MiB; "
+                        "0: off) before each timed region (default: on the CPU, twice one "
+                        "core's L2 cache when the model's weights do not fit in it)")
+    p.add_argument("--keep-freed-memory", choices=("on", "off"), default="on",
+                   help="on the CPU, keep freed memory for reuse as the pipeline runners do "
+                        "(glibc malloc settings, process-wide; default on)")
+    p.add_argument("--eval", action="store_true",
+                   help="profile in eval mode (default: training mode)")
+    p.add_argument("-o", "--output", metavar="PROFILE.json", help="write the profile here")
+    args = p.parse_args(argv)
+
+    from tqdm import tqdm
+
+    from executor.profiling.profiler import profile_model
+    from executor.runtime.devices import resolve_device
+    from executor.workloads.models import list_models, load_model
+
+    if args.list_models:
+        width = max(len(name) for name, _ in list_models())
+        for name, description in list_models():
+            print(f"{name:<{width}}  {description}")
+        return 0
+    if not args.model:
+        raise ValueError("give --model NAME|module:function (or --list-models)")
+    resolve_device(args.device)  # missing CUDA is an error before the model is built
+    model, sample, info = load_model(args.model, args.batch or max(args.microbatch_sizes))
+    steps = len(model) + (len(args.microbatch_sizes) if args.timing != "layer" else 0)
+    with tqdm(total=steps, desc=f"profiling {args.model}", unit="step",
+              file=sys.stderr, disable=None) as bar:
+        prof = profile_model(
+            model, sample, args.microbatch_sizes, args.device, dtype=args.dtype,
+            warmup=args.warmup, repeat=args.repeat, threads=args.threads,
+            clock=args.clock, timing=args.timing, flush_bytes=args.flush,
+            train=not args.eval, keep_freed_memory=args.keep_freed_memory == "on",
+            name=args.model, input_info=info, progress=lambda name: bar.update(1))
+    print(profile_summary(prof))
+    if args.output:
+        save_profile(prof, args.output)
+        print(f"wrote {args.output}")
+    return 0

@@ -1,0 +1,62 @@
+"""``partition-model run``: train a plan with one rank per stage.
+
+    $ partition-model run --job executor.workloads.jobs:translation --plan plan.json \\
+          --steps 30 --trace measured.json          # K local CPU ranks (gloo, 127.0.0.1)
+    $ torchrun --nproc-per-node 4 -m partitioner.cli run --job mypkg.train:job \\
+          --plan plan.json --steps 100              # one rank per GPU or node
+
+The executor (torch) is imported only when this runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from partitioner.cli.options import count, number
+
+__all__ = ["DEFAULT_JOB", "main"]
+
+DEFAULT_JOB = "executor.workloads.jobs:demo"
+
+
+def main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="partition-model run",
+        description="Train a gpipe-plan/1 plan with one rank per stage. Under torchrun each "
+                    "process runs its stage; run directly, it spawns K local CPU ranks.")
+    p.add_argument("--job", default=DEFAULT_JOB, metavar="MODULE:FUNCTION",
+                   help="function returning an executor Job (default: a demo MLP)")
+    p.add_argument("--plan", required=True, help="plan file (gpipe-plan/1 JSON)")
+    p.add_argument("--steps", type=count("--steps", high=10**9), default=10,
+                   help="training steps (default 10)")
+    p.add_argument("--trace", default=None, metavar="TRACE.json",
+                   help="write a measured timeline (Chrome trace) from rank 0: of the last "
+                        "5 steps, the one of median length")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda:LOCAL_RANK with CUDA, else cpu), plan (the plan's), or a "
+                        "device for every rank")
+    p.add_argument("--timeout-s", type=number("--timeout-s", "a number of seconds > 0 and <= "
+                                              "86400", high=86400.0), default=60.0,
+                   help="give up on a silent peer after this long (default 60)")
+    p.add_argument("--threads", type=count("--threads", high=1024), default=1,
+                   help="torch threads per rank when spawning local ranks (default 1)")
+    p.add_argument("--keep-freed-memory", choices=("on", "off"), default="on",
+                   help="on the CPU, keep freed memory for reuse between steps (glibc malloc "
+                        "settings, process-wide; default on)")
+    p.add_argument("--progress", action="store_true",
+                   help="show a progress bar with the loss instead of a line per step")
+    args = p.parse_args(argv)
+
+    from executor.distributed.launch import launch, under_torchrun
+
+    summaries = launch(args.job, args.plan, args.steps, trace=args.trace, device=args.device,
+                       timeout_s=args.timeout_s, threads=args.threads, progress=args.progress,
+                       keep_memory=args.keep_freed_memory == "on")
+    if under_torchrun():
+        return 0
+    last = summaries[-1]
+    mean_ms = sum(last["step_ms"]) / len(last["step_ms"])
+    print(f"trained {args.steps} steps on {len(summaries)} local ranks: loss "
+          f"{last['losses'][0]:.5f} -> {last['losses'][-1]:.5f}, {mean_ms:.1f} ms per step")
+    return 0

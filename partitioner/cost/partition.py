@@ -1,0 +1,191 @@
+"""A partition of the layers into stages, and what each stage costs under a cost model.
+
+    >>> from partitioner import CostModel, load_profile
+    >>> cm = CostModel(load_profile("pipedream/resnet18"), 4, 4, stages=2)
+    >>> sol = evaluate_assignment(cm, [0] * 35 + [1] * 35)
+    >>> [len(n) for n in sol.nodes], round(sol.bottleneck_ms, 1), sol.is_ranges
+    ([35, 35], 189.4, True)
+
+One ``Solution`` type for every partitioner: the chain DP's cut points and the CP-SAT
+model's convex node sets are both stages of layers, with the same per-stage figures and a
+``status`` saying how good the partition is known to be.
+
+Costs per micro-batch, the chain cost model of ``CostModel`` extended edge by edge:
+
+- compute of stage k: sum over its layers of fwd + bwd (+ fwd again when k recomputes);
+- communication: a layer u whose output feeds layers in D(u) = {stages of its successors}
+  minus its own stage sends that output once per destination stage (point to point, also when
+  the destination is several stages ahead), each ``link.transfer_ms(out_bytes[u])``: the sender
+  pays every forward transfer and each receiving stage pays one gradient transfer back;
+- memory: training state + activations; a recomputing stage stashes, per micro-batch in
+  flight, the outputs of the layers outside it that feed it (once per source) plus the
+  ``in_bytes`` of its layers that have no predecessor (the model's inputs).
+
+On a chain whose ``in_bytes[i] == out_bytes[i-1]`` (as the profilers write them) these are
+exactly ``CostModel.stage_compute_ms + stage_comm_ms`` and ``stage_memory_bytes``, which
+``stage_costs`` evaluates straight from the cost model's prefix sums.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from functools import cached_property
+
+from partitioner.cost.model import CostModel
+from partitioner.formats.layers import assignment_problems, layer_edges, stage_of_nodes
+
+__all__ = ["STATUSES", "Solution", "evaluate_assignment", "recost", "stage_costs"]
+
+#: How a solution's stages were found, and so how good they are known to be.
+STATUSES = {
+    "exact": "the chain DP: the best split of the layer order (equal to brute force)",
+    "optimal": "CP-SAT: proven the best convex partition of the layer graph",
+    "feasible": "CP-SAT stopped at its time limit: within the proven gap of the best",
+    "layer order": "the chain DP on a graph profile: the best split of the layer order, "
+                   "costed on the graph",
+    "evaluated": "given, not searched: its costs only",
+}
+
+
+@dataclass(frozen=True)
+class Solution:
+    """Stages of layers with their per-stage figures (per micro-batch of the largest size).
+
+    ``status`` is one of ``STATUSES``; for ``optimal`` and ``feasible`` ``lower_bound_ms`` is a
+    proven lower bound on the best bottleneck, already net of ``rounding_error_ms`` (the bound
+    on what the ILP's integer scaling of times can change a stage's time by).
+    """
+
+    nodes: tuple[tuple[int, ...], ...]  # stage k's layers, sorted
+    stage_compute_ms: tuple[float, ...]
+    stage_comm_ms: tuple[float, ...]
+    stage_memory_bytes: tuple[float, ...]
+    stage_sent_bytes: tuple[float, ...]  # bytes stage k sends forward, summed over destinations
+    status: str = "evaluated"
+    lower_bound_ms: float = 0.0
+    rounding_error_ms: float = 0.0
+    time_limit_s: float | None = None
+    solve_s: float = 0.0
+
+    @property
+    def stages(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def stage_ms(self) -> tuple[float, ...]:
+        """Compute + communication of each stage, per micro-batch."""
+        return tuple(c + m for c, m in zip(self.stage_compute_ms, self.stage_comm_ms,
+                                           strict=True))
+
+    @property
+    def bottleneck_ms(self) -> float:
+        return max(self.stage_ms)
+
+    @property
+    def gap(self) -> float:
+        """Relative distance to the proven lower bound: 0 when optimal (up to rounding)."""
+        if self.status in ("exact", "optimal"):
+            return 0.0
+        top = self.bottleneck_ms
+        return max(0.0, top - self.lower_bound_ms) / top if top > 0 else 0.0
+
+    @property
+    def quality(self) -> str:
+        """``exact``, ``optimal``, ``gap 0.12%``, ``layer order`` or ``evaluated``."""
+        return f"gap {100 * self.gap:.2f}%" if self.status == "feasible" else self.status
+
+    @property
+    def stage_of(self) -> tuple[int, ...]:
+        return stage_of_nodes(self.nodes)
+
+    @cached_property
+    def is_ranges(self) -> bool:
+        """Whether the stages are contiguous layer ranges, in order: a chain split."""
+        expect = 0
+        for nodes in self.nodes:
+            if nodes[0] != expect or nodes[-1] - nodes[0] + 1 != len(nodes):
+                return False
+            expect = nodes[-1] + 1
+        return True
+
+    @property
+    def boundaries(self) -> tuple[int, ...]:
+        """Cut points (0, end_0, ..., L) of a chain split; ValueError for other partitions."""
+        if not self.is_ranges:
+            raise ValueError("the stages are not contiguous layer ranges, so they have no cut "
+                             "points; use .nodes")
+        return (0, *(n[-1] + 1 for n in self.nodes))
+
+
+def stage_costs(cm: CostModel, cuts: Sequence[int]) -> Solution:
+    """The chain split with cut points ``cuts`` (0, end_0, ..., L), costed by the cost model's
+    chain rules (prefix sums; exact for a profile without edges)."""
+    compute, comm, mem, sent = [], [], [], []
+    out_bytes = cm.layer_array("out_bytes")
+    last = len(cuts) - 2
+    for k in range(last + 1):
+        start, end = cuts[k], cuts[k + 1]
+        compute.append(cm.stage_compute_ms(start, end, k))
+        comm.append(cm.stage_comm_ms(start, end))
+        mem.append(cm.stage_memory_bytes(start, end, k))
+        sent.append(float(out_bytes[end - 1]) if k < last else 0.0)
+    nodes = tuple(tuple(range(cuts[k], cuts[k + 1])) for k in range(last + 1))
+    return Solution(nodes, tuple(compute), tuple(comm), tuple(mem), tuple(sent))
+
+
+def recost(cm: CostModel, sol: Solution) -> Solution:
+    """The same stages' figures under ``cm`` (another M, or the graph's costs of a chain
+    split); the status, bound and solve time stay the solution's."""
+    if cm.profile.edges is None and sol.is_ranges:
+        new = stage_costs(cm, sol.boundaries)
+    else:
+        new = evaluate_assignment(cm, sol.stage_of)
+    return replace(new, status=sol.status, lower_bound_ms=sol.lower_bound_ms,
+                   rounding_error_ms=sol.rounding_error_ms, time_limit_s=sol.time_limit_s,
+                   solve_s=sol.solve_s)
+
+
+def evaluate_assignment(cm: CostModel, stage_of: Sequence[int]) -> Solution:
+    """The per-stage compute, communication and memory of an assignment (``stage_of[i]`` =
+    stage of layer i, K = ``cm.stages``), straight from the cost model's per-layer arrays.
+    Raises ValueError listing every problem unless the assignment is a convex partition."""
+    prof, big_k = cm.profile, cm.stages
+    edges = layer_edges(prof)
+    problems = assignment_problems(prof.num_layers, edges, stage_of, big_k)
+    if problems:
+        raise ValueError("not a convex partition into K=" + str(big_k) + " stages:\n  "
+                         + "\n  ".join(problems))
+    fwd, bwd = cm.layer_array("fwd_ms"), cm.layer_array("bwd_ms")
+    saved, out = cm.layer_array("saved_bytes"), cm.layer_array("out_bytes")
+    inputs, state = cm.layer_array("in_bytes"), cm.param_state_bytes()
+    compute = [2 * cm.runtime.action_ms] * big_k  # the runtime's cost of each stage's F and B
+    comm = [0.0] * big_k
+    state_k, saved_k, stash_k, sent_k = [0.0] * big_k, [0.0] * big_k, [0.0] * big_k, [0.0] * big_k
+    for i, k in enumerate(stage_of):
+        compute[k] += float(fwd[i] + bwd[i]) + (float(fwd[i]) if cm.recomputes(k) else 0.0)
+        state_k[k] += float(state[i])
+        saved_k[k] += float(saved[i])
+    destinations: dict[int, set[int]] = {}
+    has_pred = [False] * prof.num_layers
+    for u, v in edges:
+        has_pred[v] = True
+        if stage_of[v] != stage_of[u]:
+            destinations.setdefault(u, set()).add(stage_of[v])
+    for i, k in enumerate(stage_of):
+        if not has_pred[i]:
+            stash_k[k] += float(inputs[i])
+    for u, dests in destinations.items():
+        transfer = cm.link.transfer_ms(float(out[u]))
+        for d in dests:
+            comm[stage_of[u]] += transfer  # the forward send
+            comm[d] += transfer  # the gradient sent back
+            sent_k[stage_of[u]] += float(out[u])
+            stash_k[d] += float(out[u])
+    memory = []
+    for k in range(big_k):
+        held = cm.in_flight(k)
+        acts = held * stash_k[k] + saved_k[k] if cm.recomputes(k) else held * saved_k[k]
+        memory.append(state_k[k] + acts)
+    nodes = tuple(tuple(i for i, s in enumerate(stage_of) if s == k) for k in range(big_k))
+    return Solution(nodes, tuple(compute), tuple(comm), tuple(memory), tuple(sent_k))

@@ -1,0 +1,1 @@
+"""The project's files: profiles, plans and traces, their units and the assumptions they carry."""

@@ -1,0 +1,352 @@
+"""The ``gpipe-profile/1`` format: per-layer time and memory at several micro-batch sizes.
+
+    >>> prof = load_profile("h200/gpt2-medium")          # a shipped profile, by name
+    >>> prof.num_layers, prof.microbatch_sizes
+    (26, (1, 2, 4, 8, 16))
+
+Validation collects every problem with its JSON path before raising one ``ProfileError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from partitioner.formats.checks import Problems, is_number, show
+from partitioner.formats.jsonfile import decode_json, read_json
+from partitioner.formats.units import MAX_BYTES, MAX_MS
+
+__all__ = [
+    "DTYPE_BYTES",
+    "FORMAT",
+    "DeviceInfo",
+    "LayerProfile",
+    "Profile",
+    "ProfileError",
+    "load_profile",
+    "profile_from_dict",
+    "profile_to_dict",
+    "save_profile",
+    "shipped_profiles",
+]
+
+FORMAT = "gpipe-profile/1"
+_PER_SIZE = ("fwd_ms", "bwd_ms", "in_bytes", "out_bytes", "saved_bytes")
+_OPTIONAL_PER_SIZE = ("launch_ms", "peak_bytes")
+_LAYER_KEYS = {"name", "type", "param_bytes", *_PER_SIZE, *_OPTIONAL_PER_SIZE, "extra"}
+_REQUIRED_TOP = ("format", "model", "device", "dtype", "microbatch_sizes", "layers")
+_TOP_KEYS = {*_REQUIRED_TOP, "torch", "created", "how", "input", "edges", "extra",
+             "harness"}  # harness: the profiler's settings, written on top before 'extra'
+_HIGH = {key: MAX_MS if key.endswith("_ms") else MAX_BYTES
+         for key in (*_PER_SIZE, *_OPTIONAL_PER_SIZE)}
+#: The largest micro-batch size a profile may list.
+MAX_SIZE = 2**31
+#: Bytes of one element of each dtype a profile may name.
+DTYPE_BYTES = {"float64": 8, "float32": 4, "tfloat32": 4, "bfloat16": 2, "float16": 2,
+               "float8": 1, "fp8": 1}
+
+
+class ProfileError(ValueError):
+    """A profile that breaks the format; ``problems`` lists each one with its JSON path. Made
+    with a message alone (no problems), it is a file that could not be read at all."""
+
+    def __init__(self, source: str, problems: Sequence[str] | None = None) -> None:
+        if problems is None:
+            self.problems = [source]
+            super().__init__(source)
+            return
+        self.problems = list(problems)
+        shown = "\n  ".join(self.problems[:50])
+        more = f"\n  ... and {len(self.problems) - 50} more" if len(self.problems) > 50 else ""
+        super().__init__(
+            f"{source} is not a valid {FORMAT} profile ({len(self.problems)} problem(s)):\n"
+            f"  {shown}{more}\nFix the values named above (README, 'Formats', describes "
+            f"every field)."
+        )
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """The device a profile was measured on: ``DeviceInfo("NVIDIA H200", "cuda", 150754820096)``."""
+
+    name: str
+    kind: str
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """One layer's measurements; every tuple has one entry per micro-batch size of the profile.
+
+        >>> LayerProfile("0", "Linear", 4096, (1.0,), (2.0,), (64,), (64,), (64,)).fwd_ms
+        (1.0,)
+    """
+
+    name: str
+    type: str
+    param_bytes: int
+    fwd_ms: tuple[float, ...]
+    bwd_ms: tuple[float, ...]
+    in_bytes: tuple[float, ...]
+    out_bytes: tuple[float, ...]
+    saved_bytes: tuple[float, ...]
+    launch_ms: tuple[float, ...] | None = None
+    peak_bytes: tuple[float, ...] | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A whole model's profile. ``edges`` is None for a chain (layer i feeds layer i+1)."""
+
+    model: str
+    device: DeviceInfo
+    dtype: str
+    microbatch_sizes: tuple[int, ...]
+    layers: tuple[LayerProfile, ...]
+    torch: str = "unknown"
+    created: str = ""
+    how: str = ""
+    input: Mapping[str, Any] | None = None
+    edges: tuple[tuple[int, int], ...] | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def sha256(self) -> str:
+        """Digest of the canonical JSON form; a plan records it to refuse other profiles."""
+        text = json.dumps(profile_to_dict(self), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+def _parse_array(obj: Mapping[str, Any], key: str, path: str, n: int, problems: Problems,
+                 high: float) -> tuple[float, ...]:
+    arr = obj.get(key)
+    if is_number(arr) and key in _OPTIONAL_PER_SIZE:  # one figure for every size
+        return (problems.number(arr, f"{path}.{key}", high=high),) * n
+    if not isinstance(arr, list):
+        problems.add(f"{path}.{key}", f"expected a list of {n} numbers (one per micro-batch "
+                                      f"size), got {show(arr)}")
+        return (0.0,) * n
+    if len(arr) != n:
+        problems.add(f"{path}.{key}", f"has {len(arr)} values but microbatch_sizes has {n}; "
+                                      f"give one value per micro-batch size")
+    values = tuple(problems.number(x, f"{path}.{key}[{i}]", high=high) for i, x in enumerate(arr))
+    return (values + (0.0,) * n)[:n]
+
+
+def _parse_layer(obj: object, i: int, n: int, problems: Problems) -> LayerProfile:
+    path = f"layers[{i}]"
+    layer = problems.mapping(obj, path, "a layer: name, param_bytes, fwd_ms, ...")
+    problems.keys(layer, path, _LAYER_KEYS, required=("name", "param_bytes", *_PER_SIZE))
+    arrays = {k: _parse_array(layer, k, path, n, problems, _HIGH[k]) if k in layer else (0.0,) * n
+              for k in _PER_SIZE}
+    optional = {k: _parse_array(layer, k, path, n, problems, _HIGH[k])
+                if layer.get(k) is not None else None for k in _OPTIONAL_PER_SIZE}
+    param = problems.number(layer.get("param_bytes", 0), f"{path}.param_bytes", integer=True)
+    extra = layer.get("extra", {})
+    return LayerProfile(
+        name=problems.text(layer.get("name", str(i)), f"{path}.name", str(i)),
+        type=problems.text(layer.get("type", ""), f"{path}.type"),
+        param_bytes=int(param),
+        fwd_ms=arrays["fwd_ms"],
+        bwd_ms=arrays["bwd_ms"],
+        in_bytes=arrays["in_bytes"],
+        out_bytes=arrays["out_bytes"],
+        saved_bytes=arrays["saved_bytes"],
+        launch_ms=optional["launch_ms"],
+        peak_bytes=optional["peak_bytes"],
+        extra=problems.mapping(extra, f"{path}.extra", "free-form data"),
+    )
+
+
+def _parse_edges(raw: object, num_layers: int, problems: Problems) -> tuple[tuple[int, int], ...]:
+    if not isinstance(raw, list):
+        problems.add("edges", f"expected a list of [src, dst] pairs, got {show(raw)}")
+        return ()
+    edges: list[tuple[int, int]] = []
+    seen: set[tuple[int, int]] = set()
+    for e, pair in enumerate(raw):
+        ok = (isinstance(pair, list) and len(pair) == 2
+              and all(isinstance(x, int) and not isinstance(x, bool) for x in pair))
+        if not ok:
+            problems.add(f"edges[{e}]", f"{show(pair)} is not a pair of layer indices [src, dst]")
+            continue
+        src, dst = pair
+        if not (0 <= src < num_layers and 0 <= dst < num_layers):
+            problems.add(f"edges[{e}]", f"{pair!r} names a layer outside 0..{num_layers - 1}")
+        elif src >= dst:
+            problems.add(f"edges[{e}]", f"{pair!r} goes from layer {src} to layer {dst}; edges "
+                         f"must go forward (src < dst) in a topological layer order, so a cycle "
+                         f"is impossible")
+        elif (src, dst) in seen:
+            problems.add(f"edges[{e}]", f"{pair!r} appears twice; list each edge once")
+        else:
+            seen.add((src, dst))
+            edges.append((src, dst))
+    return tuple(edges)
+
+
+def _parse_sizes(raw: object, problems: Problems) -> list[int]:
+    if not isinstance(raw, list) or not raw:
+        problems.add("microbatch_sizes", f"expected a non-empty list of sizes, got {show(raw)}")
+        return []
+    sizes: list[int] = []
+    for i, s in enumerate(raw):
+        if not (isinstance(s, int) and not isinstance(s, bool)) or not 1 <= s <= MAX_SIZE:
+            problems.add(f"microbatch_sizes[{i}]", f"{show(s)} is not a positive whole number "
+                                                   f"(at most {MAX_SIZE})")
+            continue
+        if sizes and s <= sizes[-1]:
+            word = "repeats" if s == sizes[-1] else "is smaller than"
+            problems.add(f"microbatch_sizes[{i}]", f"{s} {word} the size before it "
+                                                   f"({sizes[-1]}); sizes must be strictly "
+                                                   f"increasing")
+            continue
+        sizes.append(s)
+    return sizes
+
+
+def profile_from_dict(data: object, source: str = "profile") -> Profile:
+    """Validate a decoded JSON object and build a ``Profile``; raise ``ProfileError`` listing all
+    problems.
+
+        >>> profile_from_dict({"format": "x"})
+        Traceback (most recent call last):
+        ...
+        partitioner.formats.profile.ProfileError: profile is not a valid gpipe-profile/1 profile ...
+    """
+    problems = Problems()
+    if not isinstance(data, dict):
+        raise ProfileError(source, [f"(top): expected a JSON object, got {type(data).__name__}"])
+    problems.keys(data, "(top)", _TOP_KEYS, required=_REQUIRED_TOP)
+    if "format" in data and data["format"] != FORMAT:
+        problems.add("format", f"{show(data['format'])} is not {FORMAT!r}")
+    dev = problems.mapping(data.get("device", {}), "device", "name, kind, memory_bytes")
+    problems.keys(dev, "device", ("name", "kind", "memory_bytes"), required=(
+        ("memory_bytes",) if "device" in data else ()))
+    mem = problems.number(dev.get("memory_bytes", 1), "device.memory_bytes", low=1,
+                          integer=True, default=1)
+    device = DeviceInfo(problems.text(dev.get("name", "unknown"), "device.name"),
+                        problems.text(dev.get("kind", "unknown"), "device.kind"), int(mem))
+    dtype = problems.text(data.get("dtype", "float32"), "dtype", "float32")
+    if dtype.removeprefix("torch.") not in DTYPE_BYTES:
+        problems.add("dtype", f"{show(dtype)} is not one of {', '.join(sorted(DTYPE_BYTES))}")
+    sizes = _parse_sizes(data.get("microbatch_sizes", [1]), problems)
+    n = len(data["microbatch_sizes"]) if isinstance(data.get("microbatch_sizes"), list) else 0
+    layers_raw = data.get("layers", [])
+    if not isinstance(layers_raw, list) or not layers_raw:
+        problems.add("layers", f"expected a non-empty list of layer objects, got "
+                               f"{show(layers_raw)}")
+        layers_raw = []
+    layers = tuple(_parse_layer(obj, i, n, problems) for i, obj in enumerate(layers_raw))
+    edges = None
+    if data.get("edges") is not None:
+        edges = _parse_edges(data["edges"], len(layers), problems)
+    extra = dict(problems.mapping(data.get("extra", {}), "extra", "free-form data"))
+    if "harness" in data:  # profiles written before 'extra' had the profiler's settings on top
+        extra.setdefault("harness", data["harness"])
+    texts = {key: problems.text(data.get(key, default), key) for key, default in (
+        ("model", ""), ("torch", "unknown"), ("created", ""), ("how", ""))}
+    inputs = data.get("input")
+    if inputs is not None:
+        inputs = problems.mapping(inputs, "input", "a description of the model's input")
+    if problems:
+        raise ProfileError(source, problems)
+    return Profile(
+        model=texts["model"],
+        device=device,
+        dtype=dtype,
+        microbatch_sizes=tuple(sizes),
+        layers=layers,
+        torch=texts["torch"],
+        created=texts["created"],
+        how=texts["how"],
+        input=inputs,
+        edges=edges,
+        extra=extra,
+    )
+
+
+def _num(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else x
+
+
+def profile_to_dict(prof: Profile) -> dict[str, Any]:
+    """The JSON object of a profile; ``profile_from_dict(profile_to_dict(p)) == p``."""
+    layers = []
+    for lay in prof.layers:
+        obj: dict[str, Any] = {"name": lay.name, "type": lay.type, "param_bytes": lay.param_bytes}
+        for key in _PER_SIZE + _OPTIONAL_PER_SIZE:
+            val = getattr(lay, key)
+            if val is not None:
+                obj[key] = [_num(v) for v in val]
+        if lay.extra:
+            obj["extra"] = dict(lay.extra)
+        layers.append(obj)
+    out: dict[str, Any] = {
+        "format": FORMAT,
+        "model": prof.model,
+        "device": {"name": prof.device.name, "kind": prof.device.kind,
+                   "memory_bytes": prof.device.memory_bytes},
+        "dtype": prof.dtype,
+        "torch": prof.torch,
+        "created": prof.created,
+    }
+    if prof.how:
+        out["how"] = prof.how
+    if prof.input is not None:
+        out["input"] = dict(prof.input)
+    out["microbatch_sizes"] = list(prof.microbatch_sizes)
+    out["layers"] = layers
+    if prof.edges is not None:
+        out["edges"] = [list(e) for e in prof.edges]
+    if prof.extra:
+        out["extra"] = dict(prof.extra)
+    return out
+
+
+def shipped_profiles() -> list[str]:
+    """Names of the profiles shipped in the ``profiles`` package, e.g. ``'h200/gpt2-medium'``."""
+    root = resources.files("profiles")
+    names = []
+    for folder in root.iterdir():
+        if folder.is_dir() and not folder.name.startswith(("_", ".")):
+            names += [f"{folder.name}/{f.name[:-5]}" for f in folder.iterdir()
+                      if f.name.endswith(".json")]
+    return sorted(names)
+
+
+def load_profile(path_or_name: str | Path) -> Profile:
+    """Load and validate a profile from a file path or a shipped name such as ``h200/resnet50``."""
+    path = Path(path_or_name)
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError):
+        is_file = False
+    if is_file:
+        data = read_json(path, "profile", ProfileError)
+        return profile_from_dict(data, str(path))
+    name = str(path_or_name).removesuffix(".json")
+    if name in shipped_profiles():
+        res = resources.files("profiles").joinpath(*f"{name}.json".split("/"))
+        data = decode_json(res.read_bytes, f"shipped profile {name}", ProfileError)
+        return profile_from_dict(data, f"shipped profile {name}")
+    raise FileNotFoundError(
+        f"profile {str(path_or_name)!r} is neither a file nor a shipped profile; "
+        f"give a path to a {FORMAT} JSON file or one of: {', '.join(shipped_profiles())}"
+    )
+
+
+def save_profile(prof: Profile, path: str | Path) -> None:
+    """Write a profile as indented JSON (validated again on load)."""
+    Path(path).write_text(json.dumps(profile_to_dict(prof), indent=1) + "\n")

@@ -1,0 +1,1 @@
+"""What the user reads: tables, reports of plans and searches, comparisons and Gantt charts."""

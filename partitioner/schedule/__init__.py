@@ -1,0 +1,1 @@
+"""The schedule IR, its generators and the execution rules every layer shares (no torch)."""

@@ -1,0 +1,165 @@
+"""What each simulated action costs: per-stage durations and memory of a chain or graph partition.
+
+    >>> from partitioner import CostModel, load_profile
+    >>> cm = CostModel(load_profile("pipedream/resnet18"), 4, 4, stages=2)
+    >>> dur = stage_durations(cm, stage_of_ranges([(0, 35), (35, 70)]), [0, 1])
+    >>> [round(f[0], 2) for f in dur.fwd_ms], dur.size_index
+    ([78.47, 28.98], [0, 0, 0, 0])
+
+One rule for both shapes: a stage is a set of layers (``stage_of[i]`` = stage of layer i; a
+chain's ranges are the special case), and what crosses between stages follows the edges of
+the layer graph (``graph.layer_edges``: the chain i -> i+1 for a profile without edges).
+
+- F(k,i): the sum of the stage's ``fwd_ms`` at micro-batch i's size; B(k,i): its ``bwd_ms``,
+  plus ``fwd_ms`` again when stage k recomputes; both as the cost model's ``runtime`` runs
+  them (times ``compute_scale``, plus ``action_ms`` per action).
+- SF(k,i) after F: for each layer u of stage k and each *other* stage d that holds a
+  successor of u, one transfer of ``out_bytes[u]`` (``link.transfer_ms``); the sender pays
+  them all, in one send. SB(k,i) after B: the gradients of everything stage k received, one
+  transfer back per (u, k). Transfers between stages on one device are free.
+- The schedule stays the pipeline's: stage k+1's receive waits for stage k's whole send,
+  and then the runtime's ``message_ms`` (``Durations.message_ms``; paid transfers only).
+  Data that skips stages (u in stage k feeding stage d > k+1) is charged to its sender's
+  send, as ``graph.evaluate_assignment`` charges it, and needs no wait of its own: stage d
+  receives from d-1 only after d-1 received from d-2 ... after k's send had finished, so it
+  has arrived; likewise its gradient is back before stage k's B (k waits for k+1's SB, which
+  follows d's). So per micro-batch a stage is occupied exactly the evaluator's stage time.
+- Memory held from F to B: the stage's ``saved_bytes``; or, when it recomputes, its stash:
+  the data it received (once per source layer) plus the ``in_bytes`` of its layers that have
+  no predecessor (the model's inputs), with the saved bytes on top while B rebuilds them.
+  A received tensor's size is ``out_bytes[u]`` on a graph profile (the evaluator's rule) and
+  the receiving layer's ``in_bytes`` on a chain profile (``CostModel``'s rule); the two agree
+  wherever ``in_bytes[i] == out_bytes[i-1]``, as the profilers write them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from partitioner.cost.model import CostModel, FloatArray, split_microbatches
+
+__all__ = ["Durations", "cross_transfers", "stage_durations", "stage_of_ranges"]
+
+IntArray = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class Durations:
+    """Per stage k and distinct micro-batch size s (``[k][s]``): what each action costs."""
+
+    fwd_ms: list[list[float]]
+    bwd_ms: list[list[float]]  # includes the recomputed forward
+    send_f_ms: list[list[float]]  # every forward transfer of stage k's outputs
+    send_b_ms: list[list[float]]  # the gradient of everything stage k received
+    hold_bytes: list[list[float]]  # held from F to B: saved activations, or the stash
+    rebuild_bytes: list[list[float]]  # extra during B: saved activations when recomputing
+    state_bytes: list[float]  # weights + gradients + optimizer state
+    size_index: list[int]  # micro-batch i -> s
+    message_ms: float = 0.0  # a paid transfer reaches its receiver this long after its send
+
+
+def stage_of_ranges(ranges: Sequence[tuple[int, int]]) -> IntArray:
+    """The stage of every layer of contiguous ranges ``[(0, e0), (e0, e1), ...]``.
+
+        >>> stage_of_ranges([(0, 2), (2, 5)]).tolist()
+        [0, 0, 1, 1, 1]
+    """
+    lengths = [end - start for start, end in ranges]
+    return np.repeat(np.arange(len(ranges), dtype=np.int64), lengths)
+
+
+def _edge_arrays(cm: CostModel) -> tuple[IntArray, IntArray]:
+    """Sources and destinations of the layer graph's edges (the chain when it has none)."""
+    n, edges = cm.profile.num_layers, cm.profile.edges
+    if edges is None:
+        src = np.arange(n - 1, dtype=np.int64)
+        return src, src + 1
+    pairs = np.array(edges, dtype=np.int64).reshape(-1, 2)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def cross_transfers(cm: CostModel,
+                    stage_of: IntArray) -> tuple[IntArray, IntArray, IntArray, IntArray]:
+    """Every transfer between stages as arrays (u, its stage, d, v): layer u's output goes
+    from u's stage to stage d != u's, once per (u, d) however many of u's successors d holds;
+    v is the first of them (lowest index) in d.
+
+        >>> from partitioner import CostModel, load_profile
+        >>> cm = CostModel(load_profile("h200/gpt2-medium"), 16, 4, stages=2)
+        >>> [a.tolist() for a in cross_transfers(cm, stage_of_ranges([(0, 13), (13, 26)]))]
+        [[12], [0], [1], [13]]
+    """
+    src, dst = _edge_arrays(cm)
+    src_stage, dst_stage = stage_of[src], stage_of[dst]
+    cut = src_stage != dst_stage
+    src, dst, dst_stage = src[cut], dst[cut], dst_stage[cut]
+    big_k = int(stage_of.max()) + 1 if len(stage_of) else 1
+    # one transfer per (u, d): keep the first edge of each pair after sorting by (u, d, v)
+    order = np.lexsort((dst, dst_stage, src))
+    src, dst, dst_stage = src[order], dst[order], dst_stage[order]
+    key = src * big_k + dst_stage
+    first = np.ones(len(key), dtype=bool)
+    first[1:] = key[1:] != key[:-1]
+    u = src[first]
+    return u, stage_of[u], dst_stage[first], dst[first]
+
+
+def _stage_sums(values: FloatArray, order: IntArray, bounds: IntArray) -> FloatArray:
+    """Per stage, the sum of ``values`` over its layers: prefix sums over the layers sorted
+    by stage (for ranges the layer order itself, exactly the chain cost model's sums)."""
+    prefix = np.concatenate(([0.0], np.cumsum(values[order])))
+    out: FloatArray = prefix[bounds[1:]] - prefix[bounds[:-1]]
+    return out
+
+
+def _per_stage(stage: IntArray, values: FloatArray, big_k: int) -> FloatArray:
+    """Sums of ``values`` by stage (as floats also when there are none)."""
+    out: FloatArray = np.bincount(stage, values, minlength=big_k).astype(np.float64)
+    return out
+
+
+def stage_durations(cm: CostModel, stage_of: IntArray, devices: Sequence[int]) -> Durations:
+    """The durations and memory of every stage of the partition ``stage_of`` (K =
+    ``len(devices)``; stages that share a device index exchange data for free)."""
+    sizes = split_microbatches(cm.global_batch, cm.microbatches)
+    distinct = sorted(set(sizes), reverse=True)
+    big_k, n_sizes = len(devices), len(distinct)
+    order = np.argsort(stage_of, kind="stable")
+    bounds = np.concatenate(([0], np.cumsum(np.bincount(stage_of, minlength=big_k))))
+    u, src, dst, v = cross_transfers(cm, stage_of)
+    devs = np.asarray(devices)
+    paid = devs[src] != devs[dst]  # transfers between devices take time
+    roots = np.ones(cm.profile.num_layers, dtype=bool)  # layers without a predecessor
+    roots[_edge_arrays(cm)[1]] = False
+    root_stage = stage_of[roots]
+    recv_layer = u if cm.profile.edges is not None else v
+    recv_key = "out_bytes" if cm.profile.edges is not None else "in_bytes"
+    rc = np.array([cm.recomputes(k) for k in range(big_k)])
+    link = cm.link
+    table = {key: np.zeros((big_k, n_sizes)) for key in ("f", "b", "sf", "sb", "hold", "rebuild")}
+    for s, b in enumerate(distinct):
+        fwd = _stage_sums(cm.layer_array("fwd_ms", b), order, bounds)
+        bwd = _stage_sums(cm.layer_array("bwd_ms", b), order, bounds)
+        saved = _stage_sums(cm.layer_array("saved_bytes", b), order, bounds)
+        out_bytes = cm.layer_array("out_bytes", b)[u]
+        wire = (np.zeros_like(out_bytes) if math.isinf(link.bandwidth_gbps)
+                else out_bytes / (link.bandwidth_gbps * 1e6))
+        ms = np.where(paid & (out_bytes > 0), link.latency_ms + wire, 0.0)
+        stash = (_per_stage(dst, cm.layer_array(recv_key, b)[recv_layer], big_k)
+                 + _per_stage(root_stage, cm.layer_array("in_bytes", b)[roots], big_k))
+        table["f"][:, s] = fwd + cm.runtime.action_ms  # fwd, bwd: scaled by the runtime
+        table["b"][:, s] = bwd + np.where(rc, fwd, 0.0) + cm.runtime.action_ms
+        table["sf"][:, s] = _per_stage(src, ms, big_k)
+        table["sb"][:, s] = _per_stage(dst, ms, big_k)
+        table["hold"][:, s] = np.where(rc, stash, saved)
+        table["rebuild"][:, s] = np.where(rc, saved, 0.0)
+    state = _stage_sums(cm.param_state_bytes(), order, bounds)
+    lists = {key: arr.tolist() for key, arr in table.items()}
+    return Durations(lists["f"], lists["b"], lists["sf"], lists["sb"], lists["hold"],
+                     lists["rebuild"], state.tolist(), [distinct.index(b) for b in sizes],
+                     cm.runtime.message_ms)

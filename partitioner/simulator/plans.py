@@ -1,0 +1,61 @@
+"""Simulate a plan file: find the profile it was made from, apply what-if overrides, replay it.
+
+    >>> from partitioner import CostModel, load_profile, make_plan
+    >>> plan = make_plan(CostModel(load_profile("h200/gpt2-medium"), 16, 4, stages=2))
+    >>> res, cm, devices = simulate_plan(plan, find_profile(plan), num_devices=1)
+    >>> devices, res.bubble_fraction        # both stages on one device: no bubble
+    ([0, 0], 0.0)
+"""
+
+from __future__ import annotations
+
+from partitioner.cost.model import CostModel
+from partitioner.formats.plan import Plan, PlanError
+from partitioner.formats.profile import Profile, load_profile, shipped_profiles
+from partitioner.simulator.engine import SimResult, device_indices, simulate
+
+__all__ = ["find_profile", "simulate_plan"]
+
+
+def find_profile(plan: Plan, path_or_name: str | None = None) -> Profile:
+    """The profile a plan was made from: ``path_or_name`` if given (checked against the plan's
+    sha256), else the shipped profile of the plan's model whose sha256 matches."""
+    if path_or_name is not None:
+        profile = load_profile(path_or_name)
+        plan.check_against(plan.num_layers, profile)
+        return profile
+    names = shipped_profiles()
+    named = [n for n in names if n.rsplit("/", 1)[-1] == plan.profile_model]
+    for name in named + [n for n in names if n not in named]:
+        profile = load_profile(name)
+        if profile.model == plan.profile_model and profile.sha256() == plan.profile_sha256:
+            return profile
+    raise PlanError(f"the plan was made from profile {plan.profile_model!r} (sha256 "
+                    f"{plan.profile_sha256[:12]}…), which is not among the shipped profiles; "
+                    f"give it with --profile PATH")
+
+
+def simulate_plan(plan: Plan, profile: Profile, *, num_devices: int | None = None,
+                  **overrides: object) -> tuple[SimResult, CostModel, list[int]]:
+    """Simulate a plan, optionally with other ``global_batch``, ``microbatches``, ``schedule``,
+    ``recompute``, ``link``, ``optimizer`` (CostModel fields) and ``optimizer_ms``; with
+    ``num_devices`` = N < K, stages go onto N devices in contiguous blocks."""
+    big_k = plan.num_stages
+    optimizer_ms = float(overrides.pop("optimizer_ms", 0.0))  # type: ignore[arg-type]
+    fields: dict[str, object] = {
+        "global_batch": plan.global_batch, "microbatches": plan.microbatches,
+        "schedule": plan.schedule, "recompute": plan.recompute, "link": plan.link,
+        "optimizer": plan.optimizer, "runtime": plan.runtime}
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    cm = CostModel(profile, stages=big_k, **fields)  # type: ignore[arg-type]
+    if num_devices is None:
+        devices = device_indices([s.device for s in plan.stages])
+    elif 1 <= num_devices <= big_k:
+        devices = [k * num_devices // big_k for k in range(big_k)]
+    else:
+        raise ValueError(f"--devices {num_devices}: the plan has K={big_k} stages, so it runs "
+                         f"on 1..{big_k} devices; for more devices plan again with --stages "
+                         f"{num_devices}, or let `partition-model search --devices "
+                         f"{num_devices}` choose K")
+    res = simulate(cm, nodes=plan.stage_nodes(), devices=devices, optimizer_ms=optimizer_ms)
+    return res, cm, devices

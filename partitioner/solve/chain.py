@@ -1,0 +1,235 @@
+"""Exact partition of a chain of L layers into K contiguous stages (min-max, memory-limited).
+
+    >>> from partitioner import CostModel, load_profile
+    >>> cm = CostModel(load_profile("h200/gpt2-medium"), 16, 4, stages=4, recompute="always")
+    >>> sol = partition_chain(cm, memory_limit_bytes=80 * 2**30)
+    >>> sol.boundaries                      # stage k holds layers [boundaries[k], boundaries[k+1])
+    (0, 7, 14, 20, 26)
+
+Stage k's time per micro-batch is  t(start) + P_k[end] - P_k[start] + t(end)  with P_k the
+prefix sum of its layers' compute and t(c) the transfer time of the cut before layer c; its
+memory is  R_k[end] - E_k[start]  (prefix sums of state and activations, E_k less the stashed
+input when the stage recomputes). Both are "a value of the end minus a value of the start",
+which is what makes an exact parametric search fast:
+
+  feasible(T): stage k may end at j iff some reachable start i < j with memory
+               R_k[j] - E_k[i] <= limit has G_k[i] >= H_k[j] - T   (G = P - t, H = P + t).
+
+For fixed i the memory rule holds for j in (i, J_i] (R_k is non-decreasing), so the best start
+for every j is a maximum over the intervals that cover j: one vectorised pass per stage.
+Bisection over T, each feasible answer tightened to the bottleneck it achieves, stops at a
+relative gap of 1e-9: the result is optimal to that precision (tests check it against brute
+force).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import numpy.typing as npt
+
+from partitioner.cost.model import CostModel, FloatArray
+from partitioner.cost.partition import Solution, stage_costs
+from partitioner.solve.infeasible import InfeasibleError, explain_infeasible, too_many_stages
+
+__all__ = ["chain_fits", "min_memory_cuts", "partition_chain"]
+
+_RTOL = 1e-9  # bisection gap, relative to the bottleneck
+_MEM_RTOL = 1e-9  # memory comparisons forgive this much rounding of prefix sums
+
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True)
+class _StageArrays:
+    """Prefix arrays of one stage variant (index c = cut before layer c, c = 0..L)."""
+
+    head: FloatArray  # H[j]: objective value contributed by the end cut
+    tail: FloatArray  # G[i]: objective value subtracted at the start cut
+    last_end: IntArray  # J[i]: the furthest end j whose memory fits with start i (< i+1: none)
+    # Start i may end its stage anywhere in [i+1, J[i]]: that interval as two blocks of
+    # 2**level points, one from i+1 and one ending at J[i], each written to the flat index
+    # level * n + first point; the writes sorted by (target, G) for _cover_max.
+    write_target: IntArray
+    write_start: IntArray  # the start i of each write
+
+    @staticmethod
+    def build(head: FloatArray, tail: FloatArray, last_end: IntArray) -> _StageArrays:
+        n = len(head)
+        starts = np.flatnonzero(last_end > np.arange(n))
+        level = np.floor(np.log2(last_end[starts] - starts)).astype(np.int64)
+        targets = np.concatenate([level * n + starts + 1,
+                                  level * n + last_end[starts] - (1 << level) + 1])
+        owners = np.concatenate([starts, starts])
+        order = np.lexsort((tail[owners], targets))
+        return _StageArrays(head, tail, last_end, targets[order], owners[order])
+
+
+def _prefix(x: FloatArray) -> FloatArray:
+    return np.concatenate(([0.0], np.cumsum(x)))
+
+
+def _variant_arrays(cm: CostModel, stage: int, memory_objective: bool) -> tuple[FloatArray, ...]:
+    """(H, G, R, E) for stage k; with ``memory_objective`` the objective is the memory itself."""
+    fwd, bwd = cm.layer_array("fwd_ms"), cm.layer_array("bwd_ms")
+    saved, stash = cm.layer_array("saved_bytes"), cm.layer_array("in_bytes")
+    state = _prefix(cm.param_state_bytes())
+    recompute = cm.recomputes(stage)
+    held = cm.in_flight(stage)
+    if recompute:
+        mem_end = state + _prefix(saved)
+        mem_start = mem_end[:-1] - held * stash
+    else:
+        mem_end = state + held * _prefix(saved)
+        mem_start = mem_end[:-1].copy()
+    mem_start = np.append(mem_start, math.inf)  # no stage starts at L
+    if memory_objective:
+        return mem_end, mem_start, mem_end, mem_start
+    comm = cm.cut_comm_ms()
+    work = _prefix(fwd + bwd + (fwd if recompute else 0.0))
+    return work + comm, work - comm, mem_end, mem_start
+
+
+def _cover_max(arr: _StageArrays, allowed: BoolArray) -> FloatArray:
+    """For every cut j, the largest G[i] over the allowed starts i whose interval [i+1, J[i]]
+    holds j (-inf where none does).
+
+    Each interval is written as two overlapping blocks of 2**level points (one from i+1, one
+    ending at J[i]); every level's blocks are then pushed down to their halves: O(n log n),
+    vectorised, over the window of cuts that the allowed intervals reach. The writes are
+    pre-sorted by (target block, G), so the last write of each block carries its maximum."""
+    n = len(arr.head)
+    best = np.full(n, -math.inf)
+    keep = allowed[arr.write_start]
+    targets, starts = arr.write_target[keep], arr.write_start[keep]
+    if len(targets) == 0:
+        return best
+    first = int(starts.min()) + 1
+    width = int(arr.last_end[starts].max()) + 1 - first
+    last = np.append(targets[1:] != targets[:-1], True)
+    targets, values = targets[last], arr.tail[starts[last]]
+    level = targets // n
+    top = int(level.max())  # every block fits in the window: 2**top <= width
+    tables = np.full((top + 1, width), -math.inf)
+    tables[level, targets - level * n - first] = values  # targets are unique now
+    for lvl in range(top, 0, -1):
+        half = 1 << (lvl - 1)
+        up, down = tables[lvl], tables[lvl - 1]
+        np.maximum(down, up, out=down)
+        np.maximum(down[half:], up[: width - half], out=down[half:])
+    best[first: first + width] = tables[0]
+    return best
+
+
+class _Search:
+    """Feasibility of a bottleneck T for a fixed (cost model, K, limit); see module docstring."""
+
+    def __init__(self, cm: CostModel, limit: float, memory_objective: bool) -> None:
+        self.num_layers, self.stages = cm.profile.num_layers, cm.stages
+        # Every stage costs at least its layers' fwd + bwd: a lower bound for the bisection.
+        work = cm.layer_array("fwd_ms") + cm.layer_array("bwd_ms")
+        self.lower_bound = 0.0 if memory_objective else max(work.sum() / cm.stages, work.max())
+        tol = _MEM_RTOL * max(1.0, abs(limit)) if math.isfinite(limit) else 0.0
+        cache: dict[tuple[bool, int], _StageArrays] = {}
+        self.arrays: list[_StageArrays] = []
+        for k in range(self.stages):
+            key = (cm.recomputes(k), cm.in_flight(k))
+            if key not in cache:
+                head, tail, mem_end, mem_start = _variant_arrays(cm, k, memory_objective)
+                last_end = np.searchsorted(mem_end, mem_start + limit + tol, side="right") - 1
+                last_end = np.minimum(last_end, self.num_layers)
+                cache[key] = _StageArrays.build(head, tail, last_end)
+            self.arrays.append(cache[key])
+
+    def reach(self, bound: float) -> list[BoolArray] | None:
+        """reach[k][j]: layers [0, j) split into k+1 stages, each within bound and memory."""
+        n, big_k = self.num_layers + 1, self.stages
+        prev = np.zeros(n, dtype=bool)
+        prev[0] = True
+        out = []
+        for k, arr in enumerate(self.arrays):
+            if k == big_k - 1:  # the last stage only needs to end at L
+                i = np.flatnonzero(prev & (arr.last_end >= n - 1))
+                ok = bool(np.any(arr.tail[i] >= arr.head[n - 1] - bound))
+                cur = np.zeros(n, dtype=bool)
+                cur[n - 1] = ok
+            else:
+                best = _cover_max(arr, prev)
+                cur = (best > -math.inf) & (best >= arr.head - bound)
+            cur[: k + 1] = False
+            cur[n - (big_k - 1 - k):] = False  # leave a layer for each later stage
+            if not cur.any():
+                return None
+            out.append(cur)
+            prev = cur
+        return out if out[-1][-1] else None
+
+    def trace_back(self, reach: list[BoolArray], bound: float) -> list[int]:
+        """Cut points of one partition that ``reach`` proves exists."""
+        cuts = [self.num_layers]
+        for k in range(self.stages - 1, -1, -1):
+            arr, end = self.arrays[k], cuts[-1]
+            if k == 0:
+                cuts.append(0)
+                break
+            ok = reach[k - 1][:end] & (arr.last_end[:end] >= end)
+            ok &= arr.tail[:end] >= arr.head[end] - bound
+            cuts.append(int(np.flatnonzero(ok)[-1]))
+        return cuts[::-1]
+
+    def bottleneck(self, cuts: list[int]) -> float:
+        return max(float(self.arrays[k].head[cuts[k + 1]] - self.arrays[k].tail[cuts[k]])
+                   for k in range(self.stages))
+
+    def solve(self) -> list[int] | None:
+        """Cut points minimising the bottleneck (to a relative 1e-9), or None if none fits."""
+        reach = self.reach(math.inf)
+        if reach is None:
+            return None
+        best = self.trace_back(reach, math.inf)
+        hi = self.bottleneck(best)
+        lo = min(self.lower_bound, hi)
+        while hi - lo > _RTOL * max(abs(hi), 1e-30):
+            mid = 0.5 * (lo + hi)
+            reach = self.reach(mid)
+            if reach is None:
+                lo = mid
+            else:
+                best = self.trace_back(reach, mid)
+                hi = self.bottleneck(best)
+        return best
+
+
+def chain_fits(cm: CostModel, limit: float) -> bool:
+    """Whether some split of the layer order into ``cm.stages`` stages fits ``limit``."""
+    return _Search(cm, limit, memory_objective=False).reach(math.inf) is not None
+
+
+def partition_chain(cm: CostModel, memory_limit_bytes: float = math.inf) -> Solution:
+    """The partition of ``cm.profile``'s layers into ``cm.stages`` contiguous, non-empty stages
+    with the smallest bottleneck (compute + communication per micro-batch) whose stages each
+    fit ``memory_limit_bytes`` (status ``exact``). Raises ``InfeasibleError`` saying what
+    would fit."""
+    if cm.stages > cm.profile.num_layers:
+        raise InfeasibleError(too_many_stages(cm))
+    start = time.perf_counter()
+    cuts = _Search(cm, memory_limit_bytes, memory_objective=False).solve()
+    if cuts is None:
+        need = max(stage_costs(cm, min_memory_cuts(cm)).stage_memory_bytes)
+        raise InfeasibleError(explain_infeasible(
+            cm, memory_limit_bytes, f"partition of the {cm.profile.num_layers} layers", need,
+            fits=lambda other: chain_fits(other, memory_limit_bytes)))
+    sol = stage_costs(cm, cuts)
+    return replace(sol, status="exact", lower_bound_ms=sol.bottleneck_ms,
+                   solve_s=time.perf_counter() - start)
+
+
+def min_memory_cuts(cm: CostModel) -> list[int]:
+    """Cut points minimising the largest stage memory (no time objective)."""
+    cuts = _Search(cm, math.inf, memory_objective=True).solve()
+    assert cuts is not None  # without a limit every partition is feasible
+    return cuts

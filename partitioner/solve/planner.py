@@ -1,0 +1,111 @@
+"""From a profile and a configuration to a plan: solve the partition, predict the step.
+
+    >>> from partitioner import CostModel, load_profile
+    >>> cm = CostModel(load_profile("h200/gpt2-medium"), 16, 4, stages=4, recompute="always")
+    >>> plan = make_plan(cm, memory_limit_bytes=80 * 2**30)
+    >>> plan.layer_ranges()
+    [(0, 7), (7, 14), (14, 20), (20, 26)]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Literal
+
+from partitioner.cost.model import CostModel
+from partitioner.cost.partition import Solution, recost
+from partitioner.formats.plan import Plan, Prediction, StagePlan
+from partitioner.formats.profile import Profile
+from partitioner.simulator.engine import device_indices, simulate
+from partitioner.solve.chain import partition_chain
+
+__all__ = ["SOLVERS", "Solver", "default_devices", "make_plan", "partition",
+           "plan_from_solution", "resolve_solver"]
+
+Solver = Literal["dp", "ilp", "auto"]
+SOLVERS: tuple[str, ...] = ("dp", "ilp", "auto")
+
+
+def default_devices(device_kind: str, stages: int) -> list[str]:
+    """One device per stage: ``cuda:0..K-1`` for a CUDA profile, else ``cpu`` for each."""
+    return [f"cuda:{k}" for k in range(stages)] if device_kind == "cuda" else ["cpu"] * stages
+
+
+def resolve_solver(solver: str, profile: Profile) -> str:
+    """``auto`` means the DP for a chain profile and the ILP for a graph profile (with edges)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver {solver!r} is not one of {', '.join(SOLVERS)}")
+    if solver == "auto":
+        return "ilp" if profile.edges is not None else "dp"
+    return solver
+
+
+def partition(cm: CostModel, memory_limit_bytes: float = math.inf, solver: str = "auto",
+              time_limit_s: float = 30.0, explain: bool = True) -> Solution:
+    """The best partition for ``cm`` under the memory limit: the exact chain DP (``dp``; on a
+    graph profile its split of the layer order, costed on the graph: status ``layer order``),
+    the CP-SAT graph partition (``ilp``, within ``time_limit_s``), or ``auto`` (DP for chains,
+    ILP for graphs). Raises InfeasibleError (and, from the ILP, SolveTimeoutError)."""
+    if resolve_solver(solver, cm.profile) == "ilp":
+        from partitioner.solve.ilp import partition_graph  # imports OR-Tools only when asked
+
+        return partition_graph(cm, memory_limit_bytes, time_limit_s=time_limit_s,
+                               explain=explain)
+    sol = partition_chain(cm, memory_limit_bytes)
+    if cm.profile.edges is not None:
+        sol = replace(recost(cm, sol), status="layer order")
+    return sol
+
+
+def _prediction(cm: CostModel, sol: Solution, devices: Sequence[str]) -> Prediction:
+    """Replay the plan's schedule (``cm.schedule``) in the simulator: step, bubble and peak
+    memory as the schedule runs, uneven micro-batches and communication included; the
+    per-stage compute and communication stay the solution's, per micro-batch of the largest
+    size (what the partition was balanced on)."""
+    res = simulate(cm, nodes=sol.nodes, devices=device_indices(devices), record=False)
+    return Prediction(res.step_ms, res.bubble_fraction, sol.stage_compute_ms,
+                      res.stage_peak_bytes, sol.stage_comm_ms, "simulated")
+
+
+def plan_from_solution(cm: CostModel, sol: Solution, memory_limit_bytes: float = math.inf,
+                       devices: Sequence[str] | None = None) -> Plan:
+    """Wrap a partition into a plan carrying its simulated prediction. A stage is written as
+    its layer range [first, last + 1), with its ``nodes`` too when the stages are not ranges
+    of the layer order (a graph partition)."""
+    devices = list(devices) if devices else default_devices(cm.profile.device.kind, sol.stages)
+    if len(devices) != sol.stages:
+        raise ValueError(f"{len(devices)} devices given for K={sol.stages} stages; give one "
+                         f"per stage")
+    stages = tuple(StagePlan((nodes[0], nodes[-1] + 1), devices[k],
+                             None if sol.is_ranges else nodes)
+                   for k, nodes in enumerate(sol.nodes))
+    return Plan(
+        profile_model=cm.profile.model,
+        profile_device=cm.profile.device.name,
+        profile_sha256=cm.profile.sha256(),
+        num_layers=cm.profile.num_layers,
+        global_batch=cm.global_batch,
+        microbatches=cm.microbatches,
+        schedule=cm.schedule,
+        recompute=cm.recompute,
+        stages=stages,
+        optimizer=cm.optimizer,
+        link=cm.link,
+        memory_limit_bytes=memory_limit_bytes,
+        predicted=_prediction(cm, sol, devices),
+        runtime=cm.runtime,
+    )
+
+
+def make_plan(
+    cm: CostModel,
+    memory_limit_bytes: float = math.inf,
+    devices: Sequence[str] | None = None,
+    solver: Solver = "dp",
+    time_limit_s: float = 30.0,
+) -> Plan:
+    """The best partition for ``cm`` under the memory limit (``partition``), as a plan."""
+    sol = partition(cm, memory_limit_bytes, solver, time_limit_s)
+    return plan_from_solution(cm, sol, memory_limit_bytes, devices)

@@ -1,0 +1,304 @@
+"""Search over K, M, recompute and schedule for the fastest simulated step under a memory limit.
+
+    >>> from partitioner import load_profile
+    >>> res = search(load_profile("h200/gpt2-medium"), devices=2, global_batch=16)
+    >>> (res.best.stages, res.best.microbatches, res.best.schedule), res.tried
+    ((2, 2, '1f1b'), 125)
+
+For every configuration (K <= devices stages, M micro-batches, recompute mode, schedule) the
+partition function gives the stages: ``solver="auto"`` takes the exact chain DP for a chain
+profile and the CP-SAT graph partition (``ilp``, ``time_limit_s`` per solve) for a profile
+with edges. The simulator replays the schedule on them: the ranking is by simulated step,
+which sees what the bottleneck does not (uneven micro-batches, fill and drain, how forward
+and backward split a stage). Configurations that do the same thing are tried once: with
+K=1, ``except_last`` is ``never``; with K=1 or M=1, 1F1B is GPipe (each kept when its twin
+is not asked for).
+
+Caching, valid for both solvers. A stage's time depends only on (K, largest micro-batch b,
+recompute), so the partition without a memory limit is solved once per such triple; where
+it fits the limit it is also the limited optimum (a relaxation's optimum that is feasible;
+for an ILP partition that stopped at its time limit, its proven lower bound still bounds
+the limited problem, so its gap stays valid). Only where it does not fit is the limited
+problem solved, once per (K, b, recompute, micro-batches in flight per stage): the memory
+depends on nothing else, and grows with the micro-batches in flight, so where nothing fits,
+nothing fits with as many or more on every stage either (1F1B is tried before GPipe). On a
+graph profile ``dp`` splits the layer order (costed as ``cost.partition`` counts a graph, skip
+edges included): the comparison the ILP improves on.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from partitioner.cost.model import CostModel
+from partitioner.cost.partition import Solution, recost
+from partitioner.formats.assumptions import LINKS, Link, Optimizer, Runtime
+from partitioner.formats.plan import Plan
+from partitioner.formats.profile import Profile
+from partitioner.formats.units import format_bytes
+from partitioner.schedule.generators import MAX_MICROBATCHES, SCHEDULES
+from partitioner.schedule.recompute import RECOMPUTE_MODES
+from partitioner.simulator.engine import simulate
+from partitioner.solve.infeasible import InfeasibleError
+from partitioner.solve.planner import partition as best_partition
+from partitioner.solve.planner import plan_from_solution, resolve_solver
+
+__all__ = ["MAX_CONFIGURATIONS", "Candidate", "PartitionFn", "SearchResult",
+           "microbatch_candidates", "power_of_two_microbatches", "search"]
+
+#: The most configurations one search tries; beyond it the search asks to be narrowed.
+MAX_CONFIGURATIONS = 20_000
+#: Any solver with ``partition_chain``'s signature: (cost model, memory limit in bytes) ->
+#: stages as cut points or node sets, raising ``InfeasibleError`` when nothing fits (and
+#: ``ilp.SolveTimeoutError`` when it found nothing in time).
+PartitionFn = Callable[[CostModel, float], Solution]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One feasible configuration and what the simulator predicts for it."""
+
+    cost_model: CostModel
+    solution: Solution
+    step_ms: float
+    bubble_fraction: float
+    peak_bytes: float  # the largest stage's simulated peak
+
+    @property
+    def stages(self) -> int:
+        return self.cost_model.stages
+
+    @property
+    def microbatches(self) -> int:
+        return self.cost_model.microbatches
+
+    @property
+    def recompute(self) -> str:
+        return self.cost_model.recompute
+
+    @property
+    def schedule(self) -> str:
+        return self.cost_model.schedule
+
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Feasible candidates, fastest first; how many configurations were tried and failed."""
+
+    candidates: tuple[Candidate, ...]
+    tried: int
+    infeasible: int  # no partition fits the memory limit
+    seconds: float
+    memory_limit_bytes: float
+    solver: str = "dp"  # dp, ilp, or custom (a partition function given)
+    solves: int = 0  # calls of the partition function
+    unsolved: int = 0  # configurations whose ILP found no partition within its time limit
+    time_limit_s: float | None = None  # per ILP solve
+    microbatches: tuple[int, ...] = ()  # the M tried
+
+    @property
+    def best(self) -> Candidate:
+        if not self.candidates:
+            raise InfeasibleError(
+                f"none of the {self.tried} configurations fits the memory limit of "
+                f"{format_bytes(self.memory_limit_bytes)}; allow more memory (--memory-limit), "
+                f"more devices, or recompute (--recompute always)")
+        return self.candidates[0]
+
+    def best_plan(self, devices: Sequence[str] | None = None) -> Plan:
+        """The fastest configuration as a plan (with its simulated prediction)."""
+        best = self.best
+        return plan_from_solution(best.cost_model, best.solution, self.memory_limit_bytes,
+                                  devices)
+
+
+def microbatch_candidates(global_batch: int, all_up_to: int = 64, most: int = 1024
+                          ) -> list[int]:
+    """M to try for a batch of B: every M up to ``all_up_to``, and beyond it, up to ``most``
+    micro-batches, for each largest micro-batch size b the fewest micro-batches that reach
+    it, M = ceil(B/b) (divisors and non-divisors alike; more micro-batches of the same largest
+    size only add per-micro-batch overhead).
+
+        >>> microbatch_candidates(10), microbatch_candidates(16, all_up_to=4)
+        ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [1, 2, 3, 4, 6, 8, 16])
+        >>> len(microbatch_candidates(10**12)) <= 1024
+        True
+    """
+    if global_batch < 1:
+        raise ValueError(f"global batch B={global_batch} must be at least 1")
+    top = min(global_batch, most)
+
+    def size(m: int) -> int:
+        return -(-global_batch // m)
+    # M is the fewest for its b exactly when one micro-batch fewer makes them larger
+    return [m for m in range(1, top + 1) if m <= all_up_to or size(m - 1) > size(m)]
+
+
+def power_of_two_microbatches(global_batch: int) -> list[int]:
+    """Fewer M to try (the default for the slower graph partitioner): the fewest
+    micro-batches for each largest size b = B and b = 1, 2, 4, ... < B.
+
+        >>> power_of_two_microbatches(8), power_of_two_microbatches(12)
+        ([1, 2, 4, 8], [1, 2, 3, 6, 12])
+    """
+    if global_batch < 1:
+        raise ValueError(f"global batch B={global_batch} must be at least 1")
+    sizes = {global_batch} | {2**j for j in range(global_batch.bit_length()) if 2**j < global_batch}
+    return sorted(m for m in {-(-global_batch // b) for b in sizes} if m <= MAX_MICROBATCHES)
+
+
+def search(
+    profile: Profile,
+    devices: int,
+    global_batch: int,
+    memory_limit_bytes: float = math.inf,
+    schedules: Sequence[str] = SCHEDULES,
+    recompute: Sequence[str] = RECOMPUTE_MODES,
+    link: Link = LINKS["free"],
+    optimizer: Optimizer = "adam",
+    microbatches: Sequence[int] | None = None,
+    partition: PartitionFn | None = None,
+    solver: str = "auto",
+    time_limit_s: float = 10.0,
+    runtime: Runtime | None = None,
+) -> SearchResult:
+    """Try every K in 1..devices, M in ``microbatches``, recompute mode and schedule; rank
+    the feasible ones by simulated step time. ``solver`` (dp, ilp or auto) picks the
+    partition function unless ``partition`` is given; ``runtime`` (default: the profile as it
+    is) says how the executor's actions relate to the profile; M defaults to
+    ``microbatch_candidates`` for the DP and ``power_of_two_microbatches`` for the ILP."""
+    problems = _check(profile, devices, global_batch, schedules, recompute, microbatches)
+    if problems:
+        raise ValueError("cannot search:\n  " + "\n  ".join(problems))
+    name = "custom" if partition is not None else resolve_solver(solver, profile)
+    part = partition or _partition_fn(name, time_limit_s)
+    if microbatches:
+        ms = sorted(set(microbatches))
+    else:
+        ms = (power_of_two_microbatches if name == "ilp" else microbatch_candidates)(global_batch)
+    ks = min(devices, profile.num_layers)
+    configurations = ks * len(ms) * len(recompute) * len(schedules)
+    if configurations > MAX_CONFIGURATIONS:
+        raise ValueError(
+            f"the search would try up to {configurations:,} configurations (K in 1..{ks}, "
+            f"{len(ms)} values of M, {len(recompute)} recompute modes, {len(schedules)} "
+            f"schedules), more than {MAX_CONFIGURATIONS:,}; narrow it: fewer --devices, the M "
+            f"to try (--microbatches 1,2,4,8), one --schedules or --recompute")
+    started = time.perf_counter()
+    found: list[Candidate] = []
+    tried = infeasible = unsolved = 0
+    cache = _Cache(part)
+    for big_k in range(1, ks + 1):
+        for m in ms:
+            for rc in recompute:
+                if big_k == 1 and rc == "except_last" and "never" in recompute:
+                    continue  # the only stage is the last: same as never
+                group = [CostModel(profile, global_batch, m, stages=big_k,
+                                   recompute=rc,  # type: ignore[arg-type]
+                                   schedule=sched,  # type: ignore[arg-type]
+                                   link=link, optimizer=optimizer,
+                                   runtime=runtime or Runtime())
+                         for sched in schedules
+                         if not (sched == "1f1b" and (big_k == 1 or m == 1)
+                                 and "gpipe" in schedules)]  # else the same actions as gpipe
+                # fewest micro-batches in flight first: where they do not fit, more do not
+                for cm in sorted(group, key=lambda cm: sum(map(cm.in_flight, range(big_k)))):
+                    tried += 1
+                    cand = _evaluate(cm, memory_limit_bytes, cache)
+                    if isinstance(cand, Candidate):
+                        found.append(cand)
+                    elif cand == "timeout":
+                        unsolved += 1
+                    else:
+                        infeasible += 1
+    found.sort(key=lambda c: (c.step_ms, c.stages, c.peak_bytes, c.microbatches))
+    return SearchResult(tuple(found), tried, infeasible, time.perf_counter() - started,
+                        memory_limit_bytes, name, cache.solves, unsolved,
+                        time_limit_s if name == "ilp" else None, tuple(ms))
+
+
+def _partition_fn(name: str, time_limit_s: float) -> PartitionFn:
+    def solve(cm: CostModel, limit: float) -> Solution:
+        return best_partition(cm, limit, name, time_limit_s, explain=False)
+    return solve
+
+
+class _Cache:
+    """Partitions solved so far (see the module docstring): without a memory limit by (K, b,
+    recompute); with it by (K, b, recompute, micro-batches in flight per stage), and where
+    nothing fits, so that holding as many or more micro-batches on every stage is known not
+    to fit either (a stage's memory grows with them; the partition function is trusted to
+    report infeasibility exactly)."""
+
+    def __init__(self, partition: PartitionFn) -> None:
+        self.partition, self.solves = partition, 0
+        self.relaxed: dict[tuple[int, int, str], Solution] = {}
+        self.limited: dict[tuple[object, ...], Solution | str] = {}
+        self.infeasible: dict[tuple[int, int, str], list[tuple[int, ...]]] = {}
+
+    def solve(self, cm: CostModel, limit: float) -> Solution | str:
+        """A partition fitting ``limit``, or ``infeasible`` / ``timeout``."""
+        key = (cm.stages, cm.microbatch_size, cm.recompute)
+        if key not in self.relaxed:
+            self.solves += 1
+            self.relaxed[key] = self.partition(cm, math.inf)
+        sol = recost(cm, self.relaxed[key])  # this M's memory on those stages
+        if max(sol.stage_memory_bytes) <= limit:
+            return sol
+        held = tuple(cm.in_flight(k) for k in range(cm.stages))
+        if any(all(h >= f for h, f in zip(held, fewer, strict=True))
+               for fewer in self.infeasible.get(key, ())):
+            return "infeasible"  # memory only grows with the micro-batches held
+        if (*key, held) not in self.limited:
+            self.solves += 1
+            try:
+                self.limited[(*key, held)] = self.partition(cm, limit)
+            except InfeasibleError:
+                self.limited[(*key, held)] = "infeasible"
+            except ValueError as exc:
+                from partitioner.solve.ilp import SolveTimeoutError  # only the ILP raises it
+
+                if not isinstance(exc, SolveTimeoutError):
+                    raise
+                self.limited[(*key, held)] = "timeout"
+        found = self.limited[(*key, held)]
+        if found == "infeasible":
+            self.infeasible.setdefault(key, []).append(held)
+        return found if isinstance(found, str) else recost(cm, found)
+
+
+def _evaluate(cm: CostModel, limit: float, cache: _Cache) -> Candidate | str:
+    sol = cache.solve(cm, limit)
+    if isinstance(sol, str):
+        return sol
+    res = simulate(cm, nodes=sol.nodes, record=False)
+    peak = max(res.stage_peak_bytes)
+    if peak > limit * (1 + 1e-9):
+        return "infeasible"
+    return Candidate(cm, sol, res.step_ms, res.bubble_fraction, peak)
+
+
+def _check(profile: Profile, devices: int, global_batch: int, schedules: Sequence[str],
+           recompute: Sequence[str], microbatches: Sequence[int] | None) -> list[str]:
+    problems = []
+    if devices < 1:
+        problems.append(f"devices={devices} must be at least 1")
+    if global_batch < 1:
+        problems.append(f"global batch B={global_batch} must be at least 1")
+    for name in schedules:
+        if name not in SCHEDULES:
+            problems.append(f"schedule {name!r} is not one of {', '.join(SCHEDULES)}")
+    for name in recompute:
+        if name not in RECOMPUTE_MODES:
+            problems.append(f"recompute {name!r} is not one of {', '.join(RECOMPUTE_MODES)}")
+    if not schedules or not recompute:
+        problems.append("give at least one schedule and one recompute mode")
+    for m in microbatches or ():
+        if not 1 <= m <= global_batch:
+            problems.append(f"M={m} micro-batches: each needs a sample, so 1 <= M <= "
+                            f"B={global_batch}")
+    return problems

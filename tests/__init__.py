@@ -1,0 +1,1 @@
+"""Tests, mirroring the tree of the packages they test."""

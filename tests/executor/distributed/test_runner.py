@@ -1,0 +1,333 @@
+"""The distributed runner against the plain model (the oracle), on local gloo ranks.
+
+Spawning is slow, so one group of 4 ranks runs every configuration: for K = 1..4 the first K
+ranks form the pipeline (a subgroup) and loop over M, recompute and schedule; the test process
+compares what each rank returns with the plain model. Faults get their own small groups.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from executor.distributed.runner import DistributedRunner
+from executor.distributed.spawn import RankFailure, spawn_local
+from executor.distributed.transport import PeerError, decode_header, encode_header, pack, unpack
+from executor.runtime.interpreter import Packet
+from executor.runtime.pipeline import manual_plan
+from partitioner.formats.plan import PlanError
+from tests import toy_models as em
+
+B, STEPS, LR = 8, 5, 0.1
+CONFIGS = list(itertools.product((1, 2, 3, 5, 8), ("never", "always", "except_last"),
+                                 ("gpipe", "1f1b")))
+# The MLP runs every configuration; the GPT-like model (tuples, token ids) the uneven ones,
+# which is where its extra paths (several tensors per message, integers) could go wrong.
+MODEL_CONFIGS = {"mlp": CONFIGS, "gpt": [c for c in CONFIGS if c[0] in (3, 5)]}
+MODELS: dict[str, tuple[Any, int, Any, Any]] = {
+    "mlp": (em.mlp_layer, em.MLP_LAYERS, em.mlp_batch, nn.functional.mse_loss),
+    "gpt": (em.gpt_layer, em.GPT_LAYERS, em.gpt_batch, em.lm_loss),
+}
+
+
+def cuts(num_layers: int, stages: int) -> list[int]:
+    return [round(k * num_layers / stages) for k in range(stages + 1)]
+
+
+def _train(name: str, stages: int, config: tuple[int, str, str], group: Any) -> dict[str, Any]:
+    """STEPS SGD steps of one configuration on this rank's stage: the first step's loss and
+    gradients, the parameters at the end."""
+    factory, num_layers, batch, loss_fn = MODELS[name]
+    m, recompute, schedule = config
+    plan = manual_plan(cuts(num_layers, stages), m, B, schedule, recompute)
+    runner = DistributedRunner(factory, plan, num_layers=num_layers, group=group)
+    params = runner.parameters()  # a stage of parameter-free layers has none
+    opt = torch.optim.SGD(params, lr=LR) if params else None
+    x, y = batch(B)
+    out: dict[str, Any] = {}
+    for step in range(STEPS):
+        if opt is not None:
+            opt.zero_grad()
+        result = runner.train_step(x, y, loss_fn)
+        if step == 0:
+            out["loss"] = None if result.loss is None else float(result.loss)
+            out["grads"] = {n: p.grad.clone() for n, p in runner.module.named_parameters()
+                            if p.grad is not None}
+        if opt is not None:
+            opt.step()
+    out["params"] = {n: p.detach().clone() for n, p in runner.module.named_parameters()}
+    out["forward"] = runner.forward(x)
+    return out
+
+
+def _errors(group: Any) -> dict[str, str]:
+    """Bad input on a 2-rank pipeline: each must fail before any communication."""
+    found = {}
+    cases = {
+        "world": lambda: DistributedRunner(em.mlp_layer, manual_plan([0, 2, 4, 7], 2, B),
+                                           group=group),
+        "layers": lambda: DistributedRunner(em.mlp_layer, manual_plan([0, 3, 6], 2, B),
+                                            num_layers=em.MLP_LAYERS, group=group),
+        "device": lambda: DistributedRunner(em.mlp_layer, manual_plan([0, 3, 7], 2, B),
+                                            device="cuda:7", group=group),
+    }
+    for key, make in cases.items():
+        try:
+            make()
+        except (ValueError, PlanError) as exc:
+            found[key] = str(exc)
+    runner = DistributedRunner(em.mlp_layer, manual_plan([0, 3, 7], 4, B), group=group)
+    try:
+        runner.train_step(*em.mlp_batch(3), nn.functional.mse_loss)
+    except ValueError as exc:
+        found["batch"] = str(exc)
+    return found
+
+
+def _timeline(group: Any, late_ms: float = 0.0) -> Any:
+    """Two stages of one 30 ms layer each: a measured timeline with known durations. With
+    ``late_ms``, rank 1 leaves the step's starting barrier that much later than rank 0."""
+    plan = manual_plan([0, 1, 2], 3, 6, "gpipe", "never")
+    runner = DistributedRunner(lambda i: em.Sleep(30.0), plan, group=group)
+    x = torch.randn(6, 4)
+    runner.train_step(x, x, nn.functional.mse_loss)  # warm-up
+    barrier = dist.barrier
+
+    def late_barrier(*args: Any, **kwargs: Any) -> Any:
+        out = barrier(*args, **kwargs)
+        time.sleep(late_ms / 1e3)
+        return out
+
+    if late_ms and dist.get_rank() == 1:
+        dist.barrier = late_barrier
+    try:
+        return runner.train_step(x, x, nn.functional.mse_loss, timeline=True).timeline
+    finally:
+        dist.barrier = barrier
+
+
+VARYING = (8, 5, 8, 6)  # batch sizes of successive steps: micro-batches shrink, then grow
+
+
+def _varying(name: str, group: Any) -> list[dict[str, Any]]:
+    """Steps whose micro-batches change size between steps (the receives posted from the
+    previous step's sizes must still deliver each step's tensors): loss and gradients."""
+    factory, num_layers, batch, loss_fn = MODELS[name]
+    runner = DistributedRunner(factory, manual_plan(cuts(num_layers, 2), 2, B), group=group)
+    out = []
+    for b in VARYING:
+        for p in runner.parameters():
+            p.grad = None
+        result = runner.train_step(*batch(b), loss_fn)
+        out.append({"loss": None if result.loss is None else float(result.loss),
+                    "grads": {n: p.grad.clone() for n, p in runner.module.named_parameters()
+                              if p.grad is not None}})
+    return out
+
+
+def _sweep_rank() -> dict[Any, Any]:
+    torch.manual_seed(0)
+    rank, results = dist.get_rank(), {}
+    for stages in range(1, 5):
+        group = dist.new_group(list(range(stages)))  # every rank makes every group
+        if rank < stages:
+            start = time.perf_counter()
+            for name, configs in MODEL_CONFIGS.items():
+                for config in configs:
+                    results[name, stages, config] = _train(name, stages, config, group)
+            results["seconds", stages] = time.perf_counter() - start
+            if stages == 2:
+                results["errors"] = _errors(group)
+                results["timeline"] = _timeline(group)
+                results["timeline_late"] = _timeline(group, late_ms=40.0)
+                for name in MODELS:
+                    results["varying", name] = _varying(name, group)
+    return results
+
+
+def _oracle(name: str) -> dict[str, Any]:
+    factory, num_layers, batch, loss_fn = MODELS[name]
+    model = nn.Sequential(*(factory(i) for i in range(num_layers)))
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    x, y = batch(B)
+    out: dict[str, Any] = {}
+    for step in range(STEPS):
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        if step == 0:
+            out["loss"] = float(loss.detach())
+            out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        opt.step()
+    out["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out["forward"] = model(x).detach()
+    return out
+
+
+@pytest.fixture(scope="module")
+def sweep() -> list[dict[Any, Any]]:
+    return spawn_local(_sweep_rank, 4, timeout_s=120, deadline_s=600)
+
+
+def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> bool:
+    """Relative error of the whole tensor (norm-wise) within rtol."""
+    return float((a - b).norm()) <= rtol * max(float(b.norm()), 1e-12)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("stages", [1, 2, 3, 4])
+def test_transparent_against_the_plain_model(sweep: list[dict[Any, Any]], name: str,
+                                             stages: int) -> None:
+    oracle = _oracle(name)
+    for config in MODEL_CONFIGS[name]:
+        ranks = [sweep[r][name, stages, config] for r in range(stages)]
+        where = f"{name} K={stages} M, recompute, schedule = {config}"
+        assert ranks[-1]["loss"] == pytest.approx(oracle["loss"], rel=1e-5), where
+        assert all(r["loss"] is None for r in ranks[:-1]), where
+        grads = {n: g for r in ranks for n, g in r["grads"].items()}
+        params = {n: p for r in ranks for n, p in r["params"].items()}
+        assert grads.keys() == oracle["grads"].keys(), where  # every layer on exactly one rank
+        for n, g in oracle["grads"].items():
+            assert close(grads[n], g), f"{where}: gradient of {n}"
+            assert close(params[n], oracle["params"][n]), f"{where}: {n} after {STEPS} steps"
+        assert all(r["forward"] is None for r in ranks[:-1])
+        assert close(ranks[-1]["forward"], oracle["forward"]), where
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_micro_batches_may_change_size_between_steps(sweep: list[dict[Any, Any]],
+                                                     name: str) -> None:
+    factory, num_layers, batch, loss_fn = MODELS[name]
+    model = nn.Sequential(*(factory(i) for i in range(num_layers)))
+    for step, b in enumerate(VARYING):
+        model.zero_grad()
+        loss = loss_fn(model(batch(b)[0]), batch(b)[1])
+        loss.backward()
+        ranks = [sweep[r]["varying", name][step] for r in range(2)]
+        assert ranks[1]["loss"] == pytest.approx(float(loss.detach()), rel=1e-5), (step, b)
+        grads = {n: g for r in ranks for n, g in r["grads"].items()}
+        for n, p in model.named_parameters():
+            assert p.grad is not None and close(grads[n], p.grad), f"step {step} (B={b}): {n}"
+
+
+@pytest.mark.timeout(600)
+def test_bad_input_fails_before_any_work(sweep: list[dict[Any, Any]]) -> None:
+    for rank in (0, 1):
+        errors = sweep[rank]["errors"]
+        assert "the world has 2 ranks but the plan has K=3 stages" in errors["world"]
+        assert "the plan covers 6 layers but the model has 7" in errors["layers"]
+        assert "cuda:7" in errors["device"]
+    assert "B=3 samples but the plan splits it into M=4" in sweep[0]["errors"]["batch"]
+
+
+@pytest.mark.timeout(600)
+def test_measured_timeline_shares_one_clock(sweep: list[dict[Any, Any]]) -> None:
+    tl = sweep[0]["timeline"]
+    assert tl is not None and tl.kind == "measured" and tl.stages == 2
+    assert sorted(str(e.action) for e in tl.events if e.action.kind in "FB") == sorted(
+        f"{k}{kind}{i}" for k in range(2) for kind in "FB" for i in range(3))
+    ev = {str(e.action): e for e in tl.events}
+    for k in range(2):
+        row = tl.stage_events(k)
+        assert all(a.end_ms <= b.start_ms + 1e-6 for a, b in itertools.pairwise(row))
+    for i in range(3):
+        assert ev[f"0F{i}"].duration_ms >= 29.0
+        # aligned clocks: stage 1 cannot start a micro-batch before stage 0 has finished it
+        assert ev[f"1F{i}"].start_ms >= ev[f"0F{i}"].end_ms - 3.0
+        assert ev[f"0B{i}"].start_ms >= ev[f"1B{i}"].end_ms - 3.0
+    assert tl.step_ms >= 4 * 30.0  # at least the fill and drain of one micro-batch
+
+
+@pytest.mark.timeout(600)
+def test_a_rank_leaving_the_barrier_late_stays_on_the_common_clock(
+        sweep: list[dict[Any, Any]]) -> None:
+    # rank 1 starts counting 40 ms after rank 0: on one host its events are moved onto
+    # rank 0's clock, so causality holds exactly (counted from its own barrier exit, its
+    # forward of micro-batch 0 would seem to start 40 ms before stage 0 had sent it)
+    tl = sweep[0]["timeline_late"]
+    ev = {str(e.action): e for e in tl.events}
+    for i in range(3):
+        assert ev[f"1F{i}"].start_ms >= ev[f"0F{i}"].end_ms
+        assert ev[f"0B{i}"].start_ms >= ev[f"1B{i}"].end_ms
+    assert ev["1F0"].start_ms >= 40.0  # rank 1 was asleep until then
+
+
+def test_header_round_trips_shapes_and_dtypes() -> None:
+    packet = Packet((torch.zeros(3, 4, 5), torch.zeros(3, dtype=torch.int64),
+                     torch.zeros(3, 2, dtype=torch.bool)), True)
+    is_tuple, specs = decode_header(encode_header(packet))
+    assert is_tuple and specs == [(torch.float32, [3, 4, 5]), (torch.int64, [3]),
+                                  (torch.bool, [3, 2])]
+    specs = [(t.dtype, list(t.shape)) for t in packet.tensors]
+    filled = (torch.randn(3, 4, 5), torch.arange(3), torch.tensor([[True, False]] * 3))
+    assert all(torch.equal(a, b) for a, b in zip(unpack(pack(filled), specs), filled,
+                                                 strict=True))
+    with pytest.raises(ValueError, match="does not fit"):
+        encode_header(Packet(tuple(torch.zeros([1] * 8) for _ in range(8)), True))
+
+
+# -- faults: a rank that raises, is killed or hangs ends every rank, with a clear error ---------
+
+class Fault(nn.Module):
+    """Identity on most ranks; on the faulty stage, at its second forward call, raise, kill the
+    process or hang."""
+
+    def __init__(self, how: str, stage: int) -> None:
+        super().__init__()
+        self.how, self.stage, self.calls = how, stage, 0
+        self.w = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if dist.get_rank() == self.stage and self.calls == 2:
+            if self.how == "raise":
+                raise RuntimeError("boom in layer")
+            if self.how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(3600)
+        return x * self.w
+
+
+def _fault_rank(how: str, stages: int, faulty: int, timeout_s: float) -> None:
+    plan = manual_plan(list(range(stages + 1)), 2, 4, "1f1b", "never")
+    runner = DistributedRunner(lambda i: Fault(how, faulty), plan, timeout_s=timeout_s)
+    x = torch.randn(4, 2)
+    for _ in range(3):
+        runner.train_step(x, x, nn.functional.mse_loss)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("how", "stages", "expect"), [
+    ("raise", 3, "rank 1 raised RuntimeError: boom in layer"),
+    ("kill", 2, "rank 1 was killed by signal SIGKILL"),
+    ("hang", 2, "rank 1 was still running after the grace period and was killed"),
+])
+def test_a_failing_rank_ends_every_rank(how: str, stages: int, expect: str) -> None:
+    # only a hang needs the timeout; elsewhere a long one shows that nothing waits for it
+    timeout_s = 3.0 if how == "hang" else 50.0
+    start = time.monotonic()
+    with pytest.raises(RankFailure) as info:
+        spawn_local(_fault_rank, stages, (how, stages, 1, timeout_s), grace_s=2.0,
+                    deadline_s=90)
+    assert time.monotonic() - start < 60
+    err = info.value
+    assert expect in str(err)
+    others = [o for r, o in enumerate(err.outcomes) if r != 1]
+    assert others and all(f"raised {PeerError.__module__}.PeerError" in o for o in others), \
+        err.outcomes
+    assert all("stage 1 (rank 1)" in o for o in others), err.outcomes
+
+
+def test_runner_needs_an_initialised_process_group() -> None:
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        DistributedRunner(em.mlp_layer, manual_plan([0, 7], 1, B))

@@ -1,0 +1,118 @@
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from executor.profiling.calibrate import fit_link, fit_runtime, measure_link, measure_runtime
+from partitioner.cli.main import main as cli_main
+from partitioner.formats.profile import save_profile
+from tests import toy_models as em
+from tests.synthetic import make_profile
+
+
+def test_fit_link_recovers_latency_and_bandwidth() -> None:
+    sizes = [1e3, 1e5, 1e6, 1e7]
+    link = fit_link(sizes, [0.2 + n / (2.5 * 1e6) for n in sizes])
+    assert link.bandwidth_gbps == pytest.approx(2.5, rel=1e-6)
+    assert link.latency_ms == pytest.approx(0.2, abs=1e-6)
+    # a negative intercept (noise) is refitted through the origin, never a negative latency
+    assert fit_link([1e6, 2e6], [0.9, 2.0]).latency_ms == 0.0
+    with pytest.raises(ValueError, match="two"):
+        fit_link([1e6], [1.0])
+
+
+@pytest.mark.timeout(120)
+def test_measure_link_between_two_local_ranks() -> None:
+    link = measure_link(sizes_bytes=(4096, 1 << 20), repeats=3)
+    assert math.isfinite(link.bandwidth_gbps) and link.bandwidth_gbps > 0
+    assert 0 <= link.latency_ms < 100
+    with pytest.raises(ValueError, match="distinct"):
+        measure_link(sizes_bytes=(4096, 4096))
+
+
+def test_fit_link_takes_the_latency_from_the_small_messages() -> None:
+    # an exact line but for one slow large transfer: a plain least-squares fit would move the
+    # intercept by ~0.3 ms; on relative errors the latency stays near the small messages'
+    sizes = [4e3, 6.4e4, 1e6, 4e6, 1.6e7]
+    times = [0.1 + n / 4e6 for n in sizes]
+    times[2] += 1.0
+    link = fit_link(sizes, times)
+    assert link.latency_ms == pytest.approx(0.1, abs=0.03)
+    assert link.bandwidth_gbps == pytest.approx(4.0, rel=0.1)
+
+
+def test_fit_runtime_recovers_scale_and_fixed_cost() -> None:
+    profiled = [0.5, 1.0, 2.0, 8.0]
+    runtime = fit_runtime(profiled, [1.25 * x + 0.2 for x in profiled])
+    assert runtime.compute_scale == pytest.approx(1.25, rel=1e-6)
+    assert runtime.action_ms == pytest.approx(0.2, abs=1e-6)
+    # a negative fixed cost (noise) is refitted through the origin
+    assert fit_runtime([1.0, 2.0], [0.9, 2.0]).action_ms == 0.0
+    with pytest.raises(ValueError, match="distinct"):
+        fit_runtime([1.0, 1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="two"):
+        fit_runtime([1.0], [1.0])
+
+
+@pytest.mark.timeout(240)
+def test_measure_runtime_on_layers_of_known_cost() -> None:
+    # layers that sleep a known time per row: a profile that says so fits a scale near 1
+    # and a small fixed cost; a profile that says half fits a scale near 2
+    fwd, bwd = [f for f, _ in em.SLEEP_MS], [b for _, b in em.SLEEP_MS]
+    exact = measure_runtime("tests.toy_models:sleep_job", make_profile(fwd, bwd), 8,
+                            microbatches=(1, 4), steps=2, warmup=1)
+    assert exact.compute_scale == pytest.approx(1.0, abs=0.1)
+    assert exact.action_ms < 1.5  # sleeps overshoot, the loss, the runtime's dispatch
+    assert exact.message_ms == 0.0  # with a free link (no link given) there is no message
+    half = measure_runtime("tests.toy_models:sleep_job",
+                           make_profile([f / 2 for f in fwd], [b / 2 for b in bwd]), 8,
+                           microbatches=(1, 4), steps=2, warmup=1)
+    assert half.compute_scale == pytest.approx(2.0, abs=0.2)
+
+
+@pytest.mark.timeout(240)
+def test_calibrate_command_prints_the_planning_options(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fwd, bwd = [f for f, _ in em.SLEEP_MS], [b for _, b in em.SLEEP_MS]
+    save_profile(make_profile(fwd, bwd), tmp_path / "profile.json")
+    argv = ["calibrate", "--job", "tests.toy_models:sleep_job", "--profile",
+            str(tmp_path / "profile.json"), "-B", "8", "--steps", "2"]
+    assert cli_main([*argv, "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["compute_scale"] == pytest.approx(1.0, abs=0.1)
+    assert figures["bandwidth_gbps"] > 0 and figures["latency_ms"] >= 0
+    assert 0 <= figures["message_ms"] < 10  # the wake-up of a waiting rank, typically < 2 ms
+    assert cli_main([*argv[:-4], "-B", "2", "--microbatches", "1,4"]) == 2  # M > B
+    assert "every M must be 1..B" in capsys.readouterr().err
+    save_profile(make_profile(fwd[:3], bwd[:3]), tmp_path / "short.json")
+    assert cli_main([*argv[:3], "--profile", str(tmp_path / "short.json"), "-B", "8"]) == 2
+    assert "has 4 layers but profile 'synthetic' has 3" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(240)
+def test_calibrate_runs_under_torchrun(tmp_path: Path) -> None:
+    fwd, bwd = [f for f, _ in em.SLEEP_MS], [b for _, b in em.SLEEP_MS]
+    save_profile(make_profile(fwd, bwd), tmp_path / "profile.json")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tests = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests),
+                                          os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(port),
+           "-m", "partitioner.cli", "calibrate", "--job", "tests.toy_models:sleep_job",
+           "--profile", str(tmp_path / "profile.json"), "-B", "8", "--steps", "2", "--json"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=200)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1, done.stdout  # rank 0 alone prints
+    figures = json.loads(lines[0])
+    assert figures["compute_scale"] == pytest.approx(1.0, abs=0.1)
+    assert figures["bandwidth_gbps"] > 0

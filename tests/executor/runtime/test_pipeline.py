@@ -1,0 +1,108 @@
+"""Pipeline, the library API: plans in every form, the user's optimizer, and clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from executor import Pipeline, manual_plan
+from executor.runtime.pipeline import as_plan
+from partitioner.formats.plan import PlanError, plan_to_dict, save_plan
+from tests import toy_models as em
+
+
+def test_optimizer_from_model_parameters_trains_through_the_pipeline(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, plain = em.mlp(), em.mlp()
+    plan = manual_plan([0, 3, 7], 4, 8, "1f1b", "except_last")
+    save_plan(plan, tmp_path / "plan.json")
+    pipe = Pipeline(model, tmp_path / "plan.json")  # a path
+    x, y = em.mlp_batch(8)
+    opt, opt_plain = (torch.optim.Adam(m.parameters(), lr=0.01) for m in (model, plain))
+    for _ in range(3):
+        for o in (opt, opt_plain):
+            o.zero_grad()
+        loss = pipe.train_step(x, y, nn.functional.mse_loss)
+        ref = nn.functional.mse_loss(plain(x), y)
+        ref.backward()
+        opt.step()
+        opt_plain.step()
+        assert float(loss) == pytest.approx(float(ref.detach()), rel=1e-5)
+    for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert pipe.last_timeline is not None and pipe.last_timeline.stages == 2
+
+
+def test_plan_as_object_dict_or_path(tmp_path: Path) -> None:
+    plan = manual_plan([0, 2, 7], 2, 8)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(plan_to_dict(plan)))
+    assert as_plan(plan) is plan
+    assert as_plan(plan_to_dict(plan)).stages == as_plan(str(path)).stages == plan.stages
+    with pytest.raises(TypeError, match="plan must be a Plan, a dict or a path"):
+        as_plan(3)  # type: ignore[arg-type]
+
+
+def test_recompute_modes_per_stage() -> None:
+    """The stages recompute as the partitioner's one rule says (schedule.recompute)."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1))
+    flags = {mode: [s.recompute for s in Pipeline(model, manual_plan(
+        [0, 1, 2, 3], 1, 1, recompute=mode)).stages] for mode in ("never", "always", "except_last")}
+    assert flags == {"never": [False] * 3, "always": [True] * 3,
+                     "except_last": [True, True, False]}
+
+
+def test_tuple_inputs_and_integer_ids_on_forward_only() -> None:
+    model = em.gpt()
+    pipe = Pipeline(model, manual_plan([0, 2, 5], 3, 8))
+    ids, _ = em.gpt_batch(8)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe(ids), model(ids))
+    two = nn.Sequential(em.seeded(lambda i: nn.Bilinear(3, 2, 4))(0))
+    wrapped = nn.Sequential(_Unpack(two[0]), nn.Tanh())
+    pipe2 = Pipeline(wrapped, manual_plan([0, 1, 2], 2, 5))
+    a, b = torch.randn(5, 3), torch.randn(5, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe2((a, b)), wrapped((a, b)))
+
+
+class _Unpack(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        out: torch.Tensor = self.inner(*x)
+        return out
+
+
+def test_errors_name_the_problem_before_any_work() -> None:
+    model = em.mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match=r"must be an nn\.Sequential"):
+        Pipeline(nn.Linear(2, 2), manual_plan([0, 1], 1, 1))  # type: ignore[arg-type]
+    with pytest.raises(PlanError, match="covers 6 layers but the model has 7"):
+        Pipeline(model, manual_plan([0, 3, 6], 2, 8))
+    with pytest.raises(ValueError, match=r"'cuda:3'.*(does not exist|lacks)"):
+        Pipeline(model, manual_plan([0, 3, 7], 2, 8, devices=["cpu", "cuda:3"]))
+    with pytest.raises(ValueError, match="3 devices given for K=2"):
+        Pipeline(model, manual_plan([0, 3, 7], 2, 8), devices=["cpu"] * 3)
+    with pytest.raises(ValueError, match="not a torch device name"):
+        Pipeline(model, manual_plan([0, 3, 7], 2, 8), devices=["cpu", "gpu7"])
+    pipe = Pipeline(model, manual_plan([0, 3, 7], 4, 8))
+    with pytest.raises(ValueError, match="B=3 samples but the plan splits it into M=4"):
+        pipe.train_step(*em.mlp_batch(3), nn.functional.mse_loss)
+    with pytest.raises(ValueError, match="inputs have batch size 8 but targets 5"):
+        pipe.train_step(em.mlp_batch(8)[0], em.mlp_batch(5)[1], nn.functional.mse_loss)
+    with pytest.raises(TypeError, match="inputs must be a tensor or a tuple of tensors"):
+        pipe.train_step("x", em.mlp_batch(8)[1], nn.functional.mse_loss)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="loss function must return a scalar"):
+        pipe.train_step(*em.mlp_batch(8), lambda out, y: out - y)
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), q)  # nothing was trained
+    with pytest.raises(ValueError, match="boundaries"):
+        manual_plan([0, 3, 3], 2, 8)

@@ -1,0 +1,45 @@
+from pathlib import Path
+
+import pytest
+
+from partitioner.cli.main import main
+from partitioner.formats.timeline import Event, Timeline, save_chrome_trace
+from partitioner.report.compare import compare_timelines, relative_error
+from partitioner.schedule.ir import Action
+
+
+def _tl(scale: float, stages: int = 2) -> Timeline:
+    events = []
+    t = 0.0
+    for k in range(stages):
+        events.append(Event(Action("F", k, 0), t, t + 1.0 * scale))
+        t += 1.0 * scale
+    for k in reversed(range(stages)):
+        events.append(Event(Action("B", k, 0), t, t + 2.0 * scale))
+        t += 2.0 * scale
+    return Timeline(stages, tuple(events))
+
+
+def test_relative_error() -> None:
+    assert relative_error(9.0, 10.0) == pytest.approx(-0.1)
+    assert relative_error(0.0, 0.0) == 0.0
+    assert relative_error(1.0, 0.0) == float("inf")
+
+
+def test_comparison_figures() -> None:
+    c = compare_timelines(_tl(1.0), _tl(1.25))
+    assert c.step_error == pytest.approx(1 / 1.25 - 1)
+    assert c.stage_busy_errors() == pytest.approx([-0.2, -0.2])
+    text = c.report()
+    assert "step_ms" in text and "-20.0%" in text and "stage 1 busy_ms" in text
+    with pytest.raises(ValueError, match="K=2 stages but the measured one has K=3"):
+        compare_timelines(_tl(1.0), _tl(1.0, stages=3))
+
+
+def test_compare_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    save_chrome_trace(_tl(1.0), tmp_path / "p.json")
+    save_chrome_trace(_tl(2.0), tmp_path / "m.json")
+    assert main(["compare", str(tmp_path / "p.json"), str(tmp_path / "m.json")]) == 0
+    assert "-50.0%" in capsys.readouterr().out
+    assert main(["compare", str(tmp_path / "p.json"), str(tmp_path / "x.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err

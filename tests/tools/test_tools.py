@@ -1,0 +1,52 @@
+"""The tools run end to end in their quick modes (their figures are read in the tools themselves)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+
+
+def run_tool(name: str, *args: str, timeout: float = 280) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, str(TOOLS / name), *args], capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.timeout(300)
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    result = run_tool("demo.py", "--out", str(out), "--steps", "4")
+    for name in ("profile.json", "plan.json", "predicted.json", "measured.json",
+                 "timelines.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "predicted step" in result.stdout and "error" in result.stdout
+
+
+@pytest.mark.timeout(300)
+def test_bench_fidelity_quick() -> None:
+    result = run_tool("bench_fidelity.py", "--quick", "--alone")
+    assert "median |error| of the step time over 2 configurations" in result.stdout
+
+
+@pytest.mark.timeout(300)
+def test_bench_simulate_quick() -> None:
+    result = run_tool("bench_simulate.py", "--quick")
+    assert "simulate_s" in result.stdout and "configs" in result.stdout
+
+
+@pytest.mark.timeout(300)
+def test_bench_partition_quick() -> None:
+    result = run_tool("bench_partition.py", "--quick")
+    assert "equal_layers" in result.stdout and "param_geomean" in result.stdout
+
+
+@pytest.mark.timeout(300)
+def test_bench_ilp_quick() -> None:
+    result = run_tool("bench_ilp.py", "--quick")
+    assert "ilp/dp-1" in result.stdout and "gain mean" in result.stdout
+    chain_rows = result.stdout.split("== 200-layer chain")[1].split("\n== ")[0]
+    assert chain_rows.count("optimal") == 4  # all four chain cases proven optimal
