@@ -102,7 +102,7 @@ def number(option: str, rule: str, low: float = 0.0, high: float = math.inf,
         above = value >= low if low_ok else value > low
         if not (math.isfinite(value) and above and value <= high):
             raise argparse.ArgumentTypeError(f"{option} {text!r} must be {rule}")
-        return value
+        return value + 0.0  # -0 is 0
     return parse
 
 

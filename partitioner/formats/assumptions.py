@@ -30,7 +30,7 @@ def _number(value: object) -> float:
     """``value`` as a float, NaN for anything that is not a real number (bools included)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return math.nan
-    return float(value)
+    return float(value) + 0.0  # -0.0 is 0.0
 
 
 @dataclass(frozen=True)

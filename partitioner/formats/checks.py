@@ -92,7 +92,7 @@ class Problems(list[str]):
         if integer and v != int(v):
             self.add(path, f"{show(x)} is not a whole number")
             return default
-        return v
+        return v + 0.0  # -0.0 is 0.0
 
     def whole(self, x: object, path: str, *, low: int = 0, high: float = MAX_BYTES) -> int:
         """``x`` as a JSON integer (not a float such as 2.0) within [low, high]."""

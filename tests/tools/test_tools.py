@@ -50,3 +50,14 @@ def test_bench_ilp_quick() -> None:
     assert "ilp/dp-1" in result.stdout and "gain mean" in result.stdout
     chain_rows = result.stdout.split("== 200-layer chain")[1].split("\n== ")[0]
     assert chain_rows.count("optimal") == 4  # all four chain cases proven optimal
+
+
+@pytest.mark.timeout(300)
+def test_fuzzed_inputs_end_in_clean_errors_or_results() -> None:
+    """500 mutated profiles, plans, traces and command lines: no traceback, hang or wrong result
+    (the full run, --cases 10000, is in README)."""
+    result = run_tool("fuzz_inputs.py", "--cases", "500", "--quiet", "--seed", "7")
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("cases=500 ") and last.endswith(" crashes=0"), result.stdout[-3000:]
+    counts = dict(part.split("=") for part in last.split())
+    assert int(counts["clean_errors"]) > 100 and int(counts["ok"]) > 20  # both paths exercised
