@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -179,3 +180,19 @@ def sleep_job() -> Any:
         return torch.ones(size, 4), torch.zeros(size, 4)
 
     return Job(lambda i: RowSleep(*SLEEP_MS[i]), len(SLEEP_MS), batch, F.mse_loss)
+
+
+class _Broken(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("layer 5 broke")
+
+
+def failing_job() -> Any:
+    """The demo MLP with layer 5 replaced by one that raises in its forward (stage 1 of the
+    plan [0, 3, 7])."""
+    from executor.workloads.jobs import demo
+
+    job = demo()
+    layers = job.layers
+    assert not isinstance(layers, nn.Sequential)
+    return replace(job, layers=lambda i: _Broken() if i == 5 else layers(i))  # type: ignore[call-arg]

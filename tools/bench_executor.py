@@ -51,6 +51,7 @@ from torch import nn
 from executor.distributed.runner import DistributedRunner
 from executor.distributed.spawn import spawn_local
 from executor.profiling.profiler import profile_model
+from executor.runtime.allocator import keep_freed_memory
 from executor.workloads.models import gpt, lm_loss
 from partitioner import LINKS, CostModel, make_plan
 from partitioner.formats.plan import Plan
@@ -191,7 +192,9 @@ def ranks_main(plans: dict[tuple[str, int], Plan], default_cut: int, steps: int,
                rounds: int) -> dict[Any, list[float]]:
     """On each of the K ranks: every system at every M, interleaved, ``rounds`` times, so a
     burst of load from elsewhere hits all systems alike. The single-process baseline runs on
-    rank 0 while the other ranks wait."""
+    rank 0 while the other ranks wait. Every process keeps its freed memory for the next step
+    (executor.runtime.allocator), as `partition-model run` does by default."""
+    keep_freed_memory()
     out: dict[Any, list[float]] = {}
     for _ in range(rounds):
         for m in MICROBATCHES:
@@ -217,6 +220,7 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; "
           f"torch {torch.__version__}")
     torch.set_num_threads(1)
+    keep_freed_memory()  # the profile is taken under the allocator the ranks run with
     model, (x, _) = build(), batch()
     t0 = time.perf_counter()
     profile = profile_model(model, x, SIZES, "cpu", threads=1, warmup=1, repeat=args.repeat,

@@ -41,7 +41,8 @@ def _profile_on_rank(name: str, batch: int, sizes: list[int], clock: str,
     cores are busy too, as they are when the pipeline runs."""
     work = build_model(name, batch=batch)
     return profile_model(work.model, work.sample, sizes, "cpu", threads=1, clock=clock,
-                         flush_bytes=flush_bytes, name=name, input_info=work.input_info)
+                         flush_bytes=flush_bytes, name=name, input_info=work.input_info,
+                         keep_freed_memory=True)  # as the trial and the runs have it
 
 
 def main() -> None:

@@ -46,7 +46,8 @@ def bench_model(name: str, sizes: list[int], args: argparse.Namespace) -> list[l
     faults = {b: [0, 0] for b in sizes}  # whole model, all layers; summed over rounds
     opts = {"warmup": args.warmup, "repeat": args.repeat, "threads": args.threads,
             "clock": args.clock,
-            "flush_bytes": None if args.flush_mib is None else args.flush_mib << 20}
+            "flush_bytes": None if args.flush_mib is None else args.flush_mib << 20,
+            "keep_freed_memory": True}  # as the profile command and the runners have it
     start = time.perf_counter()
     for _ in range(args.rounds):
         for b in sizes:  # the layers and the whole model back to back: the same machine load

@@ -69,7 +69,8 @@ def main() -> int:
     work = build_model(model_name, batch=batch)
     sizes = [b for b in (1, 2, 4, 8, 16, 32) if b <= batch]
     profile = profile_model(work.model, work.sample, sizes, "cpu", threads=1, clock="thread",
-                            name=model_name, input_info=work.input_info)
+                            name=model_name, input_info=work.input_info,
+                            keep_freed_memory=True)  # as the ranks will run (run_rank)
     save_profile(profile, out / "profile.json")
     print(f"{profile.num_layers} layers at micro-batch sizes {sizes}: {out / 'profile.json'}")
 

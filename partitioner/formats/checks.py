@@ -94,12 +94,16 @@ class Problems(list[str]):
             return default
         return v + 0.0  # -0.0 is 0.0
 
-    def whole(self, x: object, path: str, *, low: int = 0, high: float = MAX_BYTES) -> int:
-        """``x`` as a JSON integer (not a float such as 2.0) within [low, high]."""
+    def whole(self, x: object, path: str, *, low: int = 0, high: float = MAX_BYTES,
+              default: int | None = None) -> int:
+        """``x`` as a JSON integer (not a float such as 2.0) within [low, high] (else
+        ``default``, or ``low``)."""
+        fallback = low if default is None else default
         if not (isinstance(x, int) and not isinstance(x, bool)):
             self.add(path, f"{show(x)} is not a whole number")
-            return low
+            return fallback
         if not low <= x <= high:
-            self.add(path, f"{x} is outside {low}..{high:g}")
-            return low
+            top = f"{int(high)}" if float(high).is_integer() else f"{high:g}"
+            self.add(path, f"{x} is outside {low}..{top}")
+            return fallback
         return x

@@ -238,8 +238,8 @@ def plan_from_dict(data: object, source: str = "plan") -> Plan:
     stages = _parse_stages(data.get("stages"), p)
     graph = any(s.nodes is not None for s in stages)
     last = max((s.layers[1] for s in stages), default=1)
-    num_layers = (p.whole(prof["layers"], "profile.layers", low=1, high=MAX_LAYERS)
-                  if "layers" in prof else last)
+    num_layers = (p.whole(prof["layers"], "profile.layers", low=1, high=MAX_LAYERS,
+                          default=last) if "layers" in prof else last)
     if graph:
         _check_nodes(stages, num_layers, p)
     elif stages:

@@ -76,3 +76,13 @@ def test_errors_before_starting_ranks(plan_path: Path, tmp_path: Path,
 
 def _not_a_job() -> object:
     return manual_plan([0, 1], 1, 1)
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_rank_is_one_message_and_exit_2(plan_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--job", "tests.toy_models:failing_job", "--plan", str(plan_path),
+                 "--steps", "2", "--timeout-s", "20"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("partition-model run: error:") and "Traceback" not in err
+    assert "ranks failed; first cause: rank 1 raised RuntimeError: layer 5 broke" in err

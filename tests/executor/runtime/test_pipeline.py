@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,51 @@ def test_errors_name_the_problem_before_any_work() -> None:
         assert torch.equal(p.detach(), q)  # nothing was trained
     with pytest.raises(ValueError, match="boundaries"):
         manual_plan([0, 3, 3], 2, 8)
+
+
+def test_stages_must_cover_every_layer_exactly_once() -> None:
+    """A graph-shaped or hand-edited plan whose stages' spans overlap would run layers twice:
+    refused before any work, whatever its nodes say."""
+    model = em.mlp()  # 7 layers
+    data = plan_to_dict(manual_plan([0, 3, 7], 2, 4))
+    data["stages"] = [{"layers": [0, 7], "device": "cpu", "nodes": [0, 1, 2, 6]},
+                      {"layers": [3, 6], "device": "cpu", "nodes": [3, 4, 5]}]
+    with pytest.raises(PlanError, match=r"stage 0 holds layers \[0, 1, 2, 6\], which are not "
+                                        r"one contiguous range"):
+        Pipeline(model, data)
+    data["stages"] = [{"layers": [0, 4], "device": "cpu", "nodes": [0, 1, 2, 3]},
+                      {"layers": [4, 7], "device": "cpu", "nodes": [4, 5, 6]}]
+    assert Pipeline(model, data).plan.layer_ranges() == [(0, 4), (4, 7)]  # ranges: it runs
+    data["stages"] = [{"layers": [0, 7], "device": "cpu"}, {"layers": [2, 6], "device": "cpu"}]
+    with pytest.raises(PlanError, match="without overlap or gap"):  # the loader says it first
+        Pipeline(model, data)
+
+
+def test_tied_parameters_split_across_stages_are_refused() -> None:
+    embed, head = nn.Embedding(16, 8), nn.Linear(8, 16, bias=False)
+    head.weight = embed.weight  # a language model's tied input and output embedding
+    model = nn.Sequential(embed, nn.Tanh(), nn.Linear(8, 8), head)
+    with pytest.raises(PlanError, match=r"parameter '0\.weight' is used by layers \[0, 3\], "
+                                        r"which the plan puts on stages \[0, 1\]"):
+        Pipeline(model, manual_plan([0, 2, 4], 2, 4))
+    ids = torch.randint(16, (4, 3))
+    pipe = Pipeline(model, manual_plan([0, 4], 2, 4))  # one stage holds both users: fine
+    loss = pipe.train_step(ids, ids, lambda out, y: nn.functional.cross_entropy(
+        out.flatten(0, 1), y.flatten()))
+    assert torch.isfinite(loss) and embed.weight.grad is not None
+
+
+def test_building_a_pipeline_leaves_the_allocator_alone() -> None:
+    """The C allocator setting is process-wide: only an explicit switch may change it."""
+    code = (
+        "import torch; from executor import Pipeline, manual_plan\n"
+        "from executor.runtime import allocator\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))\n"
+        "Pipeline(m, manual_plan([0, 1, 2], 1, 1))\n"
+        "before = allocator.keep_freed_memory.cache_info().misses\n"
+        "Pipeline(m, manual_plan([0, 1, 2], 1, 1), keep_freed_memory=True)\n"
+        "print(before, allocator.keep_freed_memory.cache_info().misses)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["0", "1"]

@@ -61,6 +61,10 @@ def test_user_errors_exit_2(args: list[str], needle: str,
 
 @pytest.mark.parametrize("args,needle", [
     ([*GPT, "--memory-limit", "lots"], "memory size 'lots'"),
+    ([*GPT, "--memory-limit", "0.5"], "memory size '0.5' is below one byte"),
+    ([*GPT, "--memory-limit", "0"], "memory size '0' is below one byte"),
+    ([*GPT, "--latency-ms", "nan"], "--latency-ms 'nan' must be a number of ms"),
+    ([*GPT, "--compute-scale", "inf"], "--compute-scale 'inf' must be a number > 0"),
     ([*GPT, "--bandwidth", "-1"], "bandwidth '-1'"),
     ([*GPT[:2], "--stages", "0", *GPT[4:]], "--stages '0' must be a whole number >= 1"),
     ([*GPT, "--time-limit", "0"], "--time-limit '0' must be a number of seconds > 0"),
@@ -72,6 +76,18 @@ def test_bad_arguments_exit_2(args: list[str], needle: str,
         main(args)
     assert info.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+def test_one_option_name_one_meaning(capsys: pytest.CaptureFixture[str]) -> None:
+    """--devices is a number of devices everywhere; the plan's per-stage list is
+    --stage-devices, checked for a name per stage."""
+    assert main([*GPT, "--stage-devices", "cuda:0,cuda:1,cuda:2,cuda:3"]) == 0
+    assert main([*GPT, "--stage-devices", "cuda:0,,cuda:2,cuda:3"]) == 2
+    assert "'' is not a device name" in capsys.readouterr().err
+    assert main([*GPT, "--stage-devices", "cpu,cpu"]) == 2
+    assert "2 devices given for K=4 stages" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*GPT, "--devices", "4"])
 
 
 def test_graph_profile_is_planned_as_chain_with_warning(capsys: pytest.CaptureFixture[str]) -> None:

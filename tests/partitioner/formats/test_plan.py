@@ -1,11 +1,14 @@
 import json
+import math
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from partitioner.cost.model import CostModel
 from partitioner.cost.partition import evaluate_assignment, stage_costs
-from partitioner.formats.assumptions import LINKS, Runtime
+from partitioner.formats.assumptions import LINKS, Link, Runtime
 from partitioner.formats.layers import stage_of_nodes
 from partitioner.formats.plan import (
     Plan,
@@ -165,3 +168,41 @@ def test_plans_carry_the_runtime_they_were_made_with(tmp_path: Path) -> None:
     del data["cost_model"]["compute_scale"], data["cost_model"]["action_ms"]
     del data["cost_model"]["message_ms"]
     assert plan_from_dict(data).runtime == Runtime()  # plans written before the runtime
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda d: d.update(cost_model=5), "cost_model: expected an object (the planning "
+                                       "assumptions), got 5"),
+    (lambda d: d["predicted"].update(step_ms="12"), "predicted.step_ms: '12' is not a number"),
+    (lambda d: d["cost_model"].update(bandwidth_gbps=-3), "cost_model.bandwidth_gbps: -3 is "
+                                                          "negative"),
+    (lambda d: d["cost_model"].update(latency_ms=float("nan")), "cost_model.latency_ms: nan is "
+                                                                "not finite"),
+    (lambda d: d.update(stage=[]), "(top): unknown key 'stage' (did you mean 'stages'?)"),
+    (lambda d: d["stages"][0].update(device=7), "stages[0].device: 7 is not a string"),
+    (lambda d: d.update(microbatches=True), "microbatches: True is not a whole number"),
+    (lambda d: d["profile"].update(layers=0), "profile.layers: 0 is outside 1..1048576"),
+])
+def test_every_bad_value_is_named_with_its_json_path(change: Any, needle: str) -> None:
+    data = plan_to_dict(_plan()[0])
+    change(data)
+    with pytest.raises(PlanError) as info:
+        plan_from_dict(data)
+    assert needle in str(info.value)
+
+
+def test_free_form_extra_survives_a_round_trip() -> None:
+    data = plan_to_dict(_plan()[0])
+    data["extra"] = {"made_by": "me", "notes": [1, 2]}
+    assert plan_to_dict(plan_from_dict(data))["extra"] == {"made_by": "me", "notes": [1, 2]}
+
+
+@pytest.mark.parametrize("bandwidth,latency,needle", [
+    (-1.0, 0.0, "bandwidth_gbps=-1.0"), (0.0, 0.0, "bandwidth_gbps=0.0"),
+    (float("nan"), 0.0, "bandwidth_gbps=nan"), (1.0, -0.5, "latency_ms=-0.5"),
+    (1.0, float("inf"), "latency_ms=inf"), (1e-9, 0.0, "bandwidth_gbps=1e-09"),
+])
+def test_links_validate_themselves(bandwidth: float, latency: float, needle: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        Link(bandwidth, latency)
+    assert Link(math.inf, 0.0).transfer_ms(1e12) == 0.0
