@@ -9,8 +9,10 @@ Sends are asynchronous (``isend``, waited for at the end of the step); receives 
 (kind, micro-batch) they want by tag, so no order between a pair of ranks is assumed and 1F1B
 cannot deadlock. With gloo the pipeline's own group carries everything. NCCL ignores tags and
 matches by order, so there each direction of each neighbouring pair gets its own group, one
-ordered stream each, whose sends and receives both follow micro-batch order in GPipe and 1F1B
-(the NCCL path has not been run: no GPU was at hand when it was written).
+ordered stream each, whose sends and receives both follow micro-batch order in GPipe and 1F1B,
+and each receive is posted when needed (``transport="ordered"``, the default with NCCL). That
+path has not run on NCCL (no GPU was at hand), but the tests run it on gloo with the tags
+dropped, so that messages match by order alone as on NCCL.
 
 Messages and the posting of receives ahead: see ``executor.distributed.transport``.
 
@@ -28,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -61,19 +63,21 @@ class StepResult:
     timeline: Timeline | None
 
 
+_TRANSPORTS = ("auto", "ordered", "posted")
+
 _GROUPS: dict[tuple[int, ...], tuple[Any, dict[tuple[int, int], Any]]] = {}
 
 
-def _channels(ranks: Sequence[int], group: Any, timeout_s: float,
-              backend: str) -> dict[tuple[int, int], Any]:
-    """The group carrying messages from stage src to stage dst, keyed (src, dst). Gloo matches
-    by tag, so the pipeline's own group carries everything. NCCL matches by order, so there each
-    direction of each neighbouring pair gets its own group: one ordered stream per direction.
-    Those are made once per world (every rank creates them all, in the same order, as
-    torch.distributed requires) and reused by later runners."""
+def _channels(ranks: Sequence[int], group: Any, timeout_s: float, backend: str,
+              ordered: bool) -> dict[tuple[int, int], Any]:
+    """The group carrying messages from stage src to stage dst, keyed (src, dst). Matched by
+    tag (gloo), the pipeline's own group carries everything. Matched by order (``ordered``:
+    NCCL), each direction of each neighbouring pair gets its own group: one ordered stream per
+    direction. Those are made once per world (every rank creates them all, in the same order,
+    as torch.distributed requires) and reused by later runners."""
     pairs = [(k, k + 1) for k in range(len(ranks) - 1)] + [(k + 1, k) for k in
                                                             range(len(ranks) - 1)]
-    if backend != "nccl":
+    if not ordered:
         return {pair: group for pair in pairs}
     key, world = tuple(ranks), dist.group.WORLD
     if key in _GROUPS and _GROUPS[key][0] is world:  # the cache holds on to that world
@@ -90,12 +94,17 @@ class DistributedRunner:
     see ``stage.build_layers``). Call after ``init_process_group``, on every rank of ``group``
     (default: the whole world): its k-th rank runs stage k. ``device`` defaults to the plan's
     device for this stage; ``keep_freed_memory`` sets this process's allocator to keep freed
-    memory for the next step (``executor.runtime.allocator``, process-wide)."""
+    memory for the next step (``executor.runtime.allocator``, process-wide). ``transport``:
+    ``"posted"`` (messages matched by tag on one group, receives posted ahead: gloo's),
+    ``"ordered"`` (one group per direction of each neighbouring pair, each receive posted when
+    needed: NCCL's, which matches by order; the pipeline must span the world) or ``"auto"``
+    (ordered with NCCL, posted otherwise); see the module docstring."""
 
     def __init__(self, layers: LayerSource, plan: Plan | Mapping[str, object] | str | Path, *,
                  num_layers: int | None = None, device: str | torch.device | None = None,
                  deferred_batchnorm: bool = False, timeout_s: float = 60.0,
-                 group: Any = None, keep_freed_memory: bool = False) -> None:
+                 group: Any = None, keep_freed_memory: bool = False,
+                 transport: Literal["auto", "ordered", "posted"] = "auto") -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised: call "
                                "init_process_group first (torchrun + partition-model run "
@@ -129,9 +138,16 @@ class DistributedRunner:
         if backend == "nccl" and torch.device(dev).type != "cuda":
             raise ValueError(f"rank {dist.get_rank()}: the NCCL backend needs a CUDA device, got "
                              f"{dev!r}; use gloo on CPU")
-        if backend == "nccl" and group is not None:
-            raise ValueError("with NCCL the pipeline must span the whole world (group=None): "
-                             "its per-direction groups are made by every rank")
+        if transport not in _TRANSPORTS:
+            raise ValueError(f"transport={transport!r} is not one of {_TRANSPORTS}")
+        if transport == "posted" and backend == "nccl":
+            raise ValueError("transport='posted' matches messages by tag, which NCCL ignores; "
+                             "use 'ordered' (or 'auto') with NCCL")
+        ordered = transport == "ordered" or (transport == "auto" and backend == "nccl")
+        if ordered and group is not None:
+            raise ValueError(f"with {'NCCL' if backend == 'nccl' else 'the ordered transport'} "
+                             f"the pipeline must span the whole world (group=None): its "
+                             f"per-direction groups are made by every rank")
         if keep_freed_memory:
             keep_memory()
         start, end = ranges[self.index]
@@ -141,8 +157,9 @@ class DistributedRunner:
                                                      self.plan.microbatches)))
         self.actions = self.schedule.actions[self.index]
         self.transport = DistTransport(self.index, self.ranks, self.stage.device,
-                                       _channels(self.ranks, group, timeout_s, backend),
-                                       timeout_s, post_early=backend != "nccl")
+                                       _channels(self.ranks, group, timeout_s, backend,
+                                                 ordered),
+                                       timeout_s, post_early=not ordered)
         self.interpreter = Interpreter(
             self.stage, big_k, self.transport, Recorder(self.stage.device),
             DeferredBatchNorm(self.stage.module) if deferred_batchnorm else None)

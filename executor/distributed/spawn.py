@@ -10,10 +10,19 @@ its return value (or its error) to a private temporary folder, and exits. When o
 the others end on their own within moments (their peer's connections close) or at the process
 group timeout; any still alive after ``grace_s`` more seconds are killed. Only the processes
 started here are ever signalled.
+
+Ranks are started with "spawn": each child imports the calling script's main module before it
+runs ``fn``. A script that spawns ranks at top level, without ``if __name__ == "__main__":``,
+would spawn again from there; multiprocessing refuses in the child, and the parent would see
+only a rank that exited without a result. So the parent tells each child its rank and result
+folder, in an environment variable set while it starts: ``spawn_local`` called in a child still
+being prepared writes that rank's error, naming the missing guard, and RankFailure shows it. A
+rank that exits before it began running ``fn`` (it writes a marker first) is reported as such.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -31,6 +40,9 @@ import torch.multiprocessing as mp
 
 __all__ = ["RankFailure", "spawn_local"]
 
+_ENV = "GPIPE_SPAWN_RANK"  # "parent pid:rank:result folder", set while the parent starts a rank
+_GUARD = "if __name__ == '__main__':"
+
 
 class RankFailure(RuntimeError):
     """One or more ranks failed; ``outcomes[k]`` says how rank k ended."""
@@ -43,6 +55,7 @@ class RankFailure(RuntimeError):
 def _rank_main(rank: int, world_size: int, port: int, fn: Callable[..., Any],
                args: tuple[Any, ...], threads: int, timeout_s: float, out_dir: str) -> None:
     out = Path(out_dir)
+    (out / f"{rank}.started").touch()
     try:
         torch.set_num_threads(threads)
         store = dist.TCPStore("127.0.0.1", port, world_size + 1, False,  # type: ignore[attr-defined]
@@ -62,6 +75,21 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable[..., Any],
     dist.destroy_process_group()
 
 
+def _refuse_while_bootstrapping() -> None:
+    """Raise (after writing that rank's error) if this process is a rank spawned by us that is
+    still being prepared: its parent set ``_ENV`` for it, and multiprocessing has not yet
+    bootstrapped it (``parent_process()`` is set only then, after the main module's import)."""
+    pid, _, rest = os.environ.get(_ENV, "").partition(":")
+    rank, _, out_dir = rest.partition(":")
+    if not out_dir or pid != str(os.getppid()) or mp.parent_process() is not None:
+        return
+    message = (f"spawn_local was called while rank {rank} was importing the main module: the "
+               f"calling script has no `{_GUARD}` guard; put the code that spawns ranks under it")
+    with contextlib.suppress(OSError):  # the parent may have gone and taken the folder
+        (Path(out_dir) / f"{rank}.err").write_text(f"RuntimeError: {message}\n")
+    raise RuntimeError(message)
+
+
 def _outcome(rank: int, proc: Any, out: Path, killed: set[int]) -> tuple[bool, str]:
     err = out / f"{rank}.err"
     if err.exists():
@@ -73,6 +101,11 @@ def _outcome(rank: int, proc: Any, out: Path, killed: set[int]) -> tuple[bool, s
     code = proc.exitcode
     if code is not None and code < 0:
         return False, f"rank {rank} was killed by signal {signal.Signals(-code).name}"
+    if not (out / f"{rank}.started").exists():
+        return False, (f"rank {rank} exited with status {code} before it started running fn, "
+                       f"while it was being prepared (importing the main module, unpickling fn "
+                       f"and its args; its traceback is in stderr): likely a script that spawns "
+                       f"ranks without an `{_GUARD}` guard, or an fn the rank cannot import")
     return False, f"rank {rank} exited with status {code} without a result"
 
 
@@ -82,7 +115,9 @@ def spawn_local(fn: Callable[..., Any], world_size: int, args: tuple[Any, ...] =
     """Run ``fn(*args)`` on ``world_size`` local CPU ranks (``fn`` must be importable, e.g. a
     module-level function); return the values in rank order. ``timeout_s``: the process
     group's timeout (a hung peer is detected after it); ``deadline_s``: kill all ranks if the
-    whole run takes longer. Raises RankFailure naming how each rank ended."""
+    whole run takes longer. Raises RankFailure naming how each rank ended. A script calls it
+    (or a helper that spawns ranks) under ``if __name__ == "__main__":``; see the module doc."""
+    _refuse_while_bootstrapping()
     if world_size < 1:
         raise ValueError(f"world_size={world_size}: need at least one rank")
     store = dist.TCPStore("127.0.0.1", 0, world_size + 1, True,  # type: ignore[attr-defined]
@@ -93,8 +128,16 @@ def spawn_local(fn: Callable[..., Any], world_size: int, args: tuple[Any, ...] =
         procs = [ctx.Process(target=_rank_main, name=f"gpipe-rank-{r}",
                              args=(r, world_size, store.port, fn, args, threads, timeout_s, tmp))
                  for r in range(world_size)]
-        for p in procs:
-            p.start()
+        before = os.environ.get(_ENV)  # set if this is itself a rank that spawns
+        try:
+            for r, p in enumerate(procs):
+                os.environ[_ENV] = f"{os.getpid()}:{r}:{tmp}"  # the child inherits it
+                p.start()
+        finally:
+            if before is None:
+                del os.environ[_ENV]
+            else:
+                os.environ[_ENV] = before
         killed = _watch(procs, out, grace_s, deadline_s)
         results = [_outcome(r, p, out, killed) for r, p in enumerate(procs)]
         if all(ok for ok, _ in results):

@@ -2,7 +2,8 @@
 
 Spawning is slow, so one group of 4 ranks runs every configuration: for K = 1..4 the first K
 ranks form the pipeline (a subgroup) and loop over M, recompute and schedule; the test process
-compares what each rank returns with the plain model. Faults get their own small groups.
+compares what each rank returns with the plain model. Faults get their own small groups, and so
+does the ordered transport (NCCL's: it needs the whole world), run on gloo with the tags dropped.
 """
 
 from __future__ import annotations
@@ -42,16 +43,18 @@ def cuts(num_layers: int, stages: int) -> list[int]:
     return [round(k * num_layers / stages) for k in range(stages + 1)]
 
 
-def _train(name: str, stages: int, config: tuple[int, str, str], group: Any) -> dict[str, Any]:
-    """STEPS SGD steps of one configuration on this rank's stage: the first step's loss and
-    gradients, the parameters at the end."""
+def _train(name: str, stages: int, config: tuple[int, str, str], group: Any, *,
+           samples: int = B, transport: Any = "auto") -> dict[str, Any]:
+    """STEPS SGD steps of one configuration on this rank's stage, on a batch of ``samples``:
+    the first step's loss and gradients, the parameters at the end."""
     factory, num_layers, batch, loss_fn = MODELS[name]
     m, recompute, schedule = config
-    plan = manual_plan(cuts(num_layers, stages), m, B, schedule, recompute)
-    runner = DistributedRunner(factory, plan, num_layers=num_layers, group=group)
+    plan = manual_plan(cuts(num_layers, stages), m, samples, schedule, recompute)
+    runner = DistributedRunner(factory, plan, num_layers=num_layers, group=group,
+                               transport=transport)
     params = runner.parameters()  # a stage of parameter-free layers has none
     opt = torch.optim.SGD(params, lr=LR) if params else None
-    x, y = batch(B)
+    x, y = batch(samples)
     out: dict[str, Any] = {}
     for step in range(STEPS):
         if opt is not None:
@@ -65,6 +68,7 @@ def _train(name: str, stages: int, config: tuple[int, str, str], group: Any) -> 
             opt.step()
     out["params"] = {n: p.detach().clone() for n, p in runner.module.named_parameters()}
     out["forward"] = runner.forward(x)
+    out["posted_early"] = runner.transport.post_early
     return out
 
 
@@ -78,6 +82,10 @@ def _errors(group: Any) -> dict[str, str]:
                                             num_layers=em.MLP_LAYERS, group=group),
         "device": lambda: DistributedRunner(em.mlp_layer, manual_plan([0, 3, 7], 2, B),
                                             device="cuda:7", group=group),
+        "transport": lambda: DistributedRunner(em.mlp_layer, manual_plan([0, 3, 7], 2, B),
+                                               group=group, transport="tagged"),  # type: ignore[arg-type]
+        "ordered": lambda: DistributedRunner(em.mlp_layer, manual_plan([0, 3, 7], 2, B),
+                                             group=group, transport="ordered"),
     }
     for key, make in cases.items():
         try:
@@ -153,11 +161,11 @@ def _sweep_rank() -> dict[Any, Any]:
     return results
 
 
-def _oracle(name: str) -> dict[str, Any]:
+def _oracle(name: str, samples: int = B) -> dict[str, Any]:
     factory, num_layers, batch, loss_fn = MODELS[name]
     model = nn.Sequential(*(factory(i) for i in range(num_layers)))
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    x, y = batch(B)
+    x, y = batch(samples)
     out: dict[str, Any] = {}
     for step in range(STEPS):
         opt.zero_grad()
@@ -182,6 +190,20 @@ def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> bool:
     return float((a - b).norm()) <= rtol * max(float(b.norm()), 1e-12)
 
 
+def check_transparent(ranks: list[dict[str, Any]], oracle: dict[str, Any], where: str) -> None:
+    """What the ranks of one configuration returned (``_train``) against the plain model."""
+    assert ranks[-1]["loss"] == pytest.approx(oracle["loss"], rel=1e-5), where
+    assert all(r["loss"] is None for r in ranks[:-1]), where
+    grads = {n: g for r in ranks for n, g in r["grads"].items()}
+    params = {n: p for r in ranks for n, p in r["params"].items()}
+    assert grads.keys() == oracle["grads"].keys(), where  # every layer on exactly one rank
+    for n, g in oracle["grads"].items():
+        assert close(grads[n], g), f"{where}: gradient of {n}"
+        assert close(params[n], oracle["params"][n]), f"{where}: {n} after {STEPS} steps"
+    assert all(r["forward"] is None for r in ranks[:-1])
+    assert close(ranks[-1]["forward"], oracle["forward"]), where
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("stages", [1, 2, 3, 4])
@@ -190,17 +212,8 @@ def test_transparent_against_the_plain_model(sweep: list[dict[Any, Any]], name: 
     oracle = _oracle(name)
     for config in MODEL_CONFIGS[name]:
         ranks = [sweep[r][name, stages, config] for r in range(stages)]
-        where = f"{name} K={stages} M, recompute, schedule = {config}"
-        assert ranks[-1]["loss"] == pytest.approx(oracle["loss"], rel=1e-5), where
-        assert all(r["loss"] is None for r in ranks[:-1]), where
-        grads = {n: g for r in ranks for n, g in r["grads"].items()}
-        params = {n: p for r in ranks for n, p in r["params"].items()}
-        assert grads.keys() == oracle["grads"].keys(), where  # every layer on exactly one rank
-        for n, g in oracle["grads"].items():
-            assert close(grads[n], g), f"{where}: gradient of {n}"
-            assert close(params[n], oracle["params"][n]), f"{where}: {n} after {STEPS} steps"
-        assert all(r["forward"] is None for r in ranks[:-1])
-        assert close(ranks[-1]["forward"], oracle["forward"]), where
+        assert all(r["posted_early"] for r in ranks)  # gloo's default
+        check_transparent(ranks, oracle, f"{name} K={stages} M, recompute, schedule = {config}")
 
 
 @pytest.mark.timeout(600)
@@ -227,6 +240,10 @@ def test_bad_input_fails_before_any_work(sweep: list[dict[Any, Any]]) -> None:
         assert "the world has 2 ranks but the plan has K=3 stages" in errors["world"]
         assert "the plan covers 6 layers but the model has 7" in errors["layers"]
         assert "cuda:7" in errors["device"]
+        assert "transport='tagged' is not one of ('auto', 'ordered', 'posted')" in errors[
+            "transport"]
+        assert "the ordered transport the pipeline must span the whole world" in errors[
+            "ordered"]
     assert "B=3 samples but the plan splits it into M=4" in sweep[0]["errors"]["batch"]
 
 
@@ -260,6 +277,79 @@ def test_a_rank_leaving_the_barrier_late_stays_on_the_common_clock(
         assert ev[f"1F{i}"].start_ms >= ev[f"0F{i}"].end_ms
         assert ev[f"0B{i}"].start_ms >= ev[f"1B{i}"].end_ms
     assert ev["1F0"].start_ms >= 40.0  # rank 1 was asleep until then
+
+
+# -- the ordered transport (NCCL's), run on gloo with the tags dropped ------------------------------
+
+ORDERED_B = 7  # not a multiple of M: micro-batches of unequal sizes
+ORDERED_CONFIGS = list(itertools.product((2, 3, 5), ("never",), ("gpipe", "1f1b")))
+
+
+def _drop_tags(log: dict[tuple[str, int, int], list[int]],
+               carriers: set[tuple[int, int, tuple[int, ...]]]) -> None:
+    """Make this rank's point-to-point messages match by order alone, as NCCL's do (every tag
+    becomes 0), and log each one: its bytes by (op, src, dst), the ranks of its group."""
+    isend, irecv, me = dist.isend, dist.irecv, dist.get_rank()
+
+    def note(op: str, src: int, dst: int, tensor: torch.Tensor, group: Any) -> None:
+        log.setdefault((op, src, dst), []).append(tensor.numel() * tensor.element_size())
+        carriers.add((src, dst, tuple(dist.get_process_group_ranks(group))))
+
+    def send(tensor: torch.Tensor, dst: int, group: Any = None, tag: int = 0) -> Any:
+        note("send", me, dst, tensor, group)
+        return isend(tensor, dst, group=group, tag=0)
+
+    def recv(tensor: torch.Tensor, src: int, group: Any = None, tag: int = 0) -> Any:
+        note("recv", src, me, tensor, group)
+        return irecv(tensor, src, group=group, tag=0)
+
+    dist.isend, dist.irecv = send, recv  # type: ignore[assignment]
+
+
+def _ordered_rank(stages: int, transport: str) -> dict[Any, Any]:
+    log: dict[tuple[str, int, int], list[int]] = {}
+    carriers: set[tuple[int, int, tuple[int, ...]]] = set()
+    _drop_tags(log, carriers)
+    results: dict[Any, Any] = {}
+    for name in MODELS:
+        for config in ORDERED_CONFIGS:
+            results[name, config] = _train(name, stages, config, None, samples=ORDERED_B,
+                                           transport=transport)
+    results["log"], results["carriers"] = log, carriers
+    return results
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("stages", [2, 3])
+def test_ordered_transport_is_transparent_when_messages_match_by_order_alone(
+        stages: int) -> None:
+    ranks = spawn_local(_ordered_rank, stages, (stages, "ordered"), timeout_s=60,
+                        deadline_s=240)
+    for name in MODELS:
+        oracle = _oracle(name, ORDERED_B)
+        for config in ORDERED_CONFIGS:
+            rows = [ranks[r][name, config] for r in range(stages)]
+            assert not any(r["posted_early"] for r in rows)  # each receive posted when needed
+            check_transparent(rows, oracle, f"ordered {name} K={stages} M, recompute, "
+                                            f"schedule = {config}")
+    # each direction of each neighbouring pair has its own group, of exactly that pair ...
+    pairs = [(k, k + 1) for k in range(stages - 1)] + [(k + 1, k) for k in range(stages - 1)]
+    carriers = set().union(*(r["carriers"] for r in ranks))
+    assert carriers == {(s, d, tuple(sorted((s, d)))) for s, d in pairs}
+    # ... and on it the receives match the sends one by one, in order and byte for byte (NCCL
+    # needs the exact size; gloo would accept a smaller message)
+    logs = {key: sizes for r in ranks for key, sizes in r["log"].items()}
+    for src, dst in pairs:
+        sent = logs[("send", src, dst)]
+        assert len(sent) > 0 and sent == logs[("recv", src, dst)], (src, dst)
+
+
+@pytest.mark.timeout(120)
+def test_dropping_the_tags_breaks_the_posted_transport() -> None:
+    # the control: the posted transport relies on tags, so with them dropped it must fail;
+    # the test above would therefore catch an ordered transport that relied on them
+    with pytest.raises(RankFailure):
+        spawn_local(_ordered_rank, 2, (2, "posted"), timeout_s=10, grace_s=3, deadline_s=60)
 
 
 def test_header_round_trips_shapes_and_dtypes() -> None:
