@@ -7,6 +7,7 @@ import random
 from collections.abc import Sequence
 
 from partitioner.formats.profile import DeviceInfo, LayerProfile, Profile
+from partitioner.schedule.ir import Schedule
 
 
 def make_profile(
@@ -58,3 +59,8 @@ def random_dag(rng: random.Random, n: int) -> Profile:
             for u in rng.sample(range(v), min(v, rng.randint(1, 3))):
                 edges.add((u, v))
     return dataclasses.replace(prof, edges=tuple(sorted(edges)))
+
+
+def schedule_from_rows(name: str, rows: Sequence[Sequence[str]]) -> Schedule:
+    """A schedule from per-stage lists of action texts, e.g. ``[["0F0", "0B0"]]``."""
+    return Schedule.parse("\n".join(f"{k}: {' '.join(row)}" for k, row in enumerate(rows)), name)

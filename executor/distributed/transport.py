@@ -13,7 +13,7 @@ micro-batch.
 
 Receives are posted ahead (gloo): gloo moves a message only once its receive is posted, so a
 receive posted only when its action comes waits for the sender's progress thread to answer,
-which on a busy CPU took up to ~10 ms per message. Each step posts its activation receives at
+which on a busy CPU costs milliseconds per message (README, "How ranks talk"). Each step posts its activation receives at
 its start and the receive of each gradient as the activation goes out (``DistTransport``).
 Matched by order (NCCL; the runner's ``transport="ordered"``), each receive is posted when
 its action comes, with exactly the size of what is sent.

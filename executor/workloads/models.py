@@ -32,7 +32,6 @@ __all__ = [
     "list_models",
     "lm_loss",
     "load_model",
-    "num_params",
     "resnet",
 ]
 
@@ -251,11 +250,6 @@ def build_model(name: str, batch: int = 8, seed: int = 0) -> Workload:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return builder(name, batch)
-
-
-def num_params(model: nn.Module) -> int:
-    """Number of parameters, counting a shared parameter once."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def load_model(spec: str, batch: int) -> tuple[nn.Sequential, Batch, dict[str, Any]]:

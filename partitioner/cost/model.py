@@ -14,7 +14,6 @@ launch-bound, so time is *not* taken proportional to b.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,8 +29,7 @@ from partitioner.schedule.generators import (
 )
 from partitioner.schedule.recompute import RECOMPUTE_MODES, Recompute, recomputes
 
-__all__ = ["CostModel", "FloatArray", "bytes_per_param", "dtype_bytes", "interpolate",
-           "split_microbatches"]
+__all__ = ["CostModel", "FloatArray", "bytes_per_param", "dtype_bytes", "split_microbatches"]
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -84,22 +82,6 @@ def split_microbatches(global_batch: int, microbatches: int) -> list[int]:
         )
     base, extra = divmod(global_batch, microbatches)
     return [base + 1] * extra + [base] * (microbatches - extra)
-
-
-def interpolate(sizes: Sequence[float], values: Sequence[float], b: float) -> float:
-    """Piecewise-linear in b through the measured points, linear beyond them, never negative.
-
-    With a single measured size the value is scaled in proportion to b.
-
-        >>> interpolate([1, 4], [1.0, 1.0], 2), interpolate([1, 2], [1.0, 3.0], 4)
-        (1.0, 7.0)
-    """
-    if len(sizes) == 1:
-        return max(0.0, values[0] * b / sizes[0])
-    k = int(np.searchsorted(sizes, b))
-    lo = min(max(k - 1, 0), len(sizes) - 2)
-    x0, x1, y0, y1 = sizes[lo], sizes[lo + 1], values[lo], values[lo + 1]
-    return max(0.0, y0 + (y1 - y0) * (b - x0) / (x1 - x0))
 
 
 @dataclass(frozen=True)

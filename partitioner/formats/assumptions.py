@@ -97,8 +97,8 @@ class Runtime:
     message between devices reaches its receiver ``message_ms`` after its send ends (a delay
     that does not occupy the sender: waking a waiting rank, the backend's own threads).
 
-        >>> Runtime(compute_scale=1.2, action_ms=0.05).action_ms_for(10.0)
-        12.05
+        >>> Runtime(compute_scale=1.2, action_ms=0.05)   # a 10 ms action takes 12.05 ms
+        Runtime(compute_scale=1.2, action_ms=0.05, message_ms=0.0)
 
     Inside a pipeline a stage's layers run back to back and the stage waits between its
     actions, so its caches go cold in between, and each action pays the runtime's own
@@ -125,7 +125,3 @@ class Runtime:
         object.__setattr__(self, "compute_scale", scale)
         object.__setattr__(self, "action_ms", action)
         object.__setattr__(self, "message_ms", message)
-
-    def action_ms_for(self, profiled_ms: float) -> float:
-        """The time of an action whose layers' profiled times add up to ``profiled_ms``."""
-        return self.compute_scale * profiled_ms + self.action_ms

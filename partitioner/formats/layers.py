@@ -15,12 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import networkx as nx
-
 from partitioner.formats.profile import Profile
 
-__all__ = ["assignment_problems", "layer_edges", "layer_graph", "range_problems",
-           "reach_counts", "stage_of_nodes"]
+__all__ = ["assignment_problems", "layer_edges", "range_problems", "reach_counts",
+           "stage_of_nodes"]
 
 
 def layer_edges(profile: Profile) -> tuple[tuple[int, int], ...]:
@@ -33,15 +31,6 @@ def layer_edges(profile: Profile) -> tuple[tuple[int, int], ...]:
     if profile.edges is not None:
         return profile.edges
     return tuple((i, i + 1) for i in range(profile.num_layers - 1))
-
-
-def layer_graph(profile: Profile) -> nx.DiGraph:
-    """The networkx DAG of the layers (nodes 0..L-1, with ``name`` and ``type`` attributes)."""
-    graph = nx.DiGraph()
-    for i, lay in enumerate(profile.layers):
-        graph.add_node(i, name=lay.name, type=lay.type)
-    graph.add_edges_from(layer_edges(profile))
-    return graph
 
 
 def reach_counts(num_layers: int, edges: Sequence[tuple[int, int]]) -> tuple[list[int],

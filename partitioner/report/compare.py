@@ -37,10 +37,6 @@ class Comparison:
         """Relative error of the predicted step time (negative: the prediction is too fast)."""
         return relative_error(self.predicted.step_ms, self.measured.step_ms)
 
-    def stage_busy_errors(self) -> list[float]:
-        return [relative_error(p, m) for p, m in zip(self.predicted.stage_busy_ms(),
-                                                     self.measured.stage_busy_ms(), strict=True)]
-
     def report(self) -> str:
         """A table: step, bubble and each stage's busy time, predicted vs measured, error in %."""
         p, m = self.predicted, self.measured

@@ -21,7 +21,6 @@ generators of the named schedules are in ``schedule.generators``.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
@@ -31,9 +30,7 @@ __all__ = [
     "Action",
     "Schedule",
     "ScheduleError",
-    "from_rows",
     "lower",
-    "stage_actions",
     "validate",
 ]
 
@@ -255,16 +252,3 @@ def _deadlock(sched: Schedule) -> str:
              + ", ".join(map(str, _needs(acts[pos[k]], sched)))
              for k, acts in enumerate(sched.actions) if pos[k] < len(acts)]
     return "deadlock: " + "; ".join(stuck)
-
-
-def stage_actions(sched: Schedule, kinds: Iterable[str] = COMPUTE) -> list[list[Action]]:
-    """Each stage's actions of the given kinds, in order."""
-    wanted = set(kinds)
-    return [[a for a in row if a.kind in wanted] for row in sched.actions]
-
-
-def from_rows(name: str, rows: Sequence[Sequence[str]]) -> Schedule:
-    """A schedule from per-stage lists of action texts, e.g. ``[["0F0", "0B0"]]``."""
-    acts = tuple(tuple(Action.parse(t) for t in row) for row in rows)
-    mbs = {a.microbatch for row in acts for a in row}
-    return Schedule(name, len(acts), max(mbs) + 1 if mbs else 0, acts)

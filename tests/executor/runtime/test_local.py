@@ -15,8 +15,9 @@ from executor.runtime.pipeline import Pipeline, manual_plan
 from executor.runtime.stage import Stage
 from partitioner.formats.timeline import Timeline
 from partitioner.schedule.generators import gpipe
-from partitioner.schedule.ir import from_rows, lower
+from partitioner.schedule.ir import lower
 from tests import toy_models as em
+from tests.synthetic import schedule_from_rows
 
 B, STEPS, LR = 8, 5, 0.1
 CONFIGS = list(itertools.product((1, 2, 3, 5, 8), ("never", "always", "except_last"),
@@ -86,7 +87,7 @@ def test_run_order_follows_the_schedule_clock() -> None:
     assert [str(a) for a in order[:4]] == ["0F0", "0SF0", "0F1", "1RF0"]
     assert sorted(map(str, order)) == sorted(str(a) for row in sched.actions for a in row)
     with pytest.raises(ValueError, match="deadlock"):
-        run_order(from_rows("bad", [["0F0", "0RB0", "0B0", "0SF0"],
+        run_order(schedule_from_rows("bad", [["0F0", "0RB0", "0B0", "0SF0"],
                                     ["1RF0", "1F0", "1B0", "1SB0"]]))
 
 

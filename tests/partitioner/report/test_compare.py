@@ -29,7 +29,7 @@ def test_relative_error() -> None:
 def test_comparison_figures() -> None:
     c = compare_timelines(_tl(1.0), _tl(1.25))
     assert c.step_error == pytest.approx(1 / 1.25 - 1)
-    assert c.stage_busy_errors() == pytest.approx([-0.2, -0.2])
+    assert c.predicted.stage_busy_ms() == pytest.approx([0.8 * b for b in c.measured.stage_busy_ms()])
     text = c.report()
     assert "step_ms" in text and "-20.0%" in text and "stage 1 busy_ms" in text
     with pytest.raises(ValueError, match="K=2 stages but the measured one has K=3"):

@@ -3,7 +3,8 @@
 import pytest
 
 from partitioner.schedule.generators import gpipe, make_schedule, one_f_one_b
-from partitioner.schedule.ir import Action, Schedule, ScheduleError, from_rows, lower, validate
+from partitioner.schedule.ir import Action, Schedule, ScheduleError, lower, validate
+from tests.synthetic import schedule_from_rows
 
 GPIPE_3x4 = """
 t  stage0  stage1  stage2
@@ -75,27 +76,27 @@ def test_lowering_brackets_compute_with_communication() -> None:
 
 
 def test_validate_names_stage_and_step() -> None:
-    bad = from_rows("bad", [["0F0", "0B0", "0B0"], ["1B0", "1F0"]])
+    bad = schedule_from_rows("bad", [["0F0", "0B0", "0B0"], ["1B0", "1F0"]])
     with pytest.raises(ScheduleError) as info:
         validate(bad)
     msg = str(info.value)
     assert "stage 0, step 2 (0B0): repeats step 1" in msg
     assert "stage 1, step 0 (1B0): backward before the forward of micro-batch 0" in msg
     assert "stage0" in msg  # the grid is shown
-    missing = from_rows("short", [["0F0", "0F1", "0B1"], ["1F0", "1F1", "1B1", "1B0"]])
+    missing = schedule_from_rows("short", [["0F0", "0F1", "0B1"], ["1F0", "1F1", "1B1", "1B0"]])
     with pytest.raises(ScheduleError, match="stage 0: 0B0 is missing"):
         validate(missing)
 
 
 def test_validate_finds_deadlock() -> None:
     # stage 1 waits for 0F1, which stage 0 runs only after 0B0, which needs 1B0: a cycle
-    stuck = from_rows("stuck", [["0F0", "0B0", "0F1", "0B1"], ["1F1", "1F0", "1B0", "1B1"]])
+    stuck = schedule_from_rows("stuck", [["0F0", "0B0", "0F1", "0B1"], ["1F1", "1F0", "1B0", "1B1"]])
     with pytest.raises(ScheduleError, match=r"deadlock: stage 0 at step 1 \(0B0\) waits for 1B0"):
         validate(stuck)
 
 
 def test_lowered_send_after_compute() -> None:
-    bad = from_rows("late", [["0SF0", "0F0", "0RB0", "0B0"], ["1RF0", "1F0", "1B0", "1SB0"]])
+    bad = schedule_from_rows("late", [["0SF0", "0F0", "0RB0", "0B0"], ["1RF0", "1F0", "1B0", "1SB0"]])
     with pytest.raises(ScheduleError, match=r"stage 0, step 1 \(0F0\): its send 0SF0 comes first"):
         validate(bad)
 

@@ -13,10 +13,10 @@ from partitioner.formats.assumptions import LINKS, Link, Runtime
 from partitioner.formats.profile import load_profile
 from partitioner.formats.timeline import Event
 from partitioner.schedule.generators import gpipe, make_schedule
-from partitioner.schedule.ir import ScheduleError, from_rows, lower
+from partitioner.schedule.ir import ScheduleError, lower
 from partitioner.simulator.engine import SimResult, ranges_from_boundaries, simulate
 from partitioner.solve.chain import partition_chain
-from tests.synthetic import make_profile
+from tests.synthetic import make_profile, schedule_from_rows
 
 
 def _balanced(big_k: int, m: int, fwd_ms: float, bwd_ms: float, schedule: str = "gpipe",
@@ -187,9 +187,9 @@ def test_bad_inputs_are_refused_with_the_rule() -> None:
     with pytest.raises(ValueError, match="optimizer_ms=-1"):
         simulate(cm, ranges, optimizer_ms=-1.0)
     with pytest.raises(ScheduleError, match="backward before the forward"):
-        simulate(cm, ranges, from_rows("bad", [["0B0", "0F0", "0F1", "0B1"],
+        simulate(cm, ranges, schedule_from_rows("bad", [["0B0", "0F0", "0F1", "0B1"],
                                                 ["1F0", "1B0", "1F1", "1B1"]]))
-    deadlock = from_rows("stuck", [["0RB0", "0F0", "0SF0", "0F1", "0SF1", "0B0", "0B1",
+    deadlock = schedule_from_rows("stuck", [["0RB0", "0F0", "0SF0", "0F1", "0SF1", "0B0", "0B1",
                                     "0RB1"], ["1RF0", "1F0", "1RF1", "1F1", "1B0", "1SB0",
                                               "1B1", "1SB1"]])
     with pytest.raises(ScheduleError):
