@@ -15,22 +15,40 @@ caches, and shares one autograd run with every other layer. On a CPU these diffe
 small convolutional layers, and no per-call correction recovers it. So, where the whole model
 fits on the device, the profiler times each layer where it really runs:
 
-- forward: a clock mark between successive layers of one forward pass;
-- backward: one backward pass of the whole model, with a hook on each layer's input; it fires
-  when autograd has finished that layer's gradient for it, which is the boundary between the
-  layer's backward and the one before it. A layer's backward is the time between the hooks on
-  its output and on its input (from the start of the backward for the last layer, to its end
-  for a layer whose input needs no gradient).
+- forward: clock marks at the start and end of each layer in one forward pass;
+- backward: one backward pass of the whole model. Before each layer but the first, one autograd
+  node of its own takes the layer's inputs that need a gradient and hands the layer aliases of
+  them (new tensors on the same storage: no copy); hooks on that node mark when autograd
+  reaches it (every gradient of the layer's inputs is then done: the layer's backward has
+  ended) and when it has run it (the backward of the layer before starts). A layer's backward
+  is the time between the marks at its output and at its input (from the start of the
+  backward for the last layer, to its end for the first and for a layer whose input needs no
+  gradient).
+
+Why a node per layer rather than a hook on each input tensor: layers that pass a tuple on often
+pass some of its tensors through unchanged (a U-Net's skips, a gate every block reads), so the
+same tensor is an input of several layers, and a hook on it fires only once its last consumer,
+the earliest of those layers, is done. An alias is a distinct tensor at each layer, so its
+gradient is done with the layer's own backward; and of the nodes ready to run, autograd runs
+the one made last first, so the node before layer i runs right after layer i's backward,
+before any of layer i-1's. Tensors that need no gradient (integer ids, masks) pass as they
+are. The aliases are not views, so an in-place layer (``nn.ReLU(inplace=True)``) stacks its op
+on the node, as on any tensor, instead of replacing it; they share their tensor's version
+counter, so autograd's checks on in-place changes are those of the model without them. A hook
+a layer puts on its own input sees the gradient that comes through that layer and the ones
+after it (as on a pipeline stage's input), not also what the layers before add to the tensor.
 
 The marks are ``measure.Clock`` marks (CUDA events on a GPU, recorded on the stream autograd
-runs on), so the layers' times add up to the model's own forward and backward by construction
-except for the hooks themselves (microseconds each).
+runs on). The nodes run between the marks, outside every layer, so the layers' times add up to
+the model's own forward and backward by construction except for the hooks themselves
+(microseconds each).
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -89,16 +107,14 @@ def _one_pass(layers: list[nn.Module], x: Batch, clock: Clock
               ) -> tuple[list[float], list[float], list[bool]]:
     """One forward and one backward of the chain on a fresh copy of ``x``: per-layer
     milliseconds of each, and whether each layer's output requires grad."""
-    n = len(layers)
     h = rebuild_batch(x, [t.clone() for t in as_tensors(x, "input")])
-    fwd_marks = [clock.mark()]
-    in_marks: list[list[Mark]] = [[] for _ in range(n)]  # hooks on layer i's inputs
+    fwd_marks: list[Mark] = []  # each layer's start and end: the aliases lie between layers
+    at_node: list[list[Mark]] = [[] for _ in layers]  # autograd before/after layer i's node
     outs_grad: list[bool] = []
     for i, layer in enumerate(layers):
         if i > 0:
-            for t in as_tensors(h, "input"):
-                if t.requires_grad:
-                    t.register_hook(_marker(in_marks[i], clock))  # type: ignore[no-untyped-call]
+            h = _alias(h, at_node[i], clock)
+        fwd_marks.append(clock.mark())
         h = as_batch(layer(h), f"the output of layer {i}")
         fwd_marks.append(clock.mark())
         outs_grad.append(any(t.requires_grad for t in as_tensors(h, "output")))
@@ -107,17 +123,49 @@ def _one_pass(layers: list[nn.Module], x: Batch, clock: Clock
     if roots:
         torch.autograd.backward(roots, [torch.ones_like(t) for t in roots])
     end = clock.mark()
-    # ends[i]: when layer i's backward ended (the last hook on its inputs: autograd has then
-    # passed every gradient through it); a layer whose input needs no gradient ends with the pass
-    ends = [marks[-1] if marks else end for marks in in_marks]
-    spans = clock.elapsed_ms([start, *reversed(ends)])  # the last layer's backward first
-    return clock.elapsed_ms(fwd_marks), [max(0.0, s) for s in reversed(spans)], outs_grad
+    # layer i's backward ends where autograd reaches the node before it (every gradient has
+    # then passed through the layer) and layer i-1's starts once that node has run; a layer
+    # whose input needs no gradient ends with the pass
+    bwd_marks = [start]
+    for marks in reversed(at_node[1:]):
+        bwd_marks += marks if marks else [end, end]
+    spans = clock.elapsed_ms([*bwd_marks, end])[::2]  # the last layer's backward first
+    return clock.elapsed_ms(fwd_marks)[::2], [max(0.0, s) for s in reversed(spans)], outs_grad
 
 
-def _marker(sink: list[Mark], clock: Clock) -> Callable[[Tensor], None]:
-    def hook(_grad: Tensor) -> None:
+class _Alias(torch.autograd.Function):
+    """Identity on tensors as one autograd node: new tensors on the same storage, no copy."""
+
+    @staticmethod
+    def forward(ctx: Any, *ts: Tensor) -> tuple[Tensor, ...]:
+        ctx.set_materialize_grads(False)  # an alias no one reads gets no gradient of zeros
+        return tuple(t.detach() for t in ts)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        return grads
+
+
+def _alias(h: Batch, sink: list[Mark], clock: Clock) -> Batch:
+    """``h`` with its tensors that need a gradient replaced by aliases that one new autograd
+    node makes, with hooks that mark in ``sink`` when autograd reaches that node and when it
+    has run it."""
+    ts = list(as_tensors(h, "input"))
+    grads = [k for k, t in enumerate(ts) if t.requires_grad]
+    if not grads:
+        return h
+    aliases: tuple[Tensor, ...] = _Alias.apply(  # type: ignore[no-untyped-call]
+        *(ts[k] for k in grads))
+    for k, alias in zip(grads, aliases, strict=True):
+        ts[k] = alias
+    node = aliases[0].grad_fn
+    assert node is not None
+
+    def mark(*_grads: object) -> None:
         sink.append(clock.mark())
-    return hook
+    node.register_prehook(mark)
+    node.register_hook(mark)
+    return rebuild_batch(h, ts)
 
 
 def whole_model_bytes(per_layer: Sequence[Sequence[Measurement]], param_bytes: Sequence[int]
