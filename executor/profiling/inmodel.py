@@ -11,8 +11,9 @@ A layer timed alone runs in a context the model never gives it: its input, weigh
 buffers are hot in the caches from its own previous repetition, and each call pays the
 harness's launch and backward-call costs once per layer. Inside the model a layer writes its
 activations to fresh memory, reads saved tensors that the rest of the forward pushed out of the
-caches, and shares one autograd run with every other layer. On a CPU these differ by 5-15% for
-small convolutional layers, and no per-call correction recovers it. So, where the whole model
+caches, and shares one autograd run with every other layer. On a CPU these differ for small
+convolutional layers (README, "Profile a model"), and no per-call correction recovers it. So,
+where the whole model
 fits on the device, the profiler times each layer where it really runs:
 
 - forward: clock marks at the start and end of each layer in one forward pass;

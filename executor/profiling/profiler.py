@@ -343,8 +343,8 @@ def _how(dev: torch.device, used: str, clock: str, warmup: int, repeat: int, tra
     mode = f"{'training' if train else 'eval'} mode, {threads} intra-op thread(s)"
     if used == "model":
         parts = [f"Each layer timed inside forward+backward passes of the whole model on a copy "
-                 f"({clocked}): a mark between layers in the forward, a hook on each layer's "
-                 f"input in the backward; {mode}",
+                 f"({clocked}): marks between layers in the forward, hooks at each layer's "
+                 f"inputs in the backward; {mode}",
                  "the parameters' gradients accumulating as in a training step"]
     else:
         parts = [f"Each layer timed alone on a copy ({clocked}), input from a real forward "

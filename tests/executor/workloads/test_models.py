@@ -16,7 +16,6 @@ from executor.workloads.models import (
     build_model,
     gpt,
     list_models,
-    num_params,
 )
 
 SMALL = ["gpt-tiny", "gpt-small", "resnet-tiny", "resnet-small"]
@@ -42,6 +41,11 @@ def test_small_models_run_layer_by_layer(name: str) -> None:
             assert isinstance(x, torch.Tensor) and x.shape[0] == 2  # one tensor between layers
         loss = w.loss_fn(x, w.target)
     assert loss.dim() == 0 and math.isfinite(loss.item())
+
+
+def num_params(model: nn.Module) -> int:
+    """Parameters of a model, each shared one counted once."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def test_gpt_shapes_dtypes_and_loss_at_initialisation() -> None:
