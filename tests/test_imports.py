@@ -132,3 +132,10 @@ def test_front_doors_are_curated() -> None:
         assert exported == {n for n in vars(pkg) if not n.startswith("_")
                             and not isinstance(vars(pkg)[n], type(pkg))}, pkg.__name__
         assert sorted(exported) == sorted(set(pkg.__all__)), "no duplicates"
+
+
+def test_texts_point_only_to_what_the_repository_has() -> None:
+    """Messages and docstrings once sent readers to a DESIGN.md the repository does not have."""
+    texts = [source(m) for m in ALL] + list((ROOT / "profiles").rglob("*.md")) + [
+        ROOT / "README.md"]
+    assert [str(t) for t in texts if "DESIGN.md" in t.read_text()] == []

@@ -60,9 +60,8 @@ from executor.profiling.measure import (
     as_batch,
     as_tensors,
     quiet_gc,
-    rebuild_batch,
 )
-from executor.runtime.batch import Batch
+from executor.runtime.batch import Batch, like
 
 __all__ = ["time_layers_in_model", "whole_model_bytes"]
 
@@ -108,7 +107,7 @@ def _one_pass(layers: list[nn.Module], x: Batch, clock: Clock
               ) -> tuple[list[float], list[float], list[bool]]:
     """One forward and one backward of the chain on a fresh copy of ``x``: per-layer
     milliseconds of each, and whether each layer's output requires grad."""
-    h = rebuild_batch(x, [t.clone() for t in as_tensors(x, "input")])
+    h = like(x, [t.clone() for t in as_tensors(x, "input")])
     fwd_marks: list[Mark] = []  # each layer's start and end: the aliases lie between layers
     at_node: list[list[Mark]] = [[] for _ in layers]  # autograd before/after layer i's node
     outs_grad: list[bool] = []
@@ -166,7 +165,7 @@ def _alias(h: Batch, sink: list[Mark], clock: Clock) -> Batch:
         sink.append(clock.mark())
     node.register_prehook(mark)
     node.register_hook(mark)
-    return rebuild_batch(h, ts)
+    return like(h, ts)
 
 
 def whole_model_bytes(per_layer: Sequence[Sequence[Measurement]], param_bytes: Sequence[int]

@@ -27,11 +27,12 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CLOCKS", "Batch", "Clock", "Measurement", "as_batch", "as_tensors", "batch_nbytes",
-           "harness_overhead_ms", "measure", "prepare_batch", "quiet_gc", "rebuild_batch",
+from executor.runtime.batch import Batch, like
+
+__all__ = ["CLOCKS", "Clock", "Measurement", "as_batch", "as_tensors", "batch_nbytes",
+           "harness_overhead_ms", "measure", "prepare_batch", "quiet_gc",
            "slice_batch"]
 
-Batch = Tensor | tuple[Tensor, ...]
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def rebuild_batch(x: Batch, ts: Sequence[Tensor]) -> Batch:
 
 def slice_batch(x: Batch, b: int) -> Batch:
     """The first ``b`` rows of every tensor, as fresh contiguous tensors (their own storage)."""
-    return rebuild_batch(x, [t[:b].clone(memory_format=torch.contiguous_format)
+    return like(x, [t[:b].clone(memory_format=torch.contiguous_format)
                         for t in as_tensors(x, "batch")])
 
 
@@ -80,7 +81,7 @@ def prepare_batch(x: Batch, device: torch.device, dtype: torch.dtype | None) -> 
     def move(t: Tensor) -> Tensor:
         to_dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
         return t.detach().to(device=device, dtype=to_dtype)
-    return rebuild_batch(x, [move(t) for t in as_tensors(x, "batch")])
+    return like(x, [move(t) for t in as_tensors(x, "batch")])
 
 
 CLOCKS = ("wall", "thread")
@@ -144,7 +145,7 @@ class _Step:
                 fresh.append(leaf.clone())
             else:
                 fresh.append(t.clone())
-        return rebuild_batch(self.x, fresh), leaves + self.params
+        return like(self.x, fresh), leaves + self.params
 
     def differentiable(self, out: Batch) -> list[Tensor]:
         """The outputs the backward starts from (those that require grad)."""
@@ -241,7 +242,7 @@ def _saved_bytes(step: _Step, name: str) -> tuple[int, Batch]:
     xin, _ = step.inputs()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = as_batch(step.module(xin), name)
-    detached = rebuild_batch(out, [t.detach() for t in as_tensors(out, "output")])
+    detached = like(out, [t.detach() for t in as_tensors(out, "output")])
     return sum(seen.values()), detached
 
 

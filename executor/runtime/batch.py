@@ -16,8 +16,8 @@ from typing import Any, cast
 
 import torch
 
-__all__ = ["Batch", "as_tuple", "batch_size", "check_batch", "from_tuple", "gather", "move",
-           "scatter"]
+__all__ = ["Batch", "as_tuple", "batch_size", "check_batch", "from_tuple", "gather", "like",
+           "move", "scatter"]
 
 #: What flows between layers of an ``nn.Sequential``: one tensor or a tuple of tensors.
 Batch = torch.Tensor | tuple[torch.Tensor, ...]
@@ -31,6 +31,11 @@ def as_tuple(batch: Batch) -> tuple[torch.Tensor, ...]:
 def from_tuple(tensors: Sequence[torch.Tensor], is_tuple: bool) -> Batch:
     """Inverse of ``as_tuple``: ``is_tuple`` says whether the original was a tuple."""
     return tuple(tensors) if is_tuple else tensors[0]
+
+
+def like(batch: Batch, tensors: Sequence[torch.Tensor]) -> Batch:
+    """``tensors`` shaped as ``batch``: the one tensor if it is a tensor, else a tuple."""
+    return from_tuple(tensors, isinstance(batch, tuple))
 
 
 def check_batch(batch: object, name: str) -> Batch:
