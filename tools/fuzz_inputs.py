@@ -71,15 +71,20 @@ def _get(obj: Any, path: tuple[Any, ...]) -> Any:
     return obj
 
 
-def mutate(data: Any, rng: random.Random) -> Any:
-    """One random change somewhere in the JSON tree."""
+def mutate(data: Any, rng: random.Random, plausible: bool = False) -> Any:
+    """One random change somewhere in the JSON tree (``plausible``: a number changed into
+    another number a loader may accept, so that the case reaches what comes after it)."""
     data = copy.deepcopy(data)
-    path = rng.choice(_paths(data)[1:] or [()])
+    paths = _paths(data)[1:] or [()]
+    if plausible:
+        paths = [p for p in paths if p and isinstance(_get(data, p), (int, float))
+                 and not isinstance(_get(data, p), bool)] or paths
+    path = rng.choice(paths)
     if not path:
         return rng.choice(WEIRD)
     parent, key = _get(data, path[:-1]), path[-1]
     value = parent[key]
-    op = rng.randrange(10)
+    op = 8 if plausible else rng.randrange(10)
     if op >= 8 and isinstance(value, (int, float)) and not isinstance(value, bool):
         # a plausible number instead (zero, smaller, larger, the same type): these get past
         # the loaders and into the solvers, the simulator and the executor
@@ -188,7 +193,8 @@ def cli(argv: list[str]) -> tuple[str, str]:
     if code == 2:
         if "error" not in errors:
             raise AssertionError(f"exit 2 without a message: {errors[-200:]!r}")
-        return "clean", errors.strip().splitlines()[-1][:160]
+        lines = errors.strip().splitlines()
+        return "clean", " ".join(line.strip() for line in lines[-2:])[:160]
     if code != 0:
         raise AssertionError(f"exit status {code}: {errors[-300:]}")
     bad = NAN.search(text) or (NEG.search(text) if argv[:1] != ["compare"] else None)
@@ -200,8 +206,9 @@ def cli(argv: list[str]) -> tuple[str, str]:
 
 def profile_case(seeds: Seeds, rng: random.Random, path: Path) -> tuple[str, str]:
     data = seeds.profiles[rng.randrange(len(seeds.profiles))]
-    for _ in range(rng.randint(1, 4)):
-        data = mutate(data, rng)
+    plausible = rng.random() < 0.5  # half the cases get past the loader, into the solvers
+    for _ in range(rng.randint(1, 4) * (4 if plausible else 1)):
+        data = mutate(data, rng, plausible)
     write_json(data, path, rng)
     argv = ["--profile", str(path), "--stages", str(rng.choice([1, 2, 3, 5])),
             "--microbatches", str(rng.choice([1, 2, 4])), "--global-batch", "4",
