@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from executor.distributed.transport import HEADER_LEN, DistTransport, PeerError
+from executor.distributed.transport import DistTransport
 from executor.runtime.allocator import keep_freed_memory as keep_memory
 from executor.runtime.batch import Batch, gather, move
 from executor.runtime.batchnorm import DeferredBatchNorm
@@ -51,7 +51,7 @@ from partitioner.formats.timeline import Event, Timeline
 from partitioner.schedule.generators import make_schedule
 from partitioner.schedule.ir import lower, validate
 
-__all__ = ["HEADER_LEN", "DistTransport", "DistributedRunner", "PeerError", "StepResult"]
+__all__ = ["DistributedRunner", "StepResult"]
 
 
 @dataclass

@@ -35,7 +35,8 @@ from partitioner.schedule.generators import MAX_MICROBATCHES, SCHEDULES
 from partitioner.schedule.recompute import RECOMPUTE_MODES
 from partitioner.solve.planner import SOLVERS
 
-__all__ = ["add_cost_arguments", "add_runtime_arguments", "add_solver_arguments", "bandwidth",
+__all__ = ["add_cost_arguments", "add_link_arguments", "add_runtime_arguments",
+           "add_solver_arguments", "bandwidth",
            "choices", "cost_model_from_args", "count", "count_list", "link_from_args",
            "load_profile_arg", "memory_limit_from_args", "milliseconds", "number",
            "runtime_from_args", "shape", "size"]
