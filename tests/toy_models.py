@@ -140,6 +140,37 @@ class Sleep(nn.Module):
         return x * self.scale
 
 
+class _Sleep(torch.autograd.Function):
+    """Identity that sleeps ``fwd_s`` in its forward and ``bwd_s`` in its backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, fwd_s: float, bwd_s: float) -> torch.Tensor:
+        ctx.bwd_s = bwd_s
+        time.sleep(fwd_s)
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        time.sleep(ctx.bwd_s)
+        return grad, None, None
+
+
+class SleepLayer(nn.Module):
+    """A layer whose forward takes ``fwd_ms`` and whose backward takes ``bwd_ms``."""
+
+    def __init__(self, fwd_ms: float, bwd_ms: float) -> None:
+        super().__init__()
+        self.fwd_s, self.bwd_s = fwd_ms / 1000, bwd_ms / 1000
+        self.scale = nn.Parameter(torch.ones(1))  # so even the first layer has a backward
+
+    def sleep(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = _Sleep.apply(x * self.scale, self.fwd_s, self.bwd_s)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sleep(x)
+
+
 class _RowSleep(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, fwd_s: float, bwd_s: float) -> torch.Tensor:

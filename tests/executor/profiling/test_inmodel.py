@@ -4,8 +4,6 @@ layers pass tuples on whose tensors go through several layers unchanged (a U-Net
 from __future__ import annotations
 
 import statistics
-import time
-from typing import Any
 
 import pytest
 import torch
@@ -14,37 +12,12 @@ from torch import Tensor, nn
 from executor.profiling.inmodel import time_layers_in_model
 from executor.profiling.profiler import profile_model
 from tests import toy_models
+from tests.toy_models import SleepLayer
 
 CPU = torch.device("cpu")
 
 
-class _Sleep(torch.autograd.Function):
-    """Identity that sleeps ``fwd_s`` in its forward and ``bwd_s`` in its backward."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, fwd_s: float, bwd_s: float) -> Tensor:
-        ctx.bwd_s = bwd_s
-        time.sleep(fwd_s)
-        return x * 1.0
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        time.sleep(ctx.bwd_s)
-        return grad, None, None
-
-
-class _Sleeper(nn.Module):
-    def __init__(self, fwd_ms: float, bwd_ms: float) -> None:
-        super().__init__()
-        self.fwd_s, self.bwd_s = fwd_ms / 1e3, bwd_ms / 1e3
-        self.scale = nn.Parameter(torch.ones(1))
-
-    def sleep(self, x: Tensor) -> Tensor:
-        out: Tensor = _Sleep.apply(x * self.scale, self.fwd_s, self.bwd_s)
-        return out
-
-
-class Encoder(_Sleeper):
+class Encoder(SleepLayer):
     """x -> (x, s1, s2, ids, mask): two skips that need gradients, an integer tensor and a
     float tensor that needs none."""
 
@@ -54,7 +27,7 @@ class Encoder(_Sleeper):
         return h, h * 0.5, h * 0.25, ids, torch.ones(x.shape[0], 1)
 
 
-class Pass(_Sleeper):
+class Pass(SleepLayer):
     """Transforms x; passes the skips, ids and mask on unchanged (the same tensor objects)."""
 
     def forward(self, t: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -70,7 +43,7 @@ class InPlaceReLU(nn.Module):
         return x.relu_(), s1.relu_(), s2.relu_(), ids, mask
 
 
-class Merge(_Sleeper):
+class Merge(SleepLayer):
     """Adds the last skip into x and drops it."""
 
     def forward(self, t: tuple[Tensor, ...]) -> tuple[Tensor, ...]:

@@ -4,7 +4,6 @@ model left exactly as it was."""
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, ClassVar
 
 import pytest
@@ -22,34 +21,10 @@ from partitioner.formats.profile import (
     profile_to_dict,
     save_profile,
 )
+from tests.toy_models import SleepLayer
 
 CPU = torch.device("cpu")
 FAST: dict[str, Any] = {"warmup": 1, "repeat": 3, "threads": 1}
-
-
-class _Sleep(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, fwd_s: float, bwd_s: float) -> Tensor:
-        ctx.bwd_s = bwd_s
-        time.sleep(fwd_s)
-        return x * 1.0
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        time.sleep(ctx.bwd_s)
-        return grad, None, None
-
-
-class SleepLayer(nn.Module):
-    """A layer whose forward takes ``fwd_ms`` and whose backward takes ``bwd_ms``."""
-
-    def __init__(self, fwd_ms: float, bwd_ms: float) -> None:
-        super().__init__()
-        self.fwd_s, self.bwd_s = fwd_ms / 1000, bwd_ms / 1000
-        self.scale = nn.Parameter(torch.ones(1))  # so even the first layer has a backward
-
-    def forward(self, x: Tensor) -> Tensor:
-        return _Sleep.apply(x * self.scale, self.fwd_s, self.bwd_s)  # type: ignore[no-any-return]
 
 
 def _close(measured: float, expected: float) -> bool:
