@@ -26,10 +26,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from executor.runtime.devices import device_info
+from executor.runtime.devices import device_info, resolve_device
 from partitioner.formats.profile import LayerProfile, Profile
+from partitioner.formats.specs import load_spec
 
-__all__ = ["profile_graph", "trace_layers"]
+__all__ = ["profile_graph", "profile_graph_of", "trace_layers"]
 
 _LAYER_OPS = ("call_module", "call_function", "call_method")
 
@@ -204,3 +205,25 @@ def _type_name(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_method":
         return f"Tensor.{node.target}"
     return getattr(node.target, "__name__", str(node.target))
+
+
+def profile_graph_of(model_spec: str, input_shape: Sequence[int], microbatch_sizes: Sequence[int],
+                     *, leaf_modules: Sequence[str] = (), device: str = "cpu",
+                     repeats: int = 5) -> Profile:
+    """``profile_graph`` of the model a ``module:factory`` spec builds, fed random samples of
+    ``input_shape`` (without the batch dimension), with the module classes ``leaf_modules``
+    (specs too) kept whole; what ``partition-model profile-graph`` runs."""
+    dev = resolve_device(device)
+    factory = load_spec(model_spec, "--model")
+    leaves = [load_spec(spec, "--leaf") for spec in leaf_modules]
+    bad = [spec for spec, cls in zip(leaf_modules, leaves, strict=True)
+           if not (isinstance(cls, type) and issubclass(cls, nn.Module))]
+    if bad:
+        raise TypeError(f"--leaf {bad[0]!r} is not an nn.Module class")
+    model = factory() if callable(factory) else None
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"--model {model_spec!r} must name a function or class returning an "
+                        f"nn.Module, got {type(model).__name__}")
+    sample = torch.randn(max(microbatch_sizes), *input_shape, device=dev)
+    return profile_graph(model.to(dev), sample, microbatch_sizes, repeats=repeats,
+                         leaf_modules=leaves, name=model_spec)

@@ -11,10 +11,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from partitioner.cli.main import CliError
 from partitioner.cli.options import count, count_list, shape
 from partitioner.formats.profile import save_profile
-from partitioner.formats.specs import load_spec
 
 __all__ = ["main"]
 
@@ -38,25 +36,10 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("-o", "--output", required=True, metavar="PROFILE.json")
     args = p.parse_args(argv)
 
-    import torch
+    from executor.profiling.graph import profile_graph_of
 
-    from executor.profiling.graph import profile_graph
-    from executor.runtime.devices import resolve_device
-
-    device = resolve_device(args.device)
-    factory = load_spec(args.model, "--model")
-    leaves = [load_spec(s, "--leaf") for s in args.leaf]
-    bad = [s for s, c in zip(args.leaf, leaves, strict=True)
-           if not (isinstance(c, type) and issubclass(c, torch.nn.Module))]
-    if bad:
-        raise CliError(f"--leaf {bad[0]!r} is not an nn.Module class")
-    model = factory()
-    if not isinstance(model, torch.nn.Module):
-        raise CliError(f"--model {args.model!r} returned a {type(model).__name__}, not an "
-                       f"nn.Module")
-    sample = torch.randn(max(args.microbatch_sizes), *args.input_shape, device=device)
-    prof = profile_graph(model.to(device), sample, args.microbatch_sizes, repeats=args.repeat,
-                         leaf_modules=leaves, name=args.model)
+    prof = profile_graph_of(args.model, args.input_shape, args.microbatch_sizes,
+                            leaf_modules=args.leaf, device=args.device, repeats=args.repeat)
     save_profile(prof, args.output)
     total = sum(lay.fwd_ms[-1] + lay.bwd_ms[-1] for lay in prof.layers)
     print(f"wrote {args.output}: {prof.num_layers} layers, {len(prof.edges or ())} edges, "
