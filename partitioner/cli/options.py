@@ -30,7 +30,7 @@ from partitioner.formats.assumptions import (
 )
 from partitioner.formats.plan import MAX_GLOBAL_BATCH
 from partitioner.formats.profile import Profile, load_profile
-from partitioner.formats.units import MAX_MS, parse_bandwidth_gbps, parse_bytes
+from partitioner.formats.units import MAX_MS, NO_LIMIT_BYTES, parse_bandwidth_gbps, parse_bytes
 from partitioner.schedule.generators import MAX_MICROBATCHES, SCHEDULES
 from partitioner.schedule.recompute import RECOMPUTE_MODES
 from partitioner.solve.planner import SOLVERS
@@ -267,4 +267,4 @@ def memory_limit_from_args(args: argparse.Namespace, profile: Profile) -> float:
     """``--memory-limit`` if given (inf: none), else the profile's device memory."""
     if args.memory_limit is None:
         return float(profile.device.memory_bytes)
-    return math.inf if args.memory_limit >= 2**62 else float(args.memory_limit)
+    return math.inf if args.memory_limit >= NO_LIMIT_BYTES else float(args.memory_limit)
