@@ -24,6 +24,7 @@ Failures of a peer surface as PeerError, naming the action, the peer and the cau
 from __future__ import annotations
 
 import math
+import pickle
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, NamedTuple, TypeVar
@@ -34,11 +35,11 @@ import torch.distributed as dist
 from executor.runtime.interpreter import Packet
 
 __all__ = ["HEADER_LEN", "DistTransport", "PeerError", "decode_header", "encode_header", "pack",
-           "unpack"]
+           "read_header", "unpack"]
 
 HEADER_LEN = 64
-_PARTS = 3  # tags: (2 * microbatch + direction) * _PARTS + part; part 0 header, 1 tensors,
-# 2 tensors larger than the receive posted for them (see DistTransport)
+_PARTS = 4  # tags: (2 * microbatch + direction) * _PARTS + part; part 0 header, 1 tensors,
+# 2 tensors larger than the receive posted for them (see DistTransport), 3 a graph template
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
            torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64)
 T = TypeVar("T")
@@ -52,14 +53,17 @@ def _tag(direction: int, microbatch: int, part: int) -> int:
     return (2 * microbatch + direction) * _PARTS + part
 
 
-def encode_header(packet: Packet) -> torch.Tensor:
-    """The int64 header describing ``packet``'s tensors (see module docstring)."""
-    words = [int(packet.is_tuple), len(packet.tensors)]
-    for t in packet.tensors:
+def encode_header(packet: Packet, template_bytes: int = 0) -> torch.Tensor:
+    """The int64 header describing ``packet``'s tensors (see module docstring): word 0 is the
+    tuple flag plus twice the bytes of the pickled template that follows (graph stages), word 1
+    the tensor count, then per tensor its dtype code (plus 32 when a gradient comes back for
+    it), its rank and its sizes."""
+    words = [int(packet.is_tuple) + 2 * template_bytes, len(packet.tensors)]
+    for t, grad in zip(packet.tensors, packet.needs_grad, strict=True):
         if t.dtype not in _DTYPES:
             raise TypeError(f"a stage output has dtype {t.dtype}, which the executor cannot "
                             f"send; use one of {', '.join(map(str, _DTYPES))}")
-        words += [_DTYPES.index(t.dtype), t.dim(), *t.shape]
+        words += [_DTYPES.index(t.dtype) + 32 * int(grad), t.dim(), *t.shape]
     if len(words) > HEADER_LEN:
         raise ValueError(f"a stage output of {len(packet.tensors)} tensors with shapes "
                          f"{[tuple(t.shape) for t in packet.tensors]} does not fit the "
@@ -68,14 +72,24 @@ def encode_header(packet: Packet) -> torch.Tensor:
     return torch.tensor(words + [0] * (HEADER_LEN - len(words)), dtype=torch.int64)
 
 
-def decode_header(header: torch.Tensor) -> tuple[bool, list[tuple[torch.dtype, list[int]]]]:
-    """Inverse of ``encode_header``: the tuple flag and each tensor's (dtype, shape)."""
+def read_header(header: torch.Tensor) -> tuple[bool, list[tuple[torch.dtype, list[int]]],
+                                               tuple[bool, ...], int]:
+    """Inverse of ``encode_header``: the tuple flag, each tensor's (dtype, shape), whether a
+    gradient comes back for each, and the bytes of the template that follows."""
     words = header.tolist()
-    is_tuple, count, pos, specs = bool(words[0]), words[1], 2, []
+    is_tuple, count, pos = bool(words[0] & 1), words[1], 2
+    specs, grads = [], []
     for _ in range(count):
-        dtype, ndim = _DTYPES[words[pos]], words[pos + 1]
-        specs.append((dtype, words[pos + 2:pos + 2 + ndim]))
+        code, ndim = words[pos], words[pos + 1]
+        specs.append((_DTYPES[code % 32], words[pos + 2:pos + 2 + ndim]))
+        grads.append(code >= 32)
         pos += 2 + ndim
+    return is_tuple, specs, tuple(grads), words[0] >> 1
+
+
+def decode_header(header: torch.Tensor) -> tuple[bool, list[tuple[torch.dtype, list[int]]]]:
+    """The tuple flag and each tensor's (dtype, shape) of a header."""
+    is_tuple, specs, _, _ = read_header(header)
     return is_tuple, specs
 
 
@@ -137,13 +151,15 @@ class DistTransport:
 
     def __init__(self, stage: int, ranks: Sequence[int], device: torch.device,
                  groups: Mapping[tuple[int, int], Any], timeout_s: float = 60.0,
-                 post_early: bool = True) -> None:
+                 post_early: bool = True, sources: Sequence[int] | None = None) -> None:
         self.stage, self.ranks, self.device, self.groups = stage, list(ranks), device, groups
+        self.sources = list(sources) if sources is not None else (
+            [stage - 1] if stage > 0 else [])
         self.post_early = post_early
         self.timeout = timedelta(seconds=timeout_s)
         self._pending: list[tuple[Any, torch.Tensor]] = []
-        self._posted: dict[int, _Posted] = {}  # by tag
-        self._body_bytes: dict[int, int] = {}  # micro-batch -> its last activation body's bytes
+        self._posted: dict[tuple[int, int], _Posted] = {}  # by (peer, tag)
+        self._body_bytes: dict[tuple[int, int], int] = {}  # (peer, micro-batch) -> last body bytes
         self._training = True
 
     def _guard(self, what: str, peer: int, fn: Callable[[], T]) -> T:
@@ -158,17 +174,18 @@ class DistTransport:
                 f"error") from exc
 
     def begin_step(self, microbatches: int, training: bool) -> None:
-        """Post this step's activation receives (a stage after the first)."""
+        """Post this step's activation receives (a stage with sources)."""
         self._training = training and self.post_early
-        if self.stage == 0 or not self.post_early:
+        if not self.post_early:
             return
         what = "posting the receives of the activations"
-        for i in range(microbatches):
-            self._post(torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device),
-                       self.stage - 1, _tag(0, i, 0), what)
-            if self._body_bytes.get(i):
-                self._post(torch.empty(self._body_bytes[i], dtype=torch.uint8,
-                                       device=self.device), self.stage - 1, _tag(0, i, 1), what)
+        for src in self.sources:
+            for i in range(microbatches):
+                self._post(torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device),
+                           src, _tag(0, i, 0), what)
+                if self._body_bytes.get((src, i)):
+                    self._post(torch.empty(self._body_bytes[src, i], dtype=torch.uint8,
+                                           device=self.device), src, _tag(0, i, 1), what)
 
     def _isend(self, tensor: torch.Tensor, peer: int, tag: int, what: str) -> None:
         tensor = tensor.contiguous()
@@ -179,14 +196,15 @@ class DistTransport:
     def _post(self, tensor: torch.Tensor, peer: int, tag: int, what: str) -> None:
         group, src = self.groups[peer, self.stage], self.ranks[peer]
         work = self._guard(what, peer, lambda: dist.irecv(tensor, src, group=group, tag=tag))
-        self._posted[tag] = _Posted(work, tensor)
+        self._posted[peer, tag] = _Posted(work, tensor)
 
     def _recv(self, tensor: torch.Tensor | None, peer: int, tag: int, what: str) -> torch.Tensor:
-        """Wait for the receive of ``tag``, posting it into ``tensor`` unless already posted."""
-        if tag not in self._posted:
+        """Wait for the receive of ``tag`` from ``peer``, posting it into ``tensor`` unless
+        already posted."""
+        if (peer, tag) not in self._posted:
             assert tensor is not None
             self._post(tensor, peer, tag, what)
-        posted = self._posted.pop(tag)
+        posted = self._posted.pop((peer, tag))
         self._guard(what, peer, lambda: posted.work.wait(self.timeout))
         return posted.buffer
 
@@ -209,61 +227,74 @@ class DistTransport:
         if not specs:
             return ()
         tag = _tag(direction, microbatch, 1)
-        buf = self._recv(None if tag in self._posted else self._recv_buffer(specs, self.device),
-                         peer, tag, what)
+        buf = self._recv(None if (peer, tag) in self._posted
+                         else self._recv_buffer(specs, self.device), peer, tag, what)
         return (buf,) if len(specs) == 1 else unpack(buf, specs)
 
-    def send_activation(self, stage: int, microbatch: int, packet: Packet) -> None:
-        what = f"sending the activation of micro-batch {microbatch}"
-        header = encode_header(packet).to(self.device)
-        self._isend(header, stage + 1, _tag(0, microbatch, 0), what)
+    def send_activation(self, stage: int, peer: int, microbatch: int, packet: Packet) -> None:
+        what = f"sending the activation of micro-batch {microbatch} to stage {peer}"
+        template = (pickle.dumps(packet.template) if packet.template is not None else b"")
+        header = encode_header(packet, len(template)).to(self.device)
+        self._isend(header, peer, _tag(0, microbatch, 0), what)
+        if template:
+            self._isend(torch.frombuffer(bytearray(template), dtype=torch.uint8).to(self.device),
+                        peer, _tag(0, microbatch, 3), what)
         tensors = [t.contiguous() for t in packet.tensors]
-        body = pack(tensors) if len(tensors) != 1 else tensors[0].reshape(-1).view(torch.uint8)
-        posted = self._body_bytes.get(microbatch) or None  # the receiver's posted bytes
+        body = (pack(tensors) if len(tensors) > 1 else tensors[0].reshape(-1).view(torch.uint8)
+                if tensors else torch.empty(0, dtype=torch.uint8, device=self.device))
+        posted = self._body_bytes.get((peer, microbatch)) or None  # the receiver's posted bytes
         if self.post_early:
-            self._body_bytes[microbatch] = body.numel()
+            self._body_bytes[peer, microbatch] = body.numel()
         if posted is not None and body.numel() > posted:  # fill the posted receive, then send
             self._isend(torch.zeros(min(8, posted), dtype=torch.uint8, device=self.device),
-                        stage + 1, _tag(0, microbatch, 1), what)
-            self._isend(body, stage + 1, _tag(0, microbatch, 2), what)
+                        peer, _tag(0, microbatch, 1), what)
+            self._isend(body, peer, _tag(0, microbatch, 2), what)
         elif body.numel():
-            self._isend(body, stage + 1, _tag(0, microbatch, 1), what)
-        if self._training:  # the gradient comes back with the shapes of the float tensors
-            grads = [(t.dtype, list(t.shape)) for t in tensors if t.is_floating_point()]
+            self._isend(body, peer, _tag(0, microbatch, 1), what)
+        if self._training:  # the gradient comes back with the shapes of the tensors sent
+            grads = [(t.dtype, list(t.shape)) for t, g in zip(tensors, packet.needs_grad,
+                                                              strict=True) if g]
             if grads:
-                self._post(self._recv_buffer(grads, self.device), stage + 1,
+                self._post(self._recv_buffer(grads, self.device), peer,
                            _tag(1, microbatch, 1), f"posting the receive of the gradient of "
                                                    f"micro-batch {microbatch}")
 
-    def recv_activation(self, stage: int, microbatch: int) -> Packet:
-        what = f"receiving the activation of micro-batch {microbatch}"
+    def recv_activation(self, stage: int, peer: int, microbatch: int) -> Packet:
+        what = f"receiving the activation of micro-batch {microbatch} from stage {peer}"
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-        is_tuple, specs = decode_header(self._recv(header, stage - 1, _tag(0, microbatch, 0),
-                                                   what))
+        is_tuple, specs, grads, template_bytes = read_header(
+            self._recv(header, peer, _tag(0, microbatch, 0), what))
+        template = None
+        if template_bytes:
+            raw = self._recv(torch.empty(template_bytes, dtype=torch.uint8, device=self.device),
+                             peer, _tag(0, microbatch, 3), what)
+            template = pickle.loads(raw.cpu().numpy().tobytes())
         nbytes = _layout(specs)[1] if len(specs) != 1 else _nbytes(*specs[0])
-        posted = self._body_bytes.get(microbatch) or None
+        posted = self._body_bytes.get((peer, microbatch)) or None
         if self.post_early:
-            self._body_bytes[microbatch] = nbytes
+            self._body_bytes[peer, microbatch] = nbytes
         tag = _tag(0, microbatch, 1)
         if posted is not None and nbytes > posted:  # the posted receive holds a filler
-            self._recv(None, stage - 1, tag, what)
+            self._recv(None, peer, tag, what)
             tag = _tag(0, microbatch, 2)
         if not nbytes:
             return Packet(tuple(torch.empty(tuple(shape), dtype=dtype, device=self.device)
-                                for dtype, shape in specs), is_tuple)
-        buf = self._recv(None if tag in self._posted else
+                                for dtype, shape in specs), is_tuple, grads, template)
+        buf = self._recv(None if (peer, tag) in self._posted else
                          torch.empty(nbytes, dtype=torch.uint8, device=self.device),
-                         stage - 1, tag, what)
-        return Packet(unpack(buf[:nbytes], specs), is_tuple)
+                         peer, tag, what)
+        return Packet(unpack(buf[:nbytes], specs), is_tuple, grads, template)
 
-    def send_grad(self, stage: int, microbatch: int, grads: tuple[torch.Tensor, ...]) -> None:
-        self._send_tensors(grads, stage - 1, 1, microbatch,
-                           f"sending the gradient of micro-batch {microbatch}")
+    def send_grad(self, stage: int, peer: int, microbatch: int,
+                  grads: tuple[torch.Tensor, ...]) -> None:
+        self._send_tensors(grads, peer, 1, microbatch,
+                           f"sending the gradient of micro-batch {microbatch} to stage {peer}")
 
-    def recv_grad(self, stage: int, microbatch: int,
+    def recv_grad(self, stage: int, peer: int, microbatch: int,
                   like: tuple[tuple[torch.Size, torch.dtype], ...]) -> tuple[torch.Tensor, ...]:
-        return self._recv_tensors([(dtype, list(shape)) for shape, dtype in like], stage + 1, 1,
-                                  microbatch, f"receiving the gradient of micro-batch {microbatch}")
+        return self._recv_tensors([(dtype, list(shape)) for shape, dtype in like], peer, 1,
+                                  microbatch, f"receiving the gradient of micro-batch "
+                                              f"{microbatch} from stage {peer}")
 
     def finish(self) -> None:
         """Wait until every send of the step has been delivered."""

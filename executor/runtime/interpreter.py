@@ -33,34 +33,54 @@ from executor.runtime.stage import RngState, Stage
 from partitioner.cost.model import split_microbatches
 from partitioner.schedule.ir import Action
 
-__all__ = ["Interpreter", "LossFn", "Packet", "StageResult", "StepData", "Transport"]
+#: The key of the model's output among a graph stage's results (``executor.graphs.stage``).
+OUTPUT = "__output__"
+
+__all__ = ["OUTPUT", "Interpreter", "LossFn", "Packet", "StageResult", "StepData", "Transport"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
+#: A chain ``Stage`` or a stage of a layer graph (``executor.graphs.stage.GraphStage``), which
+#: also says where its values come from and go (``sources``, ``destinations``).
+StageLike = Stage | Any
 
 
 class Packet(NamedTuple):
-    """A stage's output as it crosses to the next stage: its tensors (detached), whether it was a
-    tuple, and for each tensor whether a gradient comes back (floating-point tensors)."""
+    """What one stage sends another for one micro-batch: its tensors (detached), whether it was
+    a tuple (a chain stage's output), for each tensor whether a gradient comes back (``grads``;
+    None: the floating-point ones), and for a graph stage the template that puts the tensors
+    back into its values (``executor.graphs.stage``)."""
 
     tensors: tuple[torch.Tensor, ...]
     is_tuple: bool
+    grads: tuple[bool, ...] | None = None
+    template: Any = None
 
     @property
     def needs_grad(self) -> tuple[bool, ...]:
+        if self.grads is not None:
+            return self.grads
         return tuple(t.is_floating_point() for t in self.tensors)
+
+    @property
+    def grad_like(self) -> tuple[tuple[torch.Size, torch.dtype], ...]:
+        """Shapes and dtypes of the gradients that come back."""
+        return tuple((t.shape, t.dtype) for t, g in zip(self.tensors, self.needs_grad,
+                                                         strict=True) if g)
 
 
 class Transport(Protocol):
-    """Carries packets forward (stage k -> k+1) and gradients backward (k -> k-1). Sends do not
-    wait for the receiver; a receive blocks until the (kind, micro-batch) it names arrived."""
+    """Carries packets forward (stage -> a later stage ``peer``) and gradients backward (to an
+    earlier one). Sends do not wait for the receiver; a receive blocks until the (kind, peer,
+    micro-batch) it names arrived."""
 
-    def send_activation(self, stage: int, microbatch: int, packet: Packet) -> None: ...
+    def send_activation(self, stage: int, peer: int, microbatch: int, packet: Packet) -> None: ...
 
-    def recv_activation(self, stage: int, microbatch: int) -> Packet: ...
+    def recv_activation(self, stage: int, peer: int, microbatch: int) -> Packet: ...
 
-    def send_grad(self, stage: int, microbatch: int, grads: tuple[torch.Tensor, ...]) -> None: ...
+    def send_grad(self, stage: int, peer: int, microbatch: int,
+                  grads: tuple[torch.Tensor, ...]) -> None: ...
 
-    def recv_grad(self, stage: int, microbatch: int,
+    def recv_grad(self, stage: int, peer: int, microbatch: int,
                   like: tuple[tuple[torch.Size, torch.dtype], ...]) -> tuple[torch.Tensor, ...]: ...
 
 
@@ -111,18 +131,19 @@ class _Saved:
     """What B(k, i) needs: the stage input, and either the output (graph kept) or the random
     state to replay the forward from."""
 
-    inputs: Batch
-    output: Batch | None
+    inputs: Any
+    output: Any
     rng: RngState | None
 
 
 class Interpreter:
     """Runs the actions of ``stage`` (of ``num_stages``); a table maps each kind to its handler."""
 
-    def __init__(self, stage: Stage, num_stages: int, transport: Transport | None,
+    def __init__(self, stage: StageLike, num_stages: int, transport: Transport | None,
                  recorder: Recorder | None = None,
                  batchnorm: DeferredBatchNorm | None = None) -> None:
         self.stage = stage
+        self.graph = bool(getattr(stage, "is_graph", False))  # a GraphStage of a layer graph
         self.first = stage.index == 0
         self.last = stage.index == num_stages - 1
         self.transport = transport
@@ -138,13 +159,13 @@ class Interpreter:
         self._clear()
 
     def _clear(self) -> None:
-        self._inbox: dict[int, Batch] = {}
-        self._outbox: dict[int, Packet] = {}
-        self._out_meta: dict[int, tuple[tuple[torch.Size, torch.dtype], ...]] = {}
+        self._inbox: dict[int, Any] = {}
+        self._outbox: dict[int, dict[int, Packet]] = {}
+        self._out_meta: dict[int, dict[int, tuple[tuple[torch.Size, torch.dtype], ...]]] = {}
         self._saved: dict[int, _Saved] = {}
-        self._grad_in: dict[int, tuple[torch.Tensor, ...]] = {}
-        self._grad_out: dict[int, tuple[torch.Tensor, ...]] = {}
-        self._outputs: dict[int, Batch] = {}
+        self._grad_in: dict[int, dict[int, tuple[torch.Tensor, ...]]] = {}
+        self._grad_out: dict[int, dict[int, tuple[torch.Tensor, ...]]] = {}
+        self._outputs: dict[int, Any] = {}
         self._loss: torch.Tensor | None = None
 
     # -- step ------------------------------------------------------------------------------------
@@ -211,6 +232,10 @@ class Interpreter:
                             f"{type(loss).__name__} {getattr(loss, 'shape', '')}")
         return loss.reshape(()) * (data.sizes[i] / sum(data.sizes))
 
+    def _result(self, y: Any) -> Any:
+        """The model's output from what the last stage computed."""
+        return y[OUTPUT] if self.graph else y
+
     def _forward(self, action: Action) -> None:
         i = action.microbatch
         x = self._take(self._inbox, action, "the input")
@@ -222,7 +247,7 @@ class Interpreter:
         rng = self.stage.rng_state() if self.stage.recompute else None
         with torch.set_grad_enabled(not self.stage.recompute):
             y = self.stage(x)
-            loss = self._weighted_loss(y, i) if self.last else None
+            loss = self._weighted_loss(self._result(y), i) if self.last else None
         if loss is not None:
             self._loss = loss.detach() if self._loss is None else self._loss + loss.detach()
             self._saved[i] = _Saved(x, None if self.stage.recompute else loss, rng)
@@ -230,13 +255,17 @@ class Interpreter:
             self._saved[i] = _Saved(x, None if self.stage.recompute else y, rng)
             self._emit(i, y)
 
-    def _emit(self, i: int, y: Batch) -> None:
+    def _emit(self, i: int, y: Any) -> None:
         if self.last:
-            self._outputs[i] = y
+            self._outputs[i] = self._result(y)
             return
-        tensors = tuple(t.detach() for t in as_tuple(y))
-        self._outbox[i] = Packet(tensors, isinstance(y, tuple))
-        self._out_meta[i] = tuple((t.shape, t.dtype) for t in tensors if t.is_floating_point())
+        if self.graph:
+            packets = self.stage.packets(y)
+        else:
+            tensors = tuple(t.detach() for t in as_tuple(y))
+            packets = {self.stage.index + 1: Packet(tensors, isinstance(y, tuple))}
+        self._outbox[i] = packets
+        self._out_meta[i] = {dst: p.grad_like for dst, p in packets.items()}
 
     def _backward(self, action: Action) -> None:
         i = action.microbatch
@@ -247,40 +276,57 @@ class Interpreter:
             with self.stage.replaying(saved.rng), torch.enable_grad():
                 output = self.stage(saved.inputs)
                 if self.last:
-                    output = self._weighted_loss(output, i)
+                    output = self._weighted_loss(self._result(output), i)
         if self.last:
             assert isinstance(output, torch.Tensor)
             output.backward()  # type: ignore[no-untyped-call]
         else:
             grads = self._take(self._grad_in, action, "the output gradient")
-            outs = [t for t in as_tuple(output) if t.is_floating_point()]
-            pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if o.requires_grad]
-            if pairs:
-                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        if not self.first:
+            if self.graph:
+                roots, root_grads = self.stage.backward_roots(output, grads)
+            else:
+                outs = [t for t in as_tuple(output) if t.is_floating_point()]
+                pairs = [(o, g) for o, g in zip(outs, grads[self.stage.index + 1], strict=True)
+                         if o.requires_grad]
+                roots, root_grads = [o for o, _ in pairs], [g for _, g in pairs]
+            if roots:
+                torch.autograd.backward(roots, root_grads)
+        if self.first:
+            return
+        if self.graph:
+            self._grad_out[i] = self.stage.input_grads(saved.inputs)
+        else:
             leaves = [t for t in as_tuple(saved.inputs) if t.is_floating_point()]
-            self._grad_out[i] = tuple(t.grad if t.grad is not None else torch.zeros_like(t)
-                                      for t in leaves)
+            self._grad_out[i] = {self.stage.index - 1: tuple(
+                t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves)}
 
     def _send_activation(self, action: Action) -> None:
         assert self.transport is not None
-        self.transport.send_activation(self.stage.index, action.microbatch,
-                                       self._take(self._outbox, action, "the output"))
+        k = self.stage.index
+        for dst, packet in self._take(self._outbox, action, "the output").items():
+            self.transport.send_activation(k, dst, action.microbatch, packet)
 
     def _recv_activation(self, action: Action) -> None:
         assert self.transport is not None
-        packet = self.transport.recv_activation(self.stage.index, action.microbatch)
+        k, i = self.stage.index, action.microbatch
+        if self.graph:
+            packets = {src: self.transport.recv_activation(k, src, i)
+                       for src in self.stage.sources}
+            self._inbox[i] = self.stage.unpack(packets, self._training)
+            return
+        packet = self.transport.recv_activation(k, k - 1, i)
         tensors = [t.requires_grad_(True) if self._training and needs else t
                    for t, needs in zip(packet.tensors, packet.needs_grad, strict=True)]
-        self._inbox[action.microbatch] = from_tuple(tensors, packet.is_tuple)
+        self._inbox[i] = from_tuple(tensors, packet.is_tuple)
 
     def _send_grad(self, action: Action) -> None:
         assert self.transport is not None
-        self.transport.send_grad(self.stage.index, action.microbatch,
-                                 self._take(self._grad_out, action, "the input gradient"))
+        k = self.stage.index
+        for src, grads in self._take(self._grad_out, action, "the input gradient").items():
+            self.transport.send_grad(k, src, action.microbatch, grads)
 
     def _recv_grad(self, action: Action) -> None:
         assert self.transport is not None
-        i = action.microbatch
-        like = self._out_meta.pop(i)
-        self._grad_in[i] = self.transport.recv_grad(self.stage.index, i, like)
+        k, i = self.stage.index, action.microbatch
+        self._grad_in[i] = {dst: self.transport.recv_grad(k, dst, i, like)
+                            for dst, like in self._out_meta.pop(i).items()}

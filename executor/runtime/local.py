@@ -46,35 +46,45 @@ def run_order(schedule: Schedule) -> list[Action]:
 
 
 class LocalTransport:
-    """In-process mailbox between the stages on ``devices``."""
+    """In-process mailbox between the stages on ``devices``; ``sent`` records every message of
+    the step as (kind 'F' or 'B', source stage, destination stage, micro-batch, tensor bytes)."""
 
     def __init__(self, devices: Sequence[torch.device]) -> None:
         self.devices = list(devices)
-        self._box: dict[tuple[str, int, int], object] = {}
+        self._box: dict[tuple[str, int, int, int], object] = {}
+        self.sent: list[tuple[str, int, int, int, int]] = []
 
-    def _pop(self, key: tuple[str, int, int]) -> object:
+    def _pop(self, key: tuple[str, int, int, int]) -> object:
         if key not in self._box:
-            raise RuntimeError(f"stage {key[1]} receives the {'activation' if key[0] == 'F' else 'gradient'}"
-                               f" of micro-batch {key[2]} before it was sent")
+            what = "activation" if key[0] == "F" else "gradient"
+            raise RuntimeError(f"stage {key[2]} receives the {what} of micro-batch {key[3]} "
+                               f"from stage {key[1]} before it was sent")
         return self._box.pop(key)
 
-    def send_activation(self, stage: int, microbatch: int, packet: Packet) -> None:
-        dev = self.devices[stage + 1]
-        self._box["F", stage + 1, microbatch] = Packet(
-            tuple(t.to(dev) for t in packet.tensors), packet.is_tuple)
+    @staticmethod
+    def _bytes(tensors: Sequence[torch.Tensor]) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors)
 
-    def recv_activation(self, stage: int, microbatch: int) -> Packet:
-        packet = self._pop(("F", stage, microbatch))
+    def send_activation(self, stage: int, peer: int, microbatch: int, packet: Packet) -> None:
+        dev = self.devices[peer]
+        self._box["F", stage, peer, microbatch] = packet._replace(
+            tensors=tuple(t.to(dev) for t in packet.tensors))
+        self.sent.append(("F", stage, peer, microbatch, self._bytes(packet.tensors)))
+
+    def recv_activation(self, stage: int, peer: int, microbatch: int) -> Packet:
+        packet = self._pop(("F", peer, stage, microbatch))
         assert isinstance(packet, Packet)
         return packet
 
-    def send_grad(self, stage: int, microbatch: int, grads: tuple[torch.Tensor, ...]) -> None:
-        dev = self.devices[stage - 1]
-        self._box["B", stage - 1, microbatch] = tuple(g.to(dev) for g in grads)
+    def send_grad(self, stage: int, peer: int, microbatch: int,
+                  grads: tuple[torch.Tensor, ...]) -> None:
+        dev = self.devices[peer]
+        self._box["B", stage, peer, microbatch] = tuple(g.to(dev) for g in grads)
+        self.sent.append(("B", stage, peer, microbatch, self._bytes(grads)))
 
-    def recv_grad(self, stage: int, microbatch: int,
+    def recv_grad(self, stage: int, peer: int, microbatch: int,
                   like: tuple[tuple[torch.Size, torch.dtype], ...]) -> tuple[torch.Tensor, ...]:
-        grads = self._pop(("B", stage, microbatch))
+        grads = self._pop(("B", peer, stage, microbatch))
         assert isinstance(grads, tuple)
         return grads
 
@@ -100,6 +110,7 @@ class LocalRunner:
     def _run(self, order: Sequence[Action], data: StepData, training: bool) -> Timeline:
         first, last = self.interpreters[0], self.interpreters[-1]
         t0 = time.perf_counter()
+        self.transport.sent.clear()
         for interp in self.interpreters:
             assert interp.recorder is not None
             interp.recorder.reset(t0)
