@@ -11,6 +11,7 @@ sub-packages hold the rest, in the order they import each other: ``schedule`` (t
 ``formats``, ``cost``, ``simulator``, ``solve``, ``report``, ``cli``.
 """
 
+from partitioner.cost.messages import Message, stage_messages
 from partitioner.cost.model import CostModel, bytes_per_param, split_microbatches
 from partitioner.cost.partition import Solution, evaluate_assignment
 from partitioner.formats.assumptions import LINKS, Link, Runtime
@@ -42,6 +43,7 @@ __all__ = [
     "InfeasibleError",
     "LayerProfile",
     "Link",
+    "Message",
     "Plan",
     "PlanError",
     "Prediction",
@@ -76,5 +78,6 @@ __all__ = [
     "simulate",
     "simulate_plan",
     "split_microbatches",
+    "stage_messages",
     "validate",
 ]

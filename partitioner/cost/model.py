@@ -21,6 +21,7 @@ import numpy.typing as npt
 
 from partitioner.formats.assumptions import LINKS, OPTIMIZERS, Link, Optimizer, Runtime
 from partitioner.formats.profile import DTYPE_BYTES, Profile
+from partitioner.formats.values import ProfileValues, profile_values
 from partitioner.schedule.generators import (
     MAX_MICROBATCHES,
     SCHEDULES,
@@ -29,10 +30,29 @@ from partitioner.schedule.generators import (
 )
 from partitioner.schedule.recompute import RECOMPUTE_MODES, Recompute, recomputes
 
-__all__ = ["CostModel", "FloatArray", "bytes_per_param", "dtype_bytes", "split_microbatches"]
+__all__ = ["CostModel", "FloatArray", "bytes_per_param", "dtype_bytes", "interpolate",
+           "split_microbatches"]
 
 FloatArray = npt.NDArray[np.float64]
 
+
+def interpolate(table: FloatArray, sizes: tuple[int, ...], b: float) -> FloatArray:
+    """Rows of ``table`` (one column per measured size) at micro-batch size b: piecewise
+    linear between the sizes, linear outside them, never below zero.
+
+        >>> interpolate(np.array([[1.0, 3.0]]), (1, 2), 4).tolist()
+        [7.0]
+    """
+    n_sizes = len(sizes)
+    table = table.reshape(-1, n_sizes)
+    if n_sizes == 1:
+        out: FloatArray = np.maximum(table[:, 0] * (b / sizes[0]), 0.0)
+        return out
+    lo = min(max(int(np.searchsorted(sizes, b)) - 1, 0), n_sizes - 2)
+    x0, x1 = sizes[lo], sizes[lo + 1]
+    y0, y1 = table[:, lo], table[:, lo + 1]
+    out = np.maximum(y0 + (y1 - y0) * ((b - x0) / (x1 - x0)), 0.0)
+    return out
 
 
 def bytes_per_param(dtype: str, optimizer: str) -> float:
@@ -90,9 +110,10 @@ class CostModel:
 
     Stage k covers layers [start, end). Per micro-batch of the largest size b = ceil(B/M):
     compute = sum(fwd + bwd) (+ fwd again when the stage recomputes); communication = the
-    stage sends its output forward and its input's gradient backward, each
-    ``latency + bytes / bandwidth``; memory = params x bytes_per_param / dtype bytes +
-    activations held as the schedule holds them.
+    stage sends the values of its last layer forward and the gradients of its input's values
+    backward, each value one ``latency + bytes / bandwidth``; memory = params x
+    bytes_per_param / dtype bytes (with the copies of tied parameters whose owner is in
+    another stage) + activations held as the schedule holds them.
     """
 
     profile: Profile
@@ -106,6 +127,8 @@ class CostModel:
     runtime: Runtime = field(default_factory=Runtime)
     _cache: dict[tuple[str, float], FloatArray] = field(
         default_factory=dict, init=False, repr=False, compare=False)
+    _values: list[ProfileValues] = field(
+        default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         split_microbatches(self.global_batch, self.microbatches)  # validates B >= M >= 1
@@ -140,16 +163,36 @@ class CostModel:
 
     def _interpolate_layers(self, key: str, b: float) -> FloatArray:
         """``interpolate`` for every layer at once (absent optional figures count as 0)."""
-        sizes = self.profile.microbatch_sizes
-        n_sizes = len(sizes)
+        n_sizes = len(self.profile.microbatch_sizes)
         table = np.array([getattr(lay, key) or (0.0,) * n_sizes for lay in self.profile.layers],
-                         dtype=np.float64).reshape(-1, n_sizes)
-        if n_sizes == 1:
-            return np.maximum(table[:, 0] * (b / sizes[0]), 0.0)
-        lo = min(max(int(np.searchsorted(sizes, b)) - 1, 0), n_sizes - 2)
-        x0, x1 = sizes[lo], sizes[lo + 1]
-        y0, y1 = table[:, lo], table[:, lo + 1]
-        return np.maximum(y0 + (y1 - y0) * ((b - x0) / (x1 - x0)), 0.0)
+                         dtype=np.float64)
+        return interpolate(table, self.profile.microbatch_sizes, b)
+
+    @property
+    def values(self) -> ProfileValues:
+        """The values that flow between layers (``formats.values``), normalised once."""
+        if not self._values:
+            self._values.append(profile_values(self.profile))
+        return self._values[0]
+
+    def value_bytes(self, b: float | None = None) -> FloatArray:
+        """Bytes of every value at micro-batch size b (default: the largest)."""
+        b = self.microbatch_size if b is None else b
+        cached = self._cache.get(("value_bytes", b))
+        if cached is None:
+            cached = interpolate(self.values.table, self.profile.microbatch_sizes, b)
+            cached.setflags(write=False)
+            self._cache[("value_bytes", b)] = cached
+        return cached
+
+    def value_transfer_ms(self, b: float | None = None) -> FloatArray:
+        """``link.transfer_ms`` of every value at size b: latency + bytes / bandwidth, 0 for
+        a value of no bytes."""
+        size = self.value_bytes(b)
+        wire = (np.zeros_like(size) if math.isinf(self.link.bandwidth_gbps)
+                else size / (self.link.bandwidth_gbps * 1e6))
+        out: FloatArray = np.where(size > 0, self.link.latency_ms + wire, 0.0)
+        return out
 
     def param_state_bytes(self) -> FloatArray:
         """Weights + gradients + optimizer state of every layer, in bytes."""
@@ -171,18 +214,44 @@ class CostModel:
         """Micro-batches whose activations stage k holds at once (``generators.in_flight``)."""
         return in_flight(self.schedule, stage, self.stages, self.microbatches)
 
-    def cut_comm_ms(self) -> FloatArray:
-        """Transfer time of the cut before layer c (c = 0..L); 0 at both ends of the model."""
-        out_bytes = self.layer_array("out_bytes")
-        cached = self._cache.get(("cut_comm_ms", 0))
+    def tied_state_bytes(self) -> FloatArray:
+        """Training state (weights + gradients + optimizer) of each tied parameter's copy."""
+        per_param = bytes_per_param(self.profile.dtype, self.optimizer)
+        width = dtype_bytes(self.profile.dtype)
+        sizes = np.array([t.bytes for t in self.profile.tied], dtype=np.float64)
+        out: FloatArray = sizes * (per_param / width)
+        return out
+
+    def range_tied_bytes(self, start: int, end: int) -> float:
+        """The tied copies a stage of layers [start, end) holds: every tied parameter that
+        some of its layers use while its owner (the first listed layer) is elsewhere."""
+        state = self.tied_state_bytes()
+        return float(sum(state[t] for t, tie in enumerate(self.profile.tied)
+                         if not start <= tie.layers[0] < end
+                         and any(start <= i < end for i in tie.layers[1:])))
+
+    def cut_send_ms(self) -> FloatArray:
+        """Forward transfer time of the cut before layer c (c = 0..L): every value of layer
+        c-1, one transfer each; 0 at both ends of the model."""
+        return self._cut_ms("cut_send_ms", grads_only=False)
+
+    def cut_grad_ms(self) -> FloatArray:
+        """The gradients coming back over the cut before layer c: its values with grad."""
+        return self._cut_ms("cut_grad_ms", grads_only=True)
+
+    def _cut_ms(self, key: str, grads_only: bool) -> FloatArray:
+        cached = self._cache.get((key, 0))
         if cached is not None:
             return cached
-        wire = (np.zeros_like(out_bytes) if math.isinf(self.link.bandwidth_gbps)
-                else out_bytes / (self.link.bandwidth_gbps * 1e6))
-        comm = np.zeros(self.profile.num_layers + 1)
-        comm[1:-1] = np.where(out_bytes[:-1] > 0, self.link.latency_ms + wire[:-1], 0.0)
+        vals, n = self.values, self.profile.num_layers
+        ms = self.value_transfer_ms()
+        if grads_only:
+            ms = np.where(vals.grad, ms, 0.0)
+        per_layer = np.bincount(vals.producer, ms, minlength=n).astype(np.float64)
+        comm = np.zeros(n + 1)
+        comm[1:-1] = per_layer[:-1]
         comm.setflags(write=False)
-        self._cache[("cut_comm_ms", 0)] = comm
+        self._cache[(key, 0)] = comm
         return comm
 
     # -- one stage ------------------------------------------------------------------------------
@@ -195,12 +264,13 @@ class CostModel:
 
     def stage_comm_ms(self, start: int, end: int) -> float:
         """Sending the output forward and the input's gradient backward, one micro-batch."""
-        comm = self.cut_comm_ms()
-        return float(comm[start] + comm[end])
+        return float(self.cut_grad_ms()[start] + self.cut_send_ms()[end])
 
     def stage_memory_bytes(self, start: int, end: int, stage: int) -> float:
         """Training state + activations of stage k at its peak, as the closed form gives it."""
         state = float(self.param_state_bytes()[start:end].sum())
+        if self.profile.tied:
+            state += self.range_tied_bytes(start, end)
         saved = float(self.layer_array("saved_bytes")[start:end].sum())
         held = self.in_flight(stage)
         if self.recomputes(stage):

@@ -13,13 +13,15 @@ model's convex node sets are both stages of layers, with the same per-stage figu
 Costs per micro-batch, the chain cost model of ``CostModel`` extended edge by edge:
 
 - compute of stage k: sum over its layers of fwd + bwd (+ fwd again when k recomputes);
-- communication: a layer u whose output feeds layers in D(u) = {stages of its successors}
-  minus its own stage sends that output once per destination stage (point to point, also when
-  the destination is several stages ahead), each ``link.transfer_ms(out_bytes[u])``: the sender
-  pays every forward transfer and each receiving stage pays one gradient transfer back;
-- memory: training state + activations; a recomputing stage stashes, per micro-batch in
-  flight, the outputs of the layers outside it that feed it (once per source) plus the
-  ``in_bytes`` of its layers that have no predecessor (the model's inputs).
+- communication, value by value (``formats.values``: a layer's whole output, or each of the
+  ``outputs`` it lists): a value x of layer u whose consumers lie in D(x) = {their stages}
+  minus u's own stage goes once to each destination stage (point to point, also when it is
+  several stages ahead), each ``link.transfer_ms(bytes[x])``: the sender pays every forward
+  transfer and each receiving stage pays one gradient transfer back when x has ``grad``;
+- memory: training state + activations; a stage that uses a tied parameter whose owner layer
+  is in another stage holds a copy (its training state); a recomputing stage stashes, per
+  micro-batch in flight, every value it receives (once per value) plus the ``in_bytes`` of
+  its layers that have no predecessor (the model's inputs).
 
 On a chain whose ``in_bytes[i] == out_bytes[i-1]`` (as the profilers write them) these are
 exactly ``CostModel.stage_compute_ms + stage_comm_ms`` and ``stage_memory_bytes``, which
@@ -32,10 +34,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 
-from partitioner.cost.model import CostModel
+import numpy as np
+
+from partitioner.cost.model import CostModel, FloatArray
 from partitioner.formats.layers import assignment_problems, layer_edges, stage_of_nodes
 
-__all__ = ["STATUSES", "Solution", "evaluate_assignment", "recost", "stage_costs"]
+__all__ = ["STATUSES", "Solution", "evaluate_assignment", "recost", "stage_costs",
+           "tied_copies"]
 
 #: How a solution's stages were found, and so how good they are known to be.
 STATUSES = {
@@ -122,7 +127,8 @@ def stage_costs(cm: CostModel, cuts: Sequence[int]) -> Solution:
     """The chain split with cut points ``cuts`` (0, end_0, ..., L), costed by the cost model's
     chain rules (prefix sums; exact for a profile without edges)."""
     compute, comm, mem, sent = [], [], [], []
-    out_bytes = cm.layer_array("out_bytes")
+    vals = cm.values
+    out_bytes = np.bincount(vals.producer, cm.value_bytes(), minlength=cm.profile.num_layers)
     last = len(cuts) - 2
     for k in range(last + 1):
         start, end = cuts[k], cuts[k + 1]
@@ -146,6 +152,24 @@ def recost(cm: CostModel, sol: Solution) -> Solution:
                    solve_s=sol.solve_s)
 
 
+def tied_copies(cm: CostModel, stage_of: Sequence[int], stages: int) -> FloatArray:
+    """Per stage, the training state of the tied parameters' copies it holds: a stage that
+    holds a layer using a tied parameter, but not its owner (the first listed layer).
+
+        >>> from partitioner.formats.profile import TiedParam
+        >>> from partitioner import load_profile
+        >>> prof = replace(load_profile("h200/gpt2-medium"), tied=(TiedParam("w", 100, (0, 25)),))
+        >>> tied_copies(CostModel(prof, 16, 4, optimizer="none"), [0] * 13 + [1] * 13, 2).tolist()
+        [0.0, 200.0]
+    """
+    out = np.zeros(stages)
+    state = cm.tied_state_bytes()
+    for t, tie in enumerate(cm.profile.tied):
+        for k in {stage_of[i] for i in tie.layers} - {stage_of[tie.layers[0]]}:
+            out[k] += state[t]
+    return out
+
+
 def evaluate_assignment(cm: CostModel, stage_of: Sequence[int]) -> Solution:
     """The per-stage compute, communication and memory of an assignment (``stage_of[i]`` =
     stage of layer i, K = ``cm.stages``), straight from the cost model's per-layer arrays.
@@ -157,8 +181,9 @@ def evaluate_assignment(cm: CostModel, stage_of: Sequence[int]) -> Solution:
         raise ValueError("not a convex partition into K=" + str(big_k) + " stages:\n  "
                          + "\n  ".join(problems))
     fwd, bwd = cm.layer_array("fwd_ms"), cm.layer_array("bwd_ms")
-    saved, out = cm.layer_array("saved_bytes"), cm.layer_array("out_bytes")
-    inputs, state = cm.layer_array("in_bytes"), cm.param_state_bytes()
+    saved, inputs = cm.layer_array("saved_bytes"), cm.layer_array("in_bytes")
+    state = cm.param_state_bytes()
+    vals, size, ms = cm.values, cm.value_bytes(), cm.value_transfer_ms()
     compute = [2 * cm.runtime.action_ms] * big_k  # the runtime's cost of each stage's F and B
     comm = [0.0] * big_k
     state_k, saved_k, stash_k, sent_k = [0.0] * big_k, [0.0] * big_k, [0.0] * big_k, [0.0] * big_k
@@ -166,22 +191,27 @@ def evaluate_assignment(cm: CostModel, stage_of: Sequence[int]) -> Solution:
         compute[k] += float(fwd[i] + bwd[i]) + (float(fwd[i]) if cm.recomputes(k) else 0.0)
         state_k[k] += float(state[i])
         saved_k[k] += float(saved[i])
-    destinations: dict[int, set[int]] = {}
+    if prof.tied:
+        state_k = [a + float(b) for a, b in zip(state_k, tied_copies(cm, stage_of, big_k),
+                                                 strict=True)]
+    destinations: dict[int, set[int]] = {}  # value x -> the other stages that read it
     has_pred = [False] * prof.num_layers
-    for u, v in edges:
+    for (u, v), xs in zip(edges, vals.edge_reads, strict=True):
         has_pred[v] = True
         if stage_of[v] != stage_of[u]:
-            destinations.setdefault(u, set()).add(stage_of[v])
+            for x in xs:
+                destinations.setdefault(x, set()).add(stage_of[v])
     for i, k in enumerate(stage_of):
         if not has_pred[i]:
             stash_k[k] += float(inputs[i])
-    for u, dests in destinations.items():
-        transfer = cm.link.transfer_ms(float(out[u]))
+    for x, dests in destinations.items():
+        src, transfer, n_bytes = stage_of[vals.values[x].producer], float(ms[x]), float(size[x])
         for d in dests:
-            comm[stage_of[u]] += transfer  # the forward send
-            comm[d] += transfer  # the gradient sent back
-            sent_k[stage_of[u]] += float(out[u])
-            stash_k[d] += float(out[u])
+            comm[src] += transfer  # the forward send
+            if vals.values[x].grad:
+                comm[d] += transfer  # the gradient sent back
+            sent_k[src] += n_bytes
+            stash_k[d] += n_bytes
     memory = []
     for k in range(big_k):
         held = cm.in_flight(k)

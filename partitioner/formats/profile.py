@@ -19,6 +19,17 @@ from typing import Any
 
 from partitioner.formats.checks import Problems, is_number, show
 from partitioner.formats.jsonfile import decode_json, read_json
+from partitioner.formats.profile_graph import (
+    OutputValue,
+    TiedParam,
+    edge_to_json,
+    output_to_json,
+    parse_edges,
+    parse_outputs,
+    parse_tied,
+    tied_to_json,
+    unique_names,
+)
 from partitioner.formats.units import MAX_BYTES, MAX_MS
 
 __all__ = [
@@ -26,8 +37,10 @@ __all__ = [
     "FORMAT",
     "DeviceInfo",
     "LayerProfile",
+    "OutputValue",
     "Profile",
     "ProfileError",
+    "TiedParam",
     "load_profile",
     "profile_from_dict",
     "profile_to_dict",
@@ -38,9 +51,10 @@ __all__ = [
 FORMAT = "gpipe-profile/1"
 _PER_SIZE = ("fwd_ms", "bwd_ms", "in_bytes", "out_bytes", "saved_bytes")
 _OPTIONAL_PER_SIZE = ("launch_ms", "peak_bytes")
-_LAYER_KEYS = {"name", "type", "param_bytes", *_PER_SIZE, *_OPTIONAL_PER_SIZE, "extra"}
+_LAYER_KEYS = {"name", "type", "param_bytes", *_PER_SIZE, *_OPTIONAL_PER_SIZE, "outputs",
+               "extra"}
 _REQUIRED_TOP = ("format", "model", "device", "dtype", "microbatch_sizes", "layers")
-_TOP_KEYS = {*_REQUIRED_TOP, "torch", "created", "how", "input", "edges", "extra",
+_TOP_KEYS = {*_REQUIRED_TOP, "torch", "created", "how", "input", "edges", "tied", "extra",
              "harness"}  # harness: the profiler's settings, written on top before 'extra'
 _HIGH = {key: MAX_MS if key.endswith("_ms") else MAX_BYTES
          for key in (*_PER_SIZE, *_OPTIONAL_PER_SIZE)}
@@ -98,11 +112,14 @@ class LayerProfile:
     launch_ms: tuple[float, ...] | None = None
     peak_bytes: tuple[float, ...] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    outputs: tuple[OutputValue, ...] | None = None  # the values it passes on; None: one, whole
 
 
 @dataclass(frozen=True)
 class Profile:
-    """A whole model's profile. ``edges`` is None for a chain (layer i feeds layer i+1)."""
+    """A whole model's profile. ``edges`` is None for a chain (layer i feeds layer i+1);
+    ``edge_values[e]`` (None, or None per edge: the 2-element form) lists the outputs of
+    ``edges[e]``'s source that its destination reads; ``tied`` the shared parameters."""
 
     model: str
     device: DeviceInfo
@@ -115,6 +132,8 @@ class Profile:
     input: Mapping[str, Any] | None = None
     edges: tuple[tuple[int, int], ...] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    edge_values: tuple[tuple[int, ...] | None, ...] | None = None
+    tied: tuple[TiedParam, ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -154,6 +173,8 @@ def _parse_layer(obj: object, i: int, n: int, problems: Problems) -> LayerProfil
                 if layer.get(k) is not None else None for k in _OPTIONAL_PER_SIZE}
     param = problems.number(layer.get("param_bytes", 0), f"{path}.param_bytes", integer=True)
     extra = layer.get("extra", {})
+    outputs = (parse_outputs(layer["outputs"], path, n, problems)
+               if layer.get("outputs") is not None else None)
     return LayerProfile(
         name=problems.text(layer.get("name", str(i)), f"{path}.name", str(i)),
         type=problems.text(layer.get("type", ""), f"{path}.type"),
@@ -166,34 +187,8 @@ def _parse_layer(obj: object, i: int, n: int, problems: Problems) -> LayerProfil
         launch_ms=optional["launch_ms"],
         peak_bytes=optional["peak_bytes"],
         extra=problems.mapping(extra, f"{path}.extra", "free-form data"),
+        outputs=outputs,
     )
-
-
-def _parse_edges(raw: object, num_layers: int, problems: Problems) -> tuple[tuple[int, int], ...]:
-    if not isinstance(raw, list):
-        problems.add("edges", f"expected a list of [src, dst] pairs, got {show(raw)}")
-        return ()
-    edges: list[tuple[int, int]] = []
-    seen: set[tuple[int, int]] = set()
-    for e, pair in enumerate(raw):
-        ok = (isinstance(pair, list) and len(pair) == 2
-              and all(isinstance(x, int) and not isinstance(x, bool) for x in pair))
-        if not ok:
-            problems.add(f"edges[{e}]", f"{show(pair)} is not a pair of layer indices [src, dst]")
-            continue
-        src, dst = pair
-        if not (0 <= src < num_layers and 0 <= dst < num_layers):
-            problems.add(f"edges[{e}]", f"{pair!r} names a layer outside 0..{num_layers - 1}")
-        elif src >= dst:
-            problems.add(f"edges[{e}]", f"{pair!r} goes from layer {src} to layer {dst}; edges "
-                         f"must go forward (src < dst) in a topological layer order, so a cycle "
-                         f"is impossible")
-        elif (src, dst) in seen:
-            problems.add(f"edges[{e}]", f"{pair!r} appears twice; list each edge once")
-        else:
-            seen.add((src, dst))
-            edges.append((src, dst))
-    return tuple(edges)
 
 
 def _parse_sizes(raw: object, problems: Problems) -> list[int]:
@@ -249,9 +244,16 @@ def profile_from_dict(data: object, source: str = "profile") -> Profile:
                                f"{show(layers_raw)}")
         layers_raw = []
     layers = tuple(_parse_layer(obj, i, n, problems) for i, obj in enumerate(layers_raw))
-    edges = None
+    unique_names([lay.outputs for lay in layers], problems)
+    edges, edge_values = None, None
     if data.get("edges") is not None:
-        edges = _parse_edges(data["edges"], len(layers), problems)
+        parsed = parse_edges(data["edges"], len(layers), [lay.outputs for lay in layers],
+                             problems)
+        edges = tuple((u, v) for u, v, _ in parsed)
+        if any(reads is not None for _, _, reads in parsed):
+            edge_values = tuple(reads for _, _, reads in parsed)
+    tied = (parse_tied(data["tied"], len(layers), problems) if data.get("tied") is not None
+            else ())
     extra = dict(problems.mapping(data.get("extra", {}), "extra", "free-form data"))
     if "harness" in data:  # profiles written before 'extra' had the profiler's settings on top
         extra.setdefault("harness", data["harness"])
@@ -274,6 +276,8 @@ def profile_from_dict(data: object, source: str = "profile") -> Profile:
         input=inputs,
         edges=edges,
         extra=extra,
+        edge_values=edge_values,
+        tied=tied,
     )
 
 
@@ -290,6 +294,8 @@ def profile_to_dict(prof: Profile) -> dict[str, Any]:
             val = getattr(lay, key)
             if val is not None:
                 obj[key] = [_num(v) for v in val]
+        if lay.outputs is not None:
+            obj["outputs"] = [output_to_json(out) for out in lay.outputs]
         if lay.extra:
             obj["extra"] = dict(lay.extra)
         layers.append(obj)
@@ -309,7 +315,10 @@ def profile_to_dict(prof: Profile) -> dict[str, Any]:
     out["microbatch_sizes"] = list(prof.microbatch_sizes)
     out["layers"] = layers
     if prof.edges is not None:
-        out["edges"] = [list(e) for e in prof.edges]
+        reads = prof.edge_values or (None,) * len(prof.edges)
+        out["edges"] = [edge_to_json(e, r) for e, r in zip(prof.edges, reads, strict=True)]
+    if prof.tied:
+        out["tied"] = [tied_to_json(t) for t in prof.tied]
     if prof.extra:
         out["extra"] = dict(prof.extra)
     return out

@@ -7,16 +7,17 @@
     ([78.47, 28.98], [0, 0, 0, 0])
 
 One rule for both shapes: a stage is a set of layers (``stage_of[i]`` = stage of layer i; a
-chain's ranges are the special case), and what crosses between stages follows the edges of
-the layer graph (``graph.layer_edges``: the chain i -> i+1 for a profile without edges).
+chain's ranges are the special case), and what crosses between stages are the *values* of the
+layer graph (``formats.values``: a layer's whole output, or each output it lists, read by the
+consumers its edges name; the chain i -> i+1 for a profile without edges).
 
 - F(k,i): the sum of the stage's ``fwd_ms`` at micro-batch i's size; B(k,i): its ``bwd_ms``,
   plus ``fwd_ms`` again when stage k recomputes; both as the cost model's ``runtime`` runs
   them (times ``compute_scale``, plus ``action_ms`` per action).
-- SF(k,i) after F: for each layer u of stage k and each *other* stage d that holds a
-  successor of u, one transfer of ``out_bytes[u]`` (``link.transfer_ms``); the sender pays
-  them all, in one send. SB(k,i) after B: the gradients of everything stage k received, one
-  transfer back per (u, k). Transfers between stages on one device are free.
+- SF(k,i) after F: for each value x of a layer of stage k and each *other* stage d that holds
+  a consumer of x, one transfer of x's bytes (``link.transfer_ms``); the sender pays them
+  all, in one send. SB(k,i) after B: the gradients of the values stage k received that have
+  ``grad``, one transfer back per (x, k). Transfers between stages on one device are free.
 - The schedule stays the pipeline's: stage k+1's receive waits for stage k's whole send,
   and then the runtime's ``message_ms`` (``Durations.message_ms``; paid transfers only).
   Data that skips stages (u in stage k feeding stage d > k+1) is charged to its sender's
@@ -25,16 +26,16 @@ the layer graph (``graph.layer_edges``: the chain i -> i+1 for a profile without
   has arrived; likewise its gradient is back before stage k's B (k waits for k+1's SB, which
   follows d's). So per micro-batch a stage is occupied exactly the evaluator's stage time.
 - Memory held from F to B: the stage's ``saved_bytes``; or, when it recomputes, its stash:
-  the data it received (once per source layer) plus the ``in_bytes`` of its layers that have
+  the values it received (once per value) plus the ``in_bytes`` of its layers that have
   no predecessor (the model's inputs), with the saved bytes on top while B rebuilds them.
-  A received tensor's size is ``out_bytes[u]`` on a graph profile (the evaluator's rule) and
-  the receiving layer's ``in_bytes`` on a chain profile (``CostModel``'s rule); the two agree
-  wherever ``in_bytes[i] == out_bytes[i-1]``, as the profilers write them.
+  What a stage receives weighs the values' bytes on a graph profile (the evaluator's rule)
+  and the receiving layer's ``in_bytes`` on a chain profile (``CostModel``'s rule, once per
+  sending layer); the two agree wherever ``in_bytes[i]`` is what layer i-1 passes on, as the
+  profilers write them. The training state includes the copies of tied parameters.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ import numpy as np
 import numpy.typing as npt
 
 from partitioner.cost.model import CostModel, FloatArray, split_microbatches
+from partitioner.cost.partition import tied_copies
 
 __all__ = ["Durations", "cross_transfers", "stage_durations", "stage_of_ranges"]
 
@@ -85,28 +87,30 @@ def _edge_arrays(cm: CostModel) -> tuple[IntArray, IntArray]:
 
 def cross_transfers(cm: CostModel,
                     stage_of: IntArray) -> tuple[IntArray, IntArray, IntArray, IntArray]:
-    """Every transfer between stages as arrays (u, its stage, d, v): layer u's output goes
-    from u's stage to stage d != u's, once per (u, d) however many of u's successors d holds;
-    v is the first of them (lowest index) in d.
+    """Every transfer between stages as arrays (x, its stage, d, v): value x
+    (``cm.values``; on a profile without ``outputs``, x is its layer) goes from its producer's
+    stage to stage d != that one, once per (x, d) however many of x's consumers d holds; v is
+    the first of them (lowest index) in d.
 
         >>> from partitioner import CostModel, load_profile
         >>> cm = CostModel(load_profile("h200/gpt2-medium"), 16, 4, stages=2)
         >>> [a.tolist() for a in cross_transfers(cm, stage_of_ranges([(0, 13), (13, 26)]))]
         [[12], [0], [1], [13]]
     """
-    src, dst = _edge_arrays(cm)
-    src_stage, dst_stage = stage_of[src], stage_of[dst]
+    vals = cm.values
+    x, dst = vals.pair_value, vals.pair_layer
+    src_stage, dst_stage = stage_of[vals.producer[x]], stage_of[dst]
     cut = src_stage != dst_stage
-    src, dst, dst_stage = src[cut], dst[cut], dst_stage[cut]
+    x, dst, dst_stage = x[cut], dst[cut], dst_stage[cut]
     big_k = int(stage_of.max()) + 1 if len(stage_of) else 1
-    # one transfer per (u, d): keep the first edge of each pair after sorting by (u, d, v)
-    order = np.lexsort((dst, dst_stage, src))
-    src, dst, dst_stage = src[order], dst[order], dst_stage[order]
-    key = src * big_k + dst_stage
+    # one transfer per (x, d): keep the first pair of each after sorting by (x, d, v)
+    order = np.lexsort((dst, dst_stage, x))
+    x, dst, dst_stage = x[order], dst[order], dst_stage[order]
+    key = x * big_k + dst_stage
     first = np.ones(len(key), dtype=bool)
     first[1:] = key[1:] != key[:-1]
-    u = src[first]
-    return u, stage_of[u], dst_stage[first], dst[first]
+    xs = x[first]
+    return xs, stage_of[vals.producer[xs]], dst_stage[first], dst[first]
 
 
 def _stage_sums(values: FloatArray, order: IntArray, bounds: IntArray) -> FloatArray:
@@ -131,34 +135,37 @@ def stage_durations(cm: CostModel, stage_of: IntArray, devices: Sequence[int]) -
     big_k, n_sizes = len(devices), len(distinct)
     order = np.argsort(stage_of, kind="stable")
     bounds = np.concatenate(([0], np.cumsum(np.bincount(stage_of, minlength=big_k))))
-    u, src, dst, v = cross_transfers(cm, stage_of)
+    x, src, dst, v = cross_transfers(cm, stage_of)
+    grad = cm.values.grad[x]
     devs = np.asarray(devices)
     paid = devs[src] != devs[dst]  # transfers between devices take time
     roots = np.ones(cm.profile.num_layers, dtype=bool)  # layers without a predecessor
     roots[_edge_arrays(cm)[1]] = False
     root_stage = stage_of[roots]
-    recv_layer = u if cm.profile.edges is not None else v
-    recv_key = "out_bytes" if cm.profile.edges is not None else "in_bytes"
+    chain = cm.profile.edges is None
+    if chain:  # CostModel's rule: the receiving layer's in_bytes, once per sending layer
+        u = cm.values.producer[x]
+        _, once = np.unique(u * big_k + dst, return_index=True)
+        recv_stage, recv_layer = dst[once], v[once]
     rc = np.array([cm.recomputes(k) for k in range(big_k)])
-    link = cm.link
     table = {key: np.zeros((big_k, n_sizes)) for key in ("f", "b", "sf", "sb", "hold", "rebuild")}
     for s, b in enumerate(distinct):
         fwd = _stage_sums(cm.layer_array("fwd_ms", b), order, bounds)
         bwd = _stage_sums(cm.layer_array("bwd_ms", b), order, bounds)
         saved = _stage_sums(cm.layer_array("saved_bytes", b), order, bounds)
-        out_bytes = cm.layer_array("out_bytes", b)[u]
-        wire = (np.zeros_like(out_bytes) if math.isinf(link.bandwidth_gbps)
-                else out_bytes / (link.bandwidth_gbps * 1e6))
-        ms = np.where(paid & (out_bytes > 0), link.latency_ms + wire, 0.0)
-        stash = (_per_stage(dst, cm.layer_array(recv_key, b)[recv_layer], big_k)
-                 + _per_stage(root_stage, cm.layer_array("in_bytes", b)[roots], big_k))
+        ms = np.where(paid, cm.value_transfer_ms(b)[x], 0.0)
+        received = (_per_stage(recv_stage, cm.layer_array("in_bytes", b)[recv_layer], big_k)
+                    if chain else _per_stage(dst, cm.value_bytes(b)[x], big_k))
+        stash = received + _per_stage(root_stage, cm.layer_array("in_bytes", b)[roots], big_k)
         table["f"][:, s] = fwd + cm.runtime.action_ms  # fwd, bwd: scaled by the runtime
         table["b"][:, s] = bwd + np.where(rc, fwd, 0.0) + cm.runtime.action_ms
         table["sf"][:, s] = _per_stage(src, ms, big_k)
-        table["sb"][:, s] = _per_stage(dst, ms, big_k)
+        table["sb"][:, s] = _per_stage(dst, np.where(grad, ms, 0.0), big_k)
         table["hold"][:, s] = np.where(rc, stash, saved)
         table["rebuild"][:, s] = np.where(rc, saved, 0.0)
     state = _stage_sums(cm.param_state_bytes(), order, bounds)
+    if cm.profile.tied:
+        state = state + tied_copies(cm, stage_of.tolist(), big_k)
     lists = {key: arr.tolist() for key, arr in table.items()}
     return Durations(lists["f"], lists["b"], lists["sf"], lists["sb"], lists["hold"],
                      lists["rebuild"], state.tolist(), [distinct.index(b) for b in sizes],

@@ -6,11 +6,13 @@
     >>> sol.boundaries                      # stage k holds layers [boundaries[k], boundaries[k+1])
     (0, 7, 14, 20, 26)
 
-Stage k's time per micro-batch is  t(start) + P_k[end] - P_k[start] + t(end)  with P_k the
-prefix sum of its layers' compute and t(c) the transfer time of the cut before layer c; its
-memory is  R_k[end] - E_k[start]  (prefix sums of state and activations, E_k less the stashed
-input when the stage recomputes). Both are "a value of the end minus a value of the start",
-which is what makes an exact parametric search fast:
+Stage k's time per micro-batch is  g(start) + P_k[end] - P_k[start] + t(end)  with P_k the
+prefix sum of its layers' compute, t(c) the forward transfers of the values crossing the cut
+before layer c and g(c) their gradients; its memory is  R_k[end] - E_k[start]  (prefix sums of
+state and activations, E_k less the stashed input when the stage recomputes), plus the copies
+of tied parameters it holds (``_last_ends``: they keep the memory non-decreasing in the end).
+Both are "a value of the end minus a value of the start", which is what makes an exact
+parametric search fast:
 
   feasible(T): stage k may end at j iff some reachable start i < j with memory
                R_k[j] - E_k[i] <= limit has G_k[i] >= H_k[j] - T   (G = P - t, H = P + t).
@@ -89,9 +91,40 @@ def _variant_arrays(cm: CostModel, stage: int, memory_objective: bool) -> tuple[
     mem_start = np.append(mem_start, math.inf)  # no stage starts at L
     if memory_objective:
         return mem_end, mem_start, mem_end, mem_start
-    comm = cm.cut_comm_ms()
     work = _prefix(fwd + bwd + (fwd if recompute else 0.0))
-    return work + comm, work - comm, mem_end, mem_start
+    return work + cm.cut_send_ms(), work - cm.cut_grad_ms(), mem_end, mem_start
+
+
+def _last_ends(cm: CostModel, mem_end: FloatArray, cap: FloatArray) -> IntArray:
+    """J[i]: the furthest end j with R[j] + ties(i, j) <= cap[i] (cap = E[i] + limit).
+
+    ties(i, j) is the state of the tied copies a stage [i, j) holds: tied parameter t counts
+    when its owner o_t lies before i and a user lies in [i, j), i.e. from j > n_t(i), the first
+    user at or after i. So for fixed i the memory still only grows with j (the feasible ends
+    stay an interval and the search stays exact); the steps are taken in increasing order."""
+    last = np.searchsorted(mem_end, cap, side="right") - 1
+    ties = cm.profile.tied
+    if not ties:
+        return last
+    n = cm.profile.num_layers
+    starts = np.arange(n + 1)
+    steps, sizes = [], []
+    for t, tie in enumerate(ties):
+        users = np.array(tie.layers[1:], dtype=np.int64)
+        at = np.searchsorted(users, starts)  # the first user at or after i
+        nxt = np.where(at < len(users), users[np.minimum(at, len(users) - 1)], n + 1)
+        steps.append(np.where(starts > tie.layers[0], nxt + 1, n + 2))  # ends >= it pay
+        sizes.append(np.full(n + 1, cm.tied_state_bytes()[t]))
+    step_at, size_at = np.array(steps), np.array(sizes)
+    order = np.argsort(step_at, axis=0, kind="stable")
+    step_at = np.take_along_axis(step_at, order, axis=0)
+    paid = np.cumsum(np.take_along_axis(size_at, order, axis=0), axis=0)
+    for row in range(len(ties)):  # tied copy `row` (in step order) joins the stage from its step
+        hit = last >= step_at[row]
+        tighter = np.searchsorted(mem_end, cap - paid[row], side="right") - 1
+        last = np.where(hit, np.maximum(step_at[row] - 1, tighter), last)
+    out: IntArray = last
+    return out
 
 
 def _cover_max(arr: _StageArrays, allowed: BoolArray) -> FloatArray:
@@ -140,7 +173,7 @@ class _Search:
             key = (cm.recomputes(k), cm.in_flight(k))
             if key not in cache:
                 head, tail, mem_end, mem_start = _variant_arrays(cm, k, memory_objective)
-                last_end = np.searchsorted(mem_end, mem_start + limit + tol, side="right") - 1
+                last_end = _last_ends(cm, mem_end, mem_start + limit + tol)
                 last_end = np.minimum(last_end, self.num_layers)
                 cache[key] = _StageArrays.build(head, tail, last_end)
             self.arrays.append(cache[key])
@@ -229,7 +262,8 @@ def partition_chain(cm: CostModel, memory_limit_bytes: float = math.inf) -> Solu
 
 
 def min_memory_cuts(cm: CostModel) -> list[int]:
-    """Cut points minimising the largest stage memory (no time objective)."""
+    """Cut points minimising the largest stage memory (no time objective; tied copies are not
+    part of this objective, so with ``tied`` it is a good split, not always the best)."""
     cuts = _Search(cm, math.inf, memory_objective=True).solve()
     assert cuts is not None  # without a limit every partition is feasible
     return cuts

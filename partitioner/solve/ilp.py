@@ -7,17 +7,23 @@
     ('optimal', 35.21, 37.24)
 
 The model, with i, u, v layers (0..L-1, in a topological order), k, j stages (0..K-1), E the
-edges, succ(u) the successors of u, and the costs of ``graph.py`` scaled to integers:
+edges, succ(u) the successors of u, x a value (``formats.values``: produced by p(x), read by
+the layers cons(x)), t a tied parameter (owner o(t), users U(t)), and the costs of
+``cost.partition`` scaled to integers (``ilp_data``):
 
     y[i,k]  = 1  iff  stage(i) >= k                  (k = 1..K-1; y[i,0] = 1, y[i,K] = 0)
     x(i,k)  = y[i,k] - y[i,k+1] = 1  iff  layer i is in stage k   (an expression, not a var)
-    r[u,k]  = 1  iff  stage k receives u's output    (u outside k, some v in succ(u) inside k)
-    n[u,j] >= the number of stages u's output is sent to, if u is in stage j (else >= 0)
+    r[x,k]  = 1  iff  stage k receives value x       (p(x) outside k, some v in cons(x) inside k)
+    n[x,j] >= the number of stages x is sent to, if p(x) is in stage j (else >= 0)
+    h[t,k]  = 1  iff  stage k holds a copy of t      (some user of t in k, its owner not)
     T       = the bottleneck: the largest stage time (compute + communication)
 
     minimise T  subject to, for every stage k:
-      T >= sum_i W[k,i] x(i,k) + sum_u C[u] (r[u,k] + n[u,k])              (stage time)
-      sum_i A[k,i] x(i,k) + held_k sum_u O[u] r[u,k] <= limit              (stage memory)
+      T >= sum_i W[k,i] x(i,k) + sum_x (G[x] r[x,k] + C[x] n[x,k])         (stage time)
+      sum_i A[k,i] x(i,k) + held_k sum_x O[x] r[x,k] + sum_t S[t] h[t,k] <= limit   (memory)
+
+C[x] is one forward transfer of x, G[x] its gradient back (0 when x has no gradient); edges
+that carry nothing (ordering only) still make the stages convex.
 
 Times are integers in steps of ``unit_ms`` = (the largest possible stage time) / 2**24, each
 coefficient rounded to the nearest step; a stage's time is then off by at most the sum of the
@@ -32,21 +38,19 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from ortools.sat.python import cp_model
 
 from partitioner.cost.model import CostModel
 from partitioner.cost.partition import Solution, evaluate_assignment
-from partitioner.formats.layers import layer_edges, reach_counts
 from partitioner.solve.chain import partition_chain
+from partitioner.solve.ilp_data import Data, scale
 from partitioner.solve.infeasible import InfeasibleError, explain_infeasible, too_many_stages
 
 __all__ = ["SolveTimeoutError", "min_memory_graph", "partition_graph"]
 
-_TIME_STEPS = 2**24  # integer steps over the largest possible stage time
-_MEM_STEPS = 2**32  # integer steps over the memory limit (or the whole model's memory)
 _MEM_RTOL = 1e-9  # the limit forgives this much float rounding, as the chain DP does
 
 
@@ -54,88 +58,10 @@ class SolveTimeoutError(ValueError):
     """The time limit ran out before CP-SAT found any partition; the message says what to do."""
 
 
-@dataclass(frozen=True)
-class _Data:
-    """The instance as integers (see the module docstring for the symbols)."""
-
-    num_layers: int
-    stages: int
-    succ: tuple[tuple[int, ...], ...]
-    lo: tuple[int, ...]  # stage(i) >= lo[i]: later stages need the ancestors of i
-    hi: tuple[int, ...]  # stage(i) <= hi[i]: earlier stages cannot hold descendants of i
-    gap: dict[tuple[int, int], int]  # edge -> most stages strictly between its ends
-    work: tuple[tuple[int, ...], ...]  # W[k,i], time steps
-    comm: tuple[int, ...]  # C[u], time steps, one transfer of u's output
-    area: tuple[tuple[int, ...], ...]  # A[k,i], byte steps
-    stash: tuple[tuple[int, ...], ...]  # held_k * O[u], byte steps (recomputing stages only)
-    limit: int | None  # byte steps; None: no memory rule
-    unit_ms: float
-    unit_bytes: float
-    rounding_error_ms: float
-
-
-def _data(cm: CostModel, limit: float, memory_objective: bool) -> _Data:
-    """Scale the per-layer costs of ``cm`` to integers and derive the domain bounds."""
-    prof, big_k, n = cm.profile, cm.stages, cm.profile.num_layers
-    succ_l: list[list[int]] = [[] for _ in range(n)]
-    has_pred = [False] * n
-    for u, v in layer_edges(prof):
-        succ_l[u].append(v)
-        has_pred[v] = True
-    succ = tuple(tuple(s) for s in succ_l)
-    anc, desc = reach_counts(n, layer_edges(prof))
-    lo = tuple(max(0, big_k - n + a) for a in anc)
-    hi = tuple(min(big_k - 1, n - 1 - d) for d in desc)
-    # Stages strictly between stage(u) and stage(v) of an edge u -> v can only hold layers that
-    # are neither ancestors of u nor descendants of v: at most this many stages lie between.
-    gap = {(u, v): n - 2 - anc[u] - desc[v] for u in range(n) for v in succ[u]}
-
-    fwd, bwd = cm.layer_array("fwd_ms"), cm.layer_array("bwd_ms")
-    out, inputs = cm.layer_array("out_bytes"), cm.layer_array("in_bytes")
-    saved, state = cm.layer_array("saved_bytes"), cm.param_state_bytes()
-    work_ms = [[float(fwd[i] + bwd[i] + (fwd[i] if cm.recomputes(k) else 0.0)) for i in range(n)]
-               for k in range(big_k)]
-    fanout = [min(len(s), big_k - 1) for s in succ]  # most stages u's output can go to
-    comm_ms = [cm.link.transfer_ms(float(out[u])) if fanout[u] else 0.0 for u in range(n)]
-    top_ms = (sum(max(w) for w in zip(*work_ms, strict=True))
-              + 2 * sum(c * f for c, f in zip(comm_ms, fanout, strict=True)))
-    unit_ms = top_ms / _TIME_STEPS if top_ms > 0 else 1.0
-    work = tuple(tuple(round(w / unit_ms) for w in row) for row in work_ms)
-    comm = tuple(round(c / unit_ms) for c in comm_ms)
-    err = sum(max(abs(work_ms[k][i] - unit_ms * work[k][i]) for k in range(big_k))
-              for i in range(n))
-    err += sum(abs(comm_ms[u] - unit_ms * comm[u]) * fanout[u] for u in range(n))
-
-    area_b, stash_b = [], []
-    for k in range(big_k):
-        held = cm.in_flight(k)
-        if cm.recomputes(k):
-            area_b.append([float(state[i] + saved[i]) + (0.0 if has_pred[i] else held *
-                                                         float(inputs[i])) for i in range(n)])
-            stash_b.append([held * float(out[u]) if succ[u] else 0.0 for u in range(n)])
-        else:
-            area_b.append([float(state[i] + held * saved[i]) for i in range(n)])
-            stash_b.append([0.0] * n)
-    finite = math.isfinite(limit)
-    if finite or memory_objective:
-        scale = limit if finite else max(sum(max(col) for col in zip(*area_b, strict=True))
-                                         + sum(max(col) for col in zip(*stash_b, strict=True)),
-                                         1.0)
-        unit_bytes = max(1.0, scale / _MEM_STEPS)
-    else:
-        unit_bytes = 1.0
-    area = tuple(tuple(math.ceil(a / unit_bytes) for a in row) for row in area_b)
-    stash = tuple(tuple(math.ceil(s / unit_bytes) for s in row) for row in stash_b)
-    limit_steps = (math.floor((limit + _MEM_RTOL * max(1.0, limit)) / unit_bytes) if finite
-                   else None)
-    return _Data(n, big_k, succ, lo, hi, gap, work, comm, area, stash, limit_steps, unit_ms,
-                 unit_bytes, err)
-
-
 class _Model:
     """The CP-SAT model of the module docstring, built block by block."""
 
-    def __init__(self, d: _Data, memory_objective: bool, chain_order: bool) -> None:
+    def __init__(self, d: Data, memory_objective: bool, chain_order: bool) -> None:
         self.d, self.m = d, cp_model.CpModel()
         big_k, n, m = d.stages, d.num_layers, self.m
 
@@ -152,35 +78,39 @@ class _Model:
                 else:
                     row.append(m.new_bool_var(f"y[{i},{k}]"))
             self.y.append(row)
-        # r[u][k]: stage k receives u's output (only where it costs time or memory), and
-        # n[u][j]: destinations of u's output when u is in stage j (only where sending costs
-        # time; a bool when u has one successor). When u's one edge u -> v can skip no stage
-        # (gap 0, e.g. every edge of a chain), both are exact expressions of y instead:
-        # r[u,k] = y[v,k] - y[u,k] = [stage(u) < k <= stage(v)], n[u,j] = r[u,j+1].
+        # r[x][k]: stage k receives value x (only where it costs time or memory), and
+        # n[x][j]: destinations of x when its producer u is in stage j (only where sending
+        # costs time; a bool when x has one consumer). When x's one consumer v can skip no
+        # stage (gap 0, e.g. every edge of a chain), both are exact expressions of y instead:
+        # r[x,k] = y[v,k] - y[u,k] = [stage(u) < k <= stage(v)], n[x,j] = r[x,j+1].
         self.r: dict[tuple[int, int], Any] = {}
         self.n: dict[tuple[int, int], Any] = {}
-        self.exact: set[int] = set()  # the u whose r and n are expressions
+        self.exact: set[int] = set()  # the x whose r and n are expressions
         memory_matters = d.limit is not None or memory_objective
-        for u in range(n):
-            if not d.succ[u]:
-                continue
-            v0 = d.succ[u][0]
-            bridge = len(d.succ[u]) == 1 and d.gap[u, v0] == 0
+        for x, (u, cons) in enumerate(zip(d.producer, d.consumers, strict=True)):
+            v0 = cons[0]
+            bridge = len(cons) == 1 and d.gap[u, v0] == 0
             if bridge:
-                self.exact.add(u)
-            for k in range(max(1, d.lo[u] + 1), max(d.hi[v] for v in d.succ[u]) + 1):
-                if d.comm[u] > 0 or (memory_matters and d.stash[k][u]):
-                    self.r[u, k] = (self.y[v0][k] - self.y[u][k] if bridge
-                                    else m.new_bool_var(f"r[{u},{k}]"))
+                self.exact.add(x)
+            for k in range(max(1, d.lo[u] + 1), max(d.hi[v] for v in cons) + 1):
+                if d.comm[x] > 0 or (memory_matters and d.stash[k][x]):
+                    self.r[x, k] = (self.y[v0][k] - self.y[u][k] if bridge
+                                    else m.new_bool_var(f"r[{x},{k}]"))
             for j in range(d.lo[u], min(d.hi[u], big_k - 2) + 1):
-                most = min(len(d.succ[u]), big_k - 1 - j)
-                if d.comm[u] == 0:
+                most = min(len(cons), big_k - 1 - j)
+                if d.comm[x] == 0:
                     continue
                 if bridge:
-                    self.n[u, j] = self.y[v0][j + 1] - self.y[u][j + 1]
+                    self.n[x, j] = self.y[v0][j + 1] - self.y[u][j + 1]
                 else:
-                    self.n[u, j] = (m.new_bool_var(f"n[{u},{j}]") if most == 1
-                                    else m.new_int_var(0, most, f"n[{u},{j}]"))
+                    self.n[x, j] = (m.new_bool_var(f"n[{x},{j}]") if most == 1
+                                    else m.new_int_var(0, most, f"n[{x},{j}]"))
+        # h[t][k]: stage k holds a copy of tied parameter t (only where memory matters).
+        self.h: dict[tuple[int, int], Any] = {}
+        for t, (_, users, size) in enumerate(d.tied):
+            for k in range(big_k):
+                if memory_matters and size and any(d.lo[i] <= k <= d.hi[i] for i in users):
+                    self.h[t, k] = m.new_bool_var(f"h[{t},{k}]")
 
         # -- constraints ----------------------------------------------------------------------
         for i in range(n):  # The order encoding: stage(i) >= k+1 implies stage(i) >= k.
@@ -199,18 +129,25 @@ class _Model:
                     self._implies(self.y[i][k], self.y[i + 1][k])
         for k in range(big_k):  # Every stage holds at least one layer.
             m.add(sum(self.x(i, k) for i in range(n) if d.lo[i] <= k <= d.hi[i]) >= 1)
-        for (u, k), r in self.r.items():  # A successor of u in k, u not in k: k receives.
-            for v in d.succ[u] if u not in self.exact else ():
+        for (x, k), r in self.r.items():  # A consumer of x in k, its producer not: k receives.
+            u = d.producer[x]
+            for v in d.consumers[x] if x not in self.exact else ():
                 m.add(r >= self.x(v, k) - self.x(u, k))
-        for (u, j), sent in self.n.items():  # u in j sends once per receiving stage.
-            if u in self.exact:
+        for (x, j), sent in self.n.items():  # x's producer in j sends once per receiving stage.
+            if x in self.exact:
                 continue
-            for v in d.succ[u]:
+            u, cons = d.producer[x], d.consumers[x]
+            for v in cons:
                 m.add(sent >= self.x(u, j) - self.x(v, j))
-            if len(d.succ[u]) > 1:
-                later = [self.r[u, k] for k in range(j + 1, big_k) if (u, k) in self.r]
-                big_m = min(len(d.succ[u]), big_k - 1 - j)
+            if len(cons) > 1:
+                later = [self.r[x, k] for k in range(j + 1, big_k) if (x, k) in self.r]
+                big_m = min(len(cons), big_k - 1 - j)
                 m.add(sent >= sum(later) - big_m * (1 - self.x(u, j)))
+        for (t, k), held in self.h.items():  # A user of t in k, its owner not: k holds a copy.
+            owner, users, _ = d.tied[t]
+            for i in users:
+                if d.lo[i] <= k <= d.hi[i]:
+                    m.add(held >= self.x(i, k) - self.x(owner, k))
         self.stage_time = [self._time(k) for k in range(big_k)]
         self.stage_memory = [self._memory(k) for k in range(big_k)]
         if d.limit is not None:  # Every stage fits the memory limit.
@@ -220,15 +157,16 @@ class _Model:
         # -- objective ------------------------------------------------------------------------
         if memory_objective:  # The largest stage memory (for the infeasibility message).
             top = sum(max(col) for col in zip(*d.area, strict=True)) + sum(
-                max(col) for col in zip(*d.stash, strict=True))
+                max(col) for col in zip(*d.stash, strict=True)) + sum(s for *_, s in d.tied)
             self.objective = m.new_int_var(0, top, "max_memory")
             for expr in self.stage_memory:
                 m.add(self.objective >= expr)
         else:  # The bottleneck, bounded below by the average and by the largest layer.
             least = [min(col) for col in zip(*d.work, strict=True)]
             low = max(max(least), -(-sum(least) // big_k))
-            top = sum(max(col) for col in zip(*d.work, strict=True)) + 2 * sum(
-                c * min(len(s), big_k - 1) for c, s in zip(d.comm, d.succ, strict=True))
+            top = sum(max(col) for col in zip(*d.work, strict=True)) + sum(
+                (c + g) * d.fanout(x) for x, (c, g) in enumerate(zip(d.comm, d.grad,
+                                                                    strict=True)))
             self.objective = m.new_int_var(low, max(low, top), "T")
             for expr in self.stage_time:
                 m.add(self.objective >= expr)
@@ -256,15 +194,16 @@ class _Model:
         d = self.d
         terms = [d.work[k][i] * self.x(i, k) for i in range(d.num_layers)
                  if d.lo[i] <= k <= d.hi[i] and d.work[k][i]]
-        terms += [d.comm[u] * r for (u, kk), r in self.r.items() if kk == k and d.comm[u]]
-        terms += [d.comm[u] * s for (u, j), s in self.n.items() if j == k]
+        terms += [d.grad[x] * r for (x, kk), r in self.r.items() if kk == k and d.grad[x]]
+        terms += [d.comm[x] * s for (x, j), s in self.n.items() if j == k]
         return sum(terms)
 
     def _memory(self, k: int) -> Any:
         d = self.d
         terms = [d.area[k][i] * self.x(i, k) for i in range(d.num_layers)
                  if d.lo[i] <= k <= d.hi[i] and d.area[k][i]]
-        terms += [d.stash[k][u] * r for (u, kk), r in self.r.items() if kk == k and d.stash[k][u]]
+        terms += [d.stash[k][x] * r for (x, kk), r in self.r.items() if kk == k and d.stash[k][x]]
+        terms += [d.tied[t][2] * held for (t, kk), held in self.h.items() if kk == k]
         return sum(terms)
 
     def hint(self, stage_of: list[int] | tuple[int, ...]) -> None:
@@ -273,14 +212,18 @@ class _Model:
             for k in range(self.d.stages + 1):
                 if not isinstance(self.y[i][k], int):
                     self.m.add_hint(self.y[i][k], s >= k)
-        dests = {u: {stage_of[v] for v in self.d.succ[u]} - {stage_of[u]}
-                 for u in range(self.d.num_layers)}
-        for (u, k), r in self.r.items():
-            if u not in self.exact:
-                self.m.add_hint(r, k in dests[u])
-        for (u, j), sent in self.n.items():
-            if u not in self.exact:
-                self.m.add_hint(sent, len(dests[u]) if stage_of[u] == j else 0)
+        d = self.d
+        dests = [{stage_of[v] for v in cons} - {stage_of[u]}
+                 for u, cons in zip(d.producer, d.consumers, strict=True)]
+        for (x, k), r in self.r.items():
+            if x not in self.exact:
+                self.m.add_hint(r, k in dests[x])
+        for (x, j), sent in self.n.items():
+            if x not in self.exact:
+                self.m.add_hint(sent, len(dests[x]) if stage_of[d.producer[x]] == j else 0)
+        for (t, k), held in self.h.items():
+            owner, users, _ = d.tied[t]
+            self.m.add_hint(held, stage_of[owner] != k and any(stage_of[i] == k for i in users))
 
     def stage_of(self, solver: cp_model.CpSolver) -> list[int]:
         return [sum(v if isinstance(v, int) else int(solver.boolean_value(v))
@@ -327,7 +270,7 @@ def partition_graph(cm: CostModel, memory_limit_bytes: float = math.inf, *,
     """
     _check_stages(cm)
     start = time.perf_counter()
-    d = _data(cm, memory_limit_bytes, memory_objective=False)
+    d = scale(cm, memory_limit_bytes)
     model = _Model(d, memory_objective=False, chain_order=chain_order)
     hint = _chain_hint(cm, memory_limit_bytes)
     if hint is not None:
@@ -371,7 +314,7 @@ def min_memory_graph(cm: CostModel, time_limit_s: float = 10.0,
     """The convex partition with the smallest largest stage memory: (solution, a proven lower
     bound on that memory in bytes, whether the solution is proven optimal)."""
     _check_stages(cm)
-    d = _data(cm, math.inf, memory_objective=True)
+    d = scale(cm, math.inf, memory_objective=True)
     model = _Model(d, memory_objective=True, chain_order=False)
     hint = _chain_hint(cm, math.inf)
     if hint is not None:
@@ -382,8 +325,10 @@ def min_memory_graph(cm: CostModel, time_limit_s: float = 10.0,
         assert hint is not None  # without a limit the chain DP always has a partition
         return evaluate_assignment(cm, hint), 0.0, False
     sol = evaluate_assignment(cm, model.stage_of(solver))
-    # every term was rounded up by less than one step; a stage has at most 2L terms
-    bound = (solver.best_objective_bound - 2 * d.num_layers) * d.unit_bytes
+    # every term was rounded up by less than one step: a stage has at most one per layer, per
+    # value and per tied parameter
+    terms = max(2 * d.num_layers, d.num_layers + len(d.producer) + len(d.tied))
+    bound = (solver.best_objective_bound - terms) * d.unit_bytes
     return sol, max(0.0, bound), status == cp_model.OPTIMAL
 
 
