@@ -35,9 +35,14 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from executor.distributed.graphrank import graph_rank, sync_ties
 from executor.distributed.transport import DistTransport
+from executor.graphs.batches import batch_size_of, join_tree, move_tree, split_tree
+from executor.graphs.blocks import Leaf
+from executor.graphs.pipeline import split_step
+from executor.graphs.planned import trace_record
 from executor.runtime.allocator import keep_freed_memory as keep_memory
-from executor.runtime.batch import Batch, gather, move
+from executor.runtime.batch import Batch, gather
 from executor.runtime.batchnorm import DeferredBatchNorm
 from executor.runtime.devices import check_device
 from executor.runtime.interpreter import Interpreter, LossFn, StepData
@@ -46,6 +51,7 @@ from executor.runtime.pipeline import as_plan, executable_ranges
 from executor.runtime.recorder import Recorder
 from executor.runtime.stage import LayerSource, Stage, build_layers
 from executor.runtime.ties import check_ties, tied_parameters
+from partitioner.cost.model import split_microbatches
 from partitioner.formats.plan import Plan, PlanError
 from partitioner.formats.timeline import Event, Timeline
 from partitioner.schedule.generators import make_schedule
@@ -65,21 +71,24 @@ class StepResult:
 
 _TRANSPORTS = ("auto", "ordered", "posted")
 
-_GROUPS: dict[tuple[int, ...], tuple[Any, dict[tuple[int, int], Any]]] = {}
+_GROUPS: dict[tuple[Any, ...], tuple[Any, dict[tuple[int, int], Any]]] = {}
 
 
 def _channels(ranks: Sequence[int], group: Any, timeout_s: float, backend: str,
-              ordered: bool) -> dict[tuple[int, int], Any]:
+              ordered: bool, pairs: Sequence[tuple[int, int]] | None = None
+              ) -> dict[tuple[int, int], Any]:
     """The group carrying messages from stage src to stage dst, keyed (src, dst). Matched by
     tag (gloo), the pipeline's own group carries everything. Matched by order (``ordered``:
     NCCL), each direction of each neighbouring pair gets its own group: one ordered stream per
     direction. Those are made once per world (every rank creates them all, in the same order,
     as torch.distributed requires) and reused by later runners."""
-    pairs = [(k, k + 1) for k in range(len(ranks) - 1)] + [(k + 1, k) for k in
-                                                            range(len(ranks) - 1)]
+    if pairs is None:  # a chain: neighbours only
+        pairs = [(k, k + 1) for k in range(len(ranks) - 1)] + [(k + 1, k) for k in
+                                                                range(len(ranks) - 1)]
     if not ordered:
         return {pair: group for pair in pairs}
-    key, world = tuple(ranks), dist.group.WORLD
+    key: tuple[Any, ...] = (tuple(ranks), *pairs)
+    world = dist.group.WORLD
     if key in _GROUPS and _GROUPS[key][0] is world:  # the cache holds on to that world
         return _GROUPS[key][1]
     groups = {(src, dst): dist.new_group(sorted((ranks[src], ranks[dst])),
@@ -100,11 +109,14 @@ class DistributedRunner:
     needed: NCCL's, which matches by order; the pipeline must span the world) or ``"auto"``
     (ordered with NCCL, posted otherwise); see the module docstring."""
 
-    def __init__(self, layers: LayerSource, plan: Plan | Mapping[str, object] | str | Path, *,
+    def __init__(self, layers: LayerSource | torch.nn.Module,
+                 plan: Plan | Mapping[str, object] | str | Path, *,
                  num_layers: int | None = None, device: str | torch.device | None = None,
                  deferred_batchnorm: bool = False, timeout_s: float = 60.0,
                  group: Any = None, keep_freed_memory: bool = False,
-                 transport: Literal["auto", "ordered", "posted"] = "auto") -> None:
+                 transport: Literal["auto", "ordered", "posted"] = "auto",
+                 sample: Any = None, weights: Mapping[str, torch.Tensor] | str | Path | None = None,
+                 leaves: Sequence[Leaf] | None = None) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised: call "
                                "init_process_group first (torchrun + partition-model run "
@@ -121,15 +133,21 @@ class DistributedRunner:
             raise ValueError(f"rank {dist.get_rank()} is not in the group {self.ranks}; only "
                              f"its ranks make a runner")
         self.index = self.ranks.index(dist.get_rank())  # this rank's stage k
-        if num_layers is None and isinstance(layers, torch.nn.Sequential):
-            num_layers = len(layers)
-        try:
-            ranges = (executable_ranges(self.plan, num_layers) if num_layers is not None
-                      else self.plan.layer_ranges())
-            if isinstance(layers, torch.nn.Sequential):
-                check_ties(tied_parameters(layers), ranges)
-        except PlanError as exc:
-            raise PlanError(f"rank {dist.get_rank()}: {exc}") from None
+        self.graph_mode = (isinstance(layers, torch.nn.Module) and not isinstance(
+            layers, torch.nn.Sequential)) or self.plan.is_graph or bool(trace_record(self.plan))
+        ranges: list[tuple[int, int]] = []
+        if not self.graph_mode:
+            if num_layers is None and isinstance(layers, torch.nn.Sequential):
+                num_layers = len(layers)
+            try:
+                ranges = (executable_ranges(self.plan, num_layers) if num_layers is not None
+                          else self.plan.layer_ranges())
+                if isinstance(layers, torch.nn.Sequential):
+                    check_ties(tied_parameters(layers), ranges)
+            except PlanError as exc:
+                raise PlanError(f"rank {dist.get_rank()}: {exc}") from None
+        elif deferred_batchnorm:
+            raise ValueError("deferred_batchnorm works with nn.Sequential chains only")
         dev = device if device is not None else self.plan.stages[self.index].device
         problem = check_device(dev)
         if problem:
@@ -150,24 +168,42 @@ class DistributedRunner:
                              f"per-direction groups are made by every rank")
         if keep_freed_memory:
             keep_memory()
-        start, end = ranges[self.index]
-        self.stage = Stage(self.index, build_layers(layers, start, end), dev,
-                           recompute=self.plan.recomputes(self.index))
+        self.ties: list[tuple[torch.nn.Parameter, Any]] = []
+        self.layer_graph = None
+        pairs = None
+        if self.graph_mode:
+            if not isinstance(layers, torch.nn.Module):
+                raise TypeError(f"a graph plan runs an nn.Module (traced on every rank), got "
+                                f"{type(layers).__name__}")
+            try:
+                stage, pairs, self.ties, self.layer_graph = graph_rank(
+                    layers, self.plan, self.index, sample, torch.device(dev), self.ranks,
+                    weights=weights, leaves=leaves, timeout_s=timeout_s, backend=backend)
+            except PlanError as exc:
+                raise PlanError(f"rank {dist.get_rank()}: {exc}") from None
+            self.stage: Any = stage
+            sources = list(stage.sources)
+        else:
+            start, end = ranges[self.index]
+            self.stage = Stage(self.index, build_layers(layers, start, end),
+                               dev, recompute=self.plan.recomputes(self.index))
+            sources = [self.index - 1] if self.index > 0 else []
         self.schedule = validate(lower(make_schedule(self.plan.schedule, big_k,
                                                      self.plan.microbatches)))
         self.actions = self.schedule.actions[self.index]
         self.transport = DistTransport(self.index, self.ranks, self.stage.device,
                                        _channels(self.ranks, group, timeout_s, backend,
-                                                 ordered),
-                                       timeout_s, post_early=not ordered)
+                                                 ordered, pairs),
+                                       timeout_s, post_early=not ordered, sources=sources)
         self.interpreter = Interpreter(
             self.stage, big_k, self.transport, Recorder(self.stage.device),
             DeferredBatchNorm(self.stage.module) if deferred_batchnorm else None)
 
     @property
-    def module(self) -> torch.nn.Sequential:
-        """This rank's layers (children named by their global index)."""
-        return self.stage.module
+    def module(self) -> torch.nn.Module:
+        """This rank's layers (a chain's children are named by their global index)."""
+        module: torch.nn.Module = self.stage.module
+        return module
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.stage.parameters())
@@ -185,6 +221,8 @@ class DistributedRunner:
                 self.interpreter.run(action)
         self.transport.finish()
         result = self.interpreter.end()
+        if training and self.ties:
+            sync_ties(self.ties)
         return result, (self._gather_timeline(recorder.events(), recorder.t0_s, training)
                         if timeline else None)
 
@@ -209,14 +247,20 @@ class DistributedRunner:
                         {"schedule": self.schedule.name, "microbatches": self.plan.microbatches,
                          "runner": "distributed", "training": training})
 
-    def _data(self, inputs: Batch | None, targets: Batch | None,
-              loss_fn: LossFn | None) -> StepData:
+    def _data(self, inputs: Any, targets: Any, loss_fn: LossFn | None) -> StepData:
         first, last = self.index == 0, self.index == self.plan.num_stages - 1
-        x = move(inputs, self.stage.device) if first else None
-        y = move(targets, self.stage.device) if last and loss_fn is not None else None
+        x = move_tree(inputs, self.stage.device) if first else None
+        y = move_tree(targets, self.stage.device) if last and loss_fn is not None else None
         if x is None and y is None:  # a middle stage: the sizes come with the activations
             return StepData([0] * self.plan.microbatches, None, None, loss_fn)
-        return StepData.split(x, y, self.plan.microbatches, loss_fn)
+        if not self.graph_mode:
+            return StepData.split(x, y, self.plan.microbatches, loss_fn)
+        assert self.layer_graph is not None
+        if x is not None:
+            return split_step(self.layer_graph, x, y, self.plan.microbatches, loss_fn)
+        b = batch_size_of(y, "targets")
+        sizes = split_microbatches(b, self.plan.microbatches)
+        return StepData(sizes, None, split_tree(y, sizes), loss_fn)
 
     def train_step(self, inputs: Batch | None = None, targets: Batch | None = None,
                    loss_fn: LossFn | None = None, *, timeline: bool = False) -> StepResult:
@@ -229,4 +273,6 @@ class DistributedRunner:
     def forward(self, inputs: Batch | None = None) -> Batch | None:
         """Forward only, without autograd: the whole batch's outputs on the last rank."""
         result, _ = self._step(self._data(inputs, None, None), False, False)
-        return gather(result.outputs) if result.outputs else None
+        if not result.outputs:
+            return None
+        return join_tree(result.outputs) if self.graph_mode else gather(result.outputs)

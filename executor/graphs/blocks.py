@@ -19,7 +19,8 @@ children are all of one class and have modules of their own (``transformer.h.7``
 ``model.layers.3``, ``layer2.1``); the outermost such containers count. A block that only wraps
 a container of blocks is replaced by those (a ResNet stage that holds nothing but its
 residual blocks becomes those blocks), so the layers are as fine as the model's own
-repetition. ``leaves`` (module classes or name patterns such as ``"encoder.layer.*"``) replace
+repetition. A model without repeated blocks has
+its children as layers. ``leaves`` (module classes or name patterns such as ``"encoder.layer.*"``) replace
 the rule: the outermost modules that match are the layers.
 """
 
@@ -85,8 +86,8 @@ def block_paths(model: nn.Module, leaves: Sequence[Leaf] = ()) -> set[str]:
     if bad:
         raise TypeError(f"leaves must be nn.Module classes or module-name patterns, got "
                         f"{bad[0]!r}")
-    if not leaves:
-        return set(_blocks_of(model))
+    if not leaves:  # no repeated blocks: each child of the model is a layer
+        return set(_blocks_of(model)) or {name for name, _ in model.named_children()}
     chosen: set[str] = set()
     for name, module in model.named_modules():
         if name and _matches(name, module, leaves) and not any(

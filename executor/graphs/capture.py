@@ -86,18 +86,23 @@ class Capture:
     def rebuild(self, flat: Sequence[Any]) -> Any:
         """The model's output from the values of the output node's arguments, in order."""
         it = iter(flat)
-        filled = fx.node.map_arg(self.output_node().args[0], lambda _n: next(it))
+        filled: Any = fx.node.map_arg(self.output_node().args[0], lambda _n: next(it))
         if self.tracer == "export":
             return pytree.tree_unflatten(list(filled), self.out_spec)
         return filled
 
     def output_node(self) -> fx.Node:
-        return next(n for n in reversed(self.graph.nodes) if n.op == "output")
+        node: fx.Node = next(n for n in reversed(self.graph.nodes) if n.op == "output")
+        return node
 
     def output_values(self) -> list[fx.Node]:
         """The nodes the output is made of, in the order ``rebuild`` takes them."""
         found: list[fx.Node] = []
-        fx.node.map_arg(self.output_node().args[0], lambda n: found.append(n) or n)
+
+        def keep(node: fx.Node) -> fx.Node:
+            found.append(node)
+            return node
+        fx.node.map_arg(self.output_node().args[0], keep)
         return found
 
 
@@ -208,7 +213,7 @@ def capture(model: nn.Module, args: Sequence[Any] = (), kwargs: Mapping[str, Any
     graph = root.graph
     _check_dynamic(graph, model)
     codegen = graph._codegen  # the pytree specs of the unlifted module's inputs and outputs
-    info = codegen.pytree_info  # type: ignore[attr-defined]
+    info = codegen.pytree_info
     return Capture(root, graph, "export", model.training, blocks, extra, None,
                    info.in_spec, info.out_spec)
 

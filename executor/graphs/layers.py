@@ -93,8 +93,31 @@ class LayerGraph:
                 self.producer[node.name] = layer.index
         self.output_names = [n.name for n in cap.output_values()]
         self.needs_grad: dict[str, tuple[bool, ...]] = {}  # set by sample_run
+        self.trace_device = torch.device("cpu")  # where the sample was (set by trace_model)
         self._wire()
         self._build()
+
+    def retarget(self, indices: Sequence[int], device: torch.device) -> None:
+        """Make layers ``indices`` create their tensors on ``device``: a graph captured by
+        torch.export names the sample's device in operations such as ``arange``."""
+        old = self.trace_device
+
+        def swap(arg: Any) -> Any:
+            if isinstance(arg, torch.device) and (arg.type == "meta" or arg == old):
+                return device
+            return arg
+        for i in indices:
+            module = self.module_of(i)
+            for node in module.graph.nodes:
+                node.args = fx.node.map_aggregate(node.args, swap)
+                node.kwargs = fx.node.map_aggregate(node.kwargs, swap)
+            module.recompile()
+
+    def module_of(self, i: int) -> fx.GraphModule:
+        """The module that runs layer ``i``."""
+        module = self.layers[i].module
+        assert module is not None
+        return module
 
     @property
     def num_layers(self) -> int:
@@ -293,6 +316,8 @@ def trace_model(model: nn.Module, sample: Any = None, *, leaves: Sequence[Leaf] 
     args, kwargs = as_call(sample)
     graph = LayerGraph(capture(model, args, kwargs, leaves=leaves, tracer=tracer), model,
                        max_layers)
+    graph.trace_device = next((t.device for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                               if isinstance(t, torch.Tensor)), torch.device("cpu"))
     sample_run(graph, args, kwargs, check)
     return graph
 
@@ -322,7 +347,8 @@ def sample_run(graph: LayerGraph, args: Sequence[Any], kwargs: Mapping[str, Any]
         torch.set_rng_state(state)
         with torch.no_grad():
             for b, saved in buffers:
-                b.copy_(saved)
+                if not torch.equal(b, saved):
+                    b.data.copy_(saved)
     if not check:
         return
     flat_w = [t for t in torch.utils._pytree.tree_leaves(want) if isinstance(t, torch.Tensor)]

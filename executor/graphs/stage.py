@@ -89,9 +89,10 @@ def keep_buffers(module: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        with torch.no_grad():
-            for b, copy in saved:
-                b.copy_(copy)
+        with torch.no_grad():  # through .data: the buffers' version counters stay as they were,
+            for b, copy in saved:  # so autograd's checks on tensors saved from them still hold
+                if not torch.equal(b, copy):
+                    b.data.copy_(copy)
 
 
 class GraphStage:
@@ -109,7 +110,9 @@ class GraphStage:
         self.device = resolve_device(device)
         self.recompute = recompute
         self.sources, self.destinations, self.last = sources, destinations, last
-        self.module = nn.ModuleList(graph.layers[i].module for i in self.layers)
+        if graph.trace_device != self.device or graph.trace_device.type == "meta":
+            graph.retarget(self.layers, self.device)
+        self.module = nn.ModuleList(graph.module_of(i) for i in self.layers)
         self.module.to(self.device)
         self.layer_range = (self.layers[0], self.layers[-1] + 1)
 

@@ -29,7 +29,7 @@ import torch
 from executor.runtime.batch import Batch, as_tuple, batch_size, check_batch, from_tuple, scatter
 from executor.runtime.batchnorm import DeferredBatchNorm
 from executor.runtime.recorder import Recorder
-from executor.runtime.stage import RngState, Stage
+from executor.runtime.stage import RngState, Stage  # noqa: F401 - Stage: for docs
 from partitioner.cost.model import split_microbatches
 from partitioner.schedule.ir import Action
 
@@ -41,7 +41,7 @@ __all__ = ["OUTPUT", "Interpreter", "LossFn", "Packet", "StageResult", "StepData
 LossFn = Callable[[Any, Any], torch.Tensor]
 #: A chain ``Stage`` or a stage of a layer graph (``executor.graphs.stage.GraphStage``), which
 #: also says where its values come from and go (``sources``, ``destinations``).
-StageLike = Stage | Any
+StageLike = Any
 
 
 class Packet(NamedTuple):
@@ -90,8 +90,8 @@ class StepData:
     (first stage) and targets (last stage), and the loss (None: forward only)."""
 
     sizes: list[int]
-    inputs: list[Batch] | None = None
-    targets: list[Batch] | None = None
+    inputs: list[Any] | None = None  # chain: Batch; graph: the model's inputs by value name
+    targets: list[Any] | None = None
     loss_fn: LossFn | None = None
 
     @staticmethod

@@ -23,7 +23,14 @@ import torch
 
 from executor.runtime.batch import Batch, gather
 from executor.runtime.batchnorm import DeferredBatchNorm
-from executor.runtime.interpreter import Interpreter, LossFn, Packet, StepData
+from executor.runtime.interpreter import (
+    Interpreter,
+    LossFn,
+    Packet,
+    StageLike,
+    StageResult,
+    StepData,
+)
 from executor.runtime.recorder import Recorder
 from executor.runtime.stage import Stage
 from partitioner.formats.timeline import Timeline
@@ -93,7 +100,7 @@ class LocalRunner:
     """Runs ``schedule`` ('gpipe' or '1f1b') with M micro-batches over ``stages`` in one
     process; ``deferred_batchnorm`` updates BatchNorm statistics once per mini-batch."""
 
-    def __init__(self, stages: Sequence[Stage], schedule: str, microbatches: int,
+    def __init__(self, stages: Sequence[StageLike], schedule: str, microbatches: int,
                  deferred_batchnorm: bool = False) -> None:
         self.stages = list(stages)
         big_k = len(self.stages)
@@ -127,6 +134,12 @@ class LocalRunner:
         return Timeline(len(self.stages), tuple(events), "measured",
                         {"schedule": self.schedule.name, "microbatches": self.microbatches,
                          "runner": "local", "training": training})
+
+    def run_data(self, data: StepData, training: bool) -> tuple[list[StageResult], Timeline]:
+        """One step on micro-batches already cut (``data``): every stage's result and the
+        measured timeline (training: F and B; else forward only)."""
+        timeline = self._run(self.order if training else self.forward_order, data, training)
+        return [interp.end() for interp in self.interpreters], timeline
 
     def train_step(self, inputs: Batch, targets: Batch,
                    loss_fn: LossFn) -> tuple[torch.Tensor, Timeline]:

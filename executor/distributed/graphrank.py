@@ -1,0 +1,92 @@
+"""One rank's stage of a traced model: its layers only, its messages' peers, its tied copies.
+
+    stage, peers, ties = graph_rank(model, plan, k, sample, device, weights="w.pt")
+    ...   # the runner's step; then, after the step's last backward:
+    sync_ties(ties)   # every copy of a tied parameter gets the sum of all copies' gradients
+
+Each rank traces the model the same way (on the meta device when the model is there; then only
+this stage's parameters become real, loaded from ``weights``), so all ranks agree on the layers,
+on which pairs of stages exchange values (``peers``: every (src, dst) of the plan, for the
+per-pair groups of the ordered transport) and on the tied parameters. A tied parameter used on
+several stages (GPT-2's token embedding and LM head) has a copy on each of their ranks, made
+from the same weights; after each step the copies' gradients are all-reduced (summed) over a
+group of those ranks, so each rank's optimizer sees the plain model's gradient and the copies
+stay identical step after step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from executor.graphs.blocks import Leaf
+from executor.graphs.layers import LayerGraph
+from executor.graphs.planned import plan_nodes, trace_for_plan
+from executor.graphs.stage import GraphStage, graph_stages, route
+from executor.graphs.weights import is_meta, materialise
+from partitioner.formats.plan import Plan
+
+__all__ = ["graph_rank", "sync_ties"]
+
+_TIE_GROUPS: dict[tuple[Any, tuple[int, ...]], Any] = {}
+
+
+def _meta(sample: Any) -> Any:
+    return pytree.tree_map(lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x, sample)
+
+
+def graph_rank(model: nn.Module, plan: Plan, index: int, sample: Any, device: torch.device,
+               ranks: Sequence[int], *, weights: Mapping[str, torch.Tensor] | str | Path | None,
+               leaves: Sequence[Leaf] | None, timeout_s: float, backend: str
+               ) -> tuple[GraphStage, list[tuple[int, int]],
+                          list[tuple[nn.Parameter, Any]], LayerGraph]:
+    """This rank's stage ``index``, the (src, dst) pairs of every stage that exchange values,
+    and this rank's tied parameters with the group of ranks holding a copy of each."""
+    if sample is None:
+        raise ValueError("a model that is not an nn.Sequential is traced on every rank: give "
+                         "sample= (a small batch of its inputs, e.g. the first two rows)")
+    meta = is_meta(model)
+    graph = trace_for_plan(model, plan, _meta(sample) if meta else sample, leaves,
+                           check=not meta)
+    nodes = plan_nodes(plan, graph)
+    tied = graph.tied()  # before materialising: the copies elsewhere stay on the meta device
+    if meta:
+        materialise((graph.module_of(i) for i in nodes[index]), model, weights, device)
+    stage = graph_stages(graph, nodes, [device] * len(nodes),
+                         [plan.recomputes(k) for k in range(len(nodes))], only=index)[0]
+    stage_of = [0] * graph.num_layers
+    for k, members in enumerate(nodes):
+        for i in members:
+            stage_of[i] = k
+    _sources, dests = route(graph, stage_of)
+    peers = sorted({(k, d) for k, table in enumerate(dests) for d in table}
+                   | {(d, k) for k, table in enumerate(dests) for d in table})
+    ties = []
+    own = stage.named_parameters()
+    for name, users in sorted(tied.items()):
+        holders = tuple(sorted({stage_of[i] for i in users}))
+        if len(holders) < 2:
+            continue
+        members = tuple(ranks[k] for k in holders)
+        key = (dist.group.WORLD, members)
+        if key not in _TIE_GROUPS:  # every rank makes every group, in the same order
+            _TIE_GROUPS[key] = dist.new_group(list(members), backend=backend,
+                                              timeout=timedelta(seconds=timeout_s))
+        if index in holders:
+            ties.append((own[name], _TIE_GROUPS[key]))
+    return stage, peers, ties, graph
+
+
+def sync_ties(ties: Sequence[tuple[nn.Parameter, Any]]) -> None:
+    """Sum the gradients of each tied parameter's copies over the ranks that hold one."""
+    for param, group in ties:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        dist.all_reduce(param.grad, op=dist.ReduceOp.SUM, group=group)
