@@ -32,7 +32,6 @@ from executor.runtime.interpreter import (
     StepData,
 )
 from executor.runtime.recorder import Recorder
-from executor.runtime.stage import Stage
 from partitioner.formats.timeline import Timeline
 from partitioner.schedule.generators import make_schedule
 from partitioner.schedule.ir import Action, Schedule, lower, validate
