@@ -5,8 +5,16 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Sequence
+from typing import Any
 
-from partitioner.formats.profile import DeviceInfo, LayerProfile, Profile
+from partitioner.formats.profile import (
+    DeviceInfo,
+    LayerProfile,
+    OutputValue,
+    Profile,
+    TiedParam,
+    profile_from_dict,
+)
 from partitioner.schedule.ir import Schedule
 
 
@@ -59,6 +67,68 @@ def random_dag(rng: random.Random, n: int) -> Profile:
             for u in rng.sample(range(v), min(v, rng.randint(1, 3))):
                 edges.add((u, v))
     return dataclasses.replace(prof, edges=tuple(sorted(edges)))
+
+
+def llama_like_dict() -> dict[str, Any]:
+    """An embedding that outputs hidden states, a mask and rotary cos/sin (the last three
+    without gradient); block 0 reads all four, block 1 block 0's output and mask, cos and sin
+    of the embedding; the head shares the embedding's weight; an ordering-only edge 0 -> 3.
+    Every layer: 400 parameter bytes, fwd 1/2 ms, output 100/200 bytes at b = 1/2."""
+    def layer(name: str, **more: Any) -> dict[str, Any]:
+        return {"name": name, "param_bytes": 400, "fwd_ms": [1.0, 2.0], "bwd_ms": [2.0, 4.0],
+                "in_bytes": [4, 8], "out_bytes": [100, 200], "saved_bytes": [4, 8], **more}
+    return {
+        "format": "gpipe-profile/1", "model": "llama-like",
+        "device": {"name": "cpu", "kind": "cpu", "memory_bytes": 10**9},
+        "dtype": "float32", "microbatch_sizes": [1, 2],
+        "layers": [
+            layer("embed", outputs=[{"name": "hidden", "bytes": [100, 200]},
+                                    {"name": "mask", "bytes": 16, "grad": False},
+                                    {"name": "cos", "bytes": [8, 8], "grad": False},
+                                    {"name": "sin", "bytes": [8, 8], "grad": False}]),
+            layer("block0"), layer("block1"), layer("head"),
+        ],
+        "edges": [[0, 1, [0, 1, 2, 3]], [0, 2, [1, 2, 3]], [1, 2], [2, 3], [0, 3, []]],
+        "tied": [{"name": "embed.weight", "bytes": 400, "layers": [0, 3]}],
+    }
+
+
+def llama_like() -> Profile:
+    """``llama_like_dict`` loaded."""
+    return profile_from_dict(llama_like_dict())
+
+
+def random_ties(rng: random.Random, n: int, count: int) -> tuple[TiedParam, ...]:
+    """Up to ``count`` tied parameters, each used by 2-3 distinct layers of n."""
+    ties = []
+    for t in range(count if n >= 2 else 0):
+        layers = tuple(sorted(rng.sample(range(n), rng.randint(2, min(3, n)))))
+        ties.append(TiedParam(f"tied{t}", 4 * rng.randint(1, 300), layers))
+    return tuple(ties)
+
+
+def with_values(rng: random.Random, prof: Profile, ties: int = 2) -> Profile:
+    """``prof`` with traced-like values: about half of its layers list 1-3 outputs (random
+    bytes, some without gradient), their edges read random subsets (some ``[]``: ordering
+    only, some the 2-element form), and up to ``ties`` tied parameters."""
+    n, sizes = prof.num_layers, prof.microbatch_sizes
+    layers = list(prof.layers)
+    for i in range(n):
+        if rng.random() < 0.5:
+            outs = tuple(OutputValue(f"v{i}_{j}", tuple(float(rng.randint(0, 1000)) * s / sizes[0]
+                                                         for s in sizes), rng.random() < 0.7)
+                         for j in range(rng.randint(1, 3)))
+            layers[i] = dataclasses.replace(layers[i], outputs=outs)
+    edges = prof.edges if prof.edges is not None else tuple((i, i + 1) for i in range(n - 1))
+    reads: list[tuple[int, ...] | None] = []
+    for u, _ in edges:
+        outs = layers[u].outputs
+        if outs is None or rng.random() < 0.2:
+            reads.append(None)
+        else:
+            reads.append(tuple(sorted(rng.sample(range(len(outs)), rng.randint(0, len(outs))))))
+    return dataclasses.replace(prof, layers=tuple(layers), edges=edges, edge_values=tuple(reads),
+                               tied=random_ties(rng, n, rng.randint(0, ties)))
 
 
 def schedule_from_rows(name: str, rows: Sequence[Sequence[str]]) -> Schedule:

@@ -5,7 +5,8 @@
     >>> plan.layer_ranges(), plan.microbatches, plan.schedule
     ([(0, 13), (13, 26)], 4, 'gpipe')
 
-Layer ranges are half-open [start, end); a graph plan lists each stage's layers as ``nodes``.
+Layer ranges are half-open [start, end); a graph plan lists each stage's layers as ``nodes``
+and the values each stage sends later ones as ``messages`` (``plan_graph``).
 The loader reports every problem at once with its JSON path; ``check_against`` refuses a plan
 applied to a model with another layer count or to a profile it was not made from.
 """
@@ -28,8 +29,15 @@ from partitioner.formats.layers import (
     range_problems,
     stage_of_nodes,
 )
+from partitioner.formats.plan_graph import (
+    messages_to_json,
+    parse_messages,
+    parse_tied_stages,
+    tied_to_json,
+)
 from partitioner.formats.profile import Profile
 from partitioner.formats.units import MAX_MS
+from partitioner.formats.values import Message
 from partitioner.schedule.generators import MAX_MICROBATCHES, SCHEDULES
 from partitioner.schedule.recompute import RECOMPUTE_MODES, recomputes
 
@@ -43,7 +51,7 @@ MAX_GLOBAL_BATCH = 2**40
 MAX_LAYERS = 2**20
 
 _TOP_KEYS = ("format", "profile", "global_batch", "microbatches", "schedule", "recompute",
-             "stages", "cost_model", "predicted", "extra")
+             "stages", "cost_model", "predicted", "messages", "tied", "trace", "extra")
 _REQUIRED = ("format", "global_batch", "microbatches", "schedule", "recompute", "stages")
 _PROFILE_KEYS = ("model", "device", "sha256", "layers")
 _STAGE_KEYS = ("layers", "device", "nodes")
@@ -97,6 +105,10 @@ class Plan:
     predicted: Prediction | None = None
     runtime: Runtime = field(default_factory=Runtime)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # graph plans: what each stage sends each later stage per micro-batch of the largest size
+    messages: Mapping[tuple[int, int], Message] = field(default_factory=dict)
+    tied: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # name -> its stages
+    trace: Mapping[str, Any] = field(default_factory=dict)  # the executor's, from the profile
 
     @property
     def num_stages(self) -> int:
@@ -197,6 +209,12 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     if plan.predicted is not None:
         pred = asdict(plan.predicted)
         out["predicted"] = {k: list(v) if isinstance(v, tuple) else v for k, v in pred.items()}
+    if plan.messages:
+        out["messages"] = messages_to_json(plan.messages)
+    if plan.tied:
+        out["tied"] = tied_to_json(plan.tied)
+    if plan.trace:
+        out["trace"] = dict(plan.trace)
     if plan.extra:
         out["extra"] = dict(plan.extra)
     return out
@@ -255,6 +273,10 @@ def plan_from_dict(data: object, source: str = "plan") -> Plan:
         p.add("cost_model.optimizer", f"{show(optimizer)} is not one of {', '.join(OPTIMIZERS)}")
     predicted = (_parse_prediction(data["predicted"], len(stages), p)
                  if data.get("predicted") is not None else None)
+    messages = (parse_messages(data["messages"], len(stages), p)
+                if data.get("messages") is not None else {})
+    tied = parse_tied_stages(data["tied"], len(stages), p) if data.get("tied") is not None else {}
+    trace = p.mapping(data.get("trace", {}), "trace", "how the executor traced the model")
     extra = p.mapping(data.get("extra", {}), "extra", "free-form data")
     texts = [p.text(prof.get(key, ""), f"profile.{key}") for key in ("model", "device", "sha256")]
     if p:
@@ -265,7 +287,8 @@ def plan_from_dict(data: object, source: str = "plan") -> Plan:
         profile_model=texts[0], profile_device=texts[1], profile_sha256=texts[2],
         num_layers=num_layers, global_batch=b, microbatches=m, schedule=schedule,
         recompute=recompute, stages=tuple(stages), optimizer=optimizer, link=link,
-        memory_limit_bytes=limit, predicted=predicted, runtime=runtime, extra=extra)
+        memory_limit_bytes=limit, predicted=predicted, runtime=runtime, extra=extra,
+        messages=messages, tied=tied, trace=trace)
 
 
 def _parse_assumptions(cost: Mapping[str, Any], p: Problems) -> tuple[Link, Runtime]:

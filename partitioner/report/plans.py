@@ -18,7 +18,7 @@ from partitioner.report.tables import format_ranges, format_table
 from partitioner.simulator.engine import SimResult
 from partitioner.solve.search import SearchResult
 
-__all__ = ["GRAPH_NOTE", "plan_report", "search_table", "simulate_report"]
+__all__ = ["GRAPH_NOTE", "messages_table", "plan_report", "search_table", "simulate_report"]
 
 #: Printed under the table of a graph-shaped plan.
 GRAPH_NOTE = ("graph-shaped plan: each stage is a convex set of layer-graph nodes (listed as "
@@ -78,7 +78,31 @@ def plan_report(plan: Plan, cm: CostModel) -> str:
     lines = [head, assumptions, "", format_table(headers, rows), "", summary]
     if plan.is_graph:
         lines.append(GRAPH_NOTE)
+    if plan.tied:
+        lines.append("tied parameters (on each stage listed; those without the owner layer "
+                     "hold a copy): " + "; ".join(
+            f"{name} on stage{'s' if len(held) > 1 else ''} {', '.join(map(str, held))}"
+            for name, held in plan.tied.items()))
+    if plan.messages:
+        lines += ["", messages_table(plan)]
     return "\n".join(lines)
+
+
+def messages_table(plan: Plan) -> str:
+    """What each stage sends each later one per micro-batch (the plan's ``messages``).
+
+        >>> from partitioner import CostModel, load_profile, make_plan
+        >>> plan = make_plan(CostModel(load_profile("pipedream/resnet18"), 4, 4, stages=2))
+        >>> print(messages_table(plan).splitlines()[-1])
+        0 -> 1       1  196.00 MiB  196.00 MiB
+    """
+    rows = [[f"{src} -> {dst}", len(msg.values), format_bytes(msg.bytes),
+             format_bytes(msg.grad_bytes) if msg.grad_bytes else "-"]
+            for (src, dst), msg in sorted(plan.messages.items())]
+    b = -(-plan.global_batch // plan.microbatches)
+    return (f"messages between stages, per micro-batch of {b} (the values each stage sends "
+            f"each later one; gradients come back):\n"
+            + format_table(["stages", "values", "bytes", "grad_bytes"], rows))
 
 
 def simulate_report(plan: Plan, cm: CostModel, res: SimResult, devices: list[int]) -> str:

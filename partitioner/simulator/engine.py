@@ -14,9 +14,10 @@ The model (the choices a reader needs to trust the numbers):
 - Each stage runs its own action list in order (the Schedule is never re-derived). F(k,i)
   takes stage k's forward at micro-batch i's actual size (``split_microbatches``: uneven
   sizes, larger first); B(k,i) takes its backward, plus the forward again when k recomputes.
-- Communication. After F(k,i) the stage sends its outputs on (SF: to k+1, and on a graph
-  also what skips ahead to later stages), after B(k,i) the gradients of its inputs back (SB);
-  a send *occupies the sender* for ``latency + bytes / bandwidth`` per transfer and a
+- Communication. After F(k,i) the stage sends its values on (SF: to k+1, and on a graph
+  also what skips ahead to later stages; each value once per stage that reads it), after
+  B(k,i) the gradients of the values it received back (SB; values without gradient send
+  none); a send *occupies the sender* for ``latency + bytes / bandwidth`` per transfer and a
   receive takes no time but waits until the previous stage's send has finished. So a stage
   is occupied compute + comm_in + comm_out per micro-batch, exactly the partitioners' stage
   time (their bottleneck is the simulated throughput limit), and free communication gives
@@ -25,9 +26,10 @@ The model (the choices a reader needs to trust the numbers):
   action that has been ready longest runs (ties: the lower stage). An optional optimizer step
   (``optimizer_ms`` for the whole model, split by parameter bytes) ends each stage once its
   device has finished all its compute (the flush at the end of a GPipe step).
-- Memory, replayed per stage: weights + gradients + optimizer state, plus per micro-batch in
-  flight its saved activations, or, when the stage recomputes, its stashed inputs, with one
-  micro-batch's saved activations on top while B rebuilds and consumes them. This is
+- Memory, replayed per stage: weights + gradients + optimizer state (with the copies of tied
+  parameters whose owner is in another stage), plus per micro-batch in flight its saved
+  activations, or, when the stage recomputes, its stashed inputs, with one micro-batch's saved
+  activations on top while B rebuilds and consumes them. This is
   ``CostModel.stage_memory_bytes``'s (and the graph evaluator's) closed form wherever both
   describe the same step.
 - The predicted Timeline holds the compute actions and the sends that take time (receives

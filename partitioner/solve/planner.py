@@ -10,10 +10,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Literal
 
+from partitioner.cost.messages import stage_messages
 from partitioner.cost.model import CostModel
 from partitioner.cost.partition import Solution, recost
 from partitioner.formats.plan import Plan, Prediction, StagePlan
@@ -73,7 +74,9 @@ def plan_from_solution(cm: CostModel, sol: Solution, memory_limit_bytes: float =
                        devices: Sequence[str] | None = None) -> Plan:
     """Wrap a partition into a plan carrying its simulated prediction. A stage is written as
     its layer range [first, last + 1), with its ``nodes`` too when the stages are not ranges
-    of the layer order (a graph partition)."""
+    of the layer order (a graph partition). A plan from a profile with edges lists the
+    messages between stages (at the largest micro-batch size, even when the stages are
+    ranges); one with tied parameters, their stages; ``profile.extra["trace"]`` is copied."""
     devices = list(devices) if devices else default_devices(cm.profile.device.kind, sol.stages)
     if len(devices) != sol.stages:
         raise ValueError(f"{len(devices)} devices given for K={sol.stages} stages; give one "
@@ -81,6 +84,11 @@ def plan_from_solution(cm: CostModel, sol: Solution, memory_limit_bytes: float =
     stages = tuple(StagePlan((nodes[0], nodes[-1] + 1), devices[k],
                              None if sol.is_ranges else nodes)
                    for k, nodes in enumerate(sol.nodes))
+    prof, stage_of = cm.profile, sol.stage_of
+    messages = (stage_messages(prof, stage_of, cm.microbatch_size) if prof.edges is not None
+                else {})
+    tied = {t.name: tuple(sorted({stage_of[i] for i in t.layers})) for t in prof.tied}
+    trace = prof.extra.get("trace")
     return Plan(
         profile_model=cm.profile.model,
         profile_device=cm.profile.device.name,
@@ -96,6 +104,9 @@ def plan_from_solution(cm: CostModel, sol: Solution, memory_limit_bytes: float =
         memory_limit_bytes=memory_limit_bytes,
         predicted=_prediction(cm, sol, devices),
         runtime=cm.runtime,
+        messages=messages,
+        tied=tied,
+        trace=dict(trace) if isinstance(trace, Mapping) else {},
     )
 
 

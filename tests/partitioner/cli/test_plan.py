@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,10 @@ RESNET = ["--profile", "pipedream/resnet18", "--stages", "8", "--microbatches", 
           "--global-batch", "4", "--bandwidth", "inf", "--recompute", "never"]
 
 
+def data_pairs(messages: Mapping[tuple[int, int], object]) -> list[tuple[int, int]]:
+    return sorted((src, dst) for src, dst in messages if src < dst)
+
+
 def test_graph_profile_gets_a_graph_plan(tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "plan.json"
@@ -111,7 +116,9 @@ def test_graph_profile_gets_a_graph_plan(tmp_path: Path,
     captured = capsys.readouterr()
     assert "planning it as a chain" not in captured.err
     assert "graph-shaped plan" in captured.out and "CP-SAT, optimal" in captured.out
+    assert "messages between stages, per micro-batch of 1" in captured.out
     plan = load_plan(out)
+    assert plan.messages and data_pairs(plan.messages) == sorted(plan.messages)
     plan.check_against(70, load_profile("pipedream/resnet18"))
     assert plan.is_graph and sorted(i for s in plan.stages for i in s.nodes or ()) == list(
         range(70))

@@ -11,8 +11,8 @@ from partitioner.cost.model import CostModel
 from partitioner.cost.partition import evaluate_assignment
 from partitioner.formats.assumptions import Link
 from partitioner.formats.layers import assignment_problems, layer_edges, stage_of_nodes
-from partitioner.formats.profile import load_profile
-from tests.synthetic import make_profile
+from partitioner.formats.profile import OutputValue, load_profile
+from tests.synthetic import llama_like, make_profile, random_dag
 
 MB = 10**6
 
@@ -109,3 +109,49 @@ def test_graph_of_a_real_profile() -> None:
     assert layer_edges(chain) == tuple((i, i + 1) for i in range(chain.num_layers - 1))
     assert math.isfinite(evaluate_assignment(
         CostModel(prof, 4, 4, stages=1), [0] * prof.num_layers).bottleneck_ms)
+
+
+def llama_cm(recompute: str = "never") -> CostModel:
+    """``llama_like`` with one micro-batch of 2, 1 GB/s + 0.5 ms, no optimizer state: every
+    transfer of n bytes takes 0.5 + n / 1e6 ms."""
+    return CostModel(llama_like(), 2, 1, stages=3, recompute=recompute,  # type: ignore[arg-type]
+                     link=Link(1.0, 0.5), optimizer="none")
+
+
+def t(n_bytes: float) -> float:
+    return 0.5 + n_bytes / 1e6
+
+
+def test_values_cross_once_per_destination_and_only_grad_values_come_back() -> None:
+    sol = evaluate_assignment(llama_cm(), [0, 1, 2, 2])
+    # stage 0 sends hidden (200 B) to 1, and mask (16 B), cos and sin (8 B) to 1 and to 2
+    assert sol.stage_comm_ms == pytest.approx((t(200) + 2 * t(16) + 4 * t(8),
+                                               t(200) + t(200),  # hidden's gradient, block0
+                                               t(200)))  # block0's gradient; mask: none
+    assert sol.stage_sent_bytes == (200 + 2 * (16 + 8 + 8), 200.0, 0.0)
+    # the head (stage 2) uses the tied embedding weight owned by layer 0: a copy, 2 x 400 B
+    assert sol.stage_memory_bytes == (800 + 8, 800 + 8, 2 * 800 + 16 + 800)
+    again = evaluate_assignment(llama_cm("always"), [0, 1, 2, 2])
+    assert again.stage_memory_bytes == (800 + 8 + 8, 800 + 232 + 8,  # stash the values received
+                                        2 * 800 + 800 + (32 + 200) + 16)
+    one = evaluate_assignment(dataclasses.replace(llama_cm(), stages=2), [0, 0, 0, 1])
+    assert one.stage_memory_bytes[1] == 800 + 800 + 8  # the copy
+    assert evaluate_assignment(dataclasses.replace(llama_cm(), stages=1), [0] * 4) \
+        .stage_memory_bytes == (4 * 800 + 4 * 8,)  # the owner's stage holds it once
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_one_listed_output_read_by_every_edge_costs_as_the_whole_output(seed: int) -> None:
+    rng = random.Random(seed)
+    prof = random_dag(rng, rng.randint(2, 12))
+    listed = dataclasses.replace(
+        prof, layers=tuple(dataclasses.replace(lay, outputs=(OutputValue(f"o{i}", lay.out_bytes),))
+                           for i, lay in enumerate(prof.layers)),
+        edge_values=tuple((0,) for _ in prof.edges or ()))
+    n, k = prof.num_layers, rng.randint(1, min(4, prof.num_layers))
+    cuts = [0, *sorted(rng.sample(range(1, n), k - 1)), n]
+    stage_of = [s for s in range(k) for _ in range(cuts[s], cuts[s + 1])]
+    for rc in ("never", "always"):
+        a, b = (CostModel(p, 4, 2, stages=k, recompute=rc, link=Link(0.01, 0.2))  # type: ignore[arg-type]
+                for p in (prof, listed))
+        assert evaluate_assignment(a, stage_of) == evaluate_assignment(b, stage_of)

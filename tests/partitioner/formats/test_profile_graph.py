@@ -13,29 +13,7 @@ from partitioner.formats.profile import (
     profile_from_dict,
     profile_to_dict,
 )
-
-
-def llama_like() -> dict[str, Any]:
-    """An embedding that outputs hidden states, a mask and rotary cos/sin; block 0 reads all
-    four, block 1 reads the hidden states of block 0 and mask, cos, sin of the embedding; the
-    head shares the embedding's weight."""
-    def layer(name: str, **more: Any) -> dict[str, Any]:
-        return {"name": name, "param_bytes": 400, "fwd_ms": [1.0, 2.0], "bwd_ms": [2.0, 4.0],
-                "in_bytes": [4, 8], "out_bytes": [100, 200], "saved_bytes": [4, 8], **more}
-    return {
-        "format": "gpipe-profile/1", "model": "llama-like",
-        "device": {"name": "cpu", "kind": "cpu", "memory_bytes": 10**9},
-        "dtype": "float32", "microbatch_sizes": [1, 2],
-        "layers": [
-            layer("embed", outputs=[{"name": "hidden", "bytes": [100, 200]},
-                                    {"name": "mask", "bytes": 16, "grad": False},
-                                    {"name": "cos", "bytes": [8, 8], "grad": False},
-                                    {"name": "sin", "bytes": [8, 8], "grad": False}]),
-            layer("block0"), layer("block1"), layer("head"),
-        ],
-        "edges": [[0, 1, [0, 1, 2, 3]], [0, 2, [1, 2, 3]], [1, 2], [2, 3], [0, 3, []]],
-        "tied": [{"name": "embed.weight", "bytes": 400, "layers": [0, 3]}],
-    }
+from tests.synthetic import llama_like_dict as llama_like
 
 
 def problems(data: dict[str, Any]) -> list[str]:

@@ -12,10 +12,10 @@ import pytest
 from partitioner.cost.model import CostModel
 from partitioner.cost.partition import evaluate_assignment
 from partitioner.formats.assumptions import Link
-from partitioner.formats.profile import Profile
+from partitioner.formats.profile import OutputValue, Profile
 from partitioner.simulator.durations import cross_transfers
 from partitioner.simulator.engine import simulate
-from tests.synthetic import make_profile, random_dag
+from tests.synthetic import make_profile, random_dag, with_values
 
 LINKS = [Link(math.inf, 0.0), Link(1e-6, 0.0), Link(2e-6, 0.5)]
 
@@ -37,7 +37,10 @@ def convex_assignment(rng: random.Random, prof: Profile, big_k: int) -> list[int
     return stage_of
 
 
-def instances(count: int, seed: int = 0) -> list[tuple[CostModel, list[int]]]:
+def instances(count: int, seed: int = 0,
+              values: bool = False) -> list[tuple[CostModel, list[int]]]:
+    """Random DAGs and convex assignments; ``values``: with listed outputs, edges that read
+    some of them (or nothing) and tied parameters (``synthetic.with_values``)."""
     rng = random.Random(seed)
     out = []
     for _ in range(count):
@@ -45,6 +48,8 @@ def instances(count: int, seed: int = 0) -> list[tuple[CostModel, list[int]]]:
         big_k = rng.randint(1, min(n, 4))
         m = rng.randint(1, 6)
         prof = random_dag(rng, n)
+        if values:
+            prof = with_values(rng, prof)
         cm = CostModel(prof, m * rng.randint(1, 2), m, stages=big_k,
                        recompute=rng.choice(["never", "always", "except_last"]),  # type: ignore[arg-type]
                        schedule=rng.choice(["gpipe", "1f1b"]),  # type: ignore[arg-type]
@@ -57,11 +62,12 @@ def nodes_of(stage_of: list[int], big_k: int) -> list[list[int]]:
     return [[i for i, s in enumerate(stage_of) if s == k] for k in range(big_k)]
 
 
-def test_busy_plus_send_is_m_times_the_evaluators_stage_time() -> None:
+@pytest.mark.parametrize("values", [False, True])
+def test_busy_plus_send_is_m_times_the_evaluators_stage_time(values: bool) -> None:
     """Even micro-batches (all of size b), one device per stage: every stage is occupied
     exactly M x (compute + communication) as the evaluator (the ILP's cost) counts it."""
     skipping = 0
-    for cm, stage_of in instances(150):
+    for cm, stage_of in instances(150, values=values):
         sol = evaluate_assignment(cm, stage_of)
         res = simulate(cm, nodes=nodes_of(stage_of, cm.stages))
         m = cm.microbatches
@@ -72,8 +78,9 @@ def test_busy_plus_send_is_m_times_the_evaluators_stage_time() -> None:
     assert skipping > 20  # the instances do send data past stages
 
 
-def test_memory_peaks_equal_the_evaluators() -> None:
-    for cm, stage_of in instances(150, seed=1):
+@pytest.mark.parametrize("values", [False, True])
+def test_memory_peaks_equal_the_evaluators(values: bool) -> None:
+    for cm, stage_of in instances(150, seed=1, values=values):
         sol = evaluate_assignment(cm, stage_of)
         res = simulate(cm, nodes=nodes_of(stage_of, cm.stages))
         assert res.stage_peak_bytes == pytest.approx(sol.stage_memory_bytes, rel=1e-12)
@@ -173,3 +180,22 @@ def test_bad_node_sets_are_refused_with_every_problem() -> None:
         simulate(cm, nodes=[range(4), range(4, 9)], devices=[0])
     with pytest.raises(ValueError, match="either as layer ranges or as nodes=, not both"):
         simulate(cm, [(0, 3), (3, 6), (6, 9)], nodes=[range(3), range(3, 6), range(6, 9)])
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_free_compute_and_one_skip_value_take_the_transfers_alone(grad: bool) -> None:
+    """0 -> 1 -> 2 with layer 0's second output s skipping to 2, one layer per stage, M = 1,
+    no compute: the step is the forward transfers (a and s, then w) and the gradients back
+    (w, s if it has one, then a), each 0.5 ms + bytes / (1 GB/s)."""
+    outs = (OutputValue("a", (1e6,)), OutputValue("s", (3e6,), grad))
+    prof = make_profile([0.0] * 3, [0.0] * 3, out_bytes=[0.0, 2e6, 5e6])
+    prof = dataclasses.replace(
+        prof, layers=(dataclasses.replace(prof.layers[0], outputs=outs), *prof.layers[1:]),
+        edges=((0, 1), (0, 2), (1, 2)), edge_values=((0,), (1,), None))
+    cm = CostModel(prof, 1, 1, stages=3, link=Link(1.0, 0.5))
+    res = simulate(cm, nodes=[[0], [1], [2]])
+    t_a, t_s, t_w = 1.5, 3.5, 2.5
+    assert res.step_ms == pytest.approx(2 * t_a + t_s + 2 * t_w + (t_s if grad else 0.0))
+    assert res.stage_comm_ms == pytest.approx((t_a + t_s, t_w + t_a,
+                                               t_w + (t_s if grad else 0.0)))
+    assert res.stage_comm_ms == pytest.approx(evaluate_assignment(cm, [0, 1, 2]).stage_comm_ms)

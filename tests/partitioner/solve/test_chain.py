@@ -1,7 +1,9 @@
 """The chain partitioner against brute force, its oracle, on random small instances."""
 
+import dataclasses
 import itertools
 import math
+import random
 import time
 
 import pytest
@@ -9,12 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from partitioner.cost.model import CostModel
-from partitioner.cost.partition import stage_costs
+from partitioner.cost.partition import evaluate_assignment, stage_costs
 from partitioner.formats.assumptions import Link, Runtime
-from partitioner.formats.profile import load_profile
+from partitioner.formats.profile import OutputValue, Profile, load_profile
 from partitioner.solve.chain import partition_chain
 from partitioner.solve.infeasible import InfeasibleError
-from tests.synthetic import make_profile
+from tests.synthetic import make_profile, random_ties
 
 
 def brute_force(cm: CostModel, limit: float) -> float | None:
@@ -33,8 +35,19 @@ values = st.floats(0.0, 10.0, allow_nan=False).map(lambda x: round(x, 3))
 byte_values = st.integers(0, 1000)
 
 
+def chain_with_values(rng: random.Random, prof: Profile) -> Profile:
+    """A chain profile (no edges) whose layers list 1-3 outputs half the time (some without
+    gradient: each crosses the cut on its own) and with up to 2 tied parameters."""
+    layers = tuple(dataclasses.replace(lay, outputs=tuple(
+        OutputValue(f"v{i}_{j}", tuple(float(rng.randint(0, 1000)) * s for s in (1, 2)),
+                    rng.random() < 0.7) for j in range(rng.randint(1, 3))))
+        if rng.random() < 0.5 else lay for i, lay in enumerate(prof.layers))
+    return dataclasses.replace(prof, layers=layers,
+                               tied=random_ties(rng, prof.num_layers, rng.randint(0, 2)))
+
+
 @st.composite
-def instances(draw: st.DrawFn) -> tuple[CostModel, float]:
+def instances(draw: st.DrawFn, with_values: bool = False) -> tuple[CostModel, float]:
     n = draw(st.integers(1, 9))
     k = draw(st.integers(1, min(n, 5)))
     fwd = draw(st.lists(values, min_size=n, max_size=n))
@@ -45,6 +58,8 @@ def instances(draw: st.DrawFn) -> tuple[CostModel, float]:
     ins = draw(st.lists(byte_values, min_size=n, max_size=n))
     prof = make_profile(fwd, bwd, param_bytes=params, out_bytes=out, saved_bytes=saved,
                         in_bytes=ins, sizes=(1, 2))
+    if with_values:
+        prof = chain_with_values(random.Random(draw(st.integers(0, 2**32))), prof)
     m = draw(st.integers(1, 6))
     link = draw(st.sampled_from([Link(math.inf, 0.0), Link(1e-6, 0.0), Link(1e-6, 0.5)]))
     cm = CostModel(prof, draw(st.integers(m, 3 * m)), m, stages=k,
@@ -66,6 +81,25 @@ def instances(draw: st.DrawFn) -> tuple[CostModel, float]:
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(instances())
 def test_equals_brute_force(case: tuple[CostModel, float]) -> None:
+    check_brute_force(case)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(instances(with_values=True))
+def test_values_and_ties_equal_brute_force(case: tuple[CostModel, float]) -> None:
+    """Tied copies join a stage's memory (the DP's ends stay an interval); values cross a cut
+    one transfer each, their gradients only when they have one."""
+    check_brute_force(case)
+    cm, _ = case
+    cuts = [0, *range(1, cm.stages), cm.profile.num_layers]
+    stage_of = [k for k in range(cm.stages) for _ in range(cuts[k], cuts[k + 1])]
+    ranges, graph = stage_costs(cm, cuts), evaluate_assignment(cm, stage_of)
+    assert ranges.stage_ms == pytest.approx(graph.stage_ms, rel=1e-12)
+    if cm.recompute == "never":  # (recompute: the chain stashes in_bytes, the graph values)
+        assert ranges.stage_memory_bytes == pytest.approx(graph.stage_memory_bytes, rel=1e-12)
+
+
+def check_brute_force(case: tuple[CostModel, float]) -> None:
     cm, limit = case
     expected = brute_force(cm, limit)
     if expected is None:

@@ -3,6 +3,7 @@
 import dataclasses
 import itertools
 import math
+import random
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,7 +18,7 @@ from partitioner.solve import ilp
 from partitioner.solve.chain import partition_chain
 from partitioner.solve.ilp import SolveTimeoutError, min_memory_graph, partition_graph
 from partitioner.solve.infeasible import InfeasibleError
-from tests.synthetic import make_profile
+from tests.synthetic import llama_like, make_profile, with_values
 
 LINKS = [Link(math.inf, 0.0), Link(1e-6, 0.0), Link(1e-6, 0.5)]
 values = st.floats(0.0, 10.0, allow_nan=False).map(lambda x: round(x, 3))
@@ -171,3 +172,56 @@ def chain_profile() -> Profile:
 def test_chain_profile_without_edges() -> None:
     sol = partition_graph(CostModel(chain_profile(), 1, 1, stages=2))
     assert sol.nodes == ((0, 1, 2), (3,)) and sol.bottleneck_ms == 18.0
+
+
+@st.composite
+def valued_instances(draw: st.DrawFn) -> tuple[CostModel, float]:
+    """``instances(graph=True)`` with listed outputs, edges that read some of them or nothing,
+    and tied parameters (``synthetic.with_values``)."""
+    cm, _ = draw(instances(graph=True))
+    prof = with_values(random.Random(draw(st.integers(0, 2**32))), cm.profile)
+    cm = dataclasses.replace(cm, profile=prof)
+    limit_kind = draw(st.sampled_from(["none", "tight", "random"]))
+    if limit_kind == "none":
+        return cm, math.inf
+    n, k = prof.num_layers, cm.stages
+    cuts = [0, *sorted(draw(st.permutations(range(1, n)))[: k - 1]), n]
+    stage_of = [s for s in range(k) for _ in range(cuts[s], cuts[s + 1])]
+    mem = max(evaluate_assignment(cm, stage_of).stage_memory_bytes)
+    return cm, mem if limit_kind == "tight" else mem * draw(st.floats(0.3, 1.2))
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(valued_instances())
+def test_graphs_with_values_and_ties_equal_brute_force(case: tuple[CostModel, float]) -> None:
+    cm, limit = case
+    check_against(cm, limit, brute_force(cm, limit))
+
+
+def test_multi_value_layers_and_ordering_edges_by_hand() -> None:
+    """The llama-like graph at K=3 with a 1 GB/s link: the ILP's optimum is the brute-force
+    one, and its figures are the evaluator's (mask, cos and sin carry no gradient back)."""
+    cm = CostModel(llama_like(), 2, 1, stages=3, link=Link(1.0, 0.5), optimizer="none")
+    sol = check_against(cm, math.inf, brute_force(cm, math.inf))
+    assert sol is not None and sol.stage_of in ((0, 1, 2, 2), (0, 1, 1, 2), (0, 0, 1, 2))
+    tight = max(evaluate_assignment(cm, [0, 1, 2, 2]).stage_memory_bytes) - 1
+    check_against(cm, tight, brute_force(cm, tight))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_chains_with_values_and_ties_equal_the_dp(seed: int) -> None:
+    rng = random.Random(seed)
+    n = rng.randint(2, 10)
+    prof = with_values(rng, make_profile(
+        [rng.uniform(0.1, 3) for _ in range(n)], param_bytes=[4 * rng.randint(0, 500)
+                                                              for _ in range(n)],
+        out_bytes=[float(rng.randint(0, 1000)) for _ in range(n)],
+        saved_bytes=[float(rng.randint(0, 1000)) for _ in range(n)], sizes=(1, 2)))
+    prof = dataclasses.replace(prof, edges=None, edge_values=None)  # a chain: u -> u+1 reads all
+    cm = CostModel(prof, 4, 2, stages=rng.randint(1, min(n, 4)), link=Link(1e-6, 0.5))
+    limit = max(partition_chain(cm).stage_memory_bytes) * rng.uniform(0.7, 1.0)
+    try:
+        expected: float | None = partition_chain(cm, limit).bottleneck_ms
+    except InfeasibleError:
+        expected = None
+    check_against(cm, limit, expected)
