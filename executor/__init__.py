@@ -23,7 +23,8 @@ from executor.profiling.graph import profile_graph
 from executor.profiling.profiler import profile_model
 from executor.runtime.allocator import keep_freed_memory
 from executor.runtime.job import Job, load_job
-from executor.runtime.pipeline import Pipeline, manual_plan
+from executor.graphs.pipeline import Pipeline
+from executor.runtime.pipeline import manual_plan
 from executor.workloads.models import build_model
 
 __all__ = [

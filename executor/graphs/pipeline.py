@@ -1,7 +1,6 @@
 """``Pipeline(model, plan)`` for any model: an ``nn.Sequential`` chain, or a traced graph of layers.
 
     >>> import torch
-    >>> from dataclasses import replace
     >>> from torch import nn
     >>> from executor.runtime.pipeline import manual_plan
     >>> class Skip(nn.Module):
@@ -11,8 +10,7 @@
     ...     def forward(self, x):
     ...         return {"y": self.b(torch.tanh(self.a(x)) + x)}
     >>> model = Skip()
-    >>> plan = manual_plan([0, 1, 3], microbatches=2, global_batch=4)   # layers a | tanh+add, b
-    >>> plan = replace(plan, extra={"trace": {"leaves": ["a", "b"]}})
+    >>> plan = manual_plan([0, 1, 3], microbatches=2, global_batch=4, traced=True)
     >>> pipe = Pipeline(model, plan, sample=torch.ones(2, 4))
     >>> loss = pipe.train_step(torch.ones(4, 4), torch.zeros(4, 1), lambda out, y: ((out["y"] - y) ** 2).mean())
     >>> model.a.weight.grad is not None, pipe(torch.ones(4, 4))["y"].shape

@@ -46,16 +46,35 @@ def as_plan(plan: Plan | Mapping[str, object] | str | Path) -> Plan:
     raise TypeError(f"plan must be a Plan, a dict or a path, got {type(plan).__name__}")
 
 
-def manual_plan(boundaries: Sequence[int], microbatches: int, global_batch: int,
+def manual_plan(boundaries: Sequence[int] | None, microbatches: int, global_batch: int,
                 schedule: str = "gpipe", recompute: str = "never",
-                devices: Sequence[str] | None = None) -> Plan:
+                devices: Sequence[str] | None = None, *,
+                nodes: Sequence[Sequence[int]] | None = None, traced: bool = False) -> Plan:
     """A plan from explicit cut points ``(0, end_0, ..., L)``, without a profile: stage k runs
-    layers [boundaries[k], boundaries[k+1]). For tests, demos and hand-made splits."""
-    cuts = list(boundaries)
-    big_k = len(cuts) - 1
+    layers [boundaries[k], boundaries[k+1]). Or, with ``nodes`` (and ``boundaries=None``),
+    stage k runs the layers ``nodes[k]`` of a traced model. ``traced`` (implied by ``nodes``)
+    marks the plan as one for a traced model (``executor.graphs``) rather than an
+    ``nn.Sequential``. For tests, demos and hand-made splits."""
+    if (boundaries is None) == (nodes is None):
+        raise ValueError("give the stages either as boundaries or as nodes=, not "
+                         + ("both" if nodes is not None else "neither"))
+    if nodes is not None:
+        sets = [sorted(set(n)) for n in nodes]
+        big_k = len(sets)
+        cuts = [0] * (big_k + 1)
+        cuts[-1] = sum(len(n) for n in sets)
+    else:
+        assert boundaries is not None
+        cuts = list(boundaries)
+        big_k = len(cuts) - 1
     devices = list(devices) if devices is not None else ["cpu"] * big_k
     problems = []
-    if big_k < 1 or cuts[0] != 0 or any(b <= a for a, b in itertools.pairwise(cuts)):
+    if nodes is not None:
+        flat = sorted(i for n in sets for i in n)
+        if not sets or any(not n for n in sets) or flat != list(range(len(flat))):
+            problems.append(f"nodes {[list(n) for n in nodes]} must give every layer "
+                            f"0..L-1 to exactly one non-empty stage")
+    elif big_k < 1 or cuts[0] != 0 or any(b <= a for a, b in itertools.pairwise(cuts)):
         problems.append(f"boundaries {cuts} must start at 0 and increase strictly "
                         f"(e.g. [0, 3, 7] for two stages of a 7-layer model)")
     if len(devices) != max(big_k, 0):
@@ -68,9 +87,14 @@ def manual_plan(boundaries: Sequence[int], microbatches: int, global_batch: int,
         problems.append(f"need 1 <= M <= B, got M={microbatches}, B={global_batch}")
     if problems:
         raise ValueError("cannot make the plan: " + "; ".join(problems))
-    stages = tuple(StagePlan((cuts[k], cuts[k + 1]), devices[k]) for k in range(big_k))
+    if nodes is not None:
+        stages = tuple(StagePlan((n[0], n[-1] + 1), devices[k], tuple(n))
+                       for k, n in enumerate(sets))
+    else:
+        stages = tuple(StagePlan((cuts[k], cuts[k + 1]), devices[k]) for k in range(big_k))
+    trace = {"tracer": "auto"} if traced or nodes is not None else {}
     return Plan("manual", "", "", cuts[-1], global_batch, microbatches, schedule, recompute,
-                stages)
+                stages, trace=trace)
 
 
 def executable_ranges(plan: Plan, num_layers: int) -> list[tuple[int, int]]:

@@ -1,0 +1,115 @@
+"""Graph plans on one rank per stage: transparent, meta-device ranks, tied copies kept equal."""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from typing import Any
+
+import pytest
+import torch
+
+from executor.distributed.runner import DistributedRunner
+from executor.distributed.spawn import spawn_local
+from executor.graphs.layers import trace_model
+from executor.graphs.weights import save_weights
+from executor.runtime.pipeline import manual_plan
+from executor.workloads.graphmodels import build_graph_model
+from tests.graph_cases import CASES, balanced_nodes, grad_problems, plain_step
+
+pytest.importorskip("transformers")
+
+B = 6
+MODELS = ("tiny-gpt2", "tiny-llama", "tiny-bert", "tiny-resnet", "tiny-unet")
+
+
+def _rank(cases: list[tuple[str, int, int, str, str]], weights_dir: str) -> list[Any]:
+    """Each case's (loss, this rank's gradients by name); the model is built on the meta
+    device and only this rank's stage is loaded from the saved weights."""
+    out = []
+    for name, k, m, recompute, schedule in cases:
+        w = build_graph_model(name, batch=B)
+        with torch.device("meta"):
+            model = build_graph_model(name, batch=2).model
+        model.train(w.model.training)
+        layers = trace_model(w.model, build_graph_model(name, batch=2).sample,
+                             check=False).num_layers
+        plan = manual_plan(None, m, B, schedule, recompute, nodes=balanced_nodes(layers, k))
+        runner = DistributedRunner(model, plan, sample=build_graph_model(name, batch=2).sample,
+                                   weights=os.path.join(weights_dir, f"{name}.pt"))
+        res = runner.train_step(w.sample, w.target, w.loss_fn)
+        grads = {n: p.grad.detach().clone() for n, p in runner.stage.named_parameters().items()
+                 if p.grad is not None}
+        out.append((None if res.loss is None else float(res.loss), grads))
+    return out
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_graph_plans_on_ranks_train_as_the_plain_model(k: int) -> None:
+    names = ("tiny-unet",) if k == 4 else MODELS
+    cases = [(n, k, m, rc, sch) for n in names for (m, rc, sch) in
+             (CASES[:3] if k == 2 else CASES[3:] if k == 3 else CASES[1:3])]
+    with tempfile.TemporaryDirectory() as tmp:
+        refs = {}
+        for n in names:
+            w = build_graph_model(n, batch=B)
+            save_weights(w.model, os.path.join(tmp, f"{n}.pt"))
+            refs[n] = w
+        results = spawn_local(_rank, k, (cases, tmp), timeout_s=120, deadline_s=540)
+    failures = []
+    for c, (name, _k, m, rc, sch) in enumerate(cases):
+        w = refs[name]
+        loss0, want = plain_step(copy.deepcopy(w.model), w.sample, w.target, w.loss_fn, m)
+        loss = results[-1][c][0]
+        got = {n: g for rank in results for n, g in rank[c][1].items()}
+        problems = grad_problems(got, want)
+        if loss is None or abs(loss - loss0) > 1e-5 * abs(loss0) or problems:
+            failures.append(f"{name} K={k} M={m} {rc} {sch}: {loss} vs {loss0}; {problems[:3]}")
+    assert not failures, "\n".join(failures)
+
+
+def _tied_rank(weights: str, steps: int) -> tuple[list[float | None], dict[str, torch.Tensor]]:
+    w = build_graph_model("tiny-gpt2", batch=B)
+    with torch.device("meta"):
+        model = build_graph_model("tiny-gpt2", batch=2).model
+    layers = trace_model(w.model, w.sample, check=False).num_layers
+    plan = manual_plan(None, 2, B, "1f1b", nodes=balanced_nodes(layers, 2))
+    runner = DistributedRunner(model, plan, sample=w.sample, weights=weights)
+    opt = torch.optim.Adam(runner.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        res = runner.train_step(w.sample, w.target, w.loss_fn)
+        opt.step()
+        losses.append(None if res.loss is None else float(res.loss))
+    return losses, {n: p.detach().clone() for n, p in runner.stage.named_parameters().items()}
+
+
+@pytest.mark.timeout(300)
+def test_tied_copies_get_summed_gradients_and_stay_equal_over_steps() -> None:
+    steps = 4
+    w = build_graph_model("tiny-gpt2", batch=B)
+    model = w.model
+    head, embed = model.lm_head.weight, model.transformer.wte.weight
+    assert head is embed  # the tie this test is about
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "w.pt")
+        save_weights(model, path)
+        results = spawn_local(_tied_rank, 2, (path, steps), timeout_s=120, deadline_s=280)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    want = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = w.loss_fn(model(w.sample, use_cache=False), w.target)
+        loss.backward()
+        opt.step()
+        want.append(float(loss))
+    got = results[-1][0]
+    assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(got, want, strict=True)), (got, want)
+    copies = [params[n] for _, params in results for n in params if n in (
+        "lm_head.weight", "transformer.wte.weight")]
+    assert len(copies) == 2  # one copy on each rank
+    assert torch.equal(copies[0], copies[1])
+    assert torch.allclose(copies[0], head.detach(), rtol=1e-5, atol=1e-6)
