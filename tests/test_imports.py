@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Sub-packages in the order they may import each other: each only those before it (and itself).
 ORDER = {
     "partitioner": ["schedule", "formats", "cost", "simulator", "solve", "report", "cli"],
-    "executor": ["runtime", "distributed", "profiling", "workloads"],
+    "executor": ["runtime", "graphs", "distributed", "profiling", "workloads"],
 }
 
 
