@@ -2,7 +2,7 @@
 
     >>> w = build_graph_model("tiny-unet", batch=2)
     >>> out = w.model(w.sample)
-    >>> tuple(out.shape), float(w.loss_fn(out, w.target)) > 0
+    >>> tuple(out.shape), w.loss_fn(out, w.target).item() > 0
     ((2, 3, 32, 32), True)
 
 Each builder gives a ``GraphWorkload``: the model, a sample of batch b (a tensor, or a dict of
