@@ -1,6 +1,7 @@
 # make demo: plan the default model; make test: lint, type-check and run the tests.
 # Both set up .venv first: torch==2.13.0 (the CPU build) is installed there only when no
-# torch is importable, so an existing torch (e.g. a CUDA build) is kept.
+# torch is importable, so an existing torch (e.g. a CUDA build) is kept (transformers, of the
+# models extra, accepts any torch>=2.1 and so leaves it alone).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,7 +14,7 @@ all: test
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,plot]"
+	$(PY) -m pip install -q -e ".[dev,plot,models]"
 	touch $(STAMP)
 
 setup: $(STAMP)

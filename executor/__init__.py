@@ -10,8 +10,8 @@
 The front door: running (``Pipeline`` in one process, ``DistributedRunner`` one rank per
 stage, ``spawn_local`` and ``launch`` for local ranks, ``Job``), profiling (``profile_model``,
 ``profile_graph``), calibrating (``measure_link``, ``measure_runtime``) and the built-in
-workloads (``build_model``). Sub-packages, in import order: ``runtime``, ``distributed``,
-``profiling``, ``workloads``.
+workloads (``build_model``). Sub-packages, in import order: ``runtime``, ``graphs``,
+``distributed``, ``profiling``, ``workloads``.
 """
 
 from executor.distributed.launch import launch

@@ -3,6 +3,7 @@ the whole model's measured forward+backward, per built-in model and micro-batch 
 
     python tools/bench_profiler.py                          # small built-ins, sizes 1,2,4,8
     python tools/bench_profiler.py --models gpt-tiny --rounds 5 --threads 2
+    python tools/bench_profiler.py --models tiny-unet,tiny-gpt2 --rounds 3   # traced graphs
 
 A ratio of 1.0 means the profile adds up to the model; the target is 0.9..1.1. ``--timing``
 picks how the profiler times layers (default: its own default, inside passes of the whole model
@@ -18,6 +19,12 @@ timed alone reuses its own freed memory. The profiler (and the executor) therefo
 to keep freed memory (``executor.runtime.allocator``), as CUDA's caching allocator does; the
 ``faults`` column (per timed step, whole/layers, warm-up and memory passes included) shows
 what page faults remain.
+
+The example graph models (``executor.workloads.graphmodels``, e.g. ``tiny-llama``, ``tiny-unet``)
+are traced and timed by the graph profiler; their reference is the model's own (eager)
+forward+backward, from ones at its output tensors, timed in the same process right after the
+profile at each size. Their ``raw`` column is the profile's whole passes (the layers run in
+order, the boundary nodes included) over the same reference, and ``faults`` is not measured.
 """
 
 from __future__ import annotations
@@ -27,11 +34,20 @@ import resource
 import statistics
 import time
 
+import torch
+from torch.utils import _pytree as pytree
+
+from executor.graphs.layers import as_call
+from executor.profiling.graph import profile_graph
+from executor.profiling.measure import Clock, quiet_gc
 from executor.profiling.profiler import TIMINGS, profile_model, time_whole_model
+from executor.profiling.samples import resize_sample
+from executor.workloads.graphmodels import GRAPH_MODELS, build_graph_model
 from executor.workloads.models import build_model
 from partitioner.report.tables import format_table
 
-DEFAULT_MODELS = "gpt-tiny,resnet-tiny,gpt-small,resnet-small"
+DEFAULT_MODELS = ("gpt-tiny,resnet-tiny,gpt-small,resnet-small,tiny-gpt2,tiny-llama,tiny-bert,"
+                  "tiny-resnet,tiny-unet")
 
 
 def _minor_faults() -> int:
@@ -87,6 +103,76 @@ def bench_model(name: str, sizes: list[int], args: argparse.Namespace) -> list[l
     return rows
 
 
+def eager_ms(model: torch.nn.Module, sample: object, clock: Clock, warmup: int,
+             repeat: int) -> float:
+    """Median forward+backward ms of the model itself (from ones at its output tensors), its
+    parameters' gradients accumulating as in the profile; the model's .grad are put back."""
+    args, kwargs = as_call(sample)
+    params = [p for p in model.parameters() if p.requires_grad]
+    own = [p.grad for p in params]
+    times = []
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    try:
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        with torch.enable_grad(), quiet_gc(), torch.random.fork_rng(devices=[]):
+            for r in range(warmup + repeat):
+                start = clock.mark()
+                out = model(*args, **kwargs)
+                roots = [t for t in pytree.tree_leaves(dict(out) if hasattr(out, "keys") else out)
+                         if isinstance(t, torch.Tensor) and t.requires_grad]
+                torch.autograd.backward(roots, [torch.ones_like(t) for t in roots])
+                end = clock.mark()
+                if r >= warmup:
+                    times.append(clock.elapsed_ms([start, end])[0])
+    finally:
+        for p, g in zip(params, own, strict=True):
+            p.grad = g
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+    return statistics.median(times)
+
+
+def bench_graph(name: str, sizes: list[int], args: argparse.Namespace) -> list[list[object]]:
+    """The graph profiler's layers against the model's own passes, per size."""
+    work = build_graph_model(name, batch=max(sizes))
+    work.model.train()
+    clock = Clock(torch.device("cpu"), args.clock)
+    ratios: dict[int, list[float]] = {b: [] for b in sizes}
+    passes: dict[int, list[float]] = {b: [] for b in sizes}
+    whole_ms: dict[int, list[float]] = {b: [] for b in sizes}
+    start = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        for _ in range(args.rounds):
+            for b in sizes:
+                prof = profile_graph(work.model, work.sample, [b], warmup=args.warmup,
+                                     repeats=args.repeat, threads=args.threads,
+                                     clock=args.clock, name=name)
+                whole = eager_ms(work.model, resize_sample(work.sample, b), clock,
+                                 args.warmup, args.repeat)
+                harness = prof.extra["harness"]
+                layers_ms = sum(lay.fwd_ms[0] + lay.bwd_ms[0] for lay in prof.layers)
+                ratios[b].append(layers_ms / whole)
+                passes[b].append((harness["pass_fwd_ms"][0] + harness["pass_bwd_ms"][0]) / whole)
+                whole_ms[b].append(whole)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"  {name}: {args.rounds} round(s) in {time.perf_counter() - start:.1f} s; traced "
+          f"with {prof.extra['trace']['tracer']}, layers timed inside the whole model",
+          flush=True)
+    rows: list[list[object]] = []
+    for b in sizes:
+        ratio = statistics.median(ratios[b])
+        rows.append([name, b, prof.num_layers, f"{statistics.median(whole_ms[b]):.3f}",
+                     f"{ratio:.3f}", f"{min(ratios[b]):.3f}..{max(ratios[b]):.3f}",
+                     f"{statistics.median(passes[b]):.3f}", "-",
+                     "ok" if 0.9 <= ratio <= 1.1 else "OFF"])
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=DEFAULT_MODELS, help=f"default: {DEFAULT_MODELS}")
@@ -111,7 +197,8 @@ def main() -> None:
           f"{args.clock} clock) ==")
     rows: list[list[object]] = []
     for name in args.models.split(","):
-        rows += bench_model(name, sizes, args)
+        bench = bench_graph if name in GRAPH_MODELS else bench_model
+        rows += bench(name, sizes, args)
     print(format_table(["model", "b", "layers", "whole_ms", "corrected", "range", "raw",
                         "faults", "0.9..1.1"], rows))
 

@@ -1,229 +1,260 @@
-"""Graph profiles of torch models: trace with torch.fx, then time and measure every node.
+"""Graph profiles of any torch model: trace it into layers, time each inside whole passes.
 
-    prof = profile_graph(my_unet, torch.randn(4, 3, 64, 64), microbatch_sizes=(1, 2, 4))
-    save_profile(prof, "unet.json")     # then: partition-model --profile unet.json ...
+    >>> from executor.workloads.graphmodels import build_graph_model
+    >>> w = build_graph_model("tiny-unet", batch=2)
+    >>> prof = profile_graph(w.model, w.sample, (1, 2), repeats=1, warmup=0)
+    >>> prof.num_layers, prof.layers[0].name, (0, 8) in prof.edges  # downs.0 -> ups.2: a skip
+    (10, 'downs.0', True)
 
-Every call (module, function or method) of the traced graph is one layer, in the graph's
-(topological) order; an edge u -> v says v reads u's output, so skip connections such as
-U-Net's are edges that jump ahead. Modules listed in ``leaf_modules`` stay whole: one layer
-per call, which is how to profile per block instead of per operation.
+The model is traced into a ``LayerGraph`` (``executor.graphs.layers.trace_model``: torch.fx,
+else torch.export), with ``leaves`` and ``max_layers`` as given, in the mode it is profiled in
+(training by default). At each micro-batch size b (the sample's batched tensors resized to b,
+rows taken cyclically), one forward with saved-tensor hooks counts each layer's memory, and
+``warmup + repeats`` forward+backward passes of the whole model, run layer by layer on an env
+of values as a pipeline runs them, time each layer where it really runs
+(``executor.profiling.graphtime``: marks between layers in the forward; in the backward, one
+alias node per layer boundary over the values that cross it, so the reverse-creation order
+in which autograd runs a DAG's backward splits exactly at the boundaries). The layers' times
+add up to the whole pass's time, except for the boundary nodes' hooks.
 
-Each layer is measured on its own, at every micro-batch size: the whole model is run once to
-capture each node's inputs, then the node is re-run ``repeats`` times on detached copies of
-them (median forward ms; median backward ms of the input and weight gradients); the bytes
-autograd saves for its backward (unique storages, parameters excluded), of its tensor inputs
-and of its tensor outputs are counted. The user's model is left as it was (no gradients kept).
+The profile lists every layer's ``outputs`` (the values other layers read: graph node names,
+their bytes at each size, whether a gradient flows back), ``edges`` ``[u, v, [indices into
+u's outputs]]`` (``[]``: ordering only), ``tied`` parameters (counted in ``param_bytes`` of
+their first layer only) and, under ``extra["trace"]``, how it was traced (tracer, leaves,
+max_layers, layer names) so the executor can trace the same way and check the names. The
+model is left as it was: parameters, gradients, buffers (BatchNorm statistics), each module's
+``training`` flag, the random state and torch's thread count.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime, timezone
+import copy
+import datetime
+import gc
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
-from executor.runtime.devices import device_info, resolve_device
-from partitioner.formats.profile import LayerProfile, Profile
-from partitioner.formats.specs import load_spec
+from executor.graphs.blocks import Leaf
+from executor.graphs.layers import LayerGraph, as_call, trace_model
+from executor.profiling.graphtime import Clock, layer_bytes, time_graph_layers
+from executor.profiling.measure import CLOCKS
+from executor.profiling.samples import describe_sample, move_sample, resize_sample
+from executor.runtime.allocator import keep_freed_memory as keep_memory
+from executor.runtime.devices import device_info, parse_dtype, resolve_device
+from partitioner.formats.profile import LayerProfile, OutputValue, Profile, TiedParam
 
-__all__ = ["profile_graph", "profile_graph_of", "trace_layers"]
-
-_LAYER_OPS = ("call_module", "call_function", "call_method")
-
-
-class _Tracer(fx.Tracer):
-    def __init__(self, leaves: tuple[type[nn.Module], ...]) -> None:
-        super().__init__()
-        self.leaves = leaves
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, self.leaves) or super().is_leaf_module(m, module_qualified_name)
+__all__ = ["leaf_names", "profile_graph", "profile_traced"]
 
 
-def trace_layers(model: nn.Module, leaf_modules: Sequence[type[nn.Module]] = ()
-                 ) -> tuple[fx.GraphModule, list[fx.Node], tuple[tuple[int, int], ...]]:
-    """The traced module, its layer nodes in order, and the edges between them."""
-    graph = _Tracer(tuple(leaf_modules)).trace(model)
-    gm = fx.GraphModule(model, graph)
-    layers = [n for n in gm.graph.nodes if n.op in _LAYER_OPS]
-    index = {n: i for i, n in enumerate(layers)}
-    edges = sorted({(index[u], index[v]) for v in layers for u in v.all_input_nodes
-                    if u in index})
-    return gm, layers, tuple(edges)
+def leaf_names(leaves: Sequence[Leaf]) -> list[str]:
+    """Leaves as the profile records them: ``module:Class`` for a class, a pattern as it is.
+
+        >>> leaf_names([nn.Linear, "layers.*"])
+        ['torch.nn.modules.linear:Linear', 'layers.*']
+    """
+    return [f"{leaf.__module__}:{leaf.__qualname__}" if isinstance(leaf, type) else str(leaf)
+            for leaf in leaves]
 
 
-def _tensors(x: Any) -> list[torch.Tensor]:
-    out: list[torch.Tensor] = []
-    fx.node.map_aggregate(x, lambda t: out.append(t) if isinstance(t, torch.Tensor) else None)
-    return out
-
-
-def _nbytes(x: Any) -> float:
-    return float(sum(t.numel() * t.element_size() for t in _tensors(x)))
-
-
-def _detached(x: Any) -> Any:
-    """Copies of the tensors in x that need their own gradient, as a stage's inputs do."""
-    def leaf(t: Any) -> Any:
-        if isinstance(t, torch.Tensor):
-            return t.detach().requires_grad_(t.is_floating_point())
-        return t
-    return fx.node.map_aggregate(x, leaf)
-
-
-def _runner(gm: fx.GraphModule, node: fx.Node) -> Callable[..., Any]:
-    if node.op == "call_module":
-        return gm.get_submodule(str(node.target))
-    if node.op == "call_method":
-        return lambda self, *a, **k: getattr(self, str(node.target))(*a, **k)
-    return node.target  # type: ignore[return-value]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _measure(fn: Callable[..., Any], args: Any, kwargs: Any, params: list[torch.Tensor],
-             repeats: int, device: torch.device) -> tuple[float, float, float]:
-    """(median forward ms, median backward ms, saved bytes) of one node on fixed inputs."""
-    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
-    fwd, bwd = [], []
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in param_ptrs:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    for rep in range(repeats + 1):  # the first run warms up
-        a, k = _detached(args), _detached(kwargs)
-        _sync(device)
-        start = time.perf_counter()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = fn(*a, **k)
-        _sync(device)
-        mid = time.perf_counter()
-        outs = [t for t in _tensors(out) if t.requires_grad]
-        wrt = [t for t in _tensors((a, k)) if t.requires_grad] + params
-        if outs and wrt:
-            torch.autograd.grad(outs, wrt, [torch.ones_like(t) for t in outs],
-                                allow_unused=True)
-        _sync(device)
-        if rep:
-            fwd.append((mid - start) * 1e3)
-            bwd.append((time.perf_counter() - mid) * 1e3 if outs and wrt else 0.0)
-    return statistics.median(fwd), statistics.median(bwd), float(sum(saved.values()))
-
-
-def _batch(sample: torch.Tensor, b: int) -> torch.Tensor:
-    """b samples taken cyclically from the rows of ``sample`` (batch dimension 0)."""
-    return sample[torch.arange(b, device=sample.device) % sample.shape[0]]
-
-
-def profile_graph(model: nn.Module, sample: torch.Tensor,
-                  microbatch_sizes: Iterable[int] = (1, 2, 4), *, repeats: int = 5,
-                  leaf_modules: Sequence[type[nn.Module]] = (), name: str | None = None
-                  ) -> Profile:
-    """A ``gpipe-profile/1`` profile with ``edges`` of ``model`` fed batches drawn from
-    ``sample`` (its dimension 0 is the batch), on the device ``sample`` lives on."""
-    sizes = tuple(sorted(set(microbatch_sizes)))
-    if not sizes or sizes[0] < 1 or repeats < 1:
-        raise ValueError(f"microbatch_sizes {sizes} must be positive whole numbers and repeats "
-                         f"{repeats} at least 1")
-    gm, layers, edges = trace_layers(model, leaf_modules)
-    owner: dict[int, int] = {}  # parameter storage -> the first layer that uses it
-    layer_params: list[list[torch.Tensor]] = []
-    for i, node in enumerate(layers):
-        params: list[torch.Tensor] = list(gm.get_submodule(str(node.target)).parameters()) if (
-            node.op == "call_module") else []
-        params += [gm.get_parameter(str(u.target)) for u in node.all_input_nodes
-                   if u.op == "get_attr" and isinstance(_attr(gm, u), nn.Parameter)]
-        layer_params.append(params)
-        for p in params:
-            owner.setdefault(p.untyped_storage().data_ptr(), i)
-    figures: dict[str, list[list[float]]] = {k: [[] for _ in layers] for k in
-                                             ("fwd_ms", "bwd_ms", "in_bytes", "out_bytes",
-                                              "saved_bytes")}
-    was_training = model.training
+@contextmanager
+def _kept(model: nn.Module, threads: int | None) -> Iterator[None]:
+    """Put back the model's buffers, its modules' training flags, the random state, torch's
+    thread count and grad mode afterwards."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    modes = [(m, m.training) for m in model.modules()]
+    old_threads, grad_mode = torch.get_num_threads(), torch.is_grad_enabled()
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
-        for b in sizes:
-            interp = fx.Interpreter(gm, garbage_collect_values=False)
-            with torch.no_grad():
-                interp.run(_batch(sample, b))
-            env: dict[fx.Node, Any] = interp.env
-            for i, node in enumerate(layers):
-                args = fx.node.map_arg(node.args, env.__getitem__)
-                kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-                f, bw, saved = _measure(_runner(gm, node), args, kwargs, layer_params[i],
-                                        repeats, sample.device)
-                for key, value in (("fwd_ms", f), ("bwd_ms", bw), ("saved_bytes", saved),
-                                   ("in_bytes", _nbytes((args, kwargs))),
-                                   ("out_bytes", _nbytes(env[node]))):
-                    figures[key][i].append(value)
+        with torch.random.fork_rng(devices=[]):
+            yield
     finally:
-        model.train(was_training)
-        model.zero_grad(set_to_none=True)
-    dtype = next((p.dtype for p in model.parameters()), sample.dtype)
-    out_layers = []
-    for i, node in enumerate(layers):
-        param_bytes = sum(p.numel() * p.element_size() for p in layer_params[i]
-                          if owner[p.untyped_storage().data_ptr()] == i)
-        out_layers.append(LayerProfile(
-            node.name, _type_name(gm, node), int(param_bytes),
-            fwd_ms=tuple(figures["fwd_ms"][i]), bwd_ms=tuple(figures["bwd_ms"][i]),
-            in_bytes=tuple(figures["in_bytes"][i]), out_bytes=tuple(figures["out_bytes"][i]),
-            saved_bytes=tuple(figures["saved_bytes"][i])))
+        torch.set_num_threads(old_threads)
+        torch.set_grad_enabled(grad_mode)
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        for m, mode in modes:
+            m.training = mode
+
+
+def _check(sizes: Sequence[int], repeats: int, warmup: int, threads: int | None,
+           clock: str) -> list[int]:
+    """Validate at the boundary; every problem in one message."""
+    problems = []
+    bad = [b for b in sizes if not (isinstance(b, int) and not isinstance(b, bool) and b >= 1)]
+    if not sizes or bad:
+        problems.append(f"micro-batch sizes {list(sizes)!r} must be whole numbers >= 1")
+    if repeats < 1 or warmup < 0:
+        problems.append(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
+    if threads is not None and threads < 1:
+        problems.append(f"threads={threads} must be >= 1 (or None for torch's default)")
+    if clock not in CLOCKS:
+        problems.append(f"clock={clock!r} is not one of {', '.join(CLOCKS)}")
+    elif clock == "thread" and (threads or torch.get_num_threads()) != 1:
+        problems.append("clock='thread' counts only the calling thread's CPU time, so it needs "
+                        "threads=1; pass threads=1 or use clock='wall'")
+    if problems:
+        raise ValueError("cannot profile: " + "; ".join(problems))
+    return sorted({int(b) for b in sizes})
+
+
+def _where(model: nn.Module, device: str | torch.device | None, dtype: torch.dtype | None
+           ) -> tuple[nn.Module, torch.device]:
+    """The model to profile: the model itself where it is already on ``device`` in ``dtype``
+    (its state is put back afterwards), else a copy moved and cast there."""
+    first = next(iter(model.parameters()), None)
+    at = first.device if first is not None else torch.device("cpu")
+    dev = at if device is None else resolve_device(device)
+    same_dtype = dtype is None or all(p.dtype == dtype for p in model.parameters()
+                                      if p.is_floating_point())
+    if dev == at and same_dtype:
+        return model, dev
+    twin = copy.deepcopy(model)
+    twin.to(device=dev) if dtype is None else twin.to(device=dev, dtype=dtype)
+    return twin, dev
+
+
+def _layer_type(model: nn.Module, name: str) -> str:
+    """The class of the module a layer is named after ('+'-joined for code between blocks)."""
+    types = []
+    for path in name.split("#")[0].split("+"):
+        try:
+            types.append(type(model.get_submodule(path)).__name__)
+        except AttributeError:
+            continue
+    return "+".join(dict.fromkeys(types)) or "ops"
+
+
+def _params(graph: LayerGraph) -> tuple[list[int], tuple[TiedParam, ...]]:
+    """Per layer, the bytes of the parameters it owns (a tied one at its first layer only),
+    and the tied parameters."""
+    owner: dict[int, int] = {}
+    owned = [0] * graph.num_layers
+    for layer in graph.layers:
+        for p in graph.parameters_of([layer.index]).values():
+            if id(p) not in owner:
+                owner[id(p)] = layer.index
+                owned[layer.index] += p.numel() * p.element_size()
+    named = graph.parameters_of(range(graph.num_layers))
+    tied = tuple(TiedParam(name, named[name].numel() * named[name].element_size(),
+                           tuple(sorted(layers)))
+                 for name, layers in graph.tied().items())
+    return owned, tied
+
+
+def profile_graph(model: nn.Module, sample: Any, microbatch_sizes: Sequence[int] = (1, 2, 4),
+                  *, leaves: Sequence[Leaf] = (), max_layers: int | None = None,
+                  repeats: int = 5, warmup: int = 2, name: str | None = None,
+                  device: str | torch.device | None = None,
+                  dtype: str | torch.dtype | None = None, tracer: str = "auto",
+                  threads: int | None = None, clock: str = "wall", train: bool = True,
+                  input_info: Mapping[str, Any] | None = None,
+                  progress: Callable[[str], None] | None = None) -> Profile:
+    """A ``gpipe-profile/1`` Profile of ``model``'s traced layer graph on ``sample`` (a tensor,
+    a tuple of positional tensors or a dict of keyword tensors; any batch), one column per
+    micro-batch size (see the module docstring).
+
+    ``device`` (default: where the model is) and ``dtype`` (default: the model's) profile a
+    copy moved there when they differ; ``clock`` on the CPU is ``"wall"`` or ``"thread"``
+    (needs threads=1); ``train`` profiles in training mode; ``progress(text)`` is called
+    after each size."""
+    sizes = _check(microbatch_sizes, repeats, warmup, threads, clock)
+    cast = parse_dtype(dtype)
+    work, dev = _where(model, device, cast)
+    sample = move_sample(sample, dev, cast)
+    gc.collect()
+    timer = Clock(dev, clock)
+    per_size = []
+    with _kept(work, threads):
+        used_threads = torch.get_num_threads()
+        work.train(train)
+        graph = trace_model(work, sample, leaves=leaves, max_layers=max_layers, tracer=tracer)
+        for b in sizes:
+            args, kwargs = as_call(resize_sample(sample, b))
+            env = graph.inputs_of(args, kwargs)
+            per_size.append((layer_bytes(graph, env),
+                             time_graph_layers(graph, env, timer, warmup=warmup,
+                                               repeat=repeats)))
+            if progress is not None:
+                progress(f"b={b}")
+    owned, tied = _params(graph)
+    layers = []
+    for layer in graph.layers:
+        i = layer.index
+        outputs = None if i == graph.num_layers - 1 else tuple(
+            OutputValue(n, tuple(float(m.values[n]) for m, _ in per_size),
+                        any(graph.needs_grad.get(n, ())))
+            for n in layer.outputs)
+        layers.append(LayerProfile(
+            name=layer.name, type=_layer_type(work, layer.name), param_bytes=owned[i],
+            fwd_ms=tuple(round(t.fwd_ms[i], 5) for _, t in per_size),
+            bwd_ms=tuple(round(t.bwd_ms[i], 5) for _, t in per_size),
+            in_bytes=tuple(float(m.in_bytes[i]) for m, _ in per_size),
+            out_bytes=tuple(float(m.out_bytes[i]) for m, _ in per_size),
+            saved_bytes=tuple(float(m.saved_bytes[i]) for m, _ in per_size),
+            outputs=outputs))
+    edges = tuple((u, v) for u, v, _ in graph.edges)
+    reads = tuple(tuple(graph.layers[u].outputs.index(n) for n in names)
+                  for u, _, names in graph.edges)
+    model_dtype = next((p.dtype for p in work.parameters() if p.is_floating_point()),
+                       torch.float32)
+    harness = {"threads": used_threads, "warmup": warmup, "repeat": repeats, "train": train,
+               "timing": "model", "flush_bytes": 0,
+               "clock": clock if dev.type == "cpu" else "cuda-events",
+               "overhead_fwd_ms": 0.0, "overhead_bwd_ms": 0.0,
+               "pass_fwd_ms": [round(t.pass_fwd_ms, 5) for _, t in per_size],
+               "pass_bwd_ms": [round(t.pass_bwd_ms, 5) for _, t in per_size]}
+    trace = {"tracer": graph.capture.tracer, "leaves": leaf_names(leaves),
+             "max_layers": max_layers, "layer_names": [layer.name for layer in graph.layers]}
     return Profile(
-        model=name or type(model).__name__, device=device_info(sample.device),
-        dtype=str(dtype).removeprefix("torch."), microbatch_sizes=sizes,
-        layers=tuple(out_layers), torch=torch.__version__,
-        created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        how=(f"executor/graph_profile.py: torch.fx trace, one layer per call node "
-             f"(leaf modules: {[c.__name__ for c in leaf_modules] or 'torch defaults'}); each "
-             f"node re-run alone on captured inputs, median of {repeats} runs after one "
-             f"warm-up; saved_bytes from autograd's saved-tensor hooks"),
-        input={"shape": list(sample.shape[1:]), "dtype": str(sample.dtype)},
-        edges=edges)
+        model=name or type(model).__name__, device=device_info(dev),
+        dtype=str(cast or model_dtype).removeprefix("torch."), microbatch_sizes=tuple(sizes),
+        layers=tuple(layers), torch=torch.__version__,
+        created=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        how=_how(graph, dev, clock, warmup, repeats, train, used_threads),
+        input=describe_sample(sample, input_info), edges=edges, edge_values=reads, tied=tied,
+        extra={"trace": trace, "harness": harness})
 
 
-def _attr(gm: fx.GraphModule, node: fx.Node) -> Any:
-    obj: Any = gm
-    for part in str(node.target).split("."):
-        obj = getattr(obj, part)
-    return obj
+def profile_traced(model: nn.Module, sample: Any, sizes: Sequence[int], device: str | torch.device,
+           *, timing: str, flush_bytes: int | None, keep_freed_memory: bool,
+           **opts: Any) -> Profile:
+    """``profile_graph`` with ``profile_model``'s options, for a model that is not an
+    ``nn.Sequential``: its layers are timed only inside the whole model, with no cache flush.
+
+        >>> from executor.workloads.graphmodels import build_graph_model
+        >>> w = build_graph_model("tiny-unet", batch=1)
+        >>> profile_traced(w.model, w.sample, [1], "cpu", timing="layer", flush_bytes=None,
+        ...                keep_freed_memory=False, repeat=1)
+        Traceback (most recent call last):
+        ...
+        ValueError: timing='layer', flush_bytes=None: the layers of a traced graph are timed only inside passes of the whole model; use timing='auto' or 'model' and no flush
+    """
+    if timing == "layer" or flush_bytes:
+        raise ValueError(f"timing={timing!r}, flush_bytes={flush_bytes!r}: the layers of a "
+                         f"traced graph are timed only inside passes of the whole model; use "
+                         f"timing='auto' or 'model' and no flush")
+    if keep_freed_memory:
+        keep_memory()
+    return profile_graph(model, sample, sizes, device=device, repeats=opts.pop("repeat"),
+                         **opts)
 
 
-def _type_name(gm: fx.GraphModule, node: fx.Node) -> str:
-    if node.op == "call_module":
-        return type(gm.get_submodule(str(node.target))).__name__
-    if node.op == "call_method":
-        return f"Tensor.{node.target}"
-    return getattr(node.target, "__name__", str(node.target))
-
-
-def profile_graph_of(model_spec: str, input_shape: Sequence[int], microbatch_sizes: Sequence[int],
-                     *, leaf_modules: Sequence[str] = (), device: str = "cpu",
-                     repeats: int = 5) -> Profile:
-    """``profile_graph`` of the model a ``module:factory`` spec builds, fed random samples of
-    ``input_shape`` (without the batch dimension), with the module classes ``leaf_modules``
-    (specs too) kept whole; what ``partition-model profile-graph`` runs."""
-    dev = resolve_device(device)
-    factory = load_spec(model_spec, "--model")
-    leaves = [load_spec(spec, "--leaf") for spec in leaf_modules]
-    bad = [spec for spec, cls in zip(leaf_modules, leaves, strict=True)
-           if not (isinstance(cls, type) and issubclass(cls, nn.Module))]
-    if bad:
-        raise TypeError(f"--leaf {bad[0]!r} is not an nn.Module class")
-    model = factory() if callable(factory) else None
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"--model {model_spec!r} must name a function or class returning an "
-                        f"nn.Module, got {type(model).__name__}")
-    sample = torch.randn(max(microbatch_sizes), *input_shape, device=dev)
-    return profile_graph(model.to(dev), sample, microbatch_sizes, repeats=repeats,
-                         leaf_modules=leaves, name=model_spec)
+def _how(graph: LayerGraph, dev: torch.device, clock: str, warmup: int, repeat: int,
+         train: bool, threads: int) -> str:
+    timer = {"wall": "time.perf_counter", "thread": "time.thread_time, the thread's CPU time"}
+    clocked = f"{'CUDA events' if dev.type == 'cuda' else timer[clock]}"
+    return (f"Traced with {graph.capture.tracer} into {graph.num_layers} layers; each layer "
+            f"timed inside forward+backward passes of the whole model run layer by layer "
+            f"({clocked}; median of {repeat} after {warmup} warm-up): marks between layers in "
+            f"the forward, in the backward one alias node per layer boundary over the values "
+            f"crossing it (autograd runs nodes in reverse creation order, so the backward "
+            f"splits at the boundaries); {'training' if train else 'eval'} mode, {threads} "
+            f"intra-op thread(s); the parameters' gradients accumulating as in a training "
+            f"step; saved_bytes = unique storages autograd saves for backward in each layer's "
+            f"forward, parameters excluded; a tied parameter's bytes in its first layer only.")

@@ -1,4 +1,4 @@
-"""Profile an ``nn.Sequential`` layer by layer on a device: a ``gpipe-profile/1`` Profile.
+"""Profile a model layer by layer on a device: a ``gpipe-profile/1`` Profile.
 
     >>> from executor.workloads.models import build_model
     >>> w = build_model("gpt-tiny", batch=2)
@@ -9,7 +9,8 @@
 Each layer's memory is measured on a copy of it moved to the device, with inputs from a real
 forward pass of the layers before it; its time inside passes of a copy of the whole model
 where that fits the device (``executor.profiling.inmodel``), else alone with the per-call overhead
-corrected. The user's model is never changed (parameters, gradients,
+corrected. Any other ``nn.Module`` is traced into a graph of layers and profiled by
+``executor.profiling.graph.profile_graph``. The user's model is never changed (parameters, gradients,
 buffers, ``training`` flags and device); the global random state is restored afterwards.
 """
 
@@ -25,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from executor.graphs.blocks import Leaf
+from executor.profiling.graph import profile_traced
 from executor.profiling.inmodel import time_layers_in_model, whole_model_bytes
 from executor.profiling.measure import (
     CLOCKS,
@@ -178,8 +181,8 @@ TIMINGS = ("auto", "model", "layer")
 
 
 def profile_model(
-    model: nn.Sequential,
-    sample: Batch,
+    model: nn.Module,
+    sample: Any,
     microbatch_sizes: Sequence[int],
     device: str | torch.device = "cpu",
     *,
@@ -196,8 +199,12 @@ def profile_model(
     name: str = "model",
     input_info: Mapping[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
+    leaves: Sequence[Leaf] = (),
+    max_layers: int | None = None,
 ) -> Profile:
-    """Measure every child of ``model`` at each micro-batch size (the first rows of ``sample``).
+    """Measure every child of ``model`` at each micro-batch size (the first rows of ``sample``);
+    a model that is not an ``nn.Sequential`` goes to ``graph.profile_traced`` (``leaves`` and ``max_layers``
+    say how to trace it).
 
     ``dtype`` casts floating parameters and inputs (None keeps them); ``threads`` sets torch's
     intra-op threads while profiling (a pipeline rank may run with fewer than the machine
@@ -216,6 +223,16 @@ def profile_model(
     """
     if timing not in TIMINGS:
         raise ValueError(f"timing={timing!r} is not one of {', '.join(TIMINGS)}")
+    if not isinstance(model, nn.Sequential):
+        return profile_traced(
+            model, sample, microbatch_sizes, device, dtype=dtype, warmup=warmup, repeat=repeat,
+            threads=threads, clock=clock, timing=timing, flush_bytes=flush_bytes, train=train,
+            keep_freed_memory=keep_freed_memory, name=name, input_info=input_info,
+            progress=progress, leaves=leaves, max_layers=max_layers)
+    if leaves or max_layers is not None:
+        raise ValueError(f"leaves={list(leaves)!r} and max_layers={max_layers!r} say how to "
+                         f"trace a graph; an nn.Sequential is profiled child by child: drop "
+                         f"them, or pass a model that is not an nn.Sequential")
     model, sample, sizes, dev, cast, flush_bytes = _prepare(
         model, sample, microbatch_sizes, device, dtype, warmup, repeat, threads, clock,
         flush_bytes, keep_freed_memory)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from executor.runtime.batch import Batch
+from executor.workloads.graphmodels import GRAPH_MODELS
 from partitioner.formats.specs import is_spec, load_spec
 
 __all__ = [
@@ -230,8 +231,9 @@ MODELS: dict[str, tuple[Callable[[str, int], Workload], str]] = {
 
 
 def list_models() -> list[tuple[str, str]]:
-    """(name, description) of every built-in model, e.g. ``('gpt-tiny', 'GPT, 4 blocks, ...')``."""
-    return [(name, desc) for name, (_, desc) in MODELS.items()]
+    """(name, description) of every built-in model, e.g. ``('gpt-tiny', 'GPT, 4 blocks, ...')``,
+    the chains then the example graph models (``executor.workloads.graphmodels``)."""
+    return [(name, desc) for name, (_, desc) in (*MODELS.items(), *GRAPH_MODELS.items())]
 
 
 def build_model(name: str, batch: int = 8, seed: int = 0) -> Workload:

@@ -26,8 +26,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "search": ("search", "try K, M, recompute and schedule; write the fastest plan"),
     "simulate": ("simulate", "replay a plan's schedule, with what-if overrides"),
     "compare": ("compare", "a predicted timeline against a measured one"),
-    "profile": ("profile", "measure each layer of an nn.Sequential and write a profile"),
-    "profile-graph": ("profile_graph", "trace a model with torch.fx and write a graph profile"),
+    "profile": ("profile", "measure each layer of a model (a chain or a traced graph) and "
+                           "write a profile"),
+    "profile-graph": ("profile", "another name for profile"),
     "calibrate": ("calibrate", "measure this machine's link and the executor's runtime"),
     "run": ("run", "train a plan with one rank per stage (local CPU ranks or torchrun)"),
 }

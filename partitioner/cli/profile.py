@@ -4,8 +4,10 @@
           -o gpt-tiny.json
     $ partition-model profile --model mypkg.models:make --microbatch-sizes 8,16 --device cuda
 
-``module:function`` names a function taking no arguments and returning
-``(nn.Sequential, sample_batch)``. The executor (torch) is imported only when this runs.
+``module:function`` names a function taking no arguments and returning an ``nn.Module`` or
+``(nn.Module, sample_batch)``. An ``nn.Sequential`` is profiled child by child; any other
+model is traced into a graph of layers (``partitioner.cli.profile_graph`` has its options).
+The executor (torch) is imported only when this runs.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from partitioner.cli.options import count, count_list, size
+from partitioner.cli.profile_graph import add_graph_arguments, graph_summary
 from partitioner.formats.profile import save_profile
 from partitioner.report.profiles import profile_summary
 
@@ -29,12 +32,13 @@ def _flush(text: str) -> int:
 def main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(
         prog="partition-model profile",
-        description="Measure each layer of an nn.Sequential (forward/backward time, "
-                    "activation and saved bytes) at several micro-batch sizes and write a "
-                    "gpipe-profile/1 JSON file.")
+        description="Measure each layer of a model (forward/backward time, activation and "
+                    "saved bytes) at several micro-batch sizes and write a gpipe-profile/1 "
+                    "JSON file: the children of an nn.Sequential, or the layers of any other "
+                    "model's traced graph.")
     p.add_argument("--model", metavar="NAME|module:function",
-                   help="a built-in model (see --list-models) or a function returning "
-                        "(nn.Sequential, sample_batch)")
+                   help="a built-in model (see --list-models) or a function returning an "
+                        "nn.Module or (nn.Module, sample_batch)")
     p.add_argument("--list-models", action="store_true", help="list the built-in models")
     p.add_argument("--microbatch-sizes", type=count_list("--microbatch-sizes", high=2**20),
                    default=[1, 2, 4], metavar="1,2,4",
@@ -68,13 +72,15 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--eval", action="store_true",
                    help="profile in eval mode (default: training mode)")
     p.add_argument("-o", "--output", metavar="PROFILE.json", help="write the profile here")
+    add_graph_arguments(p)
     args = p.parse_args(argv)
 
     from tqdm import tqdm
 
     from executor.profiling.profiler import profile_model
     from executor.runtime.devices import resolve_device
-    from executor.workloads.models import list_models, load_model
+    from executor.workloads.loading import is_chain, load_any_model, resolve_leaves
+    from executor.workloads.models import list_models
 
     if args.list_models:
         width = max(len(name) for name, _ in list_models())
@@ -84,8 +90,15 @@ def main(argv: Sequence[str]) -> int:
     if not args.model:
         raise ValueError("give --model NAME|module:function (or --list-models)")
     resolve_device(args.device)  # missing CUDA is an error before the model is built
-    model, sample, info = load_model(args.model, args.batch or max(args.microbatch_sizes))
-    steps = len(model) + (len(args.microbatch_sizes) if args.timing != "layer" else 0)
+    model, sample, info = load_any_model(
+        args.model, args.batch or max(args.microbatch_sizes), sample_spec=args.sample,
+        seq_len=args.seq_len, input_shape=args.input_shape)
+    chain = is_chain(model)
+    graph_opts = {} if chain else {"leaves": resolve_leaves(args.leaf),
+                                   "max_layers": args.max_layers}
+    sizes = len(args.microbatch_sizes)
+    steps = sizes if not chain else len(list(model.children())) + (
+        sizes if args.timing != "layer" else 0)
     with tqdm(total=steps, desc=f"profiling {args.model}", unit="step",
               file=sys.stderr, disable=None) as bar:
         prof = profile_model(
@@ -93,8 +106,11 @@ def main(argv: Sequence[str]) -> int:
             warmup=args.warmup, repeat=args.repeat, threads=args.threads,
             clock=args.clock, timing=args.timing, flush_bytes=args.flush,
             train=not args.eval, keep_freed_memory=args.keep_freed_memory == "on",
-            name=args.model, input_info=info, progress=lambda name: bar.update(1))
+            name=args.model, input_info=info, progress=lambda name: bar.update(1),
+            **graph_opts)
     print(profile_summary(prof))
+    if not chain:
+        print(graph_summary(prof))
     if args.output:
         save_profile(prof, args.output)
         print(f"wrote {args.output}")

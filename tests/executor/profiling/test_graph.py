@@ -1,104 +1,121 @@
-"""Graph profiles from torch.fx: edges of a U-Net-like model, figures, and its ILP partition."""
+"""Graph profiles of the example models: valid files, consistent with the trace, times that add
+up, tied parameters, the model left as it was, and planning the result."""
 
-import copy
-from pathlib import Path
+from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 import torch
 from torch import nn
 
-from executor.profiling.graph import profile_graph, trace_layers
-from partitioner.cli.main import main
+from executor.graphs.layers import trace_model
+from executor.profiling.graph import profile_graph
+from executor.profiling.profiler import profile_model
+from executor.workloads.graphmodels import GRAPH_MODELS, build_graph_model
 from partitioner.cost.model import CostModel
-from partitioner.formats.layers import assignment_problems, layer_edges
-from partitioner.formats.plan import load_plan
-from partitioner.formats.profile import load_profile, profile_from_dict, profile_to_dict
+from partitioner.formats.profile import Profile, profile_from_dict, profile_to_dict
 from partitioner.solve.ilp import partition_graph
 
-
-class Block(nn.Module):
-    def __init__(self, cin: int, cout: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.conv(x))
+pytest.importorskip("transformers")
+_CACHE: dict[str, Profile] = {}
 
 
-class TinyUNet(nn.Module):
-    """Two levels down, one up, with the skip from the first level to the decoder."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.enc1, self.enc2 = Block(3, 4), Block(4, 8)
-        self.pool = nn.MaxPool2d(2)
-        self.up = nn.Upsample(scale_factor=2)
-        self.dec = Block(12, 4)
-        self.head = nn.Conv2d(4, 2, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.enc1(x)
-        b = self.enc2(self.pool(a))
-        return self.head(self.dec(torch.cat([self.up(b), a], dim=1)))
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
-def test_unet_edges_and_figures() -> None:
-    model = TinyUNet()
-    before = copy.deepcopy(model.state_dict())
-    prof = profile_graph(model, torch.randn(2, 3, 8, 8), (1, 2), repeats=2)
-    names = [lay.name for lay in prof.layers]
-    # enc1.conv, relu, pool, enc2.conv, relu_1, up, cat, dec.conv, relu_2, head
-    assert [lay.type for lay in prof.layers] == ["Conv2d", "relu", "MaxPool2d", "Conv2d", "relu",
-                                                 "Upsample", "cat", "Conv2d", "relu", "Conv2d"]
-    skip = (names.index("relu"), names.index("cat"))
-    assert prof.edges is not None and skip in prof.edges  # the U-Net skip jumps ahead
-    assert len(prof.edges) == 10 and all(u < v for u, v in prof.edges)
-    assert profile_from_dict(profile_to_dict(prof)) == prof  # valid gpipe-profile/1
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
+def profiled(name: str) -> Profile:
+    """One profile per example model, made once for the whole module."""
+    if name not in _CACHE:
+        w = build_graph_model(name, batch=2)
+        _CACHE[name] = profile_graph(w.model, w.sample, (1, 2), repeats=3, warmup=1, name=name)
+    return _CACHE[name]
+
+
+@pytest.mark.parametrize("name", list(GRAPH_MODELS))
+def test_profile_loads_and_matches_the_trace(name: str) -> None:
+    prof = profiled(name)
+    assert profile_from_dict(profile_to_dict(prof)) == prof
+    w = build_graph_model(name, batch=2)
+    w.model.train()
+    graph = trace_model(w.model, w.sample)
+    assert prof.extra["trace"]["layer_names"] == [lay.name for lay in graph.layers]
+    assert prof.extra["trace"]["tracer"] == graph.capture.tracer
+    assert prof.edges == tuple((u, v) for u, v, _ in graph.edges)
+    assert prof.edge_values is not None
+    for (u, _v), reads, (_, _, names) in zip(prof.edges, prof.edge_values, graph.edges,
+                                            strict=True):
+        outs = prof.layers[u].outputs
+        assert outs is not None and tuple(outs[j].name for j in reads) == names
+    for lay, layer in zip(prof.layers[:-1], graph.layers, strict=False):
+        assert lay.outputs is not None and [o.name for o in lay.outputs] == layer.outputs
+        assert all(o.grad == any(graph.needs_grad[o.name]) for o in lay.outputs)
+    # every parameter counted once, a tied one at its first layer
+    params = sum(p.numel() * p.element_size() for p in w.model.parameters())
     assert sum(lay.param_bytes for lay in prof.layers) == params
-    conv1 = prof.layers[0]
-    assert conv1.out_bytes == (4 * 8 * 8 * 4, 2 * 4 * 8 * 8 * 4)  # (b, 4, 8, 8) float32
-    assert conv1.in_bytes == (3 * 8 * 8 * 4, 2 * 3 * 8 * 8 * 4)
-    assert prof.layers[6].in_bytes[0] == (8 + 4) * 8 * 8 * 4  # cat reads both branches
-    assert conv1.saved_bytes[0] >= conv1.in_bytes[0]  # conv keeps its input for the weight grad
     assert all(f > 0 for lay in prof.layers for f in lay.fwd_ms)
-    assert all(lay.bwd_ms[0] > 0 for lay in prof.layers)
-    # the user's model is untouched and keeps no gradients
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(p.grad is None for p in model.parameters())
+    assert all(lay.saved_bytes[1] >= lay.saved_bytes[0] for lay in prof.layers)
 
 
-def test_leaf_modules_make_one_layer_per_block() -> None:
-    _, layers, edges = trace_layers(TinyUNet(), leaf_modules=[Block])
-    assert [n.name for n in layers] == ["enc1", "pool", "enc2", "up", "cat", "dec", "head"]
-    assert (0, 4) in edges  # enc1 -> cat, the skip
+@pytest.mark.parametrize("name", list(GRAPH_MODELS))
+def test_layers_add_up_to_the_whole_pass(name: str) -> None:
+    prof = profiled(name)
+    harness = prof.extra["harness"]
+    for j in range(len(prof.microbatch_sizes)):
+        layers = sum(lay.fwd_ms[j] + lay.bwd_ms[j] for lay in prof.layers)
+        whole = harness["pass_fwd_ms"][j] + harness["pass_bwd_ms"][j]
+        assert 0.6 * whole <= layers <= 1.02 * whole  # the gap: the boundary nodes' hooks
+    assert all(lay.bwd_ms[-1] > 0 for lay in prof.layers[1:])
 
 
-@pytest.mark.timeout(120)
-def test_the_ilp_partitions_the_unet() -> None:
-    prof = profile_graph(TinyUNet(), torch.randn(2, 3, 8, 8), (1, 2), repeats=1)
-    cm = CostModel(prof, 4, 2, stages=3)
-    sol = partition_graph(cm, time_limit_s=30)
-    assert sol.status == "optimal" and all(sol.nodes)
-    assert not assignment_problems(prof.num_layers, layer_edges(prof), sol.stage_of, 3)
+def test_tied_head_of_gpt2() -> None:
+    prof = profiled("tiny-gpt2")
+    (tie,) = prof.tied
+    assert tie.layers == (0, prof.num_layers - 1) and tie.bytes == 128 * 32 * 4
+    assert prof.layers[-1].param_bytes < tie.bytes  # the head's weight is counted at layer 0
 
 
-@pytest.mark.timeout(120)
-def test_profile_graph_command_then_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                                         ) -> None:
-    out = tmp_path / "unet.json"
-    here = "tests.executor.profiling.test_graph"
-    assert main(["profile-graph", "--model", f"{here}:TinyUNet", "--input-shape", "3,8,8",
-                 "--microbatch-sizes", "1,2", "--repeat", "1", "--leaf", f"{here}:Block",
-                 "-o", str(out)]) == 0
-    assert "7 layers, 7 edges" in capsys.readouterr().out
-    assert main(["--profile", str(out), "--stages", "2", "--microbatches", "2",
-                 "--global-batch", "4", "-o", str(tmp_path / "plan.json")]) == 0
-    assert "solver: CP-SAT" in capsys.readouterr().out
-    plan = load_plan(tmp_path / "plan.json")
-    plan.check_against(7, load_profile(out))  # a convex partition of the traced graph
-    assert plan.num_stages == 2
-    assert main(["profile-graph", "--model", "nowhere", "--input-shape", "3", "-o",
-                 str(out)]) == 2
-    assert "is not of the form module:function" in capsys.readouterr().err
+def test_dict_sample_with_an_attention_mask() -> None:
+    prof = profiled("tiny-bert")
+    assert set(prof.input["kwargs"]) == {"input_ids", "attention_mask"}  # type: ignore[index]
+    assert prof.input["kwargs"]["attention_mask"]["shape"] == [16]  # type: ignore[index]
+
+
+def test_the_model_is_left_as_it_was() -> None:
+    w = build_graph_model("tiny-unet", batch=2)
+    w.model.eval()
+    w.model.ups[0].train()  # a mixed mode survives too
+    before = {k: v.clone() for k, v in w.model.state_dict().items()}
+    rng = torch.get_rng_state()
+    prof = profile_graph(w.model, w.sample, (1, 3), repeats=1, warmup=0)
+    assert prof.microbatch_sizes == (1, 3)  # rows taken cyclically past the sample's 2
+    after = w.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm buffers included
+    assert all(p.grad is None for p in w.model.parameters())
+    assert not w.model.training and w.model.ups[0].training and not w.model.downs[0].training
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_profile_model_sends_graphs_to_the_graph_profiler_and_plans() -> None:
+    w = build_graph_model("tiny-unet", batch=2)
+    prof = profile_model(w.model, w.sample, [1, 2], "cpu", warmup=0, repeat=1, max_layers=6)
+    assert prof.num_layers == 6 and prof.extra["trace"]["max_layers"] == 6
+    with pytest.raises(ValueError, match="timed only inside passes of the whole model"):
+        profile_model(w.model, w.sample, [1], "cpu", timing="layer")
+    with pytest.raises(ValueError, match=r"an nn\.Sequential is profiled child by child"):
+        profile_model(nn.Sequential(nn.Linear(2, 2)), torch.ones(2, 2), [1], leaves=["0"])
+    sol = partition_graph(CostModel(prof, 2, 2, stages=2), time_limit_s=20)
+    assert sol.status == "optimal"
+
+
+def test_bad_arguments_name_the_fix() -> None:
+    w = build_graph_model("tiny-unet", batch=2)
+    with pytest.raises(ValueError, match=r"micro-batch sizes \[0\] must be whole numbers"):
+        profile_graph(w.model, w.sample, [0])
+    with pytest.raises(ValueError, match="needs threads=1"):
+        profile_graph(w.model, w.sample, [1], threads=2, clock="thread")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -30,14 +31,6 @@ def test_registry_determinism_and_errors(monkeypatch: pytest.MonkeyPatch) -> Non
     assert torch.equal(a.sample, b.sample)
     with pytest.raises(ValueError, match="unknown graph model 'x'"):
         build_graph_model("x")
-    import builtins
-    real = builtins.__import__
-
-    def no_transformers(name: str, *args: object, **kwargs: object) -> object:
-        if name == "transformers":
-            raise ImportError("No module named 'transformers'")
-        return real(name, *args, **kwargs)  # type: ignore[arg-type]
-    monkeypatch.setattr(builtins, "__import__", no_transformers)
-    monkeypatch.delitem(__import__("sys").modules, "transformers", raising=False)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
     with pytest.raises(ImportError, match=r"pip install gpipe-planner\[models\]"):
         transformers_module()

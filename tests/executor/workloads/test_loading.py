@@ -33,5 +33,5 @@ def test_other_models_need_a_shape_or_a_sample_function() -> None:
     with pytest.raises(ValueError, match="give --input-shape"):
         make_sample(nn.Linear(3, 2), 2)
     assert resolve_leaves(["torch.nn:ReLU", "h.*"]) == [nn.ReLU, "h.*"]
-    with pytest.raises(TypeError, match="not an nn.Module class"):
+    with pytest.raises(TypeError, match=r"not an nn\.Module class"):
         resolve_leaves(["math:sqrt"])

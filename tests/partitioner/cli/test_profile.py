@@ -32,6 +32,20 @@ def not_a_pair():
 
 def bad_sample():
     return nn.Sequential(nn.Linear(6, 5)), [1, 2, 3]
+
+def not_a_model():
+    return 3
+
+class Skip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))) + x
+
+def sample(b):
+    return torch.ones(b, 6)
 """
 
 
@@ -47,7 +61,8 @@ def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str
 def test_list_models(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["profile", "--list-models"]) == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in ("gpt-tiny", "gpt2-medium", "resnet-tiny", "resnet50"))
+    assert all(name in out for name in ("gpt-tiny", "gpt2-medium", "resnet-tiny", "resnet50",
+                                        "tiny-gpt2", "tiny-llama", "tiny-unet"))
 
 
 def test_profiles_a_built_in_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -93,8 +108,13 @@ def test_profiles_a_user_function(tmp_path: Path, user_module: str) -> None:
     (["--model", "gpt-huge"], "neither a built-in model"),
     (["--model", "no_such_module_here:make"], "cannot import module"),
     (["--model", "{m}:missing"], "has no 'missing'"),
-    (["--model", "{m}:not_sequential"], "returned a Linear as the model"),
-    (["--model", "{m}:not_a_pair"], "returning (nn.Sequential, sample_batch)"),
+    (["--model", "{m}:not_a_model"], "returning an nn.Module or (nn.Module, sample_batch)"),
+    (["--model", "{m}:not_a_pair"], "comes without a sample and is not a Transformers model"),
+    (["--model", "{m}:Skip", "--input-shape", "6", "--leaf", "{m}:sample"],
+     "is not an nn.Module class"),
+    (["--model", "{m}:Skip", "--sample", "{m}:sample", "--leaf", "nothing.*"],
+     "no module of Skip matches the leaves"),
+    (["--model", "{m}:not_sequential", "--timing", "layer"], "timed only inside passes"),
     (["--model", "{m}:bad_sample"], "the sample batch is a list"),
     (["--model", "{m}:make", "--microbatch-sizes", "2,8"], "[8] are larger than the sample"),
     (["--model", "gpt-tiny", "--batch", "2", "--microbatch-sizes", "4"], "larger than the"),
@@ -124,3 +144,34 @@ def test_bad_option_values_are_usage_errors(capsys: pytest.CaptureFixture[str]) 
             main(["profile", "--model", "gpt-tiny", *bad])
         assert exc.value.code == 2
     assert "must list whole numbers >= 1" in capsys.readouterr().err
+
+
+def test_profiles_a_user_graph_model(tmp_path: Path, user_module: str) -> None:
+    out = tmp_path / "skip.json"
+    for how in (["--input-shape", "6"], ["--sample", f"{user_module}:sample"]):
+        assert main(["profile", "--model", f"{user_module}:Skip", *how, "--microbatch-sizes",
+                     "1,2", "--leaf", "torch.nn:Linear", *FAST, "-o", str(out)]) == 0
+        prof = load_profile(out)
+        assert [lay.name for lay in prof.layers] == ["a", "relu", "b", "add"]
+        assert prof.edges is not None and (0, 3) in prof.edges  # x skips to the add
+        assert prof.extra["trace"]["leaves"] == ["torch.nn.modules.linear:Linear"]
+    # a (model, sample) pair of any module; profile-graph is another name for profile
+    assert main(["profile-graph", "--model", f"{user_module}:not_sequential", *FAST,
+                 "--microbatch-sizes", "1", "-o", str(out)]) == 0
+    assert load_profile(out).extra["trace"]["tracer"] == "fx"
+
+
+@pytest.mark.timeout(120)
+def test_profile_a_transformers_model_then_plan_it(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers")
+    out = tmp_path / "llama.json"
+    assert main(["profile", "--model", "tiny-llama", "--microbatch-sizes", "1,2", *FAST,
+                 "-o", str(out)]) == 0
+    assert "tiny-llama traced with export into 5 layers: 6 edges" in capsys.readouterr().out
+    prof = load_profile(out)
+    assert prof.extra["trace"]["layer_names"][1] == "model.layers.0"
+    assert main(["--profile", str(out), "--stages", "2", "--microbatches", "2",
+                 "--global-batch", "4", "-o", str(tmp_path / "plan.json")]) == 0
+    text = capsys.readouterr().out
+    assert "solver: CP-SAT" in text and f"wrote {tmp_path / 'plan.json'}" in text
