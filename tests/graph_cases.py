@@ -41,10 +41,16 @@ def plain_step(model: nn.Module, sample: Any, target: torch.Tensor,
         loss = loss_fn(call(model, x), y) * (int(y.shape[0]) / b)
         loss.backward()
         total += float(loss)
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters(
-        remove_duplicate=False) if p.grad is not None}
+    grads = model_grads(model)
     model.zero_grad(set_to_none=True)
     return total, grads
+
+
+def canonical(model: nn.Module) -> dict[str, str]:
+    """Every name of every parameter -> the name ``named_parameters()`` gives it (tied
+    parameters have several names)."""
+    first = {id(p): n for n, p in model.named_parameters()}
+    return {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
 
 
 def grad_problems(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
@@ -66,8 +72,7 @@ def grad_problems(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
 
 
 def model_grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters(
-        remove_duplicate=False) if p.grad is not None}
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def balanced_nodes(num_layers: int, stages: int) -> list[list[int]]:

@@ -347,7 +347,7 @@ def sample_run(graph: LayerGraph, args: Sequence[Any], kwargs: Mapping[str, Any]
         torch.set_rng_state(state)
         with torch.no_grad():
             for b, saved in buffers:
-                if not torch.equal(b, saved):
+                if not b.is_meta and not torch.equal(b, saved):
                     b.data.copy_(saved)
     if not check:
         return

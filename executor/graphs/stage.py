@@ -91,7 +91,7 @@ def keep_buffers(module: nn.Module) -> Iterator[None]:
     finally:
         with torch.no_grad():  # through .data: the buffers' version counters stay as they were,
             for b, copy in saved:  # so autograd's checks on tensors saved from them still hold
-                if not torch.equal(b, copy):
+                if not b.is_meta and not torch.equal(b, copy):
                     b.data.copy_(copy)
 
 

@@ -12,7 +12,9 @@ Transformers ``ModelOutput`` with ``logits``), the mean over samples and tokens.
 Transformers models (``tiny-gpt2`` with its LM head tied to the token embedding,
 ``tiny-llama``, ``tiny-bert``, ``tiny-resnet``) need the optional ``transformers`` package
 (``pip install gpipe-planner[models]``), imported only when one is built; ``tiny-unet`` is
-plain PyTorch.
+plain PyTorch. Dropout is off, so a pipelined step can be compared with the plain model's
+exactly (dropout's masks depend on the order of the random draws, which micro-batching
+changes).
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ def _tokens(vocab: int, batch: int, seq: int) -> tuple[Tensor, Tensor]:
 def _tiny_gpt2(name: str, batch: int) -> GraphWorkload:
     tf = transformers_module()
     config = tf.GPT2Config(vocab_size=128, n_positions=64, n_embd=32, n_layer=3, n_head=2,
-                           bos_token_id=0, eos_token_id=0, tie_word_embeddings=True)
+                           bos_token_id=0, eos_token_id=0, tie_word_embeddings=True,
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     ids, target = _tokens(config.vocab_size, batch, 16)
     return GraphWorkload(name, tf.GPT2LMHeadModel(config), ids, target, lm_loss,
                          {"kind": "tokens", "vocab": config.vocab_size, "seq": 16})
@@ -94,7 +97,8 @@ def _tiny_bert(name: str, batch: int) -> GraphWorkload:
     tf = transformers_module()
     config = tf.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=3,
                            num_attention_heads=2, intermediate_size=64,
-                           max_position_embeddings=64, num_labels=3)
+                           max_position_embeddings=64, num_labels=3,
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     ids = torch.randint(config.vocab_size, (batch, 16))
     mask = torch.ones(batch, 16, dtype=torch.int64)
     mask[:, 12:] = 0  # the last tokens are padding
