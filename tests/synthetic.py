@@ -131,6 +131,19 @@ def with_values(rng: random.Random, prof: Profile, ties: int = 2) -> Profile:
                                tied=random_ties(rng, n, rng.randint(0, ties)))
 
 
+def chain_with_values(rng: random.Random, prof: Profile) -> Profile:
+    """A chain profile (no edges) whose layers list 1-3 outputs half the time (some without
+    gradient: each crosses the cut on its own) and with up to 2 tied parameters."""
+    sizes = prof.microbatch_sizes
+    layers = tuple(dataclasses.replace(lay, outputs=tuple(
+        OutputValue(f"v{i}_{j}", tuple(float(rng.randint(0, 1000)) * s / sizes[0]
+                                       for s in sizes),
+                    rng.random() < 0.7) for j in range(rng.randint(1, 3))))
+        if rng.random() < 0.5 else lay for i, lay in enumerate(prof.layers))
+    return dataclasses.replace(prof, layers=layers,
+                               tied=random_ties(rng, prof.num_layers, rng.randint(0, 2)))
+
+
 def schedule_from_rows(name: str, rows: Sequence[Sequence[str]]) -> Schedule:
     """A schedule from per-stage lists of action texts, e.g. ``[["0F0", "0B0"]]``."""
     return Schedule.parse("\n".join(f"{k}: {' '.join(row)}" for k, row in enumerate(rows)), name)

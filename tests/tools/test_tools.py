@@ -61,3 +61,16 @@ def test_fuzzed_inputs_end_in_clean_errors_or_results() -> None:
     assert last.startswith("cases=500 ") and last.endswith(" crashes=0"), result.stdout[-3000:]
     counts = dict(part.split("=") for part in last.split())
     assert int(counts["clean_errors"]) > 100 and int(counts["ok"]) > 20  # both paths exercised
+
+
+@pytest.mark.timeout(300)
+def test_bench_graph_tiny() -> None:
+    result = run_tool("bench_graph.py", "--pipedream", "resnet18", "--ks", "2,3",
+                      "--case-limit", "5", "--traced-layers", "120", "--traced-stages", "4",
+                      "--traced-limit", "20")
+    rows = [line for line in result.stdout.splitlines()
+            if line.startswith(("pipedream/resnet18", "unet"))]
+    assert len(rows) == 4 and all("optimal" in row for row in rows), result.stdout
+    assert "chain/cvx" in result.stdout and "equal/cvx" in result.stdout
+    traced = result.stdout.split("== traced-like-")[1]
+    assert "status optimal" in traced or "status gap" in traced

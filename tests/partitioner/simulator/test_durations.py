@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from partitioner.cost.model import CostModel
-from partitioner.cost.partition import evaluate_assignment
+from partitioner.cost.partition import evaluate_assignment, stage_costs
 from partitioner.formats.assumptions import Link
 from partitioner.formats.profile import OutputValue, Profile
 from partitioner.simulator.durations import cross_transfers
 from partitioner.simulator.engine import simulate
-from tests.synthetic import make_profile, random_dag, with_values
+from tests.synthetic import chain_with_values, make_profile, random_dag, with_values
 
 LINKS = [Link(math.inf, 0.0), Link(1e-6, 0.0), Link(2e-6, 0.5)]
 
@@ -199,3 +199,25 @@ def test_free_compute_and_one_skip_value_take_the_transfers_alone(grad: bool) ->
     assert res.stage_comm_ms == pytest.approx((t_a + t_s, t_w + t_a,
                                                t_w + (t_s if grad else 0.0)))
     assert res.stage_comm_ms == pytest.approx(evaluate_assignment(cm, [0, 1, 2]).stage_comm_ms)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_chain_with_values_and_ties_simulates_as_the_chain_cost_model(seed: int) -> None:
+    """Layers of a chain profile that list several outputs send each (and gradients only of
+    those with grad); tied copies add to the state: the simulator's sends and peaks are
+    ``stage_costs``'s (the DP's figures)."""
+    rng = random.Random(seed)
+    n = rng.randint(2, 9)
+    prof = chain_with_values(rng, make_profile(
+        [rng.uniform(0.1, 3) for _ in range(n)],
+        param_bytes=[4 * rng.randint(0, 500) for _ in range(n)],
+        out_bytes=[float(rng.randint(0, 1000)) for _ in range(n)],
+        saved_bytes=[float(rng.randint(0, 1000)) for _ in range(n)], sizes=(1, 2)))
+    k, m = rng.randint(1, min(n, 4)), rng.randint(1, 5)
+    cm = CostModel(prof, m, m, stages=k, recompute=rng.choice(["never", "always"]),  # type: ignore[arg-type]
+                   link=Link(1e-6, 0.5))
+    cuts = [0, *sorted(rng.sample(range(1, n), k - 1)), n]
+    sol = stage_costs(cm, cuts)
+    res = simulate(cm, [(cuts[i], cuts[i + 1]) for i in range(k)])
+    assert res.stage_comm_ms == pytest.approx([m * c for c in sol.stage_comm_ms])
+    assert res.stage_peak_bytes == pytest.approx(sol.stage_memory_bytes)

@@ -1,6 +1,5 @@
 """The chain partitioner against brute force, its oracle, on random small instances."""
 
-import dataclasses
 import itertools
 import math
 import random
@@ -13,10 +12,10 @@ from hypothesis import strategies as st
 from partitioner.cost.model import CostModel
 from partitioner.cost.partition import evaluate_assignment, stage_costs
 from partitioner.formats.assumptions import Link, Runtime
-from partitioner.formats.profile import OutputValue, Profile, load_profile
+from partitioner.formats.profile import load_profile
 from partitioner.solve.chain import partition_chain
 from partitioner.solve.infeasible import InfeasibleError
-from tests.synthetic import make_profile, random_ties
+from tests.synthetic import chain_with_values, make_profile
 
 
 def brute_force(cm: CostModel, limit: float) -> float | None:
@@ -33,17 +32,6 @@ def brute_force(cm: CostModel, limit: float) -> float | None:
 
 values = st.floats(0.0, 10.0, allow_nan=False).map(lambda x: round(x, 3))
 byte_values = st.integers(0, 1000)
-
-
-def chain_with_values(rng: random.Random, prof: Profile) -> Profile:
-    """A chain profile (no edges) whose layers list 1-3 outputs half the time (some without
-    gradient: each crosses the cut on its own) and with up to 2 tied parameters."""
-    layers = tuple(dataclasses.replace(lay, outputs=tuple(
-        OutputValue(f"v{i}_{j}", tuple(float(rng.randint(0, 1000)) * s for s in (1, 2)),
-                    rng.random() < 0.7) for j in range(rng.randint(1, 3))))
-        if rng.random() < 0.5 else lay for i, lay in enumerate(prof.layers))
-    return dataclasses.replace(prof, layers=layers,
-                               tied=random_ties(rng, prof.num_layers, rng.randint(0, 2)))
 
 
 @st.composite
