@@ -18,12 +18,12 @@ from executor.distributed.launch import launch
 from executor.distributed.runner import DistributedRunner, StepResult
 from executor.distributed.spawn import RankFailure, spawn_local
 from executor.distributed.transport import PeerError
+from executor.graphs.pipeline import Pipeline
 from executor.profiling.calibrate import measure_link, measure_runtime
 from executor.profiling.graph import profile_graph
 from executor.profiling.profiler import profile_model
 from executor.runtime.allocator import keep_freed_memory
 from executor.runtime.job import Job, load_job
-from executor.graphs.pipeline import Pipeline
 from executor.runtime.pipeline import manual_plan
 from executor.workloads.models import build_model
 

@@ -11,6 +11,14 @@ against the convex one, each with its planning time. Then a 2,000-layer traced-l
 (a Llama-like stack: an embedding whose hidden states, mask and rotary cos/sin every block
 reads, residual skips, random longer skips, ordering-only edges, a tied head) at K=8 under the
 planner's default time limit: its status (optimal, or the proven gap) and time.
+
+``--models tiny-llama,tiny-unet,...`` adds the traced example models (executor.workloads.
+graphmodels): each is profiled in context on two local ranks at once (one thread each, as the
+pipeline's ranks run), compared as above, and with ``--measure`` its K=2 plans at several M are
+predicted by the simulator (runtime calibrated on a short trial at M=1 and 4, as
+tools/bench_fidelity.py does) and trained on two local ranks (the distributed executor, each
+rank built on the meta device with its stage loaded), timing each step: predicted against
+measured, and the median |error| (goal <= 10%).
 """
 
 from __future__ import annotations
@@ -150,6 +158,64 @@ def compare(name: str, prof: Profile, ks: list[int], link: str, limit_s: float) 
               f"{equal.bottleneck_ms / top:>9.3f} {equal_s:>7.3f}", flush=True)
 
 
+def _profile_rank(name: str, sizes: list[int]) -> Profile:
+    from executor.profiling.profiler import profile_model
+    from executor.workloads.graphmodels import build_graph_model
+
+    w = build_graph_model(name, batch=max(sizes))
+    return profile_model(w.model, w.sample, sizes, "cpu", threads=1, name=name)
+
+
+def traced_profiles(names: list[str], sizes: list[int]) -> list[tuple[str, Profile]]:
+    """Profiles of the example graph models, each taken on two local ranks at once."""
+    from executor.distributed.spawn import spawn_local
+
+    return [(name, spawn_local(_profile_rank, 2, (name, sizes), threads=1,
+                               timeout_s=300.0)[0]) for name in names]
+
+
+def measure(cases: list[tuple[str, Profile]], batch: int, ms: list[int], steps: int) -> None:
+    """Predicted against measured steps of K=2 plans on two local ranks."""
+    import statistics
+    import tempfile
+
+    from executor.distributed.spawn import spawn_local
+    from executor.profiling.calibrate import measure_link, measure_runtime, run_trials
+    from partitioner.formats.plan import save_plan
+    from partitioner.solve.planner import make_plan
+
+    link = measure_link()
+    print(f"\n== predicted vs measured, K=2 on two local ranks, B={batch} ==\n"
+          f"link (gloo): {link.bandwidth_gbps:.2f} GB/s + {link.latency_ms:.3f} ms")
+    print(f"{'model':<12} {'M':>3} {'stages':<22} {'predicted_ms':>12} {'measured_ms':>11} "
+          f"{'error':>7}")
+    errors = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, prof in cases:
+            job = f"executor.workloads.graphjobs:{name.replace('-', '_')}"
+            runtime = measure_runtime(job, prof, batch, link=link, microbatches=(1, 4))
+            plans, paths = [], []
+            for m in ms:
+                cm = CostModel(prof, batch, m, stages=2, link=link, runtime=runtime)
+                plan = make_plan(cm, devices=["cpu", "cpu"], solver="auto")
+                paths.append(str(Path(tmp) / f"{name}-{m}.json"))
+                save_plan(plan, paths[-1])
+                plans.append((m, plan))
+            per_rank = spawn_local(run_trials, 2, (job, paths, 2, steps), threads=1,
+                                   timeout_s=300.0)
+            for j, (m, plan) in enumerate(plans):
+                measured = max(statistics.median(r[j].step_ms) for r in per_rank)
+                assert plan.predicted is not None
+                err = (plan.predicted.step_ms - measured) / measured
+                errors.append(abs(err))
+                nodes = [len(n) for n in plan.stage_nodes()]
+                print(f"{name:<12} {m:>3} {str(nodes) + ' layers':<22} "
+                      f"{plan.predicted.step_ms:>12.2f} {measured:>11.2f} {100 * err:>+6.1f}%",
+                      flush=True)
+    print(f"median |error| over {len(errors)} configurations: "
+          f"{100 * statistics.median(errors):.1f}% (goal <= 10%)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--profile", action="append", default=[], metavar="PROFILE.json",
@@ -165,8 +231,20 @@ def main() -> None:
     p.add_argument("--traced-stages", type=int, default=8, help="its K (default 8)")
     p.add_argument("--traced-limit", type=float, default=DEFAULT_LIMIT_S,
                    help=f"its CP-SAT seconds (default: the planner's, {DEFAULT_LIMIT_S:g})")
+    p.add_argument("--models", default="",
+                   help="traced example models to add, e.g. tiny-llama,tiny-unet (profiled "
+                        "here: needs torch, and transformers for the Transformers ones)")
+    p.add_argument("--measure", action="store_true",
+                   help="also predict and measure K=2 steps of the --models on two ranks")
+    p.add_argument("--global-batch", type=int, default=16, help="B of the measured runs")
+    p.add_argument("--microbatches", default="1,2,4,8", help="M of the measured runs")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per measured run")
     args = p.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
+    ms = [int(m) for m in args.microbatches.split(",")]
+    models = [m for m in args.models.split(",") if m]
+    sizes = sorted({-(-args.global_batch // m) for m in ms} | {args.global_batch // m for m in ms})
+    traced = traced_profiles(models, sizes) if models else []
 
     cases: list[tuple[str, Profile]] = []
     names = args.pipedream
@@ -175,6 +253,7 @@ def main() -> None:
             cases.append((f"pipedream/{path.stem}", load_profile(path)))
     cases.append(("unet (synthetic)", unet()))
     cases += [(Path(path).stem, load_profile(path)) for path in args.profile]
+    cases += traced
     print(f"== convex graph partition vs the best chain order and equal layer counts ==\n"
           f"B=M=4, link {args.link}, no memory limit, CP-SAT {args.case_limit:g} s per case; "
           f"chain/convex and equal/convex: bottleneck ratios (1 = as good)")
@@ -198,6 +277,8 @@ def main() -> None:
         print(f"status {sol.quality} in {took:.2f} s (limit {args.traced_limit:g} s); "
               f"bottleneck {sol.bottleneck_ms:.3f} ms (>= {sol.lower_bound_ms:.3f} ms proven); "
               f"chain order {chain.bottleneck_ms / sol.bottleneck_ms:.3f} x")
+    if args.measure and traced:
+        measure(traced, args.global_batch, ms, args.steps)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def run_rank(job_spec: str, plan_path: str, steps: int, trace: str | None,
         keep_freed_memory()
     job, plan = load_job(job_spec), load_plan(plan_path)
     runner = DistributedRunner(job.layers, plan, num_layers=job.num_layers, device=device,
-                               timeout_s=timeout_s)
+                               timeout_s=timeout_s, sample=job.sample, weights=job.weights)
     params = runner.parameters()
     make = job.optimizer or (lambda ps: torch.optim.SGD(ps, lr=0.01))
     optimizer = make(params) if params else None
@@ -114,7 +114,9 @@ def launch(job_spec: str, plan_path: str, steps: int = 10, *, trace: str | None 
         raise ValueError(f"steps={steps}: train at least one step")
     plan = load_plan(plan_path)
     job = load_job(job_spec)  # fail here, before starting any rank
-    executable_ranges(plan, job.num_layers)
+    if not job.is_graph:  # a traced model's plan is checked by each rank, before any work
+        assert job.num_layers is not None
+        executable_ranges(plan, job.num_layers)
     chosen = choose_device(device)
     if under_torchrun():
         backend = "nccl" if chosen is not None and chosen.startswith("cuda") else "gloo"

@@ -40,7 +40,6 @@ from executor.distributed.transport import DistTransport
 from executor.graphs.batches import batch_size_of, join_tree, move_tree, split_tree
 from executor.graphs.blocks import Leaf
 from executor.graphs.pipeline import split_step
-from executor.graphs.planned import trace_record
 from executor.runtime.allocator import keep_freed_memory as keep_memory
 from executor.runtime.batch import Batch, gather
 from executor.runtime.batchnorm import DeferredBatchNorm
@@ -133,8 +132,8 @@ class DistributedRunner:
             raise ValueError(f"rank {dist.get_rank()} is not in the group {self.ranks}; only "
                              f"its ranks make a runner")
         self.index = self.ranks.index(dist.get_rank())  # this rank's stage k
-        self.graph_mode = (isinstance(layers, torch.nn.Module) and not isinstance(
-            layers, torch.nn.Sequential)) or self.plan.is_graph or bool(trace_record(self.plan))
+        self.graph_mode = isinstance(layers, torch.nn.Module) and not isinstance(
+            layers, torch.nn.Sequential)  # a Sequential (or a layer factory) stays a chain
         ranges: list[tuple[int, int]] = []
         if not self.graph_mode:
             if num_layers is None and isinstance(layers, torch.nn.Sequential):
@@ -171,10 +170,7 @@ class DistributedRunner:
         self.ties: list[tuple[torch.nn.Parameter, Any]] = []
         self.layer_graph = None
         pairs = None
-        if self.graph_mode:
-            if not isinstance(layers, torch.nn.Module):
-                raise TypeError(f"a graph plan runs an nn.Module (traced on every rank), got "
-                                f"{type(layers).__name__}")
+        if isinstance(layers, torch.nn.Module) and self.graph_mode:
             try:
                 stage, pairs, self.ties, self.layer_graph = graph_rank(
                     layers, self.plan, self.index, sample, torch.device(dev), self.ranks,

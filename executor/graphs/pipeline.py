@@ -16,8 +16,8 @@
     >>> model.a.weight.grad is not None, pipe(torch.ones(4, 4))["y"].shape
     (True, torch.Size([4, 1]))
 
-A model that is not an ``nn.Sequential`` (or a plan made from a graph profile) is traced into
-layers (``executor.graphs.layers``) on ``sample``, or on the first micro-batch it is given, and
+An ``nn.Sequential`` runs as a chain of its children (a plan's stages must be ranges of them).
+Any other model is traced into layers (``executor.graphs.layers``) on ``sample``, or on the first micro-batch it is given, and
 the plan is checked against the trace before any work (``planned.plan_nodes``). Stage k runs its
 layers on its device; values reach the stages that read them straight from the stages that
 made them. Inputs may be a tensor, a tuple of positional inputs or a dict of keyword inputs;
@@ -42,7 +42,7 @@ from torch import nn
 from executor.graphs.batches import batch_size_of, join_tree, move_tree, split_tree
 from executor.graphs.blocks import Leaf
 from executor.graphs.layers import LayerGraph, as_call
-from executor.graphs.planned import plan_nodes, trace_for_plan, trace_record
+from executor.graphs.planned import plan_nodes, trace_for_plan
 from executor.graphs.stage import GraphStage, graph_stages
 from executor.runtime.allocator import keep_freed_memory as keep_memory
 from executor.runtime.interpreter import LossFn, StepData
@@ -94,8 +94,7 @@ class Pipeline:
         plan = as_plan(plan)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        self.graph_mode = not isinstance(model, nn.Sequential) or plan.is_graph or bool(
-            trace_record(plan))
+        self.graph_mode = not isinstance(model, nn.Sequential)  # a Sequential stays a chain
         self.plan, self.model, self.leaves = plan, model, leaves
         self.last_timeline: Timeline | None = None
         self._chain: ChainPipeline | None = None

@@ -160,7 +160,8 @@ def run_trials(job_spec: str, plan_paths: Sequence[str], warmup: int, steps: int
     out = []
     for path in plan_paths:
         runner = DistributedRunner(job.layers, path, num_layers=job.num_layers, device=device,
-                                   timeout_s=120.0, keep_freed_memory=keep_freed_memory)
+                                   timeout_s=120.0, keep_freed_memory=keep_freed_memory,
+                                   sample=job.sample, weights=job.weights)
         params = runner.parameters()
         walls: list[float] = []
         spans: list[float] = []
@@ -234,8 +235,9 @@ def fit_trials(trials: Sequence[tuple[CostModel, Plan]], measured: Sequence[Tria
 
 def check_job(job: str, profile: Profile) -> None:
     """ValueError unless the job's model has the profile's layer count."""
-    layers = load_job(job).num_layers
-    if layers != profile.num_layers:
+    loaded = load_job(job)
+    layers = loaded.num_layers
+    if not loaded.is_graph and layers != profile.num_layers:  # traced: each rank checks
         raise ValueError(f"job {job!r} has {layers} layers but profile {profile.model!r} has "
                          f"{profile.num_layers}; give the profile of the job's model")
 

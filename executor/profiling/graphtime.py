@@ -6,7 +6,7 @@
     >>> g = trace_model(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1)), torch.ones(2, 4))
     >>> t = time_graph_layers(g, g.inputs_of((torch.ones(2, 4),), {}), Clock(torch.device("cpu")), repeat=3)
     >>> len(t.fwd_ms), all(f >= 0 for f in t.fwd_ms + t.bwd_ms)
-    (1, True)
+    (3, True)
 
 The layers run in order on an env of values, as the pipeline runs them (``LayerGraph.run_layers``).
 

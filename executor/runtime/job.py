@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,19 +27,32 @@ __all__ = ["Job", "load_job"]
 
 @dataclass(frozen=True)
 class Job:
-    """What every rank needs to train: ``layers`` (a factory: ``f(i)`` or ``f(start, end)``),
-    ``num_layers``, ``batch(step, B) -> (inputs, targets)`` (the same on every rank; only the
-    first rank's inputs and the last rank's targets are used), ``loss_fn(output, targets)``
-    (mean over the batch) and ``optimizer(params)`` (default SGD, lr 0.01)."""
+    """What every rank needs to train: ``layers`` (a factory: ``f(i)`` or ``f(start, end)``;
+    or any other ``nn.Module``, which each rank traces on ``sample``, built on the meta device
+    with its stage loaded from ``weights``: see ``executor.graphs``), ``num_layers`` (chains),
+    ``batch(step, B) -> (inputs, targets)`` (the same on every rank; only the first rank's
+    inputs and the last rank's targets are used), ``loss_fn(output, targets)`` (mean over the
+    batch) and ``optimizer(params)`` (default SGD, lr 0.01)."""
 
-    layers: LayerSource
-    num_layers: int
-    batch: Callable[[int, int], tuple[Batch, Batch]]
+    layers: LayerSource | nn.Module
+    num_layers: int | None
+    batch: Callable[[int, int], tuple[Any, Any]]
     loss_fn: LossFn
     optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None
+    sample: Any = None
+    weights: str | None = None
+
+    @property
+    def is_graph(self) -> bool:
+        """Whether the job's model is traced (a module that is not an nn.Sequential)."""
+        return isinstance(self.layers, nn.Module) and not isinstance(self.layers, nn.Sequential)
 
     def __post_init__(self) -> None:
-        if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) \
+        if self.is_graph:
+            if self.sample is None:
+                raise ValueError("Job(layers=<a traced model>, sample=None): give sample=, a "
+                                 "small batch of the model's inputs to trace it on")
+        elif isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) \
                 or self.num_layers < 1:
             raise ValueError(f"Job(num_layers={self.num_layers!r}): give the model's layer "
                              f"count, a whole number >= 1")

@@ -22,7 +22,7 @@ MODELS = ("tiny-gpt2", "tiny-llama", "tiny-bert", "tiny-resnet", "tiny-unet")
 B = 6
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _layers(name: str) -> int:
     w = build_graph_model(name, batch=2)
     return trace_model(w.model, w.sample, check=False).num_layers

@@ -85,8 +85,8 @@ class _Unpack(nn.Module):
 def test_errors_name_the_problem_before_any_work() -> None:
     model = em.mlp()
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(TypeError, match=r"must be an nn\.Sequential"):
-        Pipeline(nn.Linear(2, 2), manual_plan([0, 1], 1, 1))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"must be an nn\.Module"):
+        Pipeline("a model", manual_plan([0, 1], 1, 1))  # type: ignore[arg-type]
     with pytest.raises(PlanError, match="covers 6 layers but the model has 7"):
         Pipeline(model, manual_plan([0, 3, 6], 2, 8))
     with pytest.raises(ValueError, match=r"'cuda:3'.*(does not exist|lacks)"):
