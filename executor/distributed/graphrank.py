@@ -5,7 +5,8 @@
     sync_ties(ties)   # every copy of a tied parameter gets the sum of all copies' gradients
 
 Each rank traces the model the same way (on the meta device when the model is there; then only
-this stage's parameters become real, loaded from ``weights``), so all ranks agree on the layers,
+this stage's parameters become real, loaded from ``weights``, in the model itself: build a
+fresh meta model for another runner), so all ranks agree on the layers,
 on which pairs of stages exchange values (``peers``: every (src, dst) of the plan, for the
 per-pair groups of the ordered transport) and on the tied parameters. A tied parameter used on
 several stages (GPT-2's token embedding and LM head) has a copy on each of their ranks, made

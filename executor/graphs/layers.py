@@ -55,12 +55,6 @@ class GraphLayer:
     outputs: list[str] = field(default_factory=list)
     module: fx.GraphModule | None = None
 
-    def run(self, env: dict[str, Any]) -> None:
-        """Read this layer's inputs from ``env`` and put its outputs there."""
-        assert self.module is not None
-        outs = self.module(*(env[name] for name in self.inputs))
-        env.update(zip(self.outputs, outs, strict=True))
-
 
 def as_call(sample: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """``(args, kwargs)`` of a sample: a tensor, a tuple of positional inputs, or a dict of
@@ -191,11 +185,6 @@ class LayerGraph:
     def inputs_of(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """The model's inputs as values by name."""
         return self.capture.bind(args, kwargs)
-
-    def output_of(self, env: Mapping[str, Any], last_outputs: Sequence[Any]) -> Any:
-        """The model's output as the model returns it, from the last layer's extra results."""
-        del env
-        return self.capture.rebuild(last_outputs)
 
     def run_layers(self, env: dict[str, Any], indices: Sequence[int]) -> Any:
         """Run layers ``indices`` in order on ``env``; the model's output when the last layer

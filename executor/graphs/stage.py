@@ -140,8 +140,10 @@ class GraphStage:
         out = {}
         for dst, names in self.destinations.items():
             tensors: list[torch.Tensor] = []
-            template = [pytree.tree_map(partial(self._slot, tensors=tensors), y[name])
-                        for name in names]
+            template: list[Any] | None = [
+                pytree.tree_map(partial(self._slot, tensors=tensors), y[name]) for name in names]
+            if len(tensors) == len(names) and all(isinstance(y[n], torch.Tensor) for n in names):
+                template = None  # one tensor per value: the receiver needs no template
             grads = [g for name in names for g in self.graph.needs_grad[name]]
             out[dst] = Packet(tuple(tensors), False, tuple(grads), template)
         return out
@@ -166,6 +168,9 @@ class GraphStage:
         for src, packet in packets.items():
             tensors = [t.requires_grad_(True) if training and g else t
                        for t, g in zip(packet.tensors, packet.needs_grad, strict=True)]
+            if packet.template is None:  # one tensor per value, in order
+                x.update(zip(self.sources[src], tensors, strict=True))
+                continue
             for name, tmpl in zip(self.sources[src], packet.template, strict=True):
                 x[name] = pytree.tree_map(partial(_fill, tensors=tensors), tmpl)
         return x

@@ -158,7 +158,9 @@ def run_trials(job_spec: str, plan_paths: Sequence[str], warmup: int, steps: int
     trial measures the runs it calibrates for."""
     job = load_job(job_spec)
     out = []
-    for path in plan_paths:
+    for j, path in enumerate(plan_paths):
+        if j and job.is_graph:  # a traced model's stage is materialised in it: a fresh one
+            job = load_job(job_spec)
         runner = DistributedRunner(job.layers, path, num_layers=job.num_layers, device=device,
                                    timeout_s=120.0, keep_freed_memory=keep_freed_memory,
                                    sample=job.sample, weights=job.weights)

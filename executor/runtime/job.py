@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from executor.runtime.batch import Batch
 from executor.runtime.interpreter import LossFn
 from executor.runtime.stage import LayerSource
 from partitioner.formats.specs import load_spec

@@ -116,3 +116,31 @@ def test_tied_copies_get_summed_gradients_and_stay_equal_over_steps() -> None:
     assert len(copies) == 2  # one copy on each rank
     assert torch.equal(copies[0], copies[1])
     assert torch.allclose(copies[0], head.detach(), rtol=1e-5, atol=1e-6)
+
+
+def _ordered_graph_rank(layers: int) -> dict[str, Any]:
+    from tests.executor.distributed.test_runner import _drop_tags
+
+    log: dict[tuple[str, int, int], list[int]] = {}
+    carriers: set[tuple[int, int, tuple[int, ...]]] = set()
+    _drop_tags(log, carriers)  # messages match by order alone, as on NCCL
+    w = build_graph_model("tiny-unet", batch=B)
+    plan = manual_plan(None, 3, B, "1f1b", "always", nodes=balanced_nodes(layers, 3))
+    runner = DistributedRunner(w.model, plan, sample=w.sample, transport="ordered")
+    res = runner.train_step(w.sample, w.target, w.loss_fn)
+    return {"loss": None if res.loss is None else float(res.loss), "carriers": carriers,
+            "grads": {n: p.grad.detach().clone() for n, p in
+                      runner.stage.named_parameters().items() if p.grad is not None}}
+
+
+@pytest.mark.timeout(300)
+def test_the_ordered_transport_carries_skips_on_their_own_pair_groups() -> None:
+    w = build_graph_model("tiny-unet", batch=B)
+    layers = trace_model(w.model, w.sample, check=False).num_layers
+    ranks = spawn_local(_ordered_graph_rank, 3, (layers,), timeout_s=60, deadline_s=240)
+    loss0, want = plain_step(copy.deepcopy(w.model), w.sample, w.target, w.loss_fn, 3)
+    got = {n: g for r in ranks for n, g in r["grads"].items()}
+    assert not grad_problems(got, want)
+    assert abs(ranks[-1]["loss"] - loss0) <= 1e-5 * abs(loss0)
+    carriers = set().union(*(r["carriers"] for r in ranks))
+    assert (0, 2, (0, 2)) in carriers and (2, 0, (0, 2)) in carriers  # the skip's own pair
