@@ -33,7 +33,7 @@ from torch.utils import _pytree as pytree
 from executor.graphs.layers import LayerGraph
 from executor.runtime.devices import resolve_device
 from executor.runtime.interpreter import OUTPUT, Packet
-from executor.runtime.stage import RngState
+from executor.runtime.stage import RngState, random_state, rng_state
 
 __all__ = ["GraphStage", "graph_stages", "keep_buffers", "route"]
 
@@ -205,16 +205,12 @@ class GraphStage:
         return out
 
     def rng_state(self) -> RngState:
-        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        return RngState(torch.get_rng_state(), cuda)
+        return rng_state(self.device)
 
     @contextmanager
     def replaying(self, state: RngState) -> Iterator[None]:
-        devices = [self.device] if state.cuda is not None else []
-        with torch.random.fork_rng(devices=devices), keep_buffers(self.module):
-            torch.set_rng_state(state.cpu)
-            if state.cuda is not None:
-                torch.cuda.set_rng_state(state.cuda, self.device)
+        """Re-materialise from ``state``, buffers (BatchNorm statistics) left as they were."""
+        with random_state(state, self.device), keep_buffers(self.module):
             yield
 
 

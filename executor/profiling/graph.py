@@ -41,7 +41,7 @@ from torch import nn
 from executor.graphs.blocks import Leaf
 from executor.graphs.layers import LayerGraph, as_call, trace_model
 from executor.profiling.graphtime import Clock, layer_bytes, time_graph_layers
-from executor.profiling.measure import CLOCKS
+from executor.profiling.measure import timing_problems
 from executor.profiling.samples import describe_sample, move_sample, resize_sample
 from executor.runtime.allocator import keep_freed_memory as keep_memory
 from executor.runtime.devices import device_info, parse_dtype, resolve_device
@@ -89,15 +89,7 @@ def _check(sizes: Sequence[int], repeats: int, warmup: int, threads: int | None,
     bad = [b for b in sizes if not (isinstance(b, int) and not isinstance(b, bool) and b >= 1)]
     if not sizes or bad:
         problems.append(f"micro-batch sizes {list(sizes)!r} must be whole numbers >= 1")
-    if repeats < 1 or warmup < 0:
-        problems.append(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
-    if threads is not None and threads < 1:
-        problems.append(f"threads={threads} must be >= 1 (or None for torch's default)")
-    if clock not in CLOCKS:
-        problems.append(f"clock={clock!r} is not one of {', '.join(CLOCKS)}")
-    elif clock == "thread" and (threads or torch.get_num_threads()) != 1:
-        problems.append("clock='thread' counts only the calling thread's CPU time, so it needs "
-                        "threads=1; pass threads=1 or use clock='wall'")
+    problems += timing_problems(warmup, repeats, threads, clock)
     if problems:
         raise ValueError("cannot profile: " + "; ".join(problems))
     return sorted({int(b) for b in sizes})

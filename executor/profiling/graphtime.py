@@ -49,6 +49,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from executor.graphs.layers import LayerGraph
+from executor.profiling.inmodel import Alias
 from executor.profiling.measure import Clock, quiet_gc
 
 __all__ = ["Clock", "GraphTimes", "LayerBytes", "layer_bytes", "time_graph_layers",
@@ -98,19 +99,6 @@ def _cuts(graph: LayerGraph) -> list[list[str]]:
             for i in range(graph.num_layers)]
 
 
-class _Alias(torch.autograd.Function):
-    """Identity on tensors as one autograd node: new tensors on the same storage, no copy."""
-
-    @staticmethod
-    def forward(ctx: Any, *ts: Tensor) -> tuple[Tensor, ...]:
-        ctx.set_materialize_grads(False)  # an alias no one reads gets no gradient of zeros
-        return tuple(t.detach() for t in ts)
-
-    @staticmethod
-    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        return grads
-
-
 def _alias_cut(env: dict[str, Any], names: Sequence[str], sink: list[Mark],
                clock: Clock) -> None:
     """Replace the tensors of ``env[names]`` that require a gradient by aliases one new node
@@ -120,7 +108,7 @@ def _alias_cut(env: dict[str, Any], names: Sequence[str], sink: list[Mark],
                if isinstance(t, Tensor) and t.requires_grad]
     if not carried:
         return
-    aliases: tuple[Tensor, ...] = _Alias.apply(  # type: ignore[no-untyped-call]
+    aliases: tuple[Tensor, ...] = Alias.apply(  # type: ignore[no-untyped-call]
         *(flat[name][0][k] for name, k in carried))
     for (name, k), alias in zip(carried, aliases, strict=True):
         flat[name][0][k] = alias

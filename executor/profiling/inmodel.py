@@ -63,7 +63,7 @@ from executor.profiling.measure import (
 )
 from executor.runtime.batch import Batch, like
 
-__all__ = ["time_layers_in_model", "whole_model_bytes"]
+__all__ = ["Alias", "time_layers_in_model", "whole_model_bytes"]
 
 Mark = float | torch.cuda.Event
 
@@ -133,7 +133,7 @@ def _one_pass(layers: list[nn.Module], x: Batch, clock: Clock
     return clock.elapsed_ms(fwd_marks)[::2], [max(0.0, s) for s in reversed(spans)], outs_grad
 
 
-class _Alias(torch.autograd.Function):
+class Alias(torch.autograd.Function):
     """Identity on tensors as one autograd node: new tensors on the same storage, no copy."""
 
     @staticmethod
@@ -154,7 +154,7 @@ def _alias(h: Batch, sink: list[Mark], clock: Clock) -> Batch:
     grads = [k for k, t in enumerate(ts) if t.requires_grad]
     if not grads:
         return h
-    aliases: tuple[Tensor, ...] = _Alias.apply(  # type: ignore[no-untyped-call]
+    aliases: tuple[Tensor, ...] = Alias.apply(  # type: ignore[no-untyped-call]
         *(ts[k] for k in grads))
     for k, alias in zip(grads, aliases, strict=True):
         ts[k] = alias

@@ -31,7 +31,7 @@ from executor.runtime.batch import Batch, like
 
 __all__ = ["CLOCKS", "Clock", "Measurement", "as_batch", "as_tensors", "batch_nbytes",
            "harness_overhead_ms", "measure", "prepare_batch", "quiet_gc",
-           "slice_batch"]
+           "slice_batch", "timing_problems"]
 
 
 
@@ -289,3 +289,22 @@ def harness_overhead_ms(device: torch.device, *, clock: str = "wall", layers: in
     fwd = (layers * min(m.fwd_ms for m in t1) - min(m.fwd_ms for m in tn)) / (layers - 1)
     bwd = (layers * min(m.bwd_ms for m in t1) - min(m.bwd_ms for m in tn)) / (layers - 1)
     return max(0.0, fwd), max(0.0, bwd)
+
+
+def timing_problems(warmup: int, repeat: int, threads: int | None, clock: str) -> list[str]:
+    """Every problem with the profilers' timing options (empty: none).
+
+        >>> timing_problems(0, 0, None, "wall")
+        ['warmup=0 must be >= 0 and repeat=0 >= 1']
+    """
+    problems = []
+    if warmup < 0 or repeat < 1:
+        problems.append(f"warmup={warmup} must be >= 0 and repeat={repeat} >= 1")
+    if threads is not None and threads < 1:
+        problems.append(f"threads={threads} must be >= 1 (or None for torch's default)")
+    if clock not in CLOCKS:
+        problems.append(f"clock={clock!r} is not one of {', '.join(CLOCKS)}")
+    elif clock == "thread" and (threads or torch.get_num_threads()) != 1:
+        problems.append("clock='thread' counts only the calling thread's CPU time, so it needs "
+                        "threads=1; pass threads=1 or use clock='wall'")
+    return problems

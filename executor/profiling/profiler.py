@@ -30,13 +30,13 @@ from executor.graphs.blocks import Leaf
 from executor.profiling.graph import profile_traced
 from executor.profiling.inmodel import time_layers_in_model, whole_model_bytes
 from executor.profiling.measure import (
-    CLOCKS,
     Measurement,
     as_tensors,
     harness_overhead_ms,
     measure,
     prepare_batch,
     slice_batch,
+    timing_problems,
 )
 from executor.runtime.allocator import keep_freed_memory as keep_memory
 from executor.runtime.batch import Batch
@@ -102,15 +102,7 @@ def _check_args(model: object, sample: object, sizes: Sequence[int], warmup: int
     if too_big:
         problems.append(f"micro-batch sizes {too_big} are larger than the sample batch of "
                         f"{batch}; give a sample of at least {max(too_big)} rows or drop them")
-    if warmup < 0 or repeat < 1:
-        problems.append(f"warmup={warmup} must be >= 0 and repeat={repeat} >= 1")
-    if threads is not None and threads < 1:
-        problems.append(f"threads={threads} must be >= 1 (or None for torch's default)")
-    if clock not in CLOCKS:
-        problems.append(f"clock={clock!r} is not one of {', '.join(CLOCKS)}")
-    elif clock == "thread" and (threads or torch.get_num_threads()) != 1:
-        problems.append("clock='thread' counts only the calling thread's CPU time, so it needs "
-                        "threads=1; pass threads=1 or use clock='wall'")
+    problems += timing_problems(warmup, repeat, threads, clock)
     if problems:
         raise ValueError("cannot profile: " + "; ".join(problems))
     return model, (tensors[0] if isinstance(sample, torch.Tensor) else tensors), clean

@@ -27,7 +27,7 @@ from executor.runtime.batch import Batch
 from executor.runtime.batchnorm import keep_running_stats
 from executor.runtime.devices import resolve_device
 
-__all__ = ["LayerSource", "RngState", "Stage", "build_layers"]
+__all__ = ["LayerSource", "RngState", "Stage", "build_layers", "random_state", "rng_state"]
 
 #: Where a stage's layers come from: the whole model, a callable building layer i, or a callable
 #: returning the layers of the half-open range [start, end).
@@ -76,6 +76,23 @@ class RngState:
     cuda: torch.Tensor | None
 
 
+@contextmanager
+def random_state(state: RngState, device: torch.device) -> Iterator[None]:
+    """Run the block from the random state ``state``; the global one is left as it was."""
+    devices = [device] if state.cuda is not None else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(state.cpu)
+        if state.cuda is not None:
+            torch.cuda.set_rng_state(state.cuda, device)
+        yield
+
+
+def rng_state(device: torch.device) -> RngState:
+    """The random state a forward on ``device`` starts from."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return RngState(torch.get_rng_state(), cuda)
+
+
 class Stage:
     """Stage ``index``: its layers as one ``nn.Sequential`` on ``device``; ``recompute`` says
     whether it keeps only its input per micro-batch and reruns the forward before backward."""
@@ -103,16 +120,11 @@ class Stage:
         return self.module.parameters()
 
     def rng_state(self) -> RngState:
-        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        return RngState(torch.get_rng_state(), cuda)
+        return rng_state(self.device)
 
     @contextmanager
     def replaying(self, state: RngState) -> Iterator[None]:
         """Re-materialise: the forward inside sees the random state ``state`` (the global one is
         left as it was) and leaves BatchNorm running statistics unchanged."""
-        devices = [self.device] if state.cuda is not None else []
-        with torch.random.fork_rng(devices=devices), keep_running_stats(self.module):
-            torch.set_rng_state(state.cpu)
-            if state.cuda is not None:
-                torch.cuda.set_rng_state(state.cuda, self.device)
+        with random_state(state, self.device), keep_running_stats(self.module):
             yield
