@@ -74,3 +74,10 @@ def test_bench_graph_tiny() -> None:
     assert "chain/cvx" in result.stdout and "equal/cvx" in result.stdout
     traced = result.stdout.split("== traced-like-")[1]
     assert "status optimal" in traced or "status gap" in traced
+
+
+def test_the_graph_example_trains_a_unet_on_two_ranks() -> None:
+    out = run_tool("examples/train_graph.py", "--model", "tiny-unet", "--steps", "4").stdout
+    assert "traced into 10 layers" in out
+    first, last = (float(x) for x in out.rsplit("loss ", 1)[1].split(" in ")[0].split(" -> "))
+    assert last < first  # it learns
