@@ -35,11 +35,14 @@ def default_devices(device_kind: str, stages: int) -> list[str]:
 
 
 def resolve_solver(solver: str, profile: Profile) -> str:
-    """``auto`` means the DP for a chain profile and the ILP for a graph profile (with edges)."""
+    """``auto`` means the DP when the layers form a chain (no edges, or only i -> i+1: a
+    traced model whose layers follow one another) and the ILP for any other layer graph."""
     if solver not in SOLVERS:
         raise ValueError(f"solver {solver!r} is not one of {', '.join(SOLVERS)}")
     if solver == "auto":
-        return "ilp" if profile.edges is not None else "dp"
+        edges = profile.edges
+        chain = edges is None or all(v == u + 1 for u, v in edges)
+        return "dp" if chain else "ilp"
     return solver
 
 
