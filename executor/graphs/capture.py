@@ -220,17 +220,10 @@ def capture(model: nn.Module, args: Sequence[Any] = (), kwargs: Mapping[str, Any
 
 def _check_dynamic(graph: fx.Graph, model: nn.Module) -> None:
     """TraceError when export fixed the batch dimension (the graph would run at one size)."""
-    for node in graph.nodes:
-        val = node.meta.get("val") if node.op == "placeholder" else None
-        if isinstance(val, torch.Tensor) and val.dim() > 0 and isinstance(val.shape[0], int):
-            continue
-        if isinstance(val, torch.Tensor) and val.dim() > 0:
-            return
-    # no placeholder with a symbolic batch: every tensor input had a fixed dimension 0
-    batched = [n.name for n in graph.nodes if n.op == "placeholder"
-               and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() > 0]
-    if batched:
+    batched = {n.name: n.meta["val"] for n in graph.nodes if n.op == "placeholder"
+               and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() > 0}
+    if batched and all(isinstance(v.shape[0], int) for v in batched.values()):
         raise TraceError(f"torch.export fixed the batch size of {type(model).__name__}'s "
-                         f"inputs {batched} (its code uses the batch size as a constant); the "
-                         f"pipeline runs micro-batches of other sizes: make the code use "
-                         f"x.shape[0], or give an nn.Sequential")
+                         f"inputs {sorted(batched)} (its code uses the batch size as a "
+                         f"constant); the pipeline runs micro-batches of other sizes: make the "
+                         f"code use x.shape[0], or give an nn.Sequential")
