@@ -40,7 +40,7 @@ def plain_step(model: nn.Module, sample: Any, target: torch.Tensor,
     for x, y in zip(split_tree(sample, sizes), split_tree(target, sizes), strict=True):
         loss = loss_fn(call(model, x), y) * (int(y.shape[0]) / b)
         loss.backward()
-        total += float(loss)
+        total += float(loss.detach())
     grads = model_grads(model)
     model.zero_grad(set_to_none=True)
     return total, grads
