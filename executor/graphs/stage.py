@@ -110,6 +110,7 @@ class GraphStage:
         self.device = resolve_device(device)
         self.recompute = recompute
         self.sources, self.destinations, self.last = sources, destinations, last
+        self._sent = list(dict.fromkeys(n for names in destinations.values() for n in names))
         if graph.trace_device != self.device or graph.trace_device.type == "meta":
             graph.retarget(self.layers, self.device)
         self.module = nn.ModuleList(graph.module_of(i) for i in self.layers)
@@ -127,11 +128,14 @@ class GraphStage:
         return self.graph.parameters_of(self.layers)
 
     def __call__(self, x: dict[str, Any]) -> dict[str, Any]:
+        """The values this stage sends on (and, on the last, the model's output under
+        ``OUTPUT``); the stage's other intermediate values are not kept."""
         env = dict(x)
         out = self.graph.run_layers(env, self.layers)
+        result = {name: env[name] for name in self._sent}
         if self.last:
-            env[OUTPUT] = out
-        return env
+            result[OUTPUT] = out
+        return result
 
     # -- packets ---------------------------------------------------------------------------
 
