@@ -194,6 +194,9 @@ def measure(cases: list[tuple[str, Profile]], batch: int, ms: list[int], steps: 
         for name, prof in cases:
             job = f"executor.workloads.graphjobs:{name.replace('-', '_')}"
             runtime = measure_runtime(job, prof, batch, link=link, microbatches=(1, 4))
+            print(f"{name}: runtime fitted on a trial at M=1,4: actions take "
+                  f"{runtime.compute_scale:.3f} x profiled + {runtime.action_ms:.3f} ms, "
+                  f"messages arrive {runtime.message_ms:.3f} ms after their send", flush=True)
             plans, paths = [], []
             for m in ms:
                 cm = CostModel(prof, batch, m, stages=2, link=link, runtime=runtime)
