@@ -49,13 +49,12 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from executor.graphs.layers import LayerGraph
-from executor.profiling.inmodel import Alias
+from executor.profiling.inmodel import Mark, marked_aliases
 from executor.profiling.measure import Clock, quiet_gc
 
 __all__ = ["Clock", "GraphTimes", "LayerBytes", "layer_bytes", "time_graph_layers",
            "value_bytes"]
 
-Mark = float | torch.cuda.Event
 
 
 @dataclass(frozen=True)
@@ -108,19 +107,11 @@ def _alias_cut(env: dict[str, Any], names: Sequence[str], sink: list[Mark],
                if isinstance(t, Tensor) and t.requires_grad]
     if not carried:
         return
-    aliases: tuple[Tensor, ...] = Alias.apply(  # type: ignore[no-untyped-call]
-        *(flat[name][0][k] for name, k in carried))
+    aliases = marked_aliases([flat[name][0][k] for name, k in carried], sink, clock)
     for (name, k), alias in zip(carried, aliases, strict=True):
         flat[name][0][k] = alias
     for name in {name for name, _ in carried}:
         env[name] = pytree.tree_unflatten(*flat[name])
-    node = aliases[0].grad_fn
-    assert node is not None
-
-    def mark(*_grads: object) -> None:
-        sink.append(clock.mark())
-    node.register_prehook(mark)
-    node.register_hook(mark)
 
 
 def _fresh(env: Mapping[str, Any]) -> dict[str, Any]:

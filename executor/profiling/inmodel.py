@@ -63,7 +63,7 @@ from executor.profiling.measure import (
 )
 from executor.runtime.batch import Batch, like
 
-__all__ = ["Alias", "time_layers_in_model", "whole_model_bytes"]
+__all__ = ["Alias", "Mark", "marked_aliases", "time_layers_in_model", "whole_model_bytes"]
 
 Mark = float | torch.cuda.Event
 
@@ -154,10 +154,17 @@ def _alias(h: Batch, sink: list[Mark], clock: Clock) -> Batch:
     grads = [k for k, t in enumerate(ts) if t.requires_grad]
     if not grads:
         return h
-    aliases: tuple[Tensor, ...] = Alias.apply(  # type: ignore[no-untyped-call]
-        *(ts[k] for k in grads))
+    aliases = marked_aliases([ts[k] for k in grads], sink, clock)
     for k, alias in zip(grads, aliases, strict=True):
         ts[k] = alias
+    return like(h, ts)
+
+
+def marked_aliases(tensors: Sequence[Tensor], sink: list[Mark], clock: Clock
+                   ) -> tuple[Tensor, ...]:
+    """Aliases of ``tensors`` made by one new autograd node, whose hooks mark in ``sink`` when
+    autograd reaches the node and when it has run it (``tensors`` must not be empty)."""
+    aliases: tuple[Tensor, ...] = Alias.apply(*tensors)  # type: ignore[no-untyped-call]
     node = aliases[0].grad_fn
     assert node is not None
 
@@ -165,7 +172,7 @@ def _alias(h: Batch, sink: list[Mark], clock: Clock) -> Batch:
         sink.append(clock.mark())
     node.register_prehook(mark)
     node.register_hook(mark)
-    return like(h, ts)
+    return aliases
 
 
 def whole_model_bytes(per_layer: Sequence[Sequence[Measurement]], param_bytes: Sequence[int]
