@@ -198,8 +198,8 @@ def add_cost_arguments(p: argparse.ArgumentParser, search: bool = False) -> None
                        default=list(RECOMPUTE_MODES), metavar="R1,R2",
                        help=f"recompute modes to try (default: {','.join(RECOMPUTE_MODES)})")
         p.add_argument("--schedules", "--schedule", type=choices("--schedules", SCHEDULES),
-                       default=list(SCHEDULES), metavar="S1,S2",
-                       help=f"schedules to try (default: {','.join(SCHEDULES)})")
+                       default=["gpipe", "1f1b"], metavar="S1,S2",
+                       help="schedules to try (default: gpipe,1f1b)")
     else:
         p.add_argument("--recompute", choices=RECOMPUTE_MODES, default="except_last",
                        help="re-materialisation (default: except_last)")

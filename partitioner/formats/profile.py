@@ -50,7 +50,7 @@ __all__ = [
 
 FORMAT = "gpipe-profile/1"
 _PER_SIZE = ("fwd_ms", "bwd_ms", "in_bytes", "out_bytes", "saved_bytes")
-_OPTIONAL_PER_SIZE = ("launch_ms", "peak_bytes")
+_OPTIONAL_PER_SIZE = ("launch_ms", "peak_bytes", "bwd_input_ms", "bwd_weight_ms")
 _LAYER_KEYS = {"name", "type", "param_bytes", *_PER_SIZE, *_OPTIONAL_PER_SIZE, "outputs",
                "extra"}
 _REQUIRED_TOP = ("format", "model", "device", "dtype", "microbatch_sizes", "layers")
@@ -111,6 +111,8 @@ class LayerProfile:
     saved_bytes: tuple[float, ...]
     launch_ms: tuple[float, ...] | None = None
     peak_bytes: tuple[float, ...] | None = None
+    bwd_input_ms: tuple[float, ...] | None = None  # split backward: the input gradient (I)
+    bwd_weight_ms: tuple[float, ...] | None = None  # and the weight gradient (W), measured
     extra: Mapping[str, Any] = field(default_factory=dict)
     outputs: tuple[OutputValue, ...] | None = None  # the values it passes on; None: one, whole
 
@@ -186,6 +188,8 @@ def _parse_layer(obj: object, i: int, n: int, problems: Problems) -> LayerProfil
         saved_bytes=arrays["saved_bytes"],
         launch_ms=optional["launch_ms"],
         peak_bytes=optional["peak_bytes"],
+        bwd_input_ms=optional["bwd_input_ms"],
+        bwd_weight_ms=optional["bwd_weight_ms"],
         extra=problems.mapping(extra, f"{path}.extra", "free-form data"),
         outputs=outputs,
     )

@@ -156,7 +156,7 @@ def search(
     devices: int,
     global_batch: int,
     memory_limit_bytes: float = math.inf,
-    schedules: Sequence[str] = SCHEDULES,
+    schedules: Sequence[str] = ("gpipe", "1f1b"),
     recompute: Sequence[str] = RECOMPUTE_MODES,
     link: Link = LINKS["free"],
     optimizer: Optimizer = "adam",

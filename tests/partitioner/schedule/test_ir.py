@@ -107,3 +107,41 @@ def test_make_schedule() -> None:
         make_schedule("zigzag", 2, 2)
     with pytest.raises(ValueError, match="K=0"):
         gpipe(0, 2)
+
+
+def test_split_backward_text_and_lowering() -> None:
+    sched = Schedule.parse("0: 0F0 0I0 0W0\n1: 1F0 1I0 1W0")
+    assert Action.parse("1I3") == Action("I", 1, 3) and str(Action("W", 0, 2)) == "0W2"
+    assert str(lower(validate(sched))) == ("0: 0F0 0SF0 0RB0 0I0 0W0\n"
+                                           "1: 1RF0 1F0 1I0 1SB0 1W0")
+    validate(lower(sched))
+
+
+def test_validate_split_backward_order_and_counts() -> None:
+    cases = [("0: 0F0 0W0 0I0\n1: 1F0 1I0 1W0", "weight gradient before the input gradient"),
+             ("0: 0F0 0I0\n1: 1F0 1I0 1W0", "0W0 is missing"),
+             ("0: 0F0 0I0 0W0 0B0\n1: 1F0 1B0", "both B and I/W"),
+             ("0: 0F0 0I0 0W0\n1: 1F0 1W0 1I0", "weight gradient before")]
+    for text, words in cases:
+        with pytest.raises(ScheduleError, match=words):
+            validate(Schedule.parse(text))
+
+
+def test_validate_checks_placement() -> None:
+    good = Schedule.parse("0: 0F0 2F0 2B0 0B0\n1: 1F0 1B0")
+    assert good.placement == (0, 1, 0) and good.rank_of == (0, 1, 0)
+    validate(good)
+    wrong_rank = Schedule(good.name, 3, 1, good.actions, (0, 1, 1))
+    with pytest.raises(ScheduleError, match="stage 2 runs on rank 1"):
+        validate(wrong_rank)
+    with pytest.raises(ScheduleError, match="ranks \\[1\\] run no stage"):
+        validate(Schedule("x", 2, 1, ((Action("F", 0, 0), Action("F", 1, 0), Action("B", 1, 0),
+                                       Action("B", 0, 0)), ()), (0, 0)))
+    with pytest.raises(ValueError, match="one rank"):
+        Schedule.parse("0: 0F0 1F0\n1: 1B0 0B0")
+
+
+def test_grid_of_placed_schedule_names_ranks() -> None:
+    grid = Schedule.parse("0: 0F0 2F0 2B0 0B0\n1: 1F0 1B0").grid()
+    assert grid.splitlines()[0].split() == ["t", "rank0", "rank1"]
+    assert len(grid.splitlines()) == 1 + 6  # 0F0 1F0 2F0 2B0 1B0 0B0: one clock each
