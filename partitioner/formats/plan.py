@@ -35,10 +35,16 @@ from partitioner.formats.plan_graph import (
     parse_tied_stages,
     tied_to_json,
 )
+from partitioner.formats.plan_schedule import (
+    parse_schedule_fields,
+    schedule_fields,
+    schedule_of,
+)
 from partitioner.formats.profile import Profile
 from partitioner.formats.units import MAX_MS
 from partitioner.formats.values import Message
-from partitioner.schedule.generators import MAX_MICROBATCHES, SCHEDULES
+from partitioner.schedule.generators import MAX_MICROBATCHES
+from partitioner.schedule.ir import Schedule
 from partitioner.schedule.recompute import RECOMPUTE_MODES, recomputes
 
 __all__ = ["FORMAT", "MAX_GLOBAL_BATCH", "MAX_LAYERS", "Plan", "PlanError", "Prediction", "StagePlan",
@@ -51,7 +57,7 @@ MAX_GLOBAL_BATCH = 2**40
 MAX_LAYERS = 2**20
 
 _TOP_KEYS = ("format", "profile", "global_batch", "microbatches", "schedule", "recompute",
-             "stages", "cost_model", "predicted", "messages", "tied", "trace", "extra")
+             "stages_per_rank", "actions", "stages", "cost_model", "predicted", "messages", "tied", "trace", "extra")
 _REQUIRED = ("format", "global_batch", "microbatches", "schedule", "recompute", "stages")
 _PROFILE_KEYS = ("model", "device", "sha256", "layers")
 _STAGE_KEYS = ("layers", "device", "nodes")
@@ -109,6 +115,14 @@ class Plan:
     messages: Mapping[tuple[int, int], Message] = field(default_factory=dict)
     tied: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # name -> its stages
     trace: Mapping[str, Any] = field(default_factory=dict)  # the executor's, from the profile
+    stages_per_rank: int = 1  # V: interleaved and V-shaped schedules run V stages per rank
+    actions: str | None = None  # a synthesised schedule's text, one line per rank
+
+    def build_schedule(self) -> Schedule:
+        """The schedule this plan runs (``plan_schedule.schedule_of``): its ranks are the
+        schedule's placement."""
+        return schedule_of(self.schedule, self.num_stages, self.microbatches,
+                           self.stages_per_rank, self.actions)
 
     @property
     def num_stages(self) -> int:
@@ -196,6 +210,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "global_batch": plan.global_batch,
         "microbatches": plan.microbatches,
         "schedule": plan.schedule,
+        **schedule_fields(plan.schedule, plan.stages_per_rank, plan.actions),
         "recompute": plan.recompute,
         "stages": stages,
         "cost_model": {"optimizer": plan.optimizer,
@@ -247,9 +262,6 @@ def plan_from_dict(data: object, source: str = "plan") -> Plan:
     if b < m:
         p.add("global_batch", f"{b} is smaller than microbatches {m}; each micro-batch needs a "
                               f"sample")
-    schedule = data.get("schedule", SCHEDULES[0])
-    if schedule not in SCHEDULES:
-        p.add("schedule", f"{show(schedule)} is not one of {', '.join(SCHEDULES)}")
     recompute = data.get("recompute", RECOMPUTE_MODES[0])
     if recompute not in RECOMPUTE_MODES:
         p.add("recompute", f"{show(recompute)} is not one of {', '.join(RECOMPUTE_MODES)}")
@@ -263,6 +275,7 @@ def plan_from_dict(data: object, source: str = "plan") -> Plan:
     elif stages:
         p.extend(f"stages: {problem}" for problem in
                  range_problems([s.layers for s in stages], num_layers))
+    schedule, per_rank, actions = parse_schedule_fields(data, len(stages), m, p)
     cost = p.mapping(data.get("cost_model", {}), "cost_model", "the planning assumptions")
     p.keys(cost, "cost_model", _COST_KEYS)
     link, runtime = _parse_assumptions(cost, p)
@@ -288,7 +301,7 @@ def plan_from_dict(data: object, source: str = "plan") -> Plan:
         num_layers=num_layers, global_batch=b, microbatches=m, schedule=schedule,
         recompute=recompute, stages=tuple(stages), optimizer=optimizer, link=link,
         memory_limit_bytes=limit, predicted=predicted, runtime=runtime, extra=extra,
-        messages=messages, tied=tied, trace=trace)
+        messages=messages, tied=tied, trace=trace, stages_per_rank=per_rank, actions=actions)
 
 
 def _parse_assumptions(cost: Mapping[str, Any], p: Problems) -> tuple[Link, Runtime]:
