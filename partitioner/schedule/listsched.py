@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from partitioner.schedule.ir import Action, Schedule
 
-__all__ = ["Costs", "list_schedule"]
+__all__ = ["Costs", "list_schedule", "replay", "timed"]
 
 
 @dataclass(frozen=True)
@@ -59,9 +59,17 @@ def list_schedule(costs: Costs, placement: Sequence[int], microbatches: int,
     actions ready at the same time (default input gradients, forwards, weight gradients);
     forwards go deepest stage first, input gradients shallowest first unless
     ``deep_inputs_first``."""
+    return replay(costs, placement, microbatches, caps, name, priority, deep_inputs_first)[0]
+
+
+def replay(costs: Costs, placement: Sequence[int], microbatches: int, caps: Sequence[int],
+           name: str = "listed", priority: str = "IFW",
+           deep_inputs_first: bool = False) -> tuple[Schedule, float]:
+    """``list_schedule``'s schedule and the step it took in the replay (a send occupies its
+    sender, as in the simulator; a message between stages of one rank is free)."""
     if sorted(priority) != ["F", "I", "W"]:
         raise ValueError(f"priority {priority!r} must order the kinds I, F and W, e.g. 'IFW'")
-    rank_i, rank_f, rank_w = (priority.index(c) for c in "IFW")
+    rule = {c: priority.index(c) for c in "IFW"}
     big_k, m = costs.stages, microbatches
     if len(placement) != big_k or len(caps) != big_k or min(caps, default=1) < 1 or m < 1:
         raise ValueError(f"list_schedule needs one rank and one cap >= 1 per stage and M >= 1; "
@@ -69,57 +77,90 @@ def list_schedule(costs: Costs, placement: Sequence[int], microbatches: int,
     ranks = max(placement) + 1
     on_rank = [[k for k in range(big_k) if placement[k] == r] for r in range(ranks)]
     free = [0.0] * ranks
-    n_f, n_i, n_w = [0] * big_k, [0] * big_k, [0] * big_k
-    f_end: dict[tuple[int, int], float] = {}  # (k, i): when F(k, i)'s output reached k+1
-    i_end: dict[tuple[int, int], float] = {}  # (k, i): when its gradient reached k-1
+    done = {"F": [0] * big_k, "I": [0] * big_k, "W": [0] * big_k}
+    arrived: dict[tuple[str, int, int], float] = {}  # (F|I, k, i): k's output of i is there
     rows: list[list[Action]] = [[] for _ in range(ranks)]
     last = big_k - 1
-    grad_kind = "I" if costs.split else "B"
+    send = {"F": (costs.send_f_ms, 1), "I": (costs.send_b_ms, -1)}
     for _ in range(big_k * m * (3 if costs.split else 2)):
-        best: tuple[float, int, int, int, int] | None = None  # (start, rank, rule, k, kind)
+        best: tuple[float, int, int, int, str] | None = None  # (start, rule, order, k, kind)
         for r in range(ranks):
             for k in on_rank[r]:
-                options = []
-                if n_i[k] < n_f[k]:
-                    ready = i_end.get((k + 1, n_i[k])) if k < last else f_end[k, n_i[k]]
-                    if ready is not None:
-                        options.append((ready, rank_i, -k if deep_inputs_first else k, 1))
-                if n_f[k] < m and n_f[k] - n_w[k] < caps[k]:
-                    ready = f_end.get((k - 1, n_f[k])) if k > 0 else 0.0
-                    if ready is not None:
-                        options.append((ready, rank_f, -k, 0))
-                if costs.split and n_w[k] < n_i[k]:
-                    options.append((0.0, rank_w, k, 2))
-                for ready, rule, order, kind in options:
-                    key = (max(free[r], ready), rule, order, r, kind)
-                    cand = (key[0], r, rule * 10**6 + order, k, kind)
-                    if best is None or (cand[0], cand[2], r) < (best[0], best[2], best[1]):
+                n_f, n_i, n_w = done["F"][k], done["I"][k], done["W"][k]
+                options: list[tuple[float | None, str, int]] = []
+                if n_i < n_f:
+                    options.append((arrived.get(("I", k + 1, n_i)) if k < last else
+                                    arrived["F", k, n_i], "I", -k if deep_inputs_first else k))
+                if n_f < m and n_f - n_w < caps[k]:
+                    options.append((arrived.get(("F", k - 1, n_f)) if k > 0 else 0.0, "F", -k))
+                if costs.split and n_w < n_i:
+                    options.append((0.0, "W", k))
+                for ready, kind, order in options:
+                    if ready is None:
+                        continue
+                    cand = (max(free[r], ready), rule[kind], order, k, kind)
+                    if best is None or cand[:3] < best[:3]:
                         best = cand
         assert best is not None, "the list scheduler found nothing to run"  # see docstring
-        start, r, _, k, kind = best
-        if kind == 0:
+        start, _, _, k, kind = best
+        r, i = placement[k], done[kind][k]
+        if kind == "F":
             end = start + costs.fwd_ms[k]
-            f_end[k, n_f[k]] = end + (costs.send_f_ms[k] if _other_rank(placement, k, k + 1)
-                                      else 0.0)
-            rows[r].append(Action("F", k, n_f[k]))
-            n_f[k] += 1
-        elif kind == 1:
+        elif kind == "I":
             end = start + costs.input_ms[k] + (0.0 if costs.split else costs.weight_ms[k])
-            i_end[k, n_i[k]] = end + (costs.send_b_ms[k] if _other_rank(placement, k, k - 1)
-                                      else 0.0)
-            rows[r].append(Action(grad_kind, k, n_i[k]))  # type: ignore[arg-type]
-            n_i[k] += 1
-            if not costs.split:
-                n_w[k] += 1
         else:
             end = start + costs.weight_ms[k]
-            rows[r].append(Action("W", k, n_w[k]))
-            n_w[k] += 1
+        if kind in send:
+            times, step = send[kind]
+            if 0 <= k + step < big_k and placement[k + step] != r:
+                end += times[k]
+            arrived[kind, k, i] = end
+        done[kind][k] += 1
+        if kind == "I" and not costs.split:
+            done["W"][k] += 1
+        written = kind if costs.split or kind != "I" else "B"
+        rows[r].append(Action(written, k, i))  # type: ignore[arg-type]
         free[r] = end
     identity = tuple(placement) == tuple(range(big_k))
-    return Schedule(name, big_k, m, tuple(map(tuple, rows)), () if identity else tuple(placement))
+    sched = Schedule(name, big_k, m, tuple(map(tuple, rows)), () if identity else tuple(placement))
+    return sched, max(free)
 
 
-def _other_rank(placement: Sequence[int], k: int, peer: int) -> bool:
-    """Whether a message from stage k to ``peer`` crosses ranks (one within a rank is free)."""
-    return 0 <= peer < len(placement) and placement[peer] != placement[k]
+def timed(costs: Costs, sched: Schedule) -> float:
+    """The step any (unlowered) schedule takes under ``costs`` by the replay's rules: each rank
+    runs its row in order, an action starts once its rank is free and what it needs arrived.
+
+        >>> from partitioner.schedule.generators import one_f_one_b
+        >>> timed(Costs.uniform(3, split=False), one_f_one_b(3, 4))  # F = 1, B = 2: 3(M+K-1)
+        18.0
+    """
+    big_k, rank_of = sched.stages, sched.rank_of
+    arrived: dict[tuple[str, int, int], float] = {}
+    free, pos = [0.0] * sched.ranks, [0] * sched.ranks
+    left = sum(len(row) for row in sched.actions)
+    while left:
+        moved = False
+        for r, row in enumerate(sched.actions):
+            while pos[r] < len(row):
+                a = row[pos[r]]
+                k, i = a.stage, a.microbatch
+                if a.kind == "F":
+                    need = arrived.get(("F", k - 1, i)) if k > 0 else 0.0
+                    work, step = costs.fwd_ms[k], 1
+                elif a.kind in ("B", "I"):
+                    need = arrived.get(("B", k + 1, i)) if k < big_k - 1 else free[r]
+                    work = costs.input_ms[k] + (costs.weight_ms[k] if a.kind == "B" else 0.0)
+                    step = -1
+                else:
+                    need, work, step = free[r], costs.weight_ms[k], 0
+                if need is None:
+                    break
+                end = max(free[r], need) + work
+                if step and 0 <= k + step < big_k and rank_of[k + step] != r:
+                    end += (costs.send_f_ms if step == 1 else costs.send_b_ms)[k]
+                if step:
+                    arrived["F" if step == 1 else "B", k, i] = end
+                free[r], pos[r], left, moved = end, pos[r] + 1, left - 1, True
+        if not moved:
+            raise ValueError(f"schedule {sched.name!r} deadlocks; validate() names where")
+    return max(free, default=0.0)
