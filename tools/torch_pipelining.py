@@ -210,18 +210,19 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     model, batch = bench.build(), bench.batch()
-    csv, schedule, m = None, args.schedule, args.microbatches
+    csv, schedule, m, label = None, args.schedule, args.microbatches, args.schedule
     if args.plan:
         plan = load_plan(args.plan)
         problems = torch_problems(plan)
         if problems:
             sys.exit(f"torch cannot run {args.plan}: " + "; ".join(problems))
         schedule, m, csv = CSV, plan.microbatches, to_torch_csv(plan.build_schedule())
+        label = f"{args.plan} ({plan.schedule}, as CSV)"
         cuts = [r[0] for r in plan.layer_ranges()] + [plan.layer_ranges()[-1][1]]
     elif schedule == CSV:
         if not args.csv:
             sys.exit("--schedule csv needs --csv FILE (or --plan PLAN.json)")
-        csv = Path(args.csv).read_text()
+        csv, label = Path(args.csv).read_text(), f"{args.csv} (CSV)"
     if not args.plan:
         stages = from_torch_csv(csv).stages if csv else (
             RANKS * (SCHEDULES[schedule] or 2))
@@ -229,7 +230,7 @@ def main() -> None:
                 equal_block_cuts(bench.BLOCKS, stages))
     ms = median_step_ms(split(model, cuts), schedule, m, batch, lm_loss, csv=csv,
                         steps=args.steps)
-    print(f"{schedule} K={len(cuts) - 1} cuts={cuts} M={m} B={bench.BATCH}: median step "
+    print(f"{label} K={len(cuts) - 1} cuts={cuts} M={m} B={bench.BATCH}: median step "
           f"{ms:.1f} ms over {args.steps} steps ({bench.BATCH / ms * 1e3:.1f} samples/s)")
 
 
