@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                            "write a profile"),
     "profile-graph": ("profile", "another name for profile"),
     "calibrate": ("calibrate", "measure this machine's link and the executor's runtime"),
+    "export-schedule": ("export", "write a plan's schedule for another runtime (torch's "
+                                  "pipelining CSV)"),
     "run": ("run", "train a plan with one rank per stage (local CPU ranks or torchrun)"),
 }
 
