@@ -35,38 +35,50 @@ def _best_of(repeats: int, fn: Callable[[], object]) -> float:
 
 
 def _chain(num_layers: int) -> Profile:
-    """Identical layers, so the closed forms hold and can be checked."""
+    """Identical layers, so the closed forms hold and can be checked: F = 1, B = 2, and split
+    I = W = 1 ms at b = 1."""
     layers = tuple(LayerProfile(str(i), "Block", 4 * 10**6, (1.0, 1.9), (2.0, 3.8),
-                                (2e6, 4e6), (2e6, 4e6), (3e7, 6e7)) for i in range(num_layers))
+                                (2e6, 4e6), (2e6, 4e6), (3e7, 6e7), bwd_input_ms=(1.0, 1.9),
+                                bwd_weight_ms=(1.0, 1.9)) for i in range(num_layers))
     return Profile("bench-chain", DeviceInfo("synthetic", "cuda", 80 * 2**30), "bfloat16",
                    (1, 2), layers)
 
 
 def simulation(big_k: int, m: int, repeats: int) -> None:
     print(f"== one step, K={big_k} stages, M={m} micro-batches ({2 * big_k * m} compute "
-          f"actions) ==")
-    print(f"{'schedule':>8} {'link':>7} {'timeline':>8} {'simulate_s':>10} {'generate_s':>10} "
+          f"actions, {3 * big_k * m} with a split backward) ==")
+    print(f"{'schedule':>11} {'link':>7} {'timeline':>8} {'simulate_s':>10} {'generate_s':>10} "
           f"{'ratio':>6} {'us/action':>9} {'step_ms':>10} {'closed_form':>11}")
     prof = _chain(2 * big_k)
     ranges = [(2 * k, 2 * k + 2) for k in range(big_k)]
-    for sched in ("gpipe", "1f1b"):
-        generate_s = _best_of(repeats, lambda sched=sched: make_schedule(sched, big_k, m))
-        schedule = make_schedule(sched, big_k, m)
+    u, ranks = 2.0, big_k // 2  # a stage's F (= I = W), and R for the schedules with V = 2
+    closed_forms = {  # free links, equal stages (2 layers: f + b = 3u), R = K or K / 2
+        "gpipe": (m + big_k - 1) * 3 * u, "1f1b": (m + big_k - 1) * 3 * u,
+        "interleaved": m * 6 * u + (ranks - 1) * 3 * u,  # M t + (R-1) t / V, t = 2 (f + b)
+        "zb-h1": 3 * m * u + (big_k - 1) * u, "zbv": 6 * m * u + (ranks - 1) * u}
+    for sched, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb-h1", 1), ("zbv", 2)):
+        started = time.perf_counter()
+        schedule = make_schedule(sched, big_k, m, v)
+        generate_s = time.perf_counter() - started
+        if sched != "zbv" and repeats > 1:  # zbv's list scheduler takes seconds at K=64
+            generate_s = min(generate_s, _best_of(
+                repeats - 1, lambda sched=sched, v=v: make_schedule(sched, big_k, m, v)))
         for link in ("free", "nvlink"):
             cm = CostModel(prof, m, m, stages=big_k, schedule=sched,  # type: ignore[arg-type]
-                           link=LINKS[link])
+                           link=LINKS[link], stages_per_rank=v)
             for record in (True, False):
                 def run(cm: CostModel = cm, record: bool = record,
                         schedule: Schedule = schedule) -> object:
                     return simulate(cm, ranges, schedule, record=record)
                 sim_s = _best_of(repeats, run)
                 step = simulate(cm, ranges, schedule, record=False).step_ms
-                closed = (m + big_k - 1) * 2 * (1.0 + 2.0)
-                print(f"{sched:>8} {link:>7} {record!s:>8} {sim_s:>10.3f} {generate_s:>10.3f} "
-                      f"{sim_s / generate_s:>6.1f} {1e6 * sim_s / (2 * big_k * m):>9.2f} "
-                      f"{step:>10.1f} {closed:>11.1f}")
-    print("(ratio: simulating / generating the same schedule; closed form (M+K-1)(f+b) holds "
-          "for the free link)\n")
+                actions = sum(map(len, schedule.actions))
+                print(f"{sched:>11} {link:>7} {record!s:>8} {sim_s:>10.3f} {generate_s:>10.3f} "
+                      f"{sim_s / generate_s:>6.1f} {1e6 * sim_s / actions:>9.2f} "
+                      f"{step:>10.1f} {closed_forms[sched]:>11.1f}")
+    print("(ratio: simulating / generating the same schedule; the closed forms (GPipe, 1F1B: "
+          "(M+K-1)(f+b); interleaved, R = K/2, V = 2: M t + (R-1) t/V; ZB-H1: 3Mu + (K-1)u; "
+          "ZB-V, R = K/2: 6Mu + (R-1)u) hold for the free link)\n")
 
 
 def search_speed(quick: bool) -> None:

@@ -9,16 +9,23 @@
 Times at any micro-batch size b interpolate the measured sizes piecewise-linearly and
 extrapolate linearly outside them, never below zero: small micro-batches on a GPU are
 launch-bound, so time is *not* taken proportional to b.
+
+Schedules that split the backward (``zb-h1``, ``zbv``) run I (input gradient) and W (weight
+gradient) instead of B: per layer the profile's ``bwd_input_ms`` and ``bwd_weight_ms`` where
+it measured them, else ``bwd_ms`` split by one stated rule (``layer_array``). What a schedule
+holds in memory, and so what a stage's activations weigh, is ``cost.holding``'s rule.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
+from partitioner.cost.holding import SPLIT_SCHEDULES, Holding, holding
 from partitioner.formats.assumptions import LINKS, OPTIMIZERS, Link, Optimizer, Runtime
 from partitioner.formats.profile import DTYPE_BYTES, Profile
 from partitioner.formats.values import ProfileValues, profile_values
@@ -26,14 +33,21 @@ from partitioner.schedule.generators import (
     MAX_MICROBATCHES,
     SCHEDULES,
     ScheduleName,
-    in_flight,
+    stages_per_rank_of,
 )
 from partitioner.schedule.recompute import RECOMPUTE_MODES, Recompute, recomputes
 
-__all__ = ["CostModel", "FloatArray", "bytes_per_param", "dtype_bytes", "interpolate",
-           "split_microbatches"]
+__all__ = ["WEIGHT_GRAD_SHARE", "CostModel", "FloatArray", "bytes_per_param", "dtype_bytes",
+           "interpolate", "split_microbatches"]
 
 FloatArray = npt.NDArray[np.float64]
+
+#: The share of a layer's backward that its weight gradient (W) takes when the profile does not
+#: measure the split, for a layer with parameters (one without has no W). Measured on this
+#: project: deferring the weight GEMMs of linear layers (``executor/runtime/splitgrad.py``)
+#: moved 35-41% of a GPT block's backward to W on CPU.
+WEIGHT_GRAD_SHARE = 0.4
+_SPLIT_KEYS = ("bwd_input_ms", "bwd_weight_ms")
 
 
 def interpolate(table: FloatArray, sizes: tuple[int, ...], b: float) -> FloatArray:
@@ -109,11 +123,13 @@ class CostModel:
     """Per-layer costs of one configuration (B, M, recompute, schedule, link, optimizer).
 
     Stage k covers layers [start, end). Per micro-batch of the largest size b = ceil(B/M):
-    compute = sum(fwd + bwd) (+ fwd again when the stage recomputes); communication = the
+    compute = sum(fwd + bwd) (+ fwd again when the stage recomputes), with bwd the split
+    backward's I + W under a schedule that splits it; communication = the
     stage sends the values of its last layer forward and the gradients of its input's values
     backward, each value one ``latency + bytes / bandwidth``; memory = params x
     bytes_per_param / dtype bytes (with the copies of tied parameters whose owner is in
-    another stage) + activations held as the schedule holds them.
+    another stage) + activations held as the schedule holds them. ``stages_per_rank`` is V,
+    the stages each rank runs (``interleaved``: any V that divides K; ``zbv``: always 2).
     """
 
     profile: Profile
@@ -125,6 +141,7 @@ class CostModel:
     link: Link = field(default_factory=lambda: LINKS["free"])
     optimizer: Optimizer = "adam"
     runtime: Runtime = field(default_factory=Runtime)
+    stages_per_rank: int = 1
     _cache: dict[tuple[str, float], FloatArray] = field(
         default_factory=dict, init=False, repr=False, compare=False)
     _values: list[ProfileValues] = field(
@@ -139,6 +156,9 @@ class CostModel:
         bytes_per_param(self.profile.dtype, self.optimizer)  # validates dtype and optimizer
         if self.stages < 1:
             raise ValueError(f"stages K={self.stages} must be at least 1")
+        if self.schedule == "zbv" and self.stages_per_rank == 1:
+            object.__setattr__(self, "stages_per_rank", 2)  # the V shape: two stages per rank
+        stages_per_rank_of(self.schedule, self.stages, self.stages_per_rank)
 
     # -- per-layer arrays -----------------------------------------------------------------------
     @property
@@ -147,15 +167,26 @@ class CostModel:
         return -(-self.global_batch // self.microbatches)
 
     def layer_array(self, key: str, b: float | None = None) -> FloatArray:
-        """``key`` (e.g. ``'fwd_ms'``) of every layer at micro-batch size b (default: largest)."""
+        """``key`` (e.g. ``'fwd_ms'``) of every layer at micro-batch size b (default: largest).
+
+        ``bwd_input_ms`` and ``bwd_weight_ms`` (I and W) are the profile's where a layer has
+        them, else this rule on its ``bwd_ms``: a layer without parameters has W = 0 and I =
+        bwd; one with parameters W = bwd x ``WEIGHT_GRAD_SHARE`` and I = the rest. Like
+        ``fwd_ms`` and ``bwd_ms`` they take the runtime's ``compute_scale`` and the layer's
+        ``launch_ms`` as a floor (W only where it has work: a layer without a weight gradient
+        launches nothing in W)."""
         b = self.microbatch_size if b is None else b
         cached = self._cache.get((key, b))
         if cached is not None:
             return cached
-        out = self._interpolate_layers(key, b)
-        if key in ("fwd_ms", "bwd_ms") and any(lay.launch_ms for lay in self.profile.layers):
-            out = np.maximum(out, self._interpolate_layers("launch_ms", b))
-        if key in ("fwd_ms", "bwd_ms") and self.runtime.compute_scale != 1.0:
+        timed = key in ("fwd_ms", "bwd_ms", *_SPLIT_KEYS)
+        out = self._split_layers(key, b) if key in _SPLIT_KEYS else self._interpolate_layers(
+            key, b)
+        if timed and any(lay.launch_ms for lay in self.profile.layers):
+            floor = self._interpolate_layers("launch_ms", b)
+            out = np.maximum(out, floor if key != "bwd_weight_ms" else np.where(out > 0, floor,
+                                                                                 0.0))
+        if timed and self.runtime.compute_scale != 1.0:
             out = out * self.runtime.compute_scale
         out.setflags(write=False)
         self._cache[(key, b)] = out
@@ -167,6 +198,42 @@ class CostModel:
         table = np.array([getattr(lay, key) or (0.0,) * n_sizes for lay in self.profile.layers],
                          dtype=np.float64)
         return interpolate(table, self.profile.microbatch_sizes, b)
+
+    def _split_layers(self, key: str, b: float) -> FloatArray:
+        """I or W of every layer before the runtime: measured, or ``layer_array``'s rule (a
+        share of each measured ``bwd_ms``, so of its interpolation too)."""
+        weight = key == "bwd_weight_ms"
+        rows = []
+        for lay in self.profile.layers:
+            if lay.bwd_input_ms is not None and lay.bwd_weight_ms is not None:
+                rows.append(getattr(lay, key))
+                continue
+            share = WEIGHT_GRAD_SHARE if lay.param_bytes > 0 else 0.0
+            rows.append(tuple(x * (share if weight else 1.0 - share) for x in lay.bwd_ms))
+        return interpolate(np.array(rows, dtype=np.float64), self.profile.microbatch_sizes, b)
+
+    @property
+    def splits_backward(self) -> bool:
+        """Whether the schedule runs each backward as I and W (``zb-h1``, ``zbv``)."""
+        return self.schedule in SPLIT_SCHEDULES
+
+    @property
+    def compute_actions(self) -> int:
+        """Compute actions per micro-batch and stage, each paying ``runtime.action_ms``: F and
+        B, or F, I and W."""
+        return 3 if self.splits_backward else 2
+
+    def backward_ms(self, b: float | None = None) -> FloatArray:
+        """Every layer's backward as the schedule runs it: ``bwd_ms``, or I + W when split."""
+        if not self.splits_backward:
+            return self.layer_array("bwd_ms", b)
+        b = self.microbatch_size if b is None else b
+        cached = self._cache.get(("backward_ms", b))
+        if cached is None:
+            cached = self.layer_array("bwd_input_ms", b) + self.layer_array("bwd_weight_ms", b)
+            cached.setflags(write=False)
+            self._cache[("backward_ms", b)] = cached
+        return cached
 
     @property
     def values(self) -> ProfileValues:
@@ -210,9 +277,20 @@ class CostModel:
         """Whether stage k re-materialises its activations (``schedule.recompute``'s rule)."""
         return recomputes(self.recompute, stage, self.stages)
 
+    @property
+    def holding(self) -> Holding:
+        """What the schedule holds per stage, and the rank of each stage (``cost.holding``)."""
+        return holding(self.schedule, self.stages, self.microbatches, self.stages_per_rank)
+
     def in_flight(self, stage: int) -> int:
-        """Micro-batches whose activations stage k holds at once (``generators.in_flight``)."""
-        return in_flight(self.schedule, stage, self.stages, self.microbatches)
+        """Micro-batches whose activations stage k holds at once (``generators.in_flight``,
+        with V stages per rank): from F until B, or until W when the backward is split."""
+        return self.holding.in_flight[stage]
+
+    def rebuilt(self, stage: int) -> int:
+        """Micro-batches whose saved activations stage k holds rebuilt at once when it
+        recomputes: 1 (during B), or the most between I and W under a split schedule."""
+        return self.holding.rebuilt[stage]
 
     def tied_state_bytes(self) -> FloatArray:
         """Training state (weights + gradients + optimizer) of each tied parameter's copy."""
@@ -257,17 +335,21 @@ class CostModel:
     # -- one stage ------------------------------------------------------------------------------
     def stage_compute_ms(self, start: int, end: int, stage: int) -> float:
         """Forward + backward (+ recomputed forward) of layers [start, end), one micro-batch,
-        with the runtime's fixed cost of its two actions (F and B)."""
+        with the runtime's fixed cost of each of its actions (F and B, or F, I and W)."""
         fwd = float(self.layer_array("fwd_ms")[start:end].sum())
-        bwd = float(self.layer_array("bwd_ms")[start:end].sum())
-        return fwd + bwd + (fwd if self.recomputes(stage) else 0.0) + 2 * self.runtime.action_ms
+        bwd = float(self.backward_ms()[start:end].sum())
+        return fwd + bwd + (fwd if self.recomputes(stage) else 0.0) + (
+            self.compute_actions * self.runtime.action_ms)
 
     def stage_comm_ms(self, start: int, end: int) -> float:
         """Sending the output forward and the input's gradient backward, one micro-batch."""
         return float(self.cut_grad_ms()[start] + self.cut_send_ms()[end])
 
     def stage_memory_bytes(self, start: int, end: int, stage: int) -> float:
-        """Training state + activations of stage k at its peak, as the closed form gives it."""
+        """Training state + activations of stage k at its peak, as the closed form gives it:
+        ``in_flight`` micro-batches' saved activations, or, when the stage recomputes, their
+        stashed inputs plus ``rebuilt`` micro-batches' saved activations (an upper bound of
+        the replayed peak, equal to it unless the two counts peak at different times)."""
         state = float(self.param_state_bytes()[start:end].sum())
         if self.profile.tied:
             state += self.range_tied_bytes(start, end)
@@ -275,5 +357,27 @@ class CostModel:
         held = self.in_flight(stage)
         if self.recomputes(stage):
             stash = float(self.layer_array("in_bytes")[start])
-            return state + held * stash + saved
+            return state + held * stash + self.rebuilt(stage) * saved
         return state + held * saved
+
+    def rank_memory_bytes(self, ranges: Sequence[tuple[int, int]]) -> list[float]:
+        """Per rank, the closed-form memory of the stages it runs (``ranges[k]`` = stage k's
+        layers; the schedule's placement says which rank runs it): the sum of their
+        ``stage_memory_bytes``, an upper bound of the rank's replayed peak, since its stages
+        need not peak at the same time. With one stage per rank, the stages' figures.
+
+            >>> from partitioner import load_profile
+            >>> cm = CostModel(load_profile("h200/gpt2-medium"), 16, 4, stages=4,
+            ...                schedule="zbv")
+            >>> ranges = [(0, 7), (7, 14), (14, 20), (20, 26)]
+            >>> cm.rank_memory_bytes(ranges)[0] == sum(cm.stage_memory_bytes(*ranges[k], k)
+            ...                                        for k in (0, 3))
+            True
+        """
+        if len(ranges) != self.stages:
+            raise ValueError(f"{len(ranges)} stage ranges given but the cost model has "
+                             f"K={self.stages}; give one (start, end) per stage")
+        out = [0.0] * self.holding.ranks
+        for k, (start, end) in enumerate(ranges):
+            out[self.holding.rank_of[k]] += self.stage_memory_bytes(start, end, k)
+        return out

@@ -12,7 +12,8 @@ model's convex node sets are both stages of layers, with the same per-stage figu
 
 Costs per micro-batch, the chain cost model of ``CostModel`` extended edge by edge:
 
-- compute of stage k: sum over its layers of fwd + bwd (+ fwd again when k recomputes);
+- compute of stage k: sum over its layers of fwd + bwd (+ fwd again when k recomputes; bwd is
+  I + W when the schedule splits the backward);
 - communication, value by value (``formats.values``: a layer's whole output, or each of the
   ``outputs`` it lists): a value x of layer u whose consumers lie in D(x) = {their stages}
   minus u's own stage goes once to each destination stage (point to point, also when it is
@@ -21,7 +22,8 @@ Costs per micro-batch, the chain cost model of ``CostModel`` extended edge by ed
 - memory: training state + activations; a stage that uses a tied parameter whose owner layer
   is in another stage holds a copy (its training state); a recomputing stage stashes, per
   micro-batch in flight, every value it receives (once per value) plus the ``in_bytes`` of
-  its layers that have no predecessor (the model's inputs).
+  its layers that have no predecessor (the model's inputs), plus ``CostModel.rebuilt``
+  micro-batches' saved activations.
 
 On a chain whose ``in_bytes[i] == out_bytes[i-1]`` (as the profilers write them) these are
 exactly ``CostModel.stage_compute_ms + stage_comm_ms`` and ``stage_memory_bytes``, which
@@ -180,11 +182,11 @@ def evaluate_assignment(cm: CostModel, stage_of: Sequence[int]) -> Solution:
     if problems:
         raise ValueError("not a convex partition into K=" + str(big_k) + " stages:\n  "
                          + "\n  ".join(problems))
-    fwd, bwd = cm.layer_array("fwd_ms"), cm.layer_array("bwd_ms")
+    fwd, bwd = cm.layer_array("fwd_ms"), cm.backward_ms()
     saved, inputs = cm.layer_array("saved_bytes"), cm.layer_array("in_bytes")
     state = cm.param_state_bytes()
     vals, size, ms = cm.values, cm.value_bytes(), cm.value_transfer_ms()
-    compute = [2 * cm.runtime.action_ms] * big_k  # the runtime's cost of each stage's F and B
+    compute = [cm.compute_actions * cm.runtime.action_ms] * big_k  # each action's fixed cost
     comm = [0.0] * big_k
     state_k, saved_k, stash_k, sent_k = [0.0] * big_k, [0.0] * big_k, [0.0] * big_k, [0.0] * big_k
     for i, k in enumerate(stage_of):
@@ -215,7 +217,8 @@ def evaluate_assignment(cm: CostModel, stage_of: Sequence[int]) -> Solution:
     memory = []
     for k in range(big_k):
         held = cm.in_flight(k)
-        acts = held * stash_k[k] + saved_k[k] if cm.recomputes(k) else held * saved_k[k]
+        acts = (held * stash_k[k] + cm.rebuilt(k) * saved_k[k] if cm.recomputes(k)
+                else held * saved_k[k])
         memory.append(state_k[k] + acts)
     nodes = tuple(tuple(i for i, s in enumerate(stage_of) if s == k) for k in range(big_k))
     return Solution(nodes, tuple(compute), tuple(comm), tuple(memory), tuple(sent_k))

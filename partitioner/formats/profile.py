@@ -5,6 +5,15 @@
     (26, (1, 2, 4, 8, 16))
 
 Validation collects every problem with its JSON path before raising one ``ProfileError``.
+
+Per layer, one figure per micro-batch size: ``fwd_ms``, ``bwd_ms`` (the whole backward: input
+and weight gradients), ``in_bytes``, ``out_bytes``, ``saved_bytes``; optional ``launch_ms``,
+``peak_bytes`` and the split backward of zero-bubble schedules, ``bwd_input_ms`` (I: the
+gradient of the layer's input, sent upstream at once) with ``bwd_weight_ms`` (W: the
+gradients of its parameters, which may wait). The two halves come as a pair, a layer with one
+and not the other is a problem; they may add up to a little more than ``bwd_ms`` (measured
+apart, small layers pay each half's fixed costs), which is accepted. Without them the cost
+model splits ``bwd_ms`` by its stated rule (``CostModel.layer_array``).
 """
 
 from __future__ import annotations
@@ -174,6 +183,12 @@ def _parse_layer(obj: object, i: int, n: int, problems: Problems) -> LayerProfil
     optional = {k: _parse_array(layer, k, path, n, problems, _HIGH[k])
                 if layer.get(k) is not None else None for k in _OPTIONAL_PER_SIZE}
     param = problems.number(layer.get("param_bytes", 0), f"{path}.param_bytes", integer=True)
+    halves = [k for k in ("bwd_input_ms", "bwd_weight_ms") if optional[k] is not None]
+    if len(halves) == 1:
+        other = "bwd_weight_ms" if halves[0] == "bwd_input_ms" else "bwd_input_ms"
+        problems.add(f"{path}.{other}", f"missing, but {halves[0]} is given: a split backward "
+                                        f"needs both halves (I and W), one per micro-batch "
+                                        f"size; give {other} too, or drop {halves[0]}")
     extra = layer.get("extra", {})
     outputs = (parse_outputs(layer["outputs"], path, n, problems)
                if layer.get("outputs") is not None else None)

@@ -5,9 +5,12 @@
     >>> tl.step_ms, tl.stage_busy_ms(), round(tl.bubble_fraction, 3)
     (6.0, [3.0, 3.0], 0.5)
 
-Both kinds export to the same Chrome trace-event JSON (one track per stage; open it in
-https://ui.perfetto.dev or chrome://tracing), so a prediction and a measurement of the same
-plan can be laid side by side, and read back for comparison.
+Both kinds export to the same Chrome trace-event JSON (open it in https://ui.perfetto.dev or
+chrome://tracing), so a prediction and a measurement of the same plan can be laid side by
+side, and read back for comparison. Events belong to stages; the trace has one track per
+*rank* (``placement[k]`` = the rank of stage k; empty: stage k on rank k, and the tracks are
+named by stage as before), since a rank is one device and what it does when is what a reader
+looks for; with several stages on a rank each event's name says its stage (``F3 (stage 5)``).
 """
 
 from __future__ import annotations
@@ -46,12 +49,24 @@ class Event:
 
 @dataclass(frozen=True)
 class Timeline:
-    """Events of one training step over K stages; ``kind`` is 'predicted' or 'measured'."""
+    """Events of one training step over K stages; ``kind`` is 'predicted' or 'measured';
+    ``placement[k]`` the rank of stage k (empty: stage k on rank k)."""
 
     stages: int
     events: tuple[Event, ...]
     kind: str = "predicted"
     meta: Mapping[str, Any] = field(default_factory=dict)
+    placement: tuple[int, ...] = ()
+
+    @property
+    def rank_of(self) -> tuple[int, ...]:
+        """The rank of each stage."""
+        return self.placement or tuple(range(self.stages))
+
+    @property
+    def ranks(self) -> int:
+        """R: the ranks (devices of one pipeline) the stages run on."""
+        return max(self.rank_of) + 1 if self.stages else 0
 
     @property
     def start_ms(self) -> float:
@@ -67,7 +82,8 @@ class Timeline:
                       key=lambda e: e.start_ms)
 
     def stage_busy_ms(self) -> list[float]:
-        """Per stage, the time spent in compute actions (F and B; recompute included in B)."""
+        """Per stage, the time spent in compute actions (F and B, or F, I and W; recompute
+        included in B or I)."""
         busy = [0.0] * self.stages
         for e in self.events:
             if e.action.kind in COMPUTE:
@@ -76,9 +92,10 @@ class Timeline:
 
     @property
     def bubble_fraction(self) -> float:
-        """Idle share of the K x step area: 1 - sum(busy) / (K x step)."""
+        """Idle share of the R x step area (R ranks; R = K with a stage per rank): 1 -
+        sum(busy) / (R x step)."""
         step = self.step_ms
-        return 1.0 - sum(self.stage_busy_ms()) / (self.stages * step) if step > 0 else 0.0
+        return 1.0 - sum(self.stage_busy_ms()) / (self.ranks * step) if step > 0 else 0.0
 
     def stage_peak_bytes(self) -> list[float]:
         """Per stage, the largest recorded memory (0 where none was recorded)."""
@@ -88,25 +105,37 @@ class Timeline:
                 peak[e.action.stage] = max(peak[e.action.stage], e.memory_bytes)
         return peak
 
+    def track_names(self) -> list[str]:
+        """The name of each rank's track: ``stage k`` with a stage per rank, else ``rank r
+        (stages a, b)``."""
+        if not self.placement:
+            return [f"stage {k}" for k in range(self.stages)]
+        held = [[str(k) for k in range(self.stages) if self.placement[k] == r]
+                for r in range(self.ranks)]
+        return [f"rank {r} (stages {', '.join(ks)})" for r, ks in enumerate(held)]
+
     def to_chrome_trace(self) -> dict[str, Any]:
-        """Chrome trace-event JSON: one complete ('X') event per action, one track per stage,
+        """Chrome trace-event JSON: one complete ('X') event per action, one track per rank,
         times in microseconds from the step's start."""
-        t0 = self.start_ms
+        t0, rank_of, several = self.start_ms, self.rank_of, bool(self.placement)
         trace: list[dict[str, Any]] = [
-            {"name": "thread_name", "ph": "M", "pid": 0, "tid": k,
-             "args": {"name": f"stage {k}"}} for k in range(self.stages)]
+            {"name": "thread_name", "ph": "M", "pid": 0, "tid": r, "args": {"name": name}}
+            for r, name in enumerate(self.track_names())]
         trace.append({"name": "process_name", "ph": "M", "pid": 0, "tid": 0,
                       "args": {"name": f"{self.kind} step"}})
         for e in sorted(self.events, key=lambda e: (e.start_ms, e.action.stage)):
-            args: dict[str, Any] = {"action": str(e.action), "microbatch": e.action.microbatch}
+            a = e.action
+            args: dict[str, Any] = {"action": str(a), "microbatch": a.microbatch}
             if e.memory_bytes is not None:
-                args["memory_bytes"] = e.memory_bytes
-            trace.append({"name": f"{e.action.kind}{e.action.microbatch}", "cat": e.action.kind,
-                          "ph": "X", "pid": 0, "tid": e.action.stage,
-                          "ts": round((e.start_ms - t0) * 1e3, 3),
+                args["memory_bytes"] = e.memory_bytes  # the stage's
+            name = f"{a.kind}{a.microbatch}" + (f" (stage {a.stage})" if several else "")
+            trace.append({"name": name, "cat": a.kind, "ph": "X", "pid": 0,
+                          "tid": rank_of[a.stage], "ts": round((e.start_ms - t0) * 1e3, 3),
                           "dur": round(e.duration_ms * 1e3, 3), "args": args})
-        return {"traceEvents": trace, "displayTimeUnit": "ms",
-                "otherData": {"kind": self.kind, "stages": self.stages, **self.meta}}
+        other: dict[str, Any] = {"kind": self.kind, "stages": self.stages, **self.meta}
+        if self.placement:
+            other["placement"] = list(self.placement)
+        return {"traceEvents": trace, "displayTimeUnit": "ms", "otherData": other}
 
     @staticmethod
     def from_chrome_trace(data: Mapping[str, Any], source: str = "trace") -> Timeline:
@@ -144,10 +173,25 @@ class Timeline:
             p.add("otherData.stages", f"{stages} stages, but an event belongs to stage "
                                       f"{top - 1}")
         kind = p.text(other.pop("kind", "measured"), "otherData.kind", "measured")
+        placement = _placement(other.pop("placement", []), stages, p)
         if p:
             raise TraceError(f"{source} is not a valid trace ({len(p)} problem(s)):\n  "
                              + "\n  ".join(p[:50]))
-        return Timeline(stages, tuple(events), kind, other)
+        return Timeline(stages, tuple(events), kind, other, placement)
+
+
+def _placement(raw: object, stages: int, p: Problems) -> tuple[int, ...]:
+    """``otherData.placement``: the rank of each stage, ranks 0..R-1 each running some."""
+    if not isinstance(raw, list) or (raw and len(raw) != stages):
+        p.add("otherData.placement", f"{show(raw)} is not a list of one rank per stage "
+                                     f"({stages} stages)")
+        return ()
+    ranks = tuple(p.whole(r, f"otherData.placement[{k}]", high=stages - 1)
+                  for k, r in enumerate(raw))
+    if ranks and set(ranks) != set(range(max(ranks) + 1)):
+        p.add("otherData.placement", f"{list(ranks)} leaves ranks without a stage; number "
+                                     f"the ranks 0..R-1")
+    return ranks
 
 
 def save_chrome_trace(timeline: Timeline, path: str | Path) -> None:

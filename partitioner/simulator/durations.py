@@ -12,12 +12,15 @@ layer graph (``formats.values``: a layer's whole output, or each output it lists
 consumers its edges name; the chain i -> i+1 for a profile without edges).
 
 - F(k,i): the sum of the stage's ``fwd_ms`` at micro-batch i's size; B(k,i): its ``bwd_ms``,
-  plus ``fwd_ms`` again when stage k recomputes; both as the cost model's ``runtime`` runs
-  them (times ``compute_scale``, plus ``action_ms`` per action).
+  plus ``fwd_ms`` again when stage k recomputes; a split backward's I(k,i): its
+  ``bwd_input_ms`` (plus the recomputed forward: the recomputation happens in I) and W(k,i):
+  its ``bwd_weight_ms`` (``CostModel.layer_array``: measured, or the stated rule); each as the
+  cost model's ``runtime`` runs it (times ``compute_scale``, plus ``action_ms`` per action).
 - SF(k,i) after F: for each value x of a layer of stage k and each *other* stage d that holds
   a consumer of x, one transfer of x's bytes (``link.transfer_ms``); the sender pays them
-  all, in one send. SB(k,i) after B: the gradients of the values stage k received that have
-  ``grad``, one transfer back per (x, k). Transfers between stages on one device are free.
+  all, in one send. SB(k,i) after B (or I): the gradients of the values stage k received
+  that have ``grad``, one transfer back per (x, k); W sends nothing. Transfers between stages
+  on one device (so also between the stages of one rank) are free.
 - The schedule stays the pipeline's: stage k+1's receive waits for stage k's whole send,
   and then the runtime's ``message_ms`` (``Durations.message_ms``; paid transfers only).
   Data that skips stages (u in stage k feeding stage d > k+1) is charged to its sender's
@@ -25,9 +28,10 @@ consumers its edges name; the chain i -> i+1 for a profile without edges).
   receives from d-1 only after d-1 received from d-2 ... after k's send had finished, so it
   has arrived; likewise its gradient is back before stage k's B (k waits for k+1's SB, which
   follows d's). So per micro-batch a stage is occupied exactly the evaluator's stage time.
-- Memory held from F to B: the stage's ``saved_bytes``; or, when it recomputes, its stash:
-  the values it received (once per value) plus the ``in_bytes`` of its layers that have
-  no predecessor (the model's inputs), with the saved bytes on top while B rebuilds them.
+- Memory held from F to B (to W when split): the stage's ``saved_bytes``; or, when it
+  recomputes, its stash: the values it received (once per value) plus the ``in_bytes`` of
+  its layers that have no predecessor (the model's inputs), with the saved bytes on top
+  while B rebuilds them (from I to W when split; ``cost.holding`` states the rules).
   What a stage receives weighs the values' bytes on a graph profile (the evaluator's rule)
   and the receiving layer's ``in_bytes`` on a chain profile (``CostModel``'s rule, once per
   sending layer); the two agree wherever ``in_bytes[i]`` is what layer i-1 passes on, as the
@@ -56,10 +60,12 @@ class Durations:
 
     fwd_ms: list[list[float]]
     bwd_ms: list[list[float]]  # includes the recomputed forward
+    input_ms: list[list[float]]  # I: includes the recomputed forward
+    weight_ms: list[list[float]]  # W
     send_f_ms: list[list[float]]  # every forward transfer of stage k's outputs
     send_b_ms: list[list[float]]  # the gradient of everything stage k received
-    hold_bytes: list[list[float]]  # held from F to B: saved activations, or the stash
-    rebuild_bytes: list[list[float]]  # extra during B: saved activations when recomputing
+    hold_bytes: list[list[float]]  # held from F to B (or W): saved activations, or the stash
+    rebuild_bytes: list[list[float]]  # extra during B (I to W): saved, when recomputing
     state_bytes: list[float]  # weights + gradients + optimizer state
     size_index: list[int]  # micro-batch i -> s
     message_ms: float = 0.0  # a paid transfer reaches its receiver this long after its send
@@ -148,10 +154,13 @@ def stage_durations(cm: CostModel, stage_of: IntArray, devices: Sequence[int]) -
         _, once = np.unique(u * big_k + dst, return_index=True)
         recv_stage, recv_layer = dst[once], v[once]
     rc = np.array([cm.recomputes(k) for k in range(big_k)])
-    table = {key: np.zeros((big_k, n_sizes)) for key in ("f", "b", "sf", "sb", "hold", "rebuild")}
+    table = {key: np.zeros((big_k, n_sizes))
+             for key in ("f", "b", "i", "w", "sf", "sb", "hold", "rebuild")}
     for s, b in enumerate(distinct):
         fwd = _stage_sums(cm.layer_array("fwd_ms", b), order, bounds)
         bwd = _stage_sums(cm.layer_array("bwd_ms", b), order, bounds)
+        bwd_i = _stage_sums(cm.layer_array("bwd_input_ms", b), order, bounds)
+        bwd_w = _stage_sums(cm.layer_array("bwd_weight_ms", b), order, bounds)
         saved = _stage_sums(cm.layer_array("saved_bytes", b), order, bounds)
         ms = np.where(paid, cm.value_transfer_ms(b)[x], 0.0)
         received = (_per_stage(recv_stage, cm.layer_array("in_bytes", b)[recv_layer], big_k)
@@ -159,6 +168,8 @@ def stage_durations(cm: CostModel, stage_of: IntArray, devices: Sequence[int]) -
         stash = received + _per_stage(root_stage, cm.layer_array("in_bytes", b)[roots], big_k)
         table["f"][:, s] = fwd + cm.runtime.action_ms  # fwd, bwd: scaled by the runtime
         table["b"][:, s] = bwd + np.where(rc, fwd, 0.0) + cm.runtime.action_ms
+        table["i"][:, s] = bwd_i + np.where(rc, fwd, 0.0) + cm.runtime.action_ms
+        table["w"][:, s] = bwd_w + cm.runtime.action_ms
         table["sf"][:, s] = _per_stage(src, ms, big_k)
         table["sb"][:, s] = _per_stage(dst, np.where(grad, ms, 0.0), big_k)
         table["hold"][:, s] = np.where(rc, stash, saved)
@@ -167,6 +178,6 @@ def stage_durations(cm: CostModel, stage_of: IntArray, devices: Sequence[int]) -
     if cm.profile.tied:
         state = state + tied_copies(cm, stage_of.tolist(), big_k)
     lists = {key: arr.tolist() for key, arr in table.items()}
-    return Durations(lists["f"], lists["b"], lists["sf"], lists["sb"], lists["hold"],
-                     lists["rebuild"], state.tolist(), [distinct.index(b) for b in sizes],
-                     cm.runtime.message_ms)
+    return Durations(lists["f"], lists["b"], lists["i"], lists["w"], lists["sf"], lists["sb"],
+                     lists["hold"], lists["rebuild"], state.tolist(),
+                     [distinct.index(b) for b in sizes], cm.runtime.message_ms)

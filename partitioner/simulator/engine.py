@@ -11,62 +11,65 @@ The model (the choices a reader needs to trust the numbers):
 - Stages are layer ranges or, for a layer graph, any convex sets of layers (``nodes=``); a
   chain's ranges are the special case of one rule (``durations.py`` says what each action
   costs, edge by edge, exactly as ``graph.evaluate_assignment`` charges it).
-- Each stage runs its own action list in order (the Schedule is never re-derived). F(k,i)
-  takes stage k's forward at micro-batch i's actual size (``split_microbatches``: uneven
-  sizes, larger first); B(k,i) takes its backward, plus the forward again when k recomputes.
+- Each rank runs its own action list in order (the Schedule is never re-derived; a rank runs
+  one stage, or V of them under an interleaved or V-shaped placement, ``schedule.rank_of``).
+  F(k,i) takes stage k's forward at micro-batch i's actual size (``split_microbatches``:
+  uneven sizes, larger first); B(k,i) takes its backward, plus the forward again when k
+  recomputes; a split backward's I(k,i) its input gradient (the recomputation, if any,
+  happens in I) and W(k,i) its weight gradient.
 - Communication. After F(k,i) the stage sends its values on (SF: to k+1, and on a graph
   also what skips ahead to later stages; each value once per stage that reads it), after
-  B(k,i) the gradients of the values it received back (SB; values without gradient send
-  none); a send *occupies the sender* for ``latency + bytes / bandwidth`` per transfer and a
-  receive takes no time but waits until the previous stage's send has finished. So a stage
-  is occupied compute + comm_in + comm_out per micro-batch, exactly the partitioners' stage
-  time (their bottleneck is the simulated throughput limit), and free communication gives
-  the paper's closed forms. Stages on the same device exchange tensors for free.
-- Devices. Stages that share a device run one action at a time; when the device frees, the
-  action that has been ready longest runs (ties: the lower stage). An optional optimizer step
-  (``optimizer_ms`` for the whole model, split by parameter bytes) ends each stage once its
-  device has finished all its compute (the flush at the end of a GPipe step).
+  B(k,i) or I(k,i) the gradients of the values it received back (SB; values without
+  gradient send none; W sends nothing); a send *occupies the sender* for ``latency + bytes /
+  bandwidth`` per transfer and a receive takes no time but waits until the previous stage's
+  send has finished. So a stage is occupied compute + comm_in + comm_out per micro-batch,
+  exactly the partitioners' stage time (their bottleneck is the simulated throughput limit),
+  and free communication gives the paper's closed forms. Stages on the same device, and so
+  the stages of one rank, exchange tensors for free.
+- Devices. ``devices[k]`` is stage k's device (default: its rank's); a rank is one device,
+  so its stages must share one. Ranks that share a device run one action at a time; when the
+  device frees, the action that has been ready longest runs (ties: the lower rank). An
+  optional optimizer step (``optimizer_ms`` for the whole model, split by parameter bytes)
+  ends each stage once its device has finished all its compute (the flush at the end of a
+  GPipe step).
 - Memory, replayed per stage: weights + gradients + optimizer state (with the copies of tied
-  parameters whose owner is in another stage), plus per micro-batch in flight its saved
-  activations, or, when the stage recomputes, its stashed inputs, with one micro-batch's saved
-  activations on top while B rebuilds and consumes them. This is
-  ``CostModel.stage_memory_bytes``'s (and the graph evaluator's) closed form wherever both
-  describe the same step.
+  parameters whose owner is in another stage), plus per micro-batch in flight (F to B, or to
+  W when split) its saved activations, or, when the stage recomputes, its stashed inputs,
+  with its saved activations on top while B rebuilds and consumes them (from I to W when
+  split). This is ``CostModel.stage_memory_bytes``'s (and the graph evaluator's) closed form
+  wherever both describe the same step (``cost.holding`` states the rules). A rank's memory
+  is its stages' together, replayed as they run (``rank_peak_bytes``).
 - The predicted Timeline holds the compute actions and the sends that take time (receives
-  are instants: their waiting shows as the gap before the action that needed them).
+  are instants: their waiting shows as the gap before the action that needed them), one row
+  per stage with the rank of each (its trace and chart draw one row per rank).
 """
 
 from __future__ import annotations
 
 import heapq
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from partitioner.cost.model import CostModel
-from partitioner.formats.layers import (
-    assignment_problems,
-    layer_edges,
-    range_problems,
-    stage_of_nodes,
-)
 from partitioner.formats.timeline import Event, Timeline
 from partitioner.schedule.generators import make_schedule
 from partitioner.schedule.ir import Action, Schedule, ScheduleError, validate
-from partitioner.simulator.durations import Durations, IntArray, stage_durations, stage_of_ranges
+from partitioner.simulator.durations import Durations, stage_durations
+from partitioner.simulator.inputs import check_rank_devices, check_stages
+from partitioner.simulator.program import (
+    BWD,
+    FWD,
+    INPUT,
+    KINDS,
+    RF,
+    SB,
+    SF,
+    WEIGHT,
+    Op,
+    rank_programs,
+)
 
 __all__ = ["SimResult", "device_indices", "ranges_from_boundaries", "simulate"]
-
-_RF, _F, _SF, _RB, _B, _SB = range(1, 7)  # 0: nothing
-_CODE = {"RF": _RF, "F": _F, "SF": _SF, "RB": _RB, "B": _B, "SB": _SB}
-_KIND = ("", "RF", "F", "SF", "RB", "B", "SB")
-# One step of a stage: (receive, compute, send, micro-batch, the compute's Action). A compute
-# carries the receive just before it and the send just after it (as ``lower`` places them),
-# so that the event loop turns once per compute action; codes are 0 where there is none.
-Op = tuple[int, int, int, int, "Action | None"]
-
 
 @dataclass(frozen=True)
 class SimResult:
@@ -74,10 +77,21 @@ class SimResult:
 
     step_ms: float  # first action's start to the last stage's end (optimizer step included)
     bubble_fraction: float  # 1 - (compute + optimizer) / (devices x step): idle or sending
-    stage_busy_ms: tuple[float, ...]  # per stage, F + B (+ recompute), as Timeline counts it
+    stage_busy_ms: tuple[float, ...]  # per stage, F + B or F + I + W (+ recompute)
     stage_comm_ms: tuple[float, ...]  # per stage, time spent sending
     stage_peak_bytes: tuple[float, ...]  # per stage, replayed peak memory
     timeline: Timeline | None  # None when simulate(..., record=False)
+    rank_of: tuple[int, ...] = ()  # the rank of each stage (empty: stage k on rank k)
+    rank_peak_bytes: tuple[float, ...] = ()  # per rank, its stages' memory together, replayed
+
+    @property
+    def rank_busy_ms(self) -> tuple[float, ...]:
+        """Per rank, the compute time of its stages."""
+        rank_of = self.rank_of or tuple(range(len(self.stage_busy_ms)))
+        out = [0.0] * (max(rank_of) + 1 if rank_of else 0)
+        for k, busy in enumerate(self.stage_busy_ms):
+            out[rank_of[k]] += busy
+        return tuple(out)
 
 
 def ranges_from_boundaries(boundaries: Sequence[int]) -> list[tuple[int, int]]:
@@ -85,72 +99,22 @@ def ranges_from_boundaries(boundaries: Sequence[int]) -> list[tuple[int, int]]:
     return [(boundaries[k], boundaries[k + 1]) for k in range(len(boundaries) - 1)]
 
 
-def device_indices(devices: Sequence[str]) -> list[int]:
+def device_indices(devices: Sequence[str], rank_of: Sequence[int] | None = None) -> list[int]:
     """Which stages share a device, from a plan's device names: equal names with an index
-    (``cuda:0``) are one device; a name without one (``cpu``) is a device of the stage's own
-    (each stage its own process, as the distributed runner places them).
+    (``cuda:0``) are one device; a name without one (``cpu``) is a device of the stage's rank
+    (``rank_of[k]``; default: each stage its own rank, as the distributed runner places them).
 
         >>> device_indices(["cuda:0", "cuda:0", "cuda:1"]), device_indices(["cpu", "cpu"])
         ([0, 0, 1], [0, 1])
+        >>> device_indices(["cpu"] * 4, rank_of=[0, 1, 1, 0])   # V shape: a rank, a device
+        [0, 1, 1, 0]
     """
     index: dict[str, int] = {}
     out = []
     for k, name in enumerate(devices):
-        key = name if ":" in name else f"{name}#{k}"
+        key = name if ":" in name else f"{name}#{rank_of[k] if rank_of is not None else k}"
         out.append(index.setdefault(key, len(index)))
     return out
-
-
-def _ops(sched: Schedule) -> list[list[Op]]:
-    """Per stage, the schedule's actions as ``Op`` steps. A plain schedule gets the receives
-    and sends that ``lower`` would add, and is checked here in one cheap pass (each
-    micro-batch's F once, then its B once, on the right stage); a lowered one is validated in
-    full. Anything wrong is reported by ``validate``, with the grid."""
-    if sched.is_lowered:
-        validate(sched)
-        return [_fold([(_CODE[a.kind], a.microbatch, a) for a in row]) for row in sched.actions]
-    last, m = sched.stages - 1, sched.microbatches
-    out = []
-    for k, row in enumerate(sched.actions):
-        ops: list[Op] = []
-        state = [0] * m  # 0: nothing yet, 1: F done, 2: B done
-        for a in row:
-            i = a.microbatch
-            if a.stage != k or not 0 <= i < m or state[i] != (0 if a.kind == "F" else 1):
-                validate(sched)
-            if a.kind == "F":
-                state[i] = 1
-                ops.append((_RF if k > 0 else 0, _F, _SF if k < last else 0, i, a))
-            else:
-                state[i] = 2
-                ops.append((_RB if k < last else 0, _B, _SB if k > 0 else 0, i, a))
-        if any(x != 2 for x in state):
-            validate(sched)
-        out.append(ops)
-    return out
-
-
-def _fold(row: list[tuple[int, int, Action]]) -> list[Op]:
-    """Attach each receive to the compute right after it and each send to the compute right
-    before it (same micro-batch, matching direction); others stay steps of their own."""
-    ops: list[Op] = []
-    j = 0
-    while j < len(row):
-        code, i, a = row[j]
-        recv = 0
-        if code in (_RF, _RB) and j + 1 < len(row) and row[j + 1][:2] == (code + 1, i):
-            recv, (code, i, a) = code, row[j + 1]
-            j += 1
-        if code in (_F, _B) and j + 1 < len(row) and row[j + 1][:2] == (code + 1, i):
-            ops.append((recv, code, code + 1, i, a))
-            j += 2
-        elif code in (_F, _B):
-            ops.append((recv, code, 0, i, a))
-            j += 1
-        else:
-            ops.append((code, 0, 0, i, None) if code in (_RF, _RB) else (0, 0, code, i, None))
-            j += 1
-    return ops
 
 
 def simulate(
@@ -163,9 +127,9 @@ def simulate(
     *,
     nodes: Sequence[Sequence[int]] | None = None,
 ) -> SimResult:
-    """Replay ``schedule`` (default: ``cm.schedule`` for K stages, M) on stages holding layers
-    ``ranges[k] = (start, end)``, or the layer-graph nodes ``nodes[k]`` (convex sets; give one
-    of the two); ``devices[k]``: stage k's device (default: its own).
+    """Replay ``schedule`` (default: ``cm.schedule`` for K stages, M, V stages per rank) on
+    stages holding layers ``ranges[k] = (start, end)``, or the layer-graph nodes ``nodes[k]``
+    (convex sets; give one of the two); ``devices[k]``: stage k's device (default: its rank's).
 
         >>> from partitioner import CostModel, load_profile
         >>> cm = CostModel(load_profile("h200/gpt2-medium"), 16, 4, stages=2)
@@ -176,180 +140,169 @@ def simulate(
         828.0
     """
     m = cm.microbatches
-    stage_of = _check_inputs(cm, ranges, nodes, devices, optimizer_ms)
+    stage_of = check_stages(cm, ranges, nodes, devices, optimizer_ms)
     big_k = cm.stages
     if schedule is None:
-        schedule = make_schedule(cm.schedule, big_k, m)
+        schedule = make_schedule(cm.schedule, big_k, m, cm.stages_per_rank)
     elif (schedule.stages, schedule.microbatches) != (big_k, m):
         raise ValueError(f"schedule {schedule.name!r} is for K={schedule.stages}, "
                          f"M={schedule.microbatches} but the plan has K={big_k}, M={m}; "
                          f"make the schedule with make_schedule(name, {big_k}, {m})")
-    devs = list(range(big_k)) if devices is None else list(devices)
+    programs = rank_programs(schedule)
+    devs = list(schedule.rank_of) if devices is None else list(devices)
+    check_rank_devices(schedule, devs)
     dur = stage_durations(cm, stage_of, devs)
-    all_ops = _ops(schedule)
-    sim = _Replay(big_k, m, devs, dur, record)
-    sim.run(all_ops)
-    if any(sim.pos[k] < len(all_ops[k]) for k in range(big_k)):
+    sim = _Replay(schedule, devs, dur, record)
+    sim.run(programs)
+    if any(sim.pos[r] < len(programs[r]) for r in range(schedule.ranks)):
         validate(schedule)  # names the deadlock with the grid
         raise ScheduleError(f"schedule {schedule.name!r} did not finish in the simulation")
     return _result(cm, schedule, dur, sim, optimizer_ms, record)
 
 
 class _Replay:
-    """The event loop's state. A heap holds (time a stage can go on, stage); a stage runs its
+    """The event loop's state. A heap holds (time a rank can go on, rank); a rank runs its
     steps until a receive finds no matching send yet (the sender pushes it back when it
-    sends) or, on a shared device, after each step (so the device serves stages in order of
-    readiness). Popped times never decrease, which is what makes both rules exact."""
+    sends) or, on a shared device, after each step (so the device serves ranks in order of
+    readiness). Popped times never decrease, which is what makes both rules exact. A stage's
+    memory is kept in locals while its rank runs it, and stored when the rank turns to another
+    of its stages or stops."""
 
-    def __init__(self, big_k: int, m: int, devs: list[int], dur: Durations,
-                 record: bool) -> None:
+    def __init__(self, sched: Schedule, devs: list[int], dur: Durations, record: bool) -> None:
+        big_k, m, ranks = sched.stages, sched.microbatches, sched.ranks
         self.m, self.devs, self.dur, self.record = m, devs, dur, record
-        self.arrived = {_SF: [[-1.0] * m for _ in range(big_k)],  # [k][i]: k's output of i
-                        _SB: [[-1.0] * m for _ in range(big_k)]}  # reached k+1 / k-1
-        self.pos, self.ready = [0] * big_k, [0.0] * big_k
+        self.rank_of = sched.rank_of
+        self.stages_of = [[k for k in range(big_k) if self.rank_of[k] == r] for r in range(ranks)]
+        self.arrived = {SF: [[-1.0] * m for _ in range(big_k)],  # [k][i]: k's output of i
+                        SB: [[-1.0] * m for _ in range(big_k)]}  # reached k+1 / k-1
+        self.pos, self.ready = [0] * ranks, [0.0] * ranks
         self.busy, self.comm = [0.0] * big_k, [0.0] * big_k
         self.held, self.peak = [0.0] * big_k, [0.0] * big_k
+        self.rank_peak = [0.0] * ranks  # activations of the rank's stages together
         self.events: list[Event] = []
 
-    def run(self, all_ops: list[list[Op]]) -> None:
-        dur, size, devs, m, record = self.dur, self.dur.size_index, self.devs, self.m, self.record
-        arrived_f, arrived_b = self.arrived[_SF], self.arrived[_SB]
+    def run(self, programs: list[list[Op]]) -> None:
+        dur, size, m, record = self.dur, self.dur.size_index, self.m, self.record
+        arrived_f, arrived_b = self.arrived[SF], self.arrived[SB]
         pos, ready, busy_ms, comm_ms = self.pos, self.ready, self.busy, self.comm
-        held_bytes, peak_bytes, events = self.held, self.peak, self.events
-        dev_free = dict.fromkeys(devs, 0.0)
-        shared = [devs.count(d) > 1 for d in devs]
-        send_ms = [{_SF: dur.send_f_ms[k], _SB: dur.send_b_ms[k]} for k in range(len(devs))]
+        held_bytes, peak_bytes, rank_peak, events = self.held, self.peak, self.rank_peak, \
+            self.events
+        rank_of, stages_of = self.rank_of, self.stages_of
+        last = len(rank_of) - 1
+        rank_dev = [self.devs[stages[0]] for stages in stages_of]
+        dev_free = dict.fromkeys(rank_dev, 0.0)
+        shared = [rank_dev.count(d) > 1 for d in rank_dev]
+        multi = any(len(stages) > 1 for stages in stages_of)
         delay = dur.message_ms
-        blocked = [-1] * len(devs)  # recv code * m + i of the receive a stage waits for
-        heap = [(0.0, k) for k in range(len(all_ops))]
+        # the receive a rank waits for: k * m + i for RF(k, i), -(k * m + i) - 1 for RB(k, i)
+        blocked: list[int | None] = [None] * len(stages_of)
+        # per stage k, what its actions read: durations, memory, where its messages go
+        fixed = [(dur.fwd_ms[k], dur.bwd_ms[k], dur.input_ms[k], dur.weight_ms[k],
+                  dur.hold_bytes[k], dur.rebuild_bytes[k], dur.state_bytes[k],
+                  dur.send_f_ms[k], dur.send_b_ms[k], arrived_f[k], arrived_b[k],
+                  arrived_f[k - 1], arrived_b[min(k + 1, last)],
+                  rank_of[min(k + 1, last)], (k + 1) * m, rank_of[k - 1], -(k - 1) * m - 1,
+                  [j for j in stages_of[rank_of[k]] if j != k])  # the stages k shares its rank with
+                 for k in range(last + 1)]
+        heap = [(0.0, r) for r in range(len(programs))]
         pop, push = heapq.heappop, heapq.heappush
         while heap:
-            t, k = pop(heap)
-            ops, p, n, first = all_ops[k], pos[k], len(all_ops[k]), True
-            f_ms, b_ms, sends, hold = dur.fwd_ms[k], dur.bwd_ms[k], send_ms[k], dur.hold_bytes[k]
-            rebuild = dur.rebuild_bytes[k]
-            held, peak, state = held_bytes[k], peak_bytes[k], dur.state_bytes[k]
+            t, r = pop(heap)
+            ops, p, n, first, cur = programs[r], pos[r], len(programs[r]), True, -1
+            rpeak, other = rank_peak[r], 0.0
+            held = peak = 0.0  # stage cur's, loaded when the rank turns to it
             while p < n:
-                recv, work, send, i, act = ops[p]
+                recv, work, send, k, i, act = ops[p]
+                if k != cur:  # the rank turns to stage k: store the last one's, load k's
+                    if cur >= 0:
+                        held_bytes[cur], peak_bytes[cur] = held, peak
+                    cur = k
+                    (f_ms, b_ms, i_ms, w_ms, hold, rebuild, state, sf_ms, sb_ms, out_f, out_b,
+                     in_f, in_b, dst_f, wake_f, dst_b, wake_b, mates) = fixed[k]
+                    held, peak = held_bytes[k], peak_bytes[k]
+                    if multi:  # what the rank's other stages hold meanwhile
+                        other = held_bytes[mates[0]] if len(mates) == 1 else sum(
+                            [held_bytes[j] for j in mates])
                 if recv:
-                    arrival = arrived_f[k - 1][i] if recv == _RF else arrived_b[k + 1][i]
-                    if arrival < 0:  # no matching send yet: its sender will push k back
-                        blocked[k] = recv * m + i
+                    arrival = in_f[i] if recv == RF else in_b[i]
+                    if arrival < 0:  # no matching send yet: its sender will push r back
+                        blocked[r] = k * m + i if recv == RF else -(k * m + i) - 1
                         break
                     if arrival > t:
                         t = arrival
                     if not (work or send):
                         p += 1
                         continue
-                if shared[k]:
+                if shared[r]:
                     if not first:  # queue for the device in order of readiness
-                        push(heap, (t, k))
+                        push(heap, (t, r))
                         break
-                    t = max(t, dev_free[devs[k]])
+                    t = max(t, dev_free[rank_dev[r]])
                 first = False
                 s = size[i]
-                if work == _F:
+                if work == FWD:
                     end = t + f_ms[s]
                     held += hold[s]
                     if held > peak:
                         peak = held
-                elif work == _B:
+                    if multi and held + other > rpeak:
+                        rpeak = held + other
+                elif work == BWD:
                     end = t + b_ms[s]
-                    if held + rebuild[s] > peak:
-                        peak = held + rebuild[s]
+                    top = held + rebuild[s]
+                    if top > peak:
+                        peak = top
+                    if multi and top + other > rpeak:
+                        rpeak = top + other
                     held -= hold[s]
+                elif work == INPUT:  # a recomputing stage rebuilds its activations here
+                    end = t + i_ms[s]
+                    held += rebuild[s]
+                    if held > peak:
+                        peak = held
+                    if multi and held + other > rpeak:
+                        rpeak = held + other
+                elif work == WEIGHT:  # what W needed goes
+                    end = t + w_ms[s]
+                    held -= hold[s] + rebuild[s]
                 if work:
                     busy_ms[k] += end - t
                     if record:
                         events.append(Event(act, t, end, state + held))  # type: ignore[arg-type]
                     t = end
                 if send:
-                    end = t + sends[send][s]
-                    comm_ms[k] += end - t
-                    arrival = end + delay if end > t else end  # paid transfers only
-                    if send == _SF:
-                        arrived_f[k][i] = arrival
-                        dst = k + 1
+                    if send == SF:
+                        end = t + sf_ms[s]
+                        arrival = end + delay if end > t else end  # paid transfers only
+                        out_f[i] = arrival
+                        dst, key = dst_f, wake_f + i
                     else:
-                        arrived_b[k][i] = arrival
-                        dst = k - 1
-                    if blocked[dst] == (send - 2) * m + i:  # SF wakes RF, SB wakes RB
-                        blocked[dst] = -1
+                        end = t + sb_ms[s]
+                        arrival = end + delay if end > t else end
+                        out_b[i] = arrival
+                        dst, key = dst_b, wake_b - i
+                    comm_ms[k] += end - t
+                    if blocked[dst] == key:
+                        blocked[dst] = None
                         push(heap, (max(ready[dst], arrival), dst))
                     if record and end > t:
-                        events.append(Event(Action(_KIND[send], k, i), t, end,  # type: ignore[arg-type]
+                        events.append(Event(Action(KINDS[send], k, i), t, end,  # type: ignore[arg-type]
                                             state + held))
                     t = end
-                if shared[k]:
-                    dev_free[devs[k]] = t
+                if shared[r]:
+                    dev_free[rank_dev[r]] = t
                 p += 1
-            pos[k], ready[k], held_bytes[k], peak_bytes[k] = p, t, held, peak
-
-
-def _as_ranges(nodes: Sequence[Sequence[int]]) -> list[tuple[int, int]] | None:
-    """The node sets as layer ranges when each is a contiguous run following the one before
-    (a chain split), else None."""
-    ranges, expect = [], 0
-    for members in nodes:
-        end = expect + len(members)
-        if len(members) == 0 or list(members) != list(range(expect, end)):
-            return None
-        ranges.append((expect, end))
-        expect = end
-    return ranges
-
-
-def _check_inputs(cm: CostModel, ranges: Sequence[tuple[int, int]] | None,
-                  nodes: Sequence[Sequence[int]] | None, devices: Sequence[int] | None,
-                  optimizer_ms: float) -> IntArray:
-    """Every problem with the stages, devices and optimizer time at once; the stage of each
-    layer when there is none."""
-    problems = []
-    num_layers = cm.profile.num_layers
-    if (ranges is None) == (nodes is None):
-        raise ValueError("give the stages either as layer ranges or as nodes=, not "
-                         + ("both" if ranges is not None else "neither"))
-    stages = ranges if ranges is not None else nodes
-    assert stages is not None
-    if len(stages) != cm.stages:
-        what = "stage ranges" if ranges is not None else "node sets"
-        problems.append(f"{len(stages)} {what} given but the cost model has K={cm.stages}; "
-                        f"build it with stages={len(stages)}")
-    stage_of = None
-    if ranges is not None:
-        problems += range_problems(ranges, num_layers)
-        if not problems:
-            stage_of = stage_of_ranges(ranges)
-    elif nodes is not None and (chain := _as_ranges(nodes)) is not None:  # no graph check
-        problems += range_problems(chain, num_layers)
-        if not problems:
-            stage_of = stage_of_ranges(chain)
-    elif nodes is not None:
-        try:
-            owner = stage_of_nodes(nodes)
-        except ValueError as exc:
-            problems.append(str(exc))
-        else:
-            graph_problems = assignment_problems(num_layers, layer_edges(cm.profile), owner,
-                                                 len(nodes))
-            problems += graph_problems
-            if not graph_problems:
-                stage_of = np.asarray(owner, dtype=np.int64)
-    if devices is not None and len(devices) != len(stages):
-        problems.append(f"{len(devices)} devices given for K={len(stages)} stages; give one "
-                        f"device index per stage")
-    if not (optimizer_ms >= 0 and math.isfinite(optimizer_ms)):
-        problems.append(f"optimizer_ms={optimizer_ms} must be a finite number >= 0")
-    if problems or stage_of is None:
-        raise ValueError("cannot simulate:\n  " + "\n  ".join(problems))
-    return stage_of
+            if cur >= 0:
+                held_bytes[cur], peak_bytes[cur] = held, peak
+            pos[r], ready[r], rank_peak[r] = p, t, rpeak
 
 
 def _result(cm: CostModel, schedule: Schedule, dur: Durations, sim: _Replay,
             optimizer_ms: float, record: bool) -> SimResult:
     """Add the optimizer step: each device steps its stages once all its compute is done."""
-    devs, stage_end = sim.devs, sim.ready
+    devs, rank_of = sim.devs, schedule.rank_of
     big_k = len(devs)
+    stage_end = [sim.ready[rank_of[k]] for k in range(big_k)]
     total_state = sum(dur.state_bytes)
     share = [s / total_state if total_state > 0 else 1.0 / big_k for s in dur.state_bytes]
     opt = [optimizer_ms * sh for sh in share]
@@ -363,12 +316,17 @@ def _result(cm: CostModel, schedule: Schedule, dur: Durations, sim: _Replay,
     work = sum(sim.busy) + sum(opt)
     bubble = 1.0 - work / (len(dev_free) * step) if step > 0 else 0.0
     peak_bytes = tuple(dur.state_bytes[k] + sim.peak[k] for k in range(big_k))
+    rank_peak = tuple(sum(dur.state_bytes[k] for k in stages) + (
+        sim.rank_peak[r] if len(stages) > 1 else sim.peak[stages[0]])
+        for r, stages in enumerate(sim.stages_of))
     timeline = None
     if record:
         meta = {"schedule": schedule.name, "model": cm.profile.model,
                 "global_batch": cm.global_batch, "microbatches": cm.microbatches,
                 "recompute": cm.recompute, "devices": devs, "optimizer_ms": optimizer_ms,
                 "step_ms": step, "stage_peak_bytes": list(peak_bytes)}
-        timeline = Timeline(big_k, tuple(sim.events), "predicted", meta)
+        if schedule.placement:
+            meta["rank_peak_bytes"] = list(rank_peak)
+        timeline = Timeline(big_k, tuple(sim.events), "predicted", meta, schedule.placement)
     return SimResult(step, max(bubble, 0.0), tuple(sim.busy), tuple(sim.comm), peak_bytes,
-                     timeline)
+                     timeline, schedule.placement, rank_peak)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from partitioner.cost.model import CostModel
 from partitioner.formats.plan import Plan, PlanError
 from partitioner.formats.profile import Profile, load_profile, shipped_profiles
+from partitioner.schedule.generators import make_schedule
 from partitioner.simulator.engine import SimResult, device_indices, simulate
 
 __all__ = ["find_profile", "simulate_plan"]
@@ -39,7 +40,9 @@ def simulate_plan(plan: Plan, profile: Profile, *, num_devices: int | None = Non
                   **overrides: object) -> tuple[SimResult, CostModel, list[int]]:
     """Simulate a plan, optionally with other ``global_batch``, ``microbatches``, ``schedule``,
     ``recompute``, ``link``, ``optimizer`` (CostModel fields) and ``optimizer_ms``; with
-    ``num_devices`` = N < K, stages go onto N devices in contiguous blocks."""
+    ``num_devices`` = N below the plan's R ranks, ranks go onto N devices in contiguous blocks.
+    The plan's own schedule (``Plan.build_schedule``: its V stages per rank, or the actions it
+    lists) runs unless the overrides change the schedule or M."""
     big_k = plan.num_stages
     optimizer_ms = float(overrides.pop("optimizer_ms", 0.0))  # type: ignore[arg-type]
     fields: dict[str, object] = {
@@ -47,15 +50,23 @@ def simulate_plan(plan: Plan, profile: Profile, *, num_devices: int | None = Non
         "schedule": plan.schedule, "recompute": plan.recompute, "link": plan.link,
         "optimizer": plan.optimizer, "runtime": plan.runtime}
     fields.update({k: v for k, v in overrides.items() if v is not None})
+    own = (fields["schedule"], fields["microbatches"]) == (plan.schedule, plan.microbatches)
+    if own:
+        fields["stages_per_rank"] = plan.stages_per_rank
     cm = CostModel(profile, stages=big_k, **fields)  # type: ignore[arg-type]
+    schedule = plan.build_schedule() if own else make_schedule(
+        cm.schedule, big_k, cm.microbatches, cm.stages_per_rank)
+    rank_of, ranks = schedule.rank_of, schedule.ranks
     if num_devices is None:
-        devices = device_indices([s.device for s in plan.stages])
-    elif 1 <= num_devices <= big_k:
-        devices = [k * num_devices // big_k for k in range(big_k)]
+        devices = device_indices([s.device for s in plan.stages], rank_of)
+    elif 1 <= num_devices <= ranks:
+        devices = [rank_of[k] * num_devices // ranks for k in range(big_k)]
     else:
-        raise ValueError(f"--devices {num_devices}: the plan has K={big_k} stages, so it runs "
-                         f"on 1..{big_k} devices; for more devices plan again with --stages "
+        raise ValueError(f"--devices {num_devices}: the plan has K={big_k} stages on R={ranks} "
+                         f"ranks, so it runs on 1..{ranks} devices; for more devices plan "
+                         f"again with --stages "
                          f"{num_devices}, or let `partition-model search --devices "
                          f"{num_devices}` choose K")
-    res = simulate(cm, nodes=plan.stage_nodes(), devices=devices, optimizer_ms=optimizer_ms)
+    res = simulate(cm, nodes=plan.stage_nodes(), schedule=schedule, devices=devices,
+                   optimizer_ms=optimizer_ms)
     return res, cm, devices

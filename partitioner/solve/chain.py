@@ -77,13 +77,13 @@ def _prefix(x: FloatArray) -> FloatArray:
 
 def _variant_arrays(cm: CostModel, stage: int, memory_objective: bool) -> tuple[FloatArray, ...]:
     """(H, G, R, E) for stage k; with ``memory_objective`` the objective is the memory itself."""
-    fwd, bwd = cm.layer_array("fwd_ms"), cm.layer_array("bwd_ms")
+    fwd, bwd = cm.layer_array("fwd_ms"), cm.backward_ms()
     saved, stash = cm.layer_array("saved_bytes"), cm.layer_array("in_bytes")
     state = _prefix(cm.param_state_bytes())
     recompute = cm.recomputes(stage)
     held = cm.in_flight(stage)
     if recompute:
-        mem_end = state + _prefix(saved)
+        mem_end = state + cm.rebuilt(stage) * _prefix(saved)
         mem_start = mem_end[:-1] - held * stash
     else:
         mem_end = state + held * _prefix(saved)
@@ -164,13 +164,13 @@ class _Search:
     def __init__(self, cm: CostModel, limit: float, memory_objective: bool) -> None:
         self.num_layers, self.stages = cm.profile.num_layers, cm.stages
         # Every stage costs at least its layers' fwd + bwd: a lower bound for the bisection.
-        work = cm.layer_array("fwd_ms") + cm.layer_array("bwd_ms")
+        work = cm.layer_array("fwd_ms") + cm.backward_ms()
         self.lower_bound = 0.0 if memory_objective else max(work.sum() / cm.stages, work.max())
         tol = _MEM_RTOL * max(1.0, abs(limit)) if math.isfinite(limit) else 0.0
-        cache: dict[tuple[bool, int], _StageArrays] = {}
+        cache: dict[tuple[bool, int, int], _StageArrays] = {}
         self.arrays: list[_StageArrays] = []
         for k in range(self.stages):
-            key = (cm.recomputes(k), cm.in_flight(k))
+            key = (cm.recomputes(k), cm.in_flight(k), cm.rebuilt(k))
             if key not in cache:
                 head, tail, mem_end, mem_start = _variant_arrays(cm, k, memory_objective)
                 last_end = _last_ends(cm, mem_end, mem_start + limit + tol)

@@ -71,7 +71,7 @@ def scale(cm: CostModel, limit: float, memory_objective: bool = False) -> Data:
     # are neither ancestors of u nor descendants of v: at most this many stages lie between.
     gap = {(u, v): n - 2 - anc[u] - desc[v] for u in range(n) for v in succ[u]}
 
-    fwd, bwd = cm.layer_array("fwd_ms"), cm.layer_array("bwd_ms")
+    fwd, bwd = cm.layer_array("fwd_ms"), cm.backward_ms()
     inputs = cm.layer_array("in_bytes")
     saved, state = cm.layer_array("saved_bytes"), cm.param_state_bytes()
     vals = [(x, val) for x, val in enumerate(cm.values.values) if val.consumers]
@@ -97,8 +97,9 @@ def scale(cm: CostModel, limit: float, memory_objective: bool = False) -> Data:
     for k in range(big_k):
         held = cm.in_flight(k)
         if cm.recomputes(k):
-            area_b.append([float(state[i] + saved[i]) + (0.0 if has_pred[i] else held *
-                                                         float(inputs[i])) for i in range(n)])
+            rebuilt = cm.rebuilt(k)
+            area_b.append([float(state[i] + rebuilt * saved[i])
+                           + (0.0 if has_pred[i] else held * float(inputs[i])) for i in range(n)])
             stash_b.append([held * float(size[x]) for x, _ in vals])
         else:
             area_b.append([float(state[i] + held * saved[i]) for i in range(n)])

@@ -61,7 +61,8 @@ def explain_infeasible(cm: CostModel, limit: float, what: str, need_bytes: float
                      "(--recompute always), or budget a lighter optimizer (--optimizer sgd).")
         return "\n".join(lines)
     top = min(num_layers, big_k + _MORE_STAGES)
-    more = next((k for k in range(big_k + 1, top + 1)
+    v = cm.stages_per_rank  # K stays a multiple of the stages per rank
+    more = next((k for k in range(big_k + v, top + 1, v)
                  if fits(dataclasses.replace(cm, stages=k))), None)
     lines.append(f"- More stages fit: --stages {more} does." if more is not None else
                  f"- More stages do not fit either (tried K up to {top}).")

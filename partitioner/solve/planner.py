@@ -68,7 +68,8 @@ def _prediction(cm: CostModel, sol: Solution, devices: Sequence[str]) -> Predict
     memory as the schedule runs, uneven micro-batches and communication included; the
     per-stage compute and communication stay the solution's, per micro-batch of the largest
     size (what the partition was balanced on)."""
-    res = simulate(cm, nodes=sol.nodes, devices=device_indices(devices), record=False)
+    res = simulate(cm, nodes=sol.nodes, devices=device_indices(devices, cm.holding.rank_of),
+                   record=False)
     return Prediction(res.step_ms, res.bubble_fraction, sol.stage_compute_ms,
                       res.stage_peak_bytes, sol.stage_comm_ms, "simulated")
 
@@ -80,7 +81,9 @@ def plan_from_solution(cm: CostModel, sol: Solution, memory_limit_bytes: float =
     of the layer order (a graph partition). A plan from a profile with edges lists the
     messages between stages (at the largest micro-batch size, even when the stages are
     ranges); one with tied parameters, their stages; ``profile.extra["trace"]`` is copied."""
-    devices = list(devices) if devices else default_devices(cm.profile.device.kind, sol.stages)
+    rank_of = cm.holding.rank_of
+    devices = list(devices) if devices else [default_devices(cm.profile.device.kind, sol.stages)[r]
+                                             for r in rank_of]  # one device per rank
     if len(devices) != sol.stages:
         raise ValueError(f"{len(devices)} devices given for K={sol.stages} stages; give one "
                          f"per stage")
@@ -110,6 +113,7 @@ def plan_from_solution(cm: CostModel, sol: Solution, memory_limit_bytes: float =
         messages=messages,
         tied=tied,
         trace=dict(trace) if isinstance(trace, Mapping) else {},
+        stages_per_rank=cm.stages_per_rank,
     )
 
 

@@ -3,9 +3,16 @@ import math
 
 import pytest
 
-from partitioner.cost.model import CostModel, bytes_per_param, split_microbatches
+from partitioner.cost.holding import peak_rebuilt
+from partitioner.cost.model import (
+    WEIGHT_GRAD_SHARE,
+    CostModel,
+    bytes_per_param,
+    split_microbatches,
+)
 from partitioner.formats.assumptions import LINKS, Link, Runtime
-from partitioner.formats.profile import load_profile
+from partitioner.formats.profile import Profile, load_profile
+from partitioner.schedule.generators import in_flight, make_schedule, peak_in_flight
 from tests.synthetic import make_profile
 
 
@@ -111,3 +118,84 @@ def test_runtime_scales_layer_times_and_charges_each_action() -> None:
         Runtime(1.0, -1.0)
     with pytest.raises(ValueError, match="message_ms=nan"):
         Runtime(1.0, 0.0, float("nan"))
+
+
+def _split_profile() -> Profile:
+    """Layer 0 measured I/W (summing to more than its bwd), layer 1 with parameters, layer 2
+    without; sizes 1 and 2."""
+    prof = make_profile([1.0, 1.0, 1.0], [2.0, 5.0, 3.0], param_bytes=[8, 8, 0], sizes=(1, 2))
+    first = dataclasses.replace(prof.layers[0], bwd_input_ms=(1.5, 2.5), bwd_weight_ms=(0.75, 1.0))
+    return dataclasses.replace(prof, layers=(first, *prof.layers[1:]))
+
+
+def test_split_backward_is_measured_or_the_stated_rule() -> None:
+    cm = CostModel(_split_profile(), 3, 1, schedule="zb-h1")  # b = 3: extrapolated
+    inputs, weights = cm.layer_array("bwd_input_ms"), cm.layer_array("bwd_weight_ms")
+    bwd = cm.layer_array("bwd_ms")
+    assert inputs[0] == pytest.approx(3.5) and weights[0] == pytest.approx(1.25)  # measured
+    assert weights[1] == pytest.approx(WEIGHT_GRAD_SHARE * bwd[1])  # with parameters
+    assert inputs[1] + weights[1] == pytest.approx(bwd[1])
+    assert (inputs[2], weights[2]) == (bwd[2], 0.0)  # no parameters: no weight gradient
+    assert cm.backward_ms() == pytest.approx(inputs + weights)
+    assert cm.splits_backward and cm.compute_actions == 3
+    assert cm.stage_compute_ms(0, 3, 0) == pytest.approx(3 * 3.0 + float(sum(inputs + weights)))
+    plain = CostModel(_split_profile(), 3, 1, schedule="1f1b")
+    assert plain.backward_ms() is plain.layer_array("bwd_ms")
+    assert plain.stage_compute_ms(0, 3, 0) == pytest.approx(9.0 + float(sum(bwd)))
+
+
+def test_split_backward_takes_the_runtime_and_the_launch_floor() -> None:
+    prof = _split_profile()
+    prof = dataclasses.replace(prof, layers=tuple(dataclasses.replace(lay, launch_ms=(1.4, 1.4))
+                                                  for lay in prof.layers))
+    run = Runtime(2.0, 0.5)
+    cm = CostModel(prof, 1, 1, schedule="zb-h1", runtime=run, recompute="always")
+    # b = 1: measured I 1.5, W 0.75 -> floored to 1.4; rule on layer 1: I 3, W 2; layer 2: W 0
+    assert cm.layer_array("bwd_input_ms") == pytest.approx([2 * 1.5, 2 * 3.0, 2 * 3.0])
+    assert cm.layer_array("bwd_weight_ms") == pytest.approx([2 * 1.4, 2 * 2.0, 0.0])
+    # F, I, W each pay action_ms; the recomputed forward runs inside I
+    fwd = 2 * 1.4
+    assert cm.stage_compute_ms(0, 3, 0) == pytest.approx(
+        3 * fwd * 2 + float(sum(cm.backward_ms())) + 3 * 0.5)
+
+
+def test_stages_per_rank_is_checked_and_zbv_implies_two() -> None:
+    prof = make_profile([1.0] * 6)
+    assert CostModel(prof, 4, 4, stages=4, schedule="zbv").stages_per_rank == 2
+    cm = CostModel(prof, 4, 4, stages=6, schedule="interleaved", stages_per_rank=3)
+    assert cm.holding.rank_of == (0, 1, 0, 1, 0, 1)
+    for k in range(6):
+        assert cm.in_flight(k) == in_flight("interleaved", k, 6, 4, stages_per_rank=3)
+        assert cm.in_flight(k) == peak_in_flight(make_schedule("interleaved", 6, 4, 3))[k]
+    for schedule, stages, v, words in [("gpipe", 4, 2, "use V=1"), ("zbv", 3, 2, "divide"),
+                                       ("interleaved", 4, 3, "V must divide K"),
+                                       ("zbv", 4, 4, "--stages-per-rank 2")]:
+        with pytest.raises(ValueError, match=words):
+            CostModel(prof, 4, 4, stages=stages, schedule=schedule,  # type: ignore[arg-type]
+                      stages_per_rank=v)
+
+
+@pytest.mark.parametrize("schedule,big_k,v", [("zb-h1", 3, 1), ("zbv", 4, 2),
+                                              ("interleaved", 4, 2), ("1f1b", 3, 1)])
+def test_memory_holds_to_w_and_a_rank_sums_its_stages(schedule: str, big_k: int,
+                                                      v: int) -> None:
+    prof = make_profile([1.0] * big_k, param_bytes=[40] * big_k, saved_bytes=[100.0] * big_k,
+                        in_bytes=[3.0] * big_k)
+    m = 6
+    sched = make_schedule(schedule, big_k, m, v)
+    ranges = [(k, k + 1) for k in range(big_k)]
+    for recompute in ("never", "always"):
+        cm = CostModel(prof, m, m, stages=big_k, schedule=schedule,  # type: ignore[arg-type]
+                       stages_per_rank=v, recompute=recompute,  # type: ignore[arg-type]
+                       optimizer="none")
+        for k in range(big_k):
+            held, rebuilt = peak_in_flight(sched)[k], peak_rebuilt(sched)[k]
+            acts = held * 3.0 + rebuilt * 100.0 if recompute == "always" else held * 100.0
+            assert cm.stage_memory_bytes(k, k + 1, k) == 2 * 40 + acts
+        ranks = cm.rank_memory_bytes(ranges)
+        assert len(ranks) == big_k // v
+        for r, total in enumerate(ranks):
+            assert total == sum(cm.stage_memory_bytes(k, k + 1, k) for k in range(big_k)
+                                if sched.rank_of[k] == r)
+    with pytest.raises(ValueError, match="1 stage ranges given"):
+        cm.rank_memory_bytes(ranges[:1])

@@ -55,8 +55,9 @@ def test_memory_stashes_outside_inputs_once_per_source() -> None:
     assert sol.stage_compute_ms == (4.0, 8.0, 28.0)  # forward again
 
 
-@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("seed", range(40))
 def test_chain_equals_the_cost_model(seed: int) -> None:
+    """Every schedule, split backward and V stages per rank included."""
     rng = random.Random(seed)
     n = rng.randint(1, 12)
     out = [float(rng.randint(0, 10**6)) for _ in range(n)]
@@ -65,9 +66,15 @@ def test_chain_equals_the_cost_model(seed: int) -> None:
                         out_bytes=out, saved_bytes=[rng.randint(0, 1000) for _ in range(n)],
                         in_bytes=[float(rng.randint(0, 10**6)), *out[:-1]], sizes=(1, 3))
     k = rng.randint(1, n)
-    cm = CostModel(prof, rng.randint(1, 9), 1, stages=k,
+    schedule = rng.choice(["gpipe", "1f1b", "zb-h1"] + ["zbv"] * (k % 2 == 0)
+                          + ["interleaved"] * (k > 1))
+    per_rank = rng.choice([v for v in range(2, k + 1) if k % v == 0]) \
+        if schedule == "interleaved" else 1
+    m = rng.randint(1, 4)
+    cm = CostModel(prof, m * rng.randint(1, 3), m, stages=k,
                    recompute=rng.choice(["never", "always", "except_last"]),
-                   schedule=rng.choice(["gpipe", "1f1b"]), link=Link(0.01, 0.2))
+                   schedule=schedule, link=Link(0.01, 0.2),  # type: ignore[arg-type]
+                   stages_per_rank=per_rank)
     cuts = [0, *sorted(rng.sample(range(1, n), k - 1)), n]
     stage_of = [s for s in range(k) for _ in range(cuts[s], cuts[s + 1])]
     sol = evaluate_assignment(cm, stage_of)
@@ -155,3 +162,38 @@ def test_one_listed_output_read_by_every_edge_costs_as_the_whole_output(seed: in
         a, b = (CostModel(p, 4, 2, stages=k, recompute=rc, link=Link(0.01, 0.2))  # type: ignore[arg-type]
                 for p in (prof, listed))
         assert evaluate_assignment(a, stage_of) == evaluate_assignment(b, stage_of)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_partitioners_cost_split_schedules_as_the_cost_model(seed: int) -> None:
+    """The chain DP (and the CP-SAT model's data) read the split backward and the rebuilt
+    count from the cost model: under a memory limit the DP's best equals brute force over
+    ``stage_costs``, which is ``CostModel``'s closed form."""
+    import itertools
+
+    from partitioner.cost.partition import stage_costs
+    from partitioner.solve.chain import partition_chain
+    from partitioner.solve.infeasible import InfeasibleError
+
+    rng = random.Random(seed)
+    n = rng.randint(2, 8)
+    k = rng.choice([s for s in range(2, n + 1) if s % 2 == 0] or [2])
+    prof = make_profile([rng.uniform(0.1, 3) for _ in range(n)],
+                        [rng.uniform(0.1, 6) for _ in range(n)],
+                        param_bytes=[4 * rng.randint(0, 100) for _ in range(n)],
+                        saved_bytes=[rng.randint(0, 1000) for _ in range(n)],
+                        in_bytes=[float(rng.randint(0, 300)) for _ in range(n)])
+    schedule = rng.choice(["zb-h1", "zbv"])
+    cm = CostModel(prof, 6, 6, stages=k, schedule=schedule,  # type: ignore[arg-type]
+                   recompute=rng.choice(["always", "except_last", "never"]))  # type: ignore[arg-type]
+    options = [stage_costs(cm, (0, *inner, n))
+               for inner in itertools.combinations(range(1, n), k - 1)]
+    limit = rng.choice(options).stage_memory_bytes
+    cap = max(limit) * rng.uniform(0.8, 1.1)
+    fitting = [s.bottleneck_ms for s in options if max(s.stage_memory_bytes) <= cap]
+    try:
+        got = partition_chain(cm, cap).bottleneck_ms
+    except InfeasibleError:
+        assert not fitting
+    else:
+        assert got == pytest.approx(min(fitting), rel=1e-8)

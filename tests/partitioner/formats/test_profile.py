@@ -181,3 +181,21 @@ def test_shipped_profile_found_from_an_installed_wheel(tmp_path: Path) -> None:
                          text=True, timeout=60, env={"PYTHONPATH": str(target), "PATH": ""})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "26"
+
+
+def test_split_backward_comes_as_a_pair_and_may_exceed_bwd() -> None:
+    data = _valid()
+    data["layers"][0]["bwd_input_ms"] = [1.5, 3.0]
+    data["layers"][0]["bwd_weight_ms"] = [0.75, 1.5]  # I + W = 1.125 x bwd: accepted
+    data["layers"][1]["bwd_weight_ms"] = 0.5  # one figure for every size, but no I
+    problems = _problems(copy.deepcopy(data))
+    assert len(problems) == 1
+    assert problems[0].startswith("layers[1].bwd_input_ms: missing, but bwd_weight_ms is given")
+    assert "give bwd_input_ms too, or drop bwd_weight_ms" in problems[0]
+    data["layers"][1]["bwd_input_ms"] = 1.5
+    prof = profile_from_dict(copy.deepcopy(data))
+    assert prof.layers[0].bwd_input_ms == (1.5, 3.0)
+    assert prof.layers[1].bwd_weight_ms == (0.5, 0.5)
+    assert profile_from_dict(profile_to_dict(prof)) == prof
+    del data["layers"][0]["bwd_weight_ms"]
+    assert [p.split(":")[0] for p in _problems(data)] == ["layers[0].bwd_weight_ms"]

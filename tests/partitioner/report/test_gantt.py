@@ -54,3 +54,15 @@ def test_bad_titles_and_missing_matplotlib(tmp_path: Path,
     with pytest.raises(PlotUnavailableError, match="pip install matplotlib"):
         save_gantt_png([_timeline()], tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_rows_per_rank_with_split_backwards(tmp_path: Path) -> None:
+    """ZB-V on R=2 ranks draws two rows (stages 0 and 3 share the first), with I and W."""
+    cm = CostModel(load_profile("h200/gpt2-medium"), 16, 8, stages=4, schedule="zbv")
+    tl = simulate(cm, [(0, 6), (6, 12), (12, 18), (18, 26)]).timeline
+    assert tl is not None and tl.ranks == 2
+    assert {e.action.kind for e in tl.events} >= {"F", "I", "W"}
+    save_gantt_png([tl, _timeline("1f1b")], tmp_path / "zbv.png", ["zbv", "1f1b"])
+    save_gantt_png([_timeline("1f1b")], tmp_path / "one.png")
+    (w, h), (_, h1) = _png_size(tmp_path / "zbv.png"), _png_size(tmp_path / "one.png")
+    assert w > 0 and h > h1

@@ -1,0 +1,55 @@
+"""What schedules hold: the rebuilt count against a brute-force scan, the shortcuts of the fixed
+schedules against their generators' replay, and which schedules split the backward."""
+
+import pytest
+
+from partitioner.cost.holding import SPLIT_SCHEDULES, holding, peak_rebuilt
+from partitioner.schedule.generators import SCHEDULES, in_flight, make_schedule, peak_in_flight
+from partitioner.schedule.ir import Schedule
+
+
+def brute_rebuilt(sched: Schedule) -> tuple[int, ...]:
+    """At every position of every row: the micro-batches of a stage past I and not yet past
+    W, plus one while a B runs."""
+    out = []
+    for k in range(sched.stages):
+        row = sched.actions[sched.rank_of[k]]
+        best = 0
+        for pos, a in enumerate(row):
+            if a.stage != k or a.kind not in ("B", "I"):
+                continue
+            done = row[: pos + 1]
+            live = sum(1 for i in range(sched.microbatches)
+                       if any(x.kind == "I" and x.stage == k and x.microbatch == i for x in done)
+                       and not any(x.kind == "W" and x.stage == k and x.microbatch == i
+                                   for x in done))
+            best = max(best, live + (a.kind == "B"))
+        out.append(best)
+    return tuple(out)
+
+
+CASES = [(name, k, m, v) for name, k, v in [("gpipe", 3, 1), ("1f1b", 4, 1), ("zb-h1", 1, 1),
+                                              ("zb-h1", 3, 1), ("zb-h1", 4, 1), ("zbv", 2, 2),
+                                              ("zbv", 6, 2), ("interleaved", 4, 2),
+                                              ("interleaved", 6, 3)]
+         for m in (1, 2, 5, 8)]
+
+
+@pytest.mark.parametrize("name,big_k,m,v", CASES)
+def test_counts_equal_the_replay_of_the_generated_schedule(name: str, big_k: int, m: int,
+                                                           v: int) -> None:
+    sched = make_schedule(name, big_k, m, v)
+    got = holding(name, big_k, m, v)
+    assert got.rebuilt == peak_rebuilt(sched) == brute_rebuilt(sched)
+    assert got.in_flight == peak_in_flight(sched) == tuple(in_flight(name, k, big_k, m, v)
+                                                           for k in range(big_k))
+    assert got.rank_of == sched.rank_of and got.ranks == sched.ranks
+    assert got.splits == bool(sched.split) == (name in SPLIT_SCHEDULES)
+
+
+def test_every_named_schedule_is_known_to_split_or_not() -> None:
+    assert set(SCHEDULES) >= SPLIT_SCHEDULES
+    for name in SCHEDULES:
+        sched = make_schedule(name, 4, 4, 2 if name in ("zbv", "interleaved") else 1)
+        kinds = {a.kind for row in sched.actions for a in row}
+        assert kinds == ({"F", "I", "W"} if name in SPLIT_SCHEDULES else {"F", "B"})
