@@ -29,9 +29,10 @@ from partitioner.formats.assumptions import (
     default_link,
 )
 from partitioner.formats.plan import MAX_GLOBAL_BATCH
+from partitioner.formats.plan_schedule import PLAN_SCHEDULES, SYNTH
 from partitioner.formats.profile import Profile, load_profile
 from partitioner.formats.units import MAX_MS, NO_LIMIT_BYTES, parse_bandwidth_gbps, parse_bytes
-from partitioner.schedule.generators import MAX_MICROBATCHES, SCHEDULES
+from partitioner.schedule.generators import MAX_MICROBATCHES
 from partitioner.schedule.recompute import RECOMPUTE_MODES
 from partitioner.solve.planner import SOLVERS
 
@@ -197,14 +198,21 @@ def add_cost_arguments(p: argparse.ArgumentParser, search: bool = False) -> None
         p.add_argument("--recompute", type=choices("--recompute", RECOMPUTE_MODES),
                        default=list(RECOMPUTE_MODES), metavar="R1,R2",
                        help=f"recompute modes to try (default: {','.join(RECOMPUTE_MODES)})")
-        p.add_argument("--schedules", "--schedule", type=choices("--schedules", SCHEDULES),
-                       default=["gpipe", "1f1b"], metavar="S1,S2",
-                       help="schedules to try (default: gpipe,1f1b)")
+        p.add_argument("--schedules", "--schedule", type=choices("--schedules", PLAN_SCHEDULES),
+                       default=list(PLAN_SCHEDULES), metavar="S1,S2",
+                       help=f"schedules to try, each with the stages per rank it allows "
+                            f"(default: all, {','.join(PLAN_SCHEDULES)})")
     else:
         p.add_argument("--recompute", choices=RECOMPUTE_MODES, default="except_last",
                        help="re-materialisation (default: except_last)")
-        p.add_argument("--schedule", choices=SCHEDULES, default="gpipe",
-                       help="pipeline schedule (default: gpipe, fill-drain)")
+        p.add_argument("--schedule", choices=(*PLAN_SCHEDULES, "auto"), default="gpipe",
+                       help="pipeline schedule (default: gpipe, fill-drain; 1f1b; "
+                            "interleaved and zbv: several stages per rank; zb-h1 and zbv "
+                            "split the backward; synth: synthesised from the stage times; "
+                            "auto: the fastest of them all)")
+        p.add_argument("--stages-per-rank", "-V", type=count("--stages-per-rank"), default=None,
+                       metavar="V", help="stages per rank: the K stages run on K/V ranks "
+                                         "(interleaved: V divides K; zbv: 2)")
     p.add_argument("--memory-limit", type=size("--memory-limit"), default=None, metavar="SIZE",
                    help="per-device memory, e.g. 80GiB, or inf (default: the profile's device "
                         "memory)")
@@ -255,12 +263,21 @@ def load_profile_arg(args: argparse.Namespace, warn_graph: bool = True) -> Profi
     return profile
 
 
-def cost_model_from_args(args: argparse.Namespace, profile: Profile) -> CostModel:
-    """The cost model of ``--stages``, ``--microbatches`` and the shared options."""
+def cost_model_from_args(args: argparse.Namespace, profile: Profile,
+                         schedule: str | None = None) -> CostModel:
+    """The cost model of ``--stages``, ``--microbatches``, ``--schedule`` (or ``schedule``),
+    ``--stages-per-rank`` and the shared options. A synthesised schedule is planned as the
+    fixed schedule of its placement: zb-h1 for one stage per rank, zbv for two (the V
+    shape), interleaved for more."""
+    name = args.schedule if schedule is None else schedule
+    v = args.stages_per_rank
+    if name == SYNTH:
+        name = "zb-h1" if v in (None, 1) else "zbv" if v == 2 else "interleaved"
     return CostModel(profile, args.global_batch, args.microbatches, stages=args.stages,
-                     recompute=args.recompute, schedule=args.schedule,
+                     recompute=args.recompute, schedule=name,  # type: ignore[arg-type]
                      link=link_from_args(args, profile), optimizer=args.optimizer,
-                     runtime=runtime_from_args(args))
+                     runtime=runtime_from_args(args),
+                     stages_per_rank=(2 if name == "zbv" else 1) if v is None else v)
 
 
 def memory_limit_from_args(args: argparse.Namespace, profile: Profile) -> float:

@@ -19,8 +19,11 @@ from partitioner.cli.options import (
     memory_limit_from_args,
 )
 from partitioner.formats.plan import save_plan
+from partitioner.formats.plan_schedule import SYNTH
 from partitioner.report.plans import plan_report
+from partitioner.schedule.generators import SCHEDULES, stages_per_rank_of
 from partitioner.solve.planner import partition, plan_from_solution
+from partitioner.solve.synth import synthesise_for
 
 __all__ = ["main"]
 
@@ -37,6 +40,22 @@ def _stage_devices(text: str) -> list[str]:
     return devices
 
 
+def _auto(args: argparse.Namespace) -> list[str]:
+    """The schedules ``--schedule auto`` compares: every one that runs K stages V per rank
+    (``--stages-per-rank``, default 1), and the synthesised one."""
+    v = args.stages_per_rank or 1
+    names = []
+    for name in SCHEDULES:
+        if name == "interleaved" and v == 1:
+            continue  # 1F1B's order
+        try:
+            stages_per_rank_of(name, args.stages, v)
+        except ValueError:
+            continue
+        names.append(name)
+    return [*names, SYNTH]
+
+
 def main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(
         prog="partition-model", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -50,11 +69,21 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("-o", "--output", default=None, metavar="PLAN.json", help="write the plan")
     args = p.parse_args(argv)
     profile = load_profile_arg(args, warn_graph=args.solver == "dp")
-    cm = cost_model_from_args(args, profile)
     devices = _stage_devices(args.stage_devices) if args.stage_devices is not None else None
     limit = memory_limit_from_args(args, profile)
-    sol = partition(cm, limit, args.solver, args.time_limit)
-    plan = plan_from_solution(cm, sol, limit, devices)
+    names = [args.schedule] if args.schedule != "auto" else _auto(args)
+    made = []
+    for name in names:
+        cm = cost_model_from_args(args, profile, name)
+        sol = partition(cm, limit / cm.stages_per_rank, args.solver, args.time_limit)
+        schedule = (synthesise_for(cm, sol, memory_limit_bytes=limit).schedule
+                    if name == SYNTH else None)
+        made.append((plan_from_solution(cm, sol, limit, devices, schedule), cm, sol))
+    plan, cm, sol = min(made, key=lambda x: x[0].predicted.step_ms if x[0].predicted else 0.0)
+    if len(made) > 1:
+        print("--schedule auto: " + ", ".join(
+            f"{p.schedule} {p.predicted.step_ms:.3f} ms" for p, _, _ in made if p.predicted)
+            + f"; the fastest: {plan.schedule}\n")
     print(plan_report(plan, cm))
     if sol.status in ("optimal", "feasible"):
         print(f"solver: CP-SAT, {sol.status} in {sol.solve_s:.2f} s (limit {args.time_limit:g} s),"

@@ -48,6 +48,8 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--global-batch", "-B", default=None,
                    type=count("--global-batch", high=MAX_GLOBAL_BATCH))
     p.add_argument("--schedule", choices=SCHEDULES, default=None)
+    p.add_argument("--stages-per-rank", "-V", type=count("--stages-per-rank"), default=None,
+                   metavar="V", help="with --schedule interleaved: V stages per rank")
     p.add_argument("--recompute", choices=RECOMPUTE_MODES, default=None)
     add_link_arguments(p)
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None)
@@ -65,6 +67,7 @@ def main(argv: Sequence[str]) -> int:
     res, cm, devices = simulate_plan(
         plan, profile, num_devices=args.devices, global_batch=args.global_batch,
         microbatches=args.microbatches, schedule=args.schedule, recompute=args.recompute,
+        stages_per_rank=args.stages_per_rank,
         link=link_from_args(args, base=plan.link), optimizer=args.optimizer,
         optimizer_ms=args.optimizer_ms, runtime=runtime_from_args(args, plan.runtime))
     assert res.timeline is not None

@@ -37,6 +37,7 @@ __all__ = [
     "make_schedule",
     "one_f_one_b",
     "peak_in_flight",
+    "placed_like",
     "stages_per_rank_of",
     "v_placement",
     "zb_h1",
@@ -173,6 +174,21 @@ def zbv(ranks: int, microbatches: int) -> Schedule:
     sched = list_schedule(Costs.uniform(2 * ranks), v_placement(ranks), microbatches,
                           (ranks,) * (2 * ranks), "zbv", priority="FIW")
     return sched
+
+
+def placed_like(sched: Schedule) -> str:
+    """The fixed schedule with ``sched``'s placement and backward (what a cost model of a
+    synthesised schedule is built for: memory and durations follow the schedule's own
+    actions, the name only fixes K, V and whether the backward splits).
+
+        >>> placed_like(zb_h1(3, 4)), placed_like(zbv(2, 4)), placed_like(one_f_one_b(3, 4))
+        ('zb-h1', 'zbv', '1f1b')
+    """
+    if not sched.placement:
+        return "zb-h1" if sched.split else "1f1b"
+    if sched.stages % 2 == 0 and sched.placement == v_placement(sched.stages // 2):
+        return "zbv"
+    return "interleaved"
 
 
 def stages_per_rank_of(name: str, stages: int, stages_per_rank: int) -> int:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from partitioner.cost.model import CostModel
 from partitioner.formats.plan import Plan, PlanError
+from partitioner.formats.plan_schedule import SYNTH
 from partitioner.formats.profile import Profile, load_profile, shipped_profiles
-from partitioner.schedule.generators import make_schedule
+from partitioner.schedule.generators import make_schedule, placed_like
 from partitioner.simulator.engine import SimResult, device_indices, simulate
 
 __all__ = ["find_profile", "simulate_plan"]
@@ -50,9 +51,15 @@ def simulate_plan(plan: Plan, profile: Profile, *, num_devices: int | None = Non
         "schedule": plan.schedule, "recompute": plan.recompute, "link": plan.link,
         "optimizer": plan.optimizer, "runtime": plan.runtime}
     fields.update({k: v for k, v in overrides.items() if v is not None})
-    own = (fields["schedule"], fields["microbatches"]) == (plan.schedule, plan.microbatches)
+    own = ((fields["schedule"], fields["microbatches"]) == (plan.schedule, plan.microbatches)
+           and fields.get("stages_per_rank", plan.stages_per_rank) == plan.stages_per_rank)
     if own:
         fields["stages_per_rank"] = plan.stages_per_rank
+        if plan.schedule == SYNTH:  # its cost model: the fixed schedule placed as it is
+            fields["schedule"] = placed_like(plan.build_schedule())
+    elif fields["schedule"] == SYNTH:
+        raise ValueError("a synthesised schedule is made for its plan's M and stages; to "
+                         "synthesise another, plan again with --schedule synth")
     cm = CostModel(profile, stages=big_k, **fields)  # type: ignore[arg-type]
     schedule = plan.build_schedule() if own else make_schedule(
         cm.schedule, big_k, cm.microbatches, cm.stages_per_rank)

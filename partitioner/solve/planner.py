@@ -18,7 +18,10 @@ from partitioner.cost.messages import stage_messages
 from partitioner.cost.model import CostModel
 from partitioner.cost.partition import Solution, recost
 from partitioner.formats.plan import Plan, Prediction, StagePlan
+from partitioner.formats.plan_schedule import SYNTH
 from partitioner.formats.profile import Profile
+from partitioner.schedule.generators import make_schedule
+from partitioner.schedule.ir import Schedule
 from partitioner.simulator.engine import device_indices, simulate
 from partitioner.solve.chain import partition_chain
 
@@ -63,27 +66,35 @@ def partition(cm: CostModel, memory_limit_bytes: float = math.inf, solver: str =
     return sol
 
 
-def _prediction(cm: CostModel, sol: Solution, devices: Sequence[str]) -> Prediction:
-    """Replay the plan's schedule (``cm.schedule``) in the simulator: step, bubble and peak
-    memory as the schedule runs, uneven micro-batches and communication included; the
-    per-stage compute and communication stay the solution's, per micro-batch of the largest
-    size (what the partition was balanced on)."""
-    res = simulate(cm, nodes=sol.nodes, devices=device_indices(devices, cm.holding.rank_of),
-                   record=False)
+def _prediction(cm: CostModel, sol: Solution, devices: Sequence[str],
+                schedule: Schedule) -> Prediction:
+    """Replay the plan's schedule in the simulator: step, bubble and peak memory as the
+    schedule runs, uneven micro-batches and communication included; the per-stage compute
+    and communication stay the solution's, per micro-batch of the largest size (what the
+    partition was balanced on)."""
+    res = simulate(cm, nodes=sol.nodes, schedule=schedule,
+                   devices=device_indices(devices, schedule.rank_of), record=False)
     return Prediction(res.step_ms, res.bubble_fraction, sol.stage_compute_ms,
                       res.stage_peak_bytes, sol.stage_comm_ms, "simulated")
 
 
 def plan_from_solution(cm: CostModel, sol: Solution, memory_limit_bytes: float = math.inf,
-                       devices: Sequence[str] | None = None) -> Plan:
-    """Wrap a partition into a plan carrying its simulated prediction. A stage is written as
+                       devices: Sequence[str] | None = None,
+                       schedule: Schedule | None = None) -> Plan:
+    """Wrap a partition into a plan carrying its simulated prediction; ``schedule`` (default:
+    the one ``cm`` names) is written out when it is synthesised (a plan then names ``synth``
+    and lists its actions). ``devices`` are per stage (default: one per rank, the stages of a
+    rank on its device). A stage is written as
     its layer range [first, last + 1), with its ``nodes`` too when the stages are not ranges
     of the layer order (a graph partition). A plan from a profile with edges lists the
     messages between stages (at the largest micro-batch size, even when the stages are
     ranges); one with tied parameters, their stages; ``profile.extra["trace"]`` is copied."""
-    rank_of = cm.holding.rank_of
-    devices = list(devices) if devices else [default_devices(cm.profile.device.kind, sol.stages)[r]
-                                             for r in rank_of]  # one device per rank
+    if schedule is None:
+        schedule = make_schedule(cm.schedule, cm.stages, cm.microbatches, cm.stages_per_rank)
+    if devices is None:
+        per_rank = default_devices(cm.profile.device.kind, schedule.ranks)
+        devices = [per_rank[r] for r in schedule.rank_of]
+    devices = list(devices)
     if len(devices) != sol.stages:
         raise ValueError(f"{len(devices)} devices given for K={sol.stages} stages; give one "
                          f"per stage")
@@ -102,18 +113,19 @@ def plan_from_solution(cm: CostModel, sol: Solution, memory_limit_bytes: float =
         num_layers=cm.profile.num_layers,
         global_batch=cm.global_batch,
         microbatches=cm.microbatches,
-        schedule=cm.schedule,
+        schedule=SYNTH if schedule.name == SYNTH else cm.schedule,
         recompute=cm.recompute,
         stages=stages,
         optimizer=cm.optimizer,
         link=cm.link,
         memory_limit_bytes=memory_limit_bytes,
-        predicted=_prediction(cm, sol, devices),
+        predicted=_prediction(cm, sol, devices, schedule),
         runtime=cm.runtime,
         messages=messages,
         tied=tied,
         trace=dict(trace) if isinstance(trace, Mapping) else {},
         stages_per_rank=cm.stages_per_rank,
+        actions=str(schedule) if schedule.name == SYNTH else None,
     )
 
 
@@ -123,7 +135,15 @@ def make_plan(
     devices: Sequence[str] | None = None,
     solver: Solver = "dp",
     time_limit_s: float = 30.0,
+    synthesise: bool = False,
 ) -> Plan:
-    """The best partition for ``cm`` under the memory limit (``partition``), as a plan."""
-    sol = partition(cm, memory_limit_bytes, solver, time_limit_s)
-    return plan_from_solution(cm, sol, memory_limit_bytes, devices)
+    """The best partition for ``cm`` under the memory limit (``partition``), as a plan; with
+    ``synthesise`` its schedule is synthesised for the partition's stage times
+    (``solve.synth``: never slower than the fixed schedules of its placement)."""
+    sol = partition(cm, memory_limit_bytes / cm.stages_per_rank, solver, time_limit_s)
+    schedule = None
+    if synthesise:
+        from partitioner.solve.synth import synthesise_for  # the list scheduler, when asked
+
+        schedule = synthesise_for(cm, sol, memory_limit_bytes=memory_limit_bytes).schedule
+    return plan_from_solution(cm, sol, memory_limit_bytes, devices, schedule)

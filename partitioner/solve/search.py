@@ -1,11 +1,19 @@
 """Search over K, M, recompute and schedule for the fastest simulated step under a memory limit.
 
     >>> from partitioner import load_profile
-    >>> res = search(load_profile("h200/gpt2-medium"), devices=2, global_batch=16)
+    >>> res = search(load_profile("h200/gpt2-medium"), devices=2, global_batch=16,
+    ...              schedules=("gpipe", "1f1b"))
     >>> (res.best.stages, res.best.microbatches, res.best.schedule), res.tried
     ((2, 2, '1f1b'), 125)
 
-For every configuration (K <= devices stages, M micro-batches, recompute mode, schedule) the
+For every configuration (R <= devices ranks, each schedule with the stages per rank V it
+allows, so K = R x V stages: V = 1 for gpipe, 1f1b and zb-h1, 2 and 4 for interleaved where
+the layers allow, 2 for zbv; M micro-batches; recompute mode) the partition function gives
+the stages (K x V chunks for interleaved: the partition is solved for the schedule; with V
+stages per rank each stage gets a V-th of the memory limit, and the simulator then checks each
+rank's replayed peak against the whole limit). ``synth`` (in ``schedules``) adds, for the
+fastest few configurations found, the schedule synthesised from their stage times
+(``solve.synth``), which is never slower than the fixed ones for the same placement. The
 partition function gives the stages: ``solver="auto"`` takes the exact chain DP for a chain
 profile and the CP-SAT graph partition (``ilp``, ``time_limit_s`` per solve) for a profile
 with edges. The simulator replays the schedule on them: the ranking is by simulated step,
@@ -37,9 +45,11 @@ from partitioner.cost.model import CostModel
 from partitioner.cost.partition import Solution, recost
 from partitioner.formats.assumptions import LINKS, Link, Optimizer, Runtime
 from partitioner.formats.plan import Plan
+from partitioner.formats.plan_schedule import PLAN_SCHEDULES, SYNTH
 from partitioner.formats.profile import Profile
 from partitioner.formats.units import format_bytes
-from partitioner.schedule.generators import MAX_MICROBATCHES, SCHEDULES
+from partitioner.schedule.generators import MAX_MICROBATCHES
+from partitioner.schedule.ir import Schedule
 from partitioner.schedule.recompute import RECOMPUTE_MODES
 from partitioner.simulator.engine import simulate
 from partitioner.solve.infeasible import InfeasibleError
@@ -65,11 +75,16 @@ class Candidate:
     solution: Solution
     step_ms: float
     bubble_fraction: float
-    peak_bytes: float  # the largest stage's simulated peak
+    peak_bytes: float  # the largest rank's simulated peak
+    synthesised: Schedule | None = None  # the schedule, when it was synthesised
 
     @property
     def stages(self) -> int:
         return self.cost_model.stages
+
+    @property
+    def ranks(self) -> int:
+        return self.cost_model.stages // self.cost_model.stages_per_rank
 
     @property
     def microbatches(self) -> int:
@@ -81,8 +96,7 @@ class Candidate:
 
     @property
     def schedule(self) -> str:
-        return self.cost_model.schedule
-
+        return SYNTH if self.synthesised is not None else self.cost_model.schedule
 
 
 @dataclass(frozen=True)
@@ -113,7 +127,7 @@ class SearchResult:
         """The fastest configuration as a plan (with its simulated prediction)."""
         best = self.best
         return plan_from_solution(best.cost_model, best.solution, self.memory_limit_bytes,
-                                  devices)
+                                  devices, schedule=best.synthesised)
 
 
 def microbatch_candidates(global_batch: int, all_up_to: int = 64, most: int = 1024
@@ -156,7 +170,7 @@ def search(
     devices: int,
     global_batch: int,
     memory_limit_bytes: float = math.inf,
-    schedules: Sequence[str] = ("gpipe", "1f1b"),
+    schedules: Sequence[str] = PLAN_SCHEDULES,
     recompute: Sequence[str] = RECOMPUTE_MODES,
     link: Link = LINKS["free"],
     optimizer: Optimizer = "adam",
@@ -166,8 +180,8 @@ def search(
     time_limit_s: float = 10.0,
     runtime: Runtime | None = None,
 ) -> SearchResult:
-    """Try every K in 1..devices, M in ``microbatches``, recompute mode and schedule; rank
-    the feasible ones by simulated step time. ``solver`` (dp, ilp or auto) picks the
+    """Try every R in 1..devices ranks, schedule (with its V, K = R x V), M in
+    ``microbatches`` and recompute mode; rank the feasible ones by simulated step time. ``solver`` (dp, ilp or auto) picks the
     partition function unless ``partition`` is given; ``runtime`` (default: the profile as it
     is) says how the executor's actions relate to the profile; M defaults to
     ``microbatch_candidates`` for the DP and ``power_of_two_microbatches`` for the ILP."""
@@ -180,19 +194,22 @@ def search(
         ms = sorted(set(microbatches))
     else:
         ms = (power_of_two_microbatches if name == "ilp" else microbatch_candidates)(global_batch)
-    ks = min(devices, profile.num_layers)
-    configurations = ks * len(ms) * len(recompute) * len(schedules)
+    layouts = _layouts(profile.num_layers, devices, [x for x in schedules if x != SYNTH])
+    configurations = len(layouts) * len(ms) * len(recompute)
     if configurations > MAX_CONFIGURATIONS:
         raise ValueError(
-            f"the search would try up to {configurations:,} configurations (K in 1..{ks}, "
-            f"{len(ms)} values of M, {len(recompute)} recompute modes, {len(schedules)} "
-            f"schedules), more than {MAX_CONFIGURATIONS:,}; narrow it: fewer --devices, the M "
-            f"to try (--microbatches 1,2,4,8), one --schedules or --recompute")
+            f"the search would try up to {configurations:,} configurations ({len(layouts)} "
+            f"(ranks, schedule, V) layouts, {len(ms)} values of M, {len(recompute)} recompute "
+            f"modes), more than {MAX_CONFIGURATIONS:,}; narrow it: fewer --devices, the M "
+            f"to try (--microbatches 1,2,4,8), fewer --schedules or --recompute")
     started = time.perf_counter()
     found: list[Candidate] = []
     tried = infeasible = unsolved = 0
     cache = _Cache(part)
-    for big_k in range(1, ks + 1):
+    by_stages: dict[int, list[tuple[str, int]]] = {}
+    for big_k, sched, v in layouts:
+        by_stages.setdefault(big_k, []).append((sched, v))
+    for big_k, group_layouts in by_stages.items():
         for m in ms:
             for rc in recompute:
                 if big_k == 1 and rc == "except_last" and "never" in recompute:
@@ -201,10 +218,10 @@ def search(
                                    recompute=rc,  # type: ignore[arg-type]
                                    schedule=sched,  # type: ignore[arg-type]
                                    link=link, optimizer=optimizer,
-                                   runtime=runtime or Runtime())
-                         for sched in schedules
-                         if not (sched == "1f1b" and (big_k == 1 or m == 1)
-                                 and "gpipe" in schedules)]  # else the same actions as gpipe
+                                   runtime=runtime or Runtime(), stages_per_rank=v)
+                         for sched, v in group_layouts
+                         if not (sched in ("1f1b", "zb-h1") and (big_k == 1 or m == 1)
+                                 and "gpipe" in schedules)]  # else gpipe's actions, or more
                 # fewest micro-batches in flight first: where they do not fit, more do not
                 for cm in sorted(group, key=lambda cm: sum(map(cm.in_flight, range(big_k)))):
                     tried += 1
@@ -215,10 +232,57 @@ def search(
                         unsolved += 1
                     else:
                         infeasible += 1
+    if SYNTH in schedules:
+        synthesised = _synthesise_best(found, memory_limit_bytes)
+        tried += len(synthesised)
+        found += synthesised
     found.sort(key=lambda c: (c.step_ms, c.stages, c.peak_bytes, c.microbatches))
     return SearchResult(tuple(found), tried, infeasible, time.perf_counter() - started,
                         memory_limit_bytes, name, cache.solves, unsolved,
                         time_limit_s if name == "ilp" else None, tuple(ms))
+
+
+#: The stages per rank the search tries for each schedule (where the layers allow).
+_STAGES_PER_RANK = {"gpipe": (1,), "1f1b": (1,), "zb-h1": (1,), "interleaved": (2, 4),
+                    "zbv": (2,)}
+#: How many of the fastest configurations get a synthesised schedule.
+SYNTH_TOP = 3
+
+
+def _layouts(num_layers: int, devices: int,
+             schedules: Sequence[str]) -> list[tuple[int, str, int]]:
+    """(K, schedule, V) for R in 1..devices ranks: K = R x V <= the layers; several stages
+    per rank only with at least 2 ranks (on one rank they are one stage in pieces)."""
+    out = []
+    for ranks in range(1, devices + 1):
+        for sched in schedules:
+            for v in _STAGES_PER_RANK[sched]:
+                if ranks * v <= num_layers and (v == 1 or ranks > 1):
+                    out.append((ranks * v, sched, v))
+    return out
+
+
+def _synthesise_best(found: list[Candidate], limit: float) -> list[Candidate]:
+    """Synthesised schedules for the ``SYNTH_TOP`` fastest configurations found (one per
+    (K, M, recompute, placement)), as candidates of their own."""
+    from partitioner.solve.synth import synthesise_for  # the list scheduler, only when asked
+
+    out, seen = [], set()
+    for cand in sorted(found, key=lambda c: c.step_ms):
+        cm = cand.cost_model
+        key = (cm.stages, cm.microbatches, cm.recompute, cm.stages_per_rank,
+               cm.schedule == "zbv")
+        if key in seen:
+            continue
+        seen.add(key)
+        got = synthesise_for(cm, cand.solution, memory_limit_bytes=limit)
+        if got.schedule.name == SYNTH:
+            res = simulate(cm, nodes=cand.solution.nodes, schedule=got.schedule, record=False)
+            out.append(Candidate(cm, cand.solution, res.step_ms, res.bubble_fraction,
+                                 max(res.rank_peak_bytes), got.schedule))
+        if len(seen) == SYNTH_TOP:
+            break
+    return out
 
 
 def _partition_fn(name: str, time_limit_s: float) -> PartitionFn:
@@ -236,20 +300,22 @@ class _Cache:
 
     def __init__(self, partition: PartitionFn) -> None:
         self.partition, self.solves = partition, 0
-        self.relaxed: dict[tuple[int, int, str], Solution] = {}
+        self.relaxed: dict[tuple[int, int, str, bool], Solution] = {}
         self.limited: dict[tuple[object, ...], Solution | str] = {}
-        self.infeasible: dict[tuple[int, int, str], list[tuple[int, ...]]] = {}
+        self.infeasible: dict[tuple[int, int, str, bool], list[tuple[int, ...]]] = {}
 
     def solve(self, cm: CostModel, limit: float) -> Solution | str:
         """A partition fitting ``limit``, or ``infeasible`` / ``timeout``."""
-        key = (cm.stages, cm.microbatch_size, cm.recompute)
+        key = (cm.stages, cm.microbatch_size, cm.recompute, cm.splits_backward)
+        limit = limit / cm.stages_per_rank  # each of a rank's V stages: a V-th of its memory
         if key not in self.relaxed:
             self.solves += 1
             self.relaxed[key] = self.partition(cm, math.inf)
         sol = recost(cm, self.relaxed[key])  # this M's memory on those stages
         if max(sol.stage_memory_bytes) <= limit:
             return sol
-        held = tuple(cm.in_flight(k) for k in range(cm.stages))
+        held = tuple(cm.in_flight(k) for k in range(cm.stages)) + tuple(
+            cm.rebuilt(k) for k in range(cm.stages)) + (cm.stages_per_rank,)
         if any(all(h >= f for h, f in zip(held, fewer, strict=True))
                for fewer in self.infeasible.get(key, ())):
             return "infeasible"  # memory only grows with the micro-batches held
@@ -276,7 +342,7 @@ def _evaluate(cm: CostModel, limit: float, cache: _Cache) -> Candidate | str:
     if isinstance(sol, str):
         return sol
     res = simulate(cm, nodes=sol.nodes, record=False)
-    peak = max(res.stage_peak_bytes)
+    peak = max(res.rank_peak_bytes)
     if peak > limit * (1 + 1e-9):
         return "infeasible"
     return Candidate(cm, sol, res.step_ms, res.bubble_fraction, peak)
@@ -290,8 +356,11 @@ def _check(profile: Profile, devices: int, global_batch: int, schedules: Sequenc
     if global_batch < 1:
         problems.append(f"global batch B={global_batch} must be at least 1")
     for name in schedules:
-        if name not in SCHEDULES:
-            problems.append(f"schedule {name!r} is not one of {', '.join(SCHEDULES)}")
+        if name not in PLAN_SCHEDULES:
+            problems.append(f"schedule {name!r} is not one of {', '.join(PLAN_SCHEDULES)}")
+    if list(schedules) == [SYNTH]:
+        problems.append("'synth' refines the fastest fixed schedules: give it with others, "
+                        "e.g. --schedules 1f1b,zb-h1,synth")
     for name in recompute:
         if name not in RECOMPUTE_MODES:
             problems.append(f"recompute {name!r} is not one of {', '.join(RECOMPUTE_MODES)}")

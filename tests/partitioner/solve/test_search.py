@@ -49,7 +49,7 @@ def test_each_configuration_gets_the_exact_partition(seed: int) -> None:
     prof = _random_profile(seed)
     limit = 2200.0  # binds for some configurations, not all
     res = search(prof, devices=4, global_batch=6, memory_limit_bytes=limit,
-                 link=LINKS["pcie"], optimizer="none")
+                 link=LINKS["pcie"], optimizer="none", schedules=("gpipe", "1f1b"))
     assert res.tried == len(res.candidates) + res.infeasible
     assert 0 < res.infeasible < res.tried
     feasible = 0
@@ -70,6 +70,27 @@ def test_each_configuration_gets_the_exact_partition(seed: int) -> None:
             continue
         feasible += _brute_force(cm, limit) is not None
     assert feasible == len(res.candidates)
+
+
+def test_every_schedule_with_its_ranks_under_the_limit() -> None:
+    prof = _random_profile(4)
+    limit = 2600.0
+    res = search(prof, devices=3, global_batch=6, memory_limit_bytes=limit,
+                 link=LINKS["pcie"], optimizer="none")
+    seen = {(c.schedule, c.cost_model.stages_per_rank) for c in res.candidates}
+    assert {("interleaved", 2), ("zbv", 2), ("zb-h1", 1), ("synth", 1)} <= seen
+    for c in res.candidates:
+        assert c.ranks <= 3 and c.stages == c.ranks * c.cost_model.stages_per_rank
+        sim = simulate(c.cost_model, ranges_from_boundaries(c.solution.boundaries),
+                       schedule=c.synthesised)
+        assert c.step_ms == sim.step_ms and max(sim.rank_peak_bytes) <= limit
+    for c in res.candidates:  # a synthesised schedule beats the fixed one it refines
+        if c.synthesised is not None:
+            fixed = [d.step_ms for d in res.candidates if d.synthesised is None
+                     and d.cost_model == c.cost_model]
+            assert fixed and c.step_ms < min(fixed)
+    plan = res.best_plan()
+    assert plan.build_schedule().ranks <= 3
 
 
 def test_the_partition_function_is_a_parameter() -> None:
@@ -97,11 +118,12 @@ def test_launch_bound_costs_favour_few_microbatches() -> None:
     flat = search(_constant_time_profile(8), devices=4, global_batch=16)
     assert (flat.best.microbatches, flat.best.stages) == (1, 1)  # (M+K-1) x t, t fixed
     prop = search(make_profile([1.0] * 8, sizes=(1, 16)), devices=4, global_batch=16)
-    assert (prop.best.microbatches, prop.best.stages) == (16, 4)  # t proportional to B/M
+    assert (prop.best.microbatches, prop.best.ranks) == (16, 4)  # t proportional to B/M
 
 
 def test_duplicates_are_skipped_and_the_table_says_how_many() -> None:
-    res = search(make_profile([1.0] * 3), devices=2, global_batch=3)
+    res = search(make_profile([1.0] * 3), devices=2, global_batch=3,
+                 schedules=("gpipe", "1f1b"))
     # K=1: M in 1..3, never/always, gpipe -> 6; K=2: M=1 gpipe only x3, M=2,3 both x3 -> 15
     assert res.tried == 6 + 3 + 2 * 2 * 3
     text = search_table(res, top=3)
@@ -174,7 +196,7 @@ def _against_brute_force(seed: int) -> bool:
                           for _, sols in configs.values())
     limit = least_memory[len(least_memory) // 2]  # binds for about half of them
     res = search(prof, devices=3, global_batch=batch, memory_limit_bytes=limit, link=link,
-                 optimizer="sgd", time_limit_s=30)
+                 optimizer="sgd", time_limit_s=30, schedules=("gpipe", "1f1b"))
     assert res.solver == "ilp" and res.microbatches == (1, 2, 4) and res.tried == len(configs)
     assert res.tried == len(res.candidates) + res.infeasible and res.unsolved == 0
     found = {(c.stages, c.microbatches, c.recompute, c.schedule): c for c in res.candidates}
