@@ -305,3 +305,21 @@ def test_measure_accumulates_gradients_as_training_does_and_puts_the_module_back
     executor.profiling.measure.measure(layer, torch.ones(2, 3), torch.device("cpu"), warmup=0, repeat=2)
     assert len(seen) == 2 and len(set(seen)) == 1
     assert layer.weight.grad is None and layer.bias.grad is kept
+
+
+def test_measure_split_times_i_and_w_and_accumulates_w_as_a_backward_does() -> None:
+    seen: list[int] = []
+    layer = nn.Linear(3, 3)
+    layer.weight.register_post_accumulate_grad_hook(
+        lambda p: seen.append(p.grad.data_ptr()))  # type: ignore[union-attr]
+    m = executor.profiling.measure.measure(layer, torch.ones(2, 3), CPU, warmup=0, repeat=2,
+                                           split=True)
+    assert m.bwd_input_ms is not None and m.bwd_weight_ms is not None
+    assert m.bwd_input_ms >= 0 and m.bwd_weight_ms > 0
+    assert len(seen) == 4 and len(set(seen)) == 1  # 2 fused backwards, then 2 W
+    assert layer.weight.grad is None
+    relu = executor.profiling.measure.measure(nn.ReLU(), torch.ones(2, 3), CPU, warmup=0,
+                                              repeat=1, split=True)
+    assert relu.bwd_weight_ms == 0.0 and relu.bwd_input_ms is not None
+    plain = executor.profiling.measure.measure(nn.ReLU(), torch.ones(2, 3), CPU, repeat=1)
+    assert plain.bwd_input_ms is None and plain.bwd_weight_ms is None
