@@ -41,6 +41,7 @@ from torch import nn
 from executor.graphs.blocks import Leaf
 from executor.graphs.layers import LayerGraph, as_call, trace_model
 from executor.profiling.graphtime import Clock, layer_bytes, time_graph_layers
+from executor.profiling.how import graph_how
 from executor.profiling.measure import timing_problems
 from executor.profiling.samples import describe_sample, move_sample, resize_sample
 from executor.runtime.allocator import keep_freed_memory as keep_memory
@@ -208,7 +209,7 @@ def profile_graph(model: nn.Module, sample: Any, microbatch_sizes: Sequence[int]
         dtype=str(cast or model_dtype).removeprefix("torch."), microbatch_sizes=tuple(sizes),
         layers=tuple(layers), torch=torch.__version__,
         created=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        how=_how(graph, dev, clock, warmup, repeats, train, used_threads),
+        how=graph_how(graph, dev, clock, warmup, repeats, train, used_threads),
         input=describe_sample(sample, input_info), edges=edges, edge_values=reads, tied=tied,
         extra={"trace": trace, "harness": harness})
 
@@ -235,18 +236,3 @@ def profile_traced(model: nn.Module, sample: Any, sizes: Sequence[int], device: 
         keep_memory()
     return profile_graph(model, sample, sizes, device=device, repeats=opts.pop("repeat"),
                          **opts)
-
-
-def _how(graph: LayerGraph, dev: torch.device, clock: str, warmup: int, repeat: int,
-         train: bool, threads: int) -> str:
-    timer = {"wall": "time.perf_counter", "thread": "time.thread_time, the thread's CPU time"}
-    clocked = f"{'CUDA events' if dev.type == 'cuda' else timer[clock]}"
-    return (f"Traced with {graph.capture.tracer} into {graph.num_layers} layers; each layer "
-            f"timed inside forward+backward passes of the whole model run layer by layer "
-            f"({clocked}; median of {repeat} after {warmup} warm-up): marks between layers in "
-            f"the forward, in the backward one alias node per layer boundary over the values "
-            f"crossing it (autograd runs nodes in reverse creation order, so the backward "
-            f"splits at the boundaries); {'training' if train else 'eval'} mode, {threads} "
-            f"intra-op thread(s); the parameters' gradients accumulating as in a training "
-            f"step; saved_bytes = unique storages autograd saves for backward in each layer's "
-            f"forward, parameters excluded; a tied parameter's bytes in its first layer only.")

@@ -28,6 +28,7 @@ from torch import nn
 
 from executor.graphs.blocks import Leaf
 from executor.profiling.graph import profile_traced
+from executor.profiling.how import chain_how
 from executor.profiling.inmodel import time_layers_in_model, whole_model_bytes
 from executor.profiling.measure import (
     Measurement,
@@ -271,7 +272,7 @@ def profile_model(
             peak_bytes=(tuple(float(m.peak_bytes or 0) for m in row)
                         if dev.type == "cuda" else None),
         ))
-    how = _how(dev, used, clock, warmup, repeat, train, used_threads,
+    how = chain_how(dev, used, clock, warmup, repeat, train, used_threads,
                overhead if correct_overhead else None, flush_bytes if used == "layer" else 0)
     model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
                        torch.float32)
@@ -341,36 +342,6 @@ def _try_in_model(model: nn.Sequential, sample: Batch, sizes: list[int], dev: to
                          f"(needs about {need} bytes, {free} free: {exc}); use timing='layer' "
                          f"(--timing layer) to time each layer alone") from None
     return out
-
-
-def _how(dev: torch.device, used: str, clock: str, warmup: int, repeat: int, train: bool,
-         threads: int, overhead: tuple[float, float] | None, flush_bytes: int) -> str:
-    """The profile's ``how``: in words, how its figures were measured."""
-    timer = {"wall": "time.perf_counter", "thread": "time.thread_time, the thread's CPU time"}
-    clocked = (f"{'CUDA events, synchronised' if dev.type == 'cuda' else timer[clock]}; "
-               f"median of {repeat} after {warmup} warm-up")
-    mode = f"{'training' if train else 'eval'} mode, {threads} intra-op thread(s)"
-    if used == "model":
-        parts = [f"Each layer timed inside forward+backward passes of the whole model on a copy "
-                 f"({clocked}): marks between layers in the forward, hooks at each layer's "
-                 f"inputs in the backward; {mode}",
-                 "the parameters' gradients accumulating as in a training step"]
-    else:
-        parts = [f"Each layer timed alone on a copy ({clocked}), input from a real forward "
-                 f"pass of the layers before it, {mode}",
-                 "backward into .grad of the floating inputs and the parameters, the "
-                 "parameters' gradients accumulating as in a training step",
-                 (f"per-call harness overhead measured on no-op layers (fwd {overhead[0]:.4f} "
-                  f"ms, bwd {overhead[1]:.4f} ms) and subtracted" if overhead is not None
-                  else "per-call harness overhead not corrected")]
-    parts.append("saved_bytes = unique storages autograd saves for backward, parameters "
-                 "excluded, measured on each layer alone")
-    if flush_bytes:
-        parts.append(f"caches flushed with {flush_bytes} bytes before each timed region")
-    if dev.type == "cuda":
-        parts.append("peak_bytes = allocator peak of one forward+backward above what was "
-                     "allocated before it")
-    return "; ".join(parts) + "."
 
 
 def time_whole_model(
