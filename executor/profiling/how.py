@@ -13,13 +13,47 @@ import torch
 
 from executor.graphs.layers import LayerGraph
 
-__all__ = ["chain_how", "graph_how"]
+__all__ = ["chain_how", "graph_how", "split_how", "split_method"]
+
+
+def split_method(timing: str) -> str:
+    """The harness's ``split_backward``: how I and W were measured, in a few words.
+
+        >>> split_method("model")
+        'deferring, one WeightGrads per layer, in further whole-model passes'
+    """
+    where = "in further whole-model passes" if timing == "model" else \
+        "in further repetitions of each layer alone"
+    return f"deferring, one WeightGrads per layer, {where}"
+
+
+def split_how(timing: str) -> str:
+    """The sentence of a profile's ``how`` that says how its split backward was measured
+    (``timing``: "model", the layers inside passes of the whole model, or "layer", alone)."""
+    if timing == "model":
+        where = ("as many further passes of the whole model, each layer's forward under "
+                 "executor.runtime.splitgrad.deferring with a WeightGrads store of its own")
+        i_is = "the layer's backward span in those passes, between the same marks"
+        w_is = "its store's run, timed layer by layer after the backward, the last layer first"
+    else:
+        where = ("as many further repetitions of each layer alone, its forward under "
+                 "executor.runtime.splitgrad.deferring")
+        i_is = "its backward (less the backward-call overhead where corrected)"
+        w_is = "its store's run, after a cache flush where flushing"
+    return (f"split backward from {where}: bwd_input_ms (I) = {i_is}, input gradients only "
+            f"(the weight gradients of linear and addmm calls on parameters deferred, all "
+            f"others computed in I); bwd_weight_ms (W) = {w_is}, the deferred weight "
+            f"gradients accumulated into .grad, 0 for a layer with nothing deferred; each W "
+            f"includes one gradient-accumulation call, which a stage's W pays once for all "
+            f"its layers; bwd_ms stays the fused backward")
 
 
 def chain_how(dev: torch.device, used: str, clock: str, warmup: int, repeat: int, train: bool,
-              threads: int, overhead: tuple[float, float] | None, flush_bytes: int) -> str:
+              threads: int, overhead: tuple[float, float] | None, flush_bytes: int,
+              split: bool = False) -> str:
     """A chain profile's ``how``: in words, how its figures were measured (``used``: "model"
-    or "layer", ``overhead``: the (fwd, bwd) ms subtracted, None if not corrected)."""
+    or "layer", ``overhead``: the (fwd, bwd) ms subtracted, None if not corrected, ``split``:
+    the split backward was measured too)."""
     timer = {"wall": "time.perf_counter", "thread": "time.thread_time, the thread's CPU time"}
     clocked = (f"{'CUDA events, synchronised' if dev.type == 'cuda' else timer[clock]}; "
                f"median of {repeat} after {warmup} warm-up")
@@ -44,12 +78,15 @@ def chain_how(dev: torch.device, used: str, clock: str, warmup: int, repeat: int
     if dev.type == "cuda":
         parts.append("peak_bytes = allocator peak of one forward+backward above what was "
                      "allocated before it")
+    if split:
+        parts.append(split_how(used))
     return "; ".join(parts) + "."
 
 
 def graph_how(graph: LayerGraph, dev: torch.device, clock: str, warmup: int, repeat: int,
-              train: bool, threads: int) -> str:
-    """A graph profile's ``how``: in words, how its figures were measured."""
+              train: bool, threads: int, split: bool = False) -> str:
+    """A graph profile's ``how``: in words, how its figures were measured (``split``: the split
+    backward was measured too)."""
     timer = {"wall": "time.perf_counter", "thread": "time.thread_time, the thread's CPU time"}
     clocked = f"{'CUDA events' if dev.type == 'cuda' else timer[clock]}"
     return (f"Traced with {graph.capture.tracer} into {graph.num_layers} layers; each layer "
@@ -60,4 +97,5 @@ def graph_how(graph: LayerGraph, dev: torch.device, clock: str, warmup: int, rep
             f"splits at the boundaries); {'training' if train else 'eval'} mode, {threads} "
             f"intra-op thread(s); the parameters' gradients accumulating as in a training "
             f"step; saved_bytes = unique storages autograd saves for backward in each layer's "
-            f"forward, parameters excluded; a tied parameter's bytes in its first layer only.")
+            f"forward, parameters excluded; a tied parameter's bytes in its first layer only"
+            + (f"; {split_how('model')}." if split else "."))
