@@ -15,7 +15,9 @@ of values as a pipeline runs them, time each layer where it really runs
 (``executor.profiling.graphtime``: marks between layers in the forward; in the backward, one
 alias node per layer boundary over the values that cross it, so the reverse-creation order
 in which autograd runs a DAG's backward splits exactly at the boundaries). The layers' times
-add up to the whole pass's time, except for the boundary nodes' hooks.
+add up to the whole pass's time, except for the boundary nodes' hooks. With ``split_backward``
+(the default), as many further passes, each layer under ``executor.runtime.splitgrad.deferring``,
+give each layer's ``bwd_input_ms`` (I) and ``bwd_weight_ms`` (W); ``bwd_ms`` stays the fused one.
 
 The profile lists every layer's ``outputs`` (the values other layers read: graph node names,
 their bytes at each size, whether a gradient flows back), ``edges`` ``[u, v, [indices into
@@ -40,7 +42,14 @@ from torch import nn
 
 from executor.graphs.blocks import Leaf
 from executor.graphs.layers import LayerGraph, as_call, trace_model
-from executor.profiling.graphtime import Clock, layer_bytes, time_graph_layers
+from executor.profiling.graphtime import (
+    Clock,
+    GraphTimes,
+    LayerBytes,
+    layer_bytes,
+    time_graph_layers,
+)
+from executor.profiling.how import graph_how, split_method
 from executor.profiling.measure import timing_problems
 from executor.profiling.samples import describe_sample, move_sample, resize_sample
 from executor.runtime.allocator import keep_freed_memory as keep_memory
@@ -146,7 +155,8 @@ def profile_graph(model: nn.Module, sample: Any, microbatch_sizes: Sequence[int]
                   dtype: str | torch.dtype | None = None, tracer: str = "auto",
                   threads: int | None = None, clock: str = "wall", train: bool = True,
                   input_info: Mapping[str, Any] | None = None,
-                  progress: Callable[[str], None] | None = None) -> Profile:
+                  progress: Callable[[str], None] | None = None,
+                  split_backward: bool = True) -> Profile:
     """A ``gpipe-profile/1`` Profile of ``model``'s traced layer graph on ``sample`` (a tensor,
     a tuple of positional tensors or a dict of keyword tensors; any batch), one column per
     micro-batch size (see the module docstring).
@@ -154,7 +164,7 @@ def profile_graph(model: nn.Module, sample: Any, microbatch_sizes: Sequence[int]
     ``device`` (default: where the model is) and ``dtype`` (default: the model's) profile a
     copy moved there when they differ; ``clock`` on the CPU is ``"wall"`` or ``"thread"``
     (needs threads=1); ``train`` profiles in training mode; ``progress(text)`` is called
-    after each size."""
+    after each size; ``split_backward`` also measures each layer's I and W."""
     sizes = _check(microbatch_sizes, repeats, warmup, threads, clock)
     cast = parse_dtype(dtype)
     work, dev = _where(model, device, cast)
@@ -171,7 +181,7 @@ def profile_graph(model: nn.Module, sample: Any, microbatch_sizes: Sequence[int]
             env = graph.inputs_of(args, kwargs)
             per_size.append((layer_bytes(graph, env),
                              time_graph_layers(graph, env, timer, warmup=warmup,
-                                               repeat=repeats)))
+                                               repeat=repeats, split=split_backward)))
             if progress is not None:
                 progress(f"b={b}")
     owned, tied = _params(graph)
@@ -189,6 +199,8 @@ def profile_graph(model: nn.Module, sample: Any, microbatch_sizes: Sequence[int]
             in_bytes=tuple(float(m.in_bytes[i]) for m, _ in per_size),
             out_bytes=tuple(float(m.out_bytes[i]) for m, _ in per_size),
             saved_bytes=tuple(float(m.saved_bytes[i]) for m, _ in per_size),
+            bwd_input_ms=_split(per_size, i, "bwd_input_ms"),
+            bwd_weight_ms=_split(per_size, i, "bwd_weight_ms"),
             outputs=outputs))
     edges = tuple((u, v) for u, v, _ in graph.edges)
     reads = tuple(tuple(graph.layers[u].outputs.index(n) for n in names)
@@ -200,7 +212,11 @@ def profile_graph(model: nn.Module, sample: Any, microbatch_sizes: Sequence[int]
                "clock": clock if dev.type == "cpu" else "cuda-events",
                "overhead_fwd_ms": 0.0, "overhead_bwd_ms": 0.0,
                "pass_fwd_ms": [round(t.pass_fwd_ms, 5) for _, t in per_size],
-               "pass_bwd_ms": [round(t.pass_bwd_ms, 5) for _, t in per_size]}
+               "pass_bwd_ms": [round(t.pass_bwd_ms, 5) for _, t in per_size],
+               "split_backward": split_method("model") if split_backward else None}
+    if split_backward:
+        harness.update({key: [round(getattr(t, key), 5) for _, t in per_size]
+                        for key in ("pass_bwd_input_ms", "pass_bwd_weight_ms")})
     trace = {"tracer": graph.capture.tracer, "leaves": leaf_names(leaves),
              "max_layers": max_layers, "layer_names": [layer.name for layer in graph.layers]}
     return Profile(
@@ -208,9 +224,16 @@ def profile_graph(model: nn.Module, sample: Any, microbatch_sizes: Sequence[int]
         dtype=str(cast or model_dtype).removeprefix("torch."), microbatch_sizes=tuple(sizes),
         layers=tuple(layers), torch=torch.__version__,
         created=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        how=_how(graph, dev, clock, warmup, repeats, train, used_threads),
+        how=graph_how(graph, dev, clock, warmup, repeats, train, used_threads, split_backward),
         input=describe_sample(sample, input_info), edges=edges, edge_values=reads, tied=tied,
         extra={"trace": trace, "harness": harness})
+
+
+def _split(per_size: Sequence[tuple[LayerBytes, GraphTimes]], i: int, key: str
+           ) -> tuple[float, ...] | None:
+    """Layer i's ``key`` (``bwd_input_ms`` or ``bwd_weight_ms``) per size; None if not measured."""
+    got = [getattr(t, key) for _, t in per_size]
+    return None if any(g is None for g in got) else tuple(round(g[i], 5) for g in got)
 
 
 def profile_traced(model: nn.Module, sample: Any, sizes: Sequence[int], device: str | torch.device,
@@ -235,18 +258,3 @@ def profile_traced(model: nn.Module, sample: Any, sizes: Sequence[int], device: 
         keep_memory()
     return profile_graph(model, sample, sizes, device=device, repeats=opts.pop("repeat"),
                          **opts)
-
-
-def _how(graph: LayerGraph, dev: torch.device, clock: str, warmup: int, repeat: int,
-         train: bool, threads: int) -> str:
-    timer = {"wall": "time.perf_counter", "thread": "time.thread_time, the thread's CPU time"}
-    clocked = f"{'CUDA events' if dev.type == 'cuda' else timer[clock]}"
-    return (f"Traced with {graph.capture.tracer} into {graph.num_layers} layers; each layer "
-            f"timed inside forward+backward passes of the whole model run layer by layer "
-            f"({clocked}; median of {repeat} after {warmup} warm-up): marks between layers in "
-            f"the forward, in the backward one alias node per layer boundary over the values "
-            f"crossing it (autograd runs nodes in reverse creation order, so the backward "
-            f"splits at the boundaries); {'training' if train else 'eval'} mode, {threads} "
-            f"intra-op thread(s); the parameters' gradients accumulating as in a training "
-            f"step; saved_bytes = unique storages autograd saves for backward in each layer's "
-            f"forward, parameters excluded; a tied parameter's bytes in its first layer only.")

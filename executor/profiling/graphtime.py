@@ -33,14 +33,21 @@ backward for layer 0), and 0 when cut node i+1 did not run. A value read across 
 passes through one alias per cut, each a no-op node of microseconds. The layers' times add up
 to the pass's own time except for the cut nodes and hooks.
 
+Split backward (``split=True``, for zero-bubble schedules): as many further passes, each layer
+run under ``splitgrad.deferring`` with a ``WeightGrads`` store of its own; the backward between
+the same cut marks is each layer's I, and each store's run after it, timed one by one
+(``inmodel.weight_passes``), its W (0 where nothing was deferred).
+
 Memory (``layer_bytes``): the saved tensors of each layer's forward (autograd's saved-tensor
 hooks; unique storages, parameters excluded), the tensor bytes of its input and output values.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,8 +56,9 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from executor.graphs.layers import LayerGraph
-from executor.profiling.inmodel import Mark, marked_aliases
+from executor.profiling.inmodel import Mark, marked_aliases, weight_passes
 from executor.profiling.measure import Clock, quiet_gc
+from executor.runtime.splitgrad import WeightGrads, deferring
 
 __all__ = ["Clock", "GraphTimes", "LayerBytes", "layer_bytes", "time_graph_layers",
            "value_bytes"]
@@ -59,12 +67,17 @@ __all__ = ["Clock", "GraphTimes", "LayerBytes", "layer_bytes", "time_graph_layer
 
 @dataclass(frozen=True)
 class GraphTimes:
-    """Median per-layer fwd_ms / bwd_ms, and the medians of the whole passes they split."""
+    """Median per-layer fwd_ms / bwd_ms, and the medians of the whole passes they split; with
+    the split backward, per layer I and W, and the medians of the split passes' I and W."""
 
     fwd_ms: list[float]
     bwd_ms: list[float]
     pass_fwd_ms: float
     pass_bwd_ms: float
+    bwd_input_ms: list[float] | None = None
+    bwd_weight_ms: list[float] | None = None
+    pass_bwd_input_ms: float | None = None
+    pass_bwd_weight_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -130,8 +143,13 @@ def _run(graph: LayerGraph, env: dict[str, Any], i: int) -> list[Tensor]:
     return _tensors(list(outs[k:]))
 
 
+_Pass = tuple[list[float], list[float], float, float, list[float]]
+
+
 def _one_pass(graph: LayerGraph, inputs: Mapping[str, Any], cuts: list[list[str]],
-              clock: Clock) -> tuple[list[float], list[float], float, float]:
+              clock: Clock, stores: list[WeightGrads] | None = None) -> _Pass:
+    """Per layer fwd and bwd ms, the whole forward and backward, per layer W ms (0 without
+    ``stores``; with them, layer i runs under ``deferring(stores[i])``: the backward is I)."""
     env = _fresh(inputs)
     big_l = graph.num_layers
     fwd_marks: list[Mark] = []
@@ -140,14 +158,16 @@ def _one_pass(graph: LayerGraph, inputs: Mapping[str, Any], cuts: list[list[str]
     for i in range(big_l):
         if i > 0:
             _alias_cut(env, cuts[i], at_cut[i], clock)
-        fwd_marks.append(clock.mark())
-        out = _run(graph, env, i)
-        fwd_marks.append(clock.mark())
+        with deferring(stores[i]) if stores is not None else nullcontext():
+            fwd_marks.append(clock.mark())
+            out = _run(graph, env, i)
+            fwd_marks.append(clock.mark())
     roots = [t for t in out if t.requires_grad]
     start = clock.mark()
     if roots:
         torch.autograd.backward(roots, [torch.ones_like(t) for t in roots])
     end = clock.mark()
+    w_ms = weight_passes(stores, clock) if stores is not None else [0.0] * big_l
     # time order: start, [cut L-1 pre, post], ..., [cut 1 pre, post], end; a cut that did not
     # run has no layer with backward work below it
     marks: list[Mark] = [start]
@@ -161,13 +181,19 @@ def _one_pass(graph: LayerGraph, inputs: Mapping[str, Any], cuts: list[list[str]
     fwd = clock.elapsed_ms(fwd_marks)
     total_fwd = sum(fwd)  # marks to marks, the cut nodes between layers included
     bwd_total = clock.elapsed_ms([start, end])[0]
-    return fwd[::2], bwd, total_fwd, bwd_total
+    return fwd[::2], bwd, total_fwd, bwd_total, w_ms
+
+
+def _medians(rows: Sequence[list[float]]) -> list[float]:
+    """Per layer, the median over passes."""
+    return [statistics.median(r[i] for r in rows) for i in range(len(rows[0]))]
 
 
 def time_graph_layers(graph: LayerGraph, inputs: Mapping[str, Any], clock: Clock, *,
-                      warmup: int = 2, repeat: int = 5) -> GraphTimes:
+                      warmup: int = 2, repeat: int = 5, split: bool = False) -> GraphTimes:
     """Per layer of ``graph``: median fwd_ms and bwd_ms over ``repeat`` forward+backward passes
-    of the whole model on ``inputs`` (the env of the model's inputs) after ``warmup``.
+    of the whole model on ``inputs`` (the env of the model's inputs) after ``warmup``; with
+    ``split``, I and W too, from as many further passes (module docstring).
 
     Parameter gradients accumulate into buffers that already exist (as for every micro-batch
     after a step's first); the model's own ``.grad`` are put back afterwards."""
@@ -175,7 +201,9 @@ def time_graph_layers(graph: LayerGraph, inputs: Mapping[str, Any], clock: Clock
     params = [p for p in params if p.requires_grad]
     own = [p.grad for p in params]
     cuts = _cuts(graph)
-    rows: list[tuple[list[float], list[float], float, float]] = []
+    rows: list[_Pass] = []
+    split_rows: list[_Pass] = []
+    big_l = graph.num_layers
     try:
         for p in params:
             p.grad = torch.zeros_like(p)
@@ -184,14 +212,24 @@ def time_graph_layers(graph: LayerGraph, inputs: Mapping[str, Any], clock: Clock
                 result = _one_pass(graph, inputs, cuts, clock)
                 if r >= warmup:
                     rows.append(result)
+            for r in range(warmup + repeat if split else 0):  # after, as in inmodel
+                stores = [WeightGrads() for _ in range(big_l)]
+                result = _one_pass(graph, inputs, cuts, clock, stores)
+                if r >= warmup:
+                    split_rows.append(result)
     finally:
         for p, g in zip(params, own, strict=True):
             p.grad = g
-    big_l = graph.num_layers
-    return GraphTimes([statistics.median(r[0][i] for r in rows) for i in range(big_l)],
-                      [statistics.median(r[1][i] for r in rows) for i in range(big_l)],
-                      statistics.median(r[2] for r in rows),
-                      statistics.median(r[3] for r in rows))
+    times = GraphTimes(_medians([r[0] for r in rows]), _medians([r[1] for r in rows]),
+                       statistics.median(r[2] for r in rows),
+                       statistics.median(r[3] for r in rows))
+    if not split:
+        return times
+    return dataclasses.replace(times, bwd_input_ms=_medians([r[1] for r in split_rows]),
+                               bwd_weight_ms=_medians([r[4] for r in split_rows]),
+                               pass_bwd_input_ms=statistics.median(r[3] for r in split_rows),
+                               pass_bwd_weight_ms=statistics.median(sum(r[4])
+                                                                    for r in split_rows))
 
 
 def layer_bytes(graph: LayerGraph, inputs: Mapping[str, Any]) -> LayerBytes:

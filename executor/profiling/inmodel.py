@@ -43,12 +43,24 @@ The marks are ``measure.Clock`` marks (CUDA events on a GPU, recorded on the str
 runs on). The nodes run between the marks, outside every layer, so the layers' times add up to
 the model's own forward and backward by construction except for the hooks themselves
 (microseconds each).
+
+Split backward (``time_split_in_model``, for zero-bubble schedules): further passes of the
+same kind, each layer's forward under ``splitgrad.deferring`` with a ``WeightGrads`` store of
+its own, so every deferred weight gradient is the work of the layer that recorded it::
+
+    F   layer i under deferring(stores[i])     marks as above
+    I   one backward of the whole model        layer i's span between the alias marks = I(i)
+    W   stores[L-1].run(), ..., stores[0].run()   marks around each run = W(i); 0 if empty
+
+Each W pays one autograd call to accumulate its gradients, which a stage's W, one store for
+all its layers, pays once.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -62,8 +74,10 @@ from executor.profiling.measure import (
     quiet_gc,
 )
 from executor.runtime.batch import Batch, like
+from executor.runtime.splitgrad import WeightGrads, deferring
 
-__all__ = ["Alias", "Mark", "marked_aliases", "time_layers_in_model", "whole_model_bytes"]
+__all__ = ["Alias", "Mark", "marked_aliases", "time_layers_in_model", "time_split_in_model",
+           "weight_passes", "whole_model_bytes"]
 
 Mark = float | torch.cuda.Event
 
@@ -79,34 +93,64 @@ def time_layers_in_model(model: nn.Sequential, x: Batch, device: torch.device, *
     model's own ``.grad`` are put back afterwards. ``has_backward``: some output of the layer
     requires grad (the layer takes part in the backward pass).
     """
+    passes, has_backward = _passes(model, x, device, warmup, repeat, clock, split=False)
+    return [(statistics.median(p[0][i] for p in passes),
+             statistics.median(p[1][i] for p in passes) if has else 0.0, has)
+            for i, has in enumerate(has_backward)]
+
+
+def time_split_in_model(model: nn.Sequential, x: Batch, device: torch.device, *,
+                        warmup: int = 2, repeat: int = 5,
+                        clock: str = "wall") -> list[tuple[float, float]]:
+    """Per layer of ``model``: median (bwd_input_ms, bwd_weight_ms), I and W, over ``repeat``
+    passes of the whole model whose forward defers the weight gradients (module docstring),
+    after ``warmup``; gradients accumulate and are put back as in ``time_layers_in_model``.
+
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> split = time_split_in_model(model, torch.ones(4, 8), torch.device("cpu"), repeat=3)
+        >>> [w > 0 for _, w in split], all(i >= 0 for i, _ in split)
+        ([True, False, True], True)
+    """
+    passes, has_backward = _passes(model, x, device, warmup, repeat, clock, split=True)
+    return [(statistics.median(p[1][i] for p in passes) if has else 0.0,
+             statistics.median(p[2][i] for p in passes))
+            for i, has in enumerate(has_backward)]
+
+
+_Pass = tuple[list[float], list[float], list[float]]  # per layer: fwd, bwd (or I), W ms
+
+
+def _passes(model: nn.Sequential, x: Batch, device: torch.device, warmup: int, repeat: int,
+            clock: str, split: bool) -> tuple[list[_Pass], list[bool]]:
+    """The timed passes (after ``warmup``), and whether each layer has a backward."""
     layers = list(model)
     params = [p for p in model.parameters() if p.requires_grad]
     own_grads = [p.grad for p in params]
     timer = Clock(device, clock)
-    fwd: list[list[float]] = [[] for _ in layers]
-    bwd: list[list[float]] = [[] for _ in layers]
+    passes: list[_Pass] = []
     has_backward = [False] * len(layers)
     try:
         for p in params:
             p.grad = torch.zeros_like(p)
         with torch.enable_grad(), quiet_gc():
             for r in range(warmup + repeat):
-                f_ms, b_ms, has_backward = _one_pass(layers, x, timer)
+                stores = [WeightGrads() for _ in layers] if split else None
+                f_ms, b_ms, w_ms, has_backward = _one_pass(layers, x, timer, stores)
                 if r >= warmup:
-                    for i in range(len(layers)):
-                        fwd[i].append(f_ms[i])
-                        bwd[i].append(b_ms[i])
+                    passes.append((f_ms, b_ms, w_ms))
     finally:
         for p, g in zip(params, own_grads, strict=True):
             p.grad = g
-    return [(statistics.median(f), statistics.median(b) if has else 0.0, has)
-            for f, b, has in zip(fwd, bwd, has_backward, strict=True)]
+    return passes, has_backward
 
 
-def _one_pass(layers: list[nn.Module], x: Batch, clock: Clock
-              ) -> tuple[list[float], list[float], list[bool]]:
+def _one_pass(layers: list[nn.Module], x: Batch, clock: Clock,
+              stores: list[WeightGrads] | None = None
+              ) -> tuple[list[float], list[float], list[float], list[bool]]:
     """One forward and one backward of the chain on a fresh copy of ``x``: per-layer
-    milliseconds of each, and whether each layer's output requires grad."""
+    milliseconds of each, of each W (all 0 without ``stores``), and whether each layer's
+    output requires grad. With ``stores`` (one per layer), layer i's forward runs under
+    ``deferring(stores[i])``, so the backward is I, and each store's W runs after it."""
     h = like(x, [t.clone() for t in as_tensors(x, "input")])
     fwd_marks: list[Mark] = []  # each layer's start and end: the aliases lie between layers
     at_node: list[list[Mark]] = [[] for _ in layers]  # autograd before/after layer i's node
@@ -114,15 +158,17 @@ def _one_pass(layers: list[nn.Module], x: Batch, clock: Clock
     for i, layer in enumerate(layers):
         if i > 0:
             h = _alias(h, at_node[i], clock)
-        fwd_marks.append(clock.mark())
-        h = as_batch(layer(h), f"the output of layer {i}")
-        fwd_marks.append(clock.mark())
+        with deferring(stores[i]) if stores is not None else nullcontext():
+            fwd_marks.append(clock.mark())
+            h = as_batch(layer(h), f"the output of layer {i}")
+            fwd_marks.append(clock.mark())
         outs_grad.append(any(t.requires_grad for t in as_tensors(h, "output")))
     roots = [t for t in as_tensors(h, "output") if t.requires_grad]
     start = clock.mark()
     if roots:
         torch.autograd.backward(roots, [torch.ones_like(t) for t in roots])
     end = clock.mark()
+    w_ms = weight_passes(stores, clock) if stores is not None else [0.0] * len(layers)
     # layer i's backward ends where autograd reaches the node before it (every gradient has
     # then passed through the layer) and layer i-1's starts once that node has run; a layer
     # whose input needs no gradient ends with the pass
@@ -130,7 +176,22 @@ def _one_pass(layers: list[nn.Module], x: Batch, clock: Clock
     for marks in reversed(at_node[1:]):
         bwd_marks += marks if marks else [end, end]
     spans = clock.elapsed_ms([*bwd_marks, end])[::2]  # the last layer's backward first
-    return clock.elapsed_ms(fwd_marks)[::2], [max(0.0, s) for s in reversed(spans)], outs_grad
+    return (clock.elapsed_ms(fwd_marks)[::2], [max(0.0, s) for s in reversed(spans)], w_ms,
+            outs_grad)
+
+
+def weight_passes(stores: Sequence[WeightGrads], clock: Clock) -> list[float]:
+    """W of each store, the last first (the order of the backward), timed one by one: per
+    store, its milliseconds, 0.0 for a store with nothing deferred (not run)."""
+    marks: list[list[Mark]] = []
+    for store in reversed(stores):
+        if len(store):
+            start = clock.mark()
+            store.run()
+            marks.append([start, clock.mark()])
+        else:
+            marks.append([])
+    return [clock.elapsed_ms(m)[0] if m else 0.0 for m in reversed(marks)]
 
 
 class Alias(torch.autograd.Function):

@@ -10,7 +10,9 @@ returns. Each repetition runs the forward on a fresh copy of the input (so in-pl
 see the same values every time) and the backward as training runs it: into ``.grad`` of the
 floating inputs and the parameters, the parameters' gradients accumulating into buffers that
 already exist (as for every micro-batch after a step's first); the module's own ``.grad``
-are put back afterwards.
+are put back afterwards. With ``split=True``, further repetitions time the split backward of
+zero-bubble schedules: the forward under ``splitgrad.deferring``, the backward (I, input
+gradients only) and then the deferred weight gradients (W, ``WeightGrads.run``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from executor.runtime.batch import Batch, like
+from executor.runtime.splitgrad import WeightGrads, deferring
 
 __all__ = ["CLOCKS", "Clock", "Measurement", "as_batch", "as_tensors", "batch_nbytes",
            "harness_overhead_ms", "measure", "prepare_batch", "quiet_gc",
@@ -37,7 +40,8 @@ __all__ = ["CLOCKS", "Clock", "Measurement", "as_batch", "as_tensors", "batch_nb
 
 @dataclass(frozen=True)
 class Measurement:
-    """Median times of one module at one input, and its memory (peak_bytes on CUDA only)."""
+    """Median times of one module at one input, and its memory (peak_bytes on CUDA only);
+    ``bwd_input_ms``/``bwd_weight_ms`` (I and W of a split backward) when measured."""
 
     fwd_ms: float
     bwd_ms: float
@@ -47,6 +51,8 @@ class Measurement:
     saved_bytes: int
     peak_bytes: int | None
     output: Batch
+    bwd_input_ms: float | None = None
+    bwd_weight_ms: float | None = None
 
 
 def as_tensors(x: object, what: str) -> tuple[Tensor, ...]:
@@ -166,7 +172,7 @@ class _Flusher:
 
 def measure(module: nn.Module, x: Batch, device: torch.device, *, input_grad: bool = True,
             warmup: int = 2, repeat: int = 5, clock: str = "wall",
-            flush_bytes: int = 0, name: str = "module") -> Measurement:
+            flush_bytes: int = 0, name: str = "module", split: bool = False) -> Measurement:
     """Median forward and backward time of ``module`` on ``x`` (already on ``device``), with
     in/out/saved bytes and, on CUDA, the allocator peak of one forward+backward.
 
@@ -176,6 +182,7 @@ def measure(module: nn.Module, x: Batch, device: torch.device, *, input_grad: bo
     before each timed forward and backward to evict the caches (0: no flush; e.g. twice the
     L2 size to time a layer whose weights come from memory); the input and the output
     gradient are made after it, so they are cached as if just made by the neighbouring layer.
+    ``split``: also time I and W (``_time_split``), in as many further repetitions.
     """
     step = _Step(module, x, input_grad)
     timer = Clock(device, clock)
@@ -206,10 +213,44 @@ def measure(module: nn.Module, x: Batch, device: torch.device, *, input_grad: bo
                 fwd_ms.append(f)
                 bwd_ms.append(b if has_backward else 0.0)
             del out, outs, grads, xin, wrt
+        i_ms, w_ms = (_time_split(step, timer, flush, warmup, repeat, name) if split
+                      else (None, None))
         saved, output = _saved_bytes(step, name)
         peak = _peak_bytes(step, name) if device.type == "cuda" else None
     return Measurement(statistics.median(fwd_ms), statistics.median(bwd_ms), has_backward,
-                       batch_nbytes(x), batch_nbytes(output), saved, peak, output)
+                       batch_nbytes(x), batch_nbytes(output), saved, peak, output, i_ms, w_ms)
+
+
+def _time_split(step: _Step, timer: Clock, flush: _Flusher, warmup: int, repeat: int,
+                name: str) -> tuple[float, float]:
+    """Median (I, W) ms: the forward under ``deferring`` (untimed), then the backward (I) and
+    the store's deferred weight gradients (W; 0.0 where nothing was deferred), each after a
+    flush, as W runs later in a zero-bubble step, after other work."""
+    i_ms: list[float] = []
+    w_ms: list[float] = []
+    for r in range(warmup + repeat):
+        flush()
+        xin, wrt = step.inputs()
+        store = WeightGrads()
+        with deferring(store):
+            outs = step.differentiable(as_batch(step.module(xin), name))
+        flush()
+        grads = [torch.ones_like(t) for t in outs]
+        t0 = timer.mark()
+        if outs and wrt:
+            torch.autograd.backward(outs, grads, inputs=wrt)
+        t1 = timer.mark()
+        deferred = len(store) > 0
+        flush()
+        t2 = timer.mark()
+        store.run()
+        t3 = timer.mark()
+        i, _, w = timer.elapsed_ms([t0, t1, t2, t3])
+        if r >= warmup:
+            i_ms.append(i if outs and wrt else 0.0)
+            w_ms.append(w if deferred else 0.0)
+        del outs, grads, xin, wrt
+    return statistics.median(i_ms), statistics.median(w_ms)
 
 
 @contextmanager

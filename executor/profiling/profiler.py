@@ -9,7 +9,10 @@
 Each layer's memory is measured on a copy of it moved to the device, with inputs from a real
 forward pass of the layers before it; its time inside passes of a copy of the whole model
 where that fits the device (``executor.profiling.inmodel``), else alone with the per-call overhead
-corrected. Any other ``nn.Module`` is traced into a graph of layers and profiled by
+corrected. With ``split_backward`` (the default) further passes, the same way, give each layer's
+split backward for zero-bubble schedules: ``bwd_input_ms`` (I) and ``bwd_weight_ms`` (W, the
+weight gradients ``executor.runtime.splitgrad`` defers; 0 where it defers none). Any other
+``nn.Module`` is traced into a graph of layers and profiled by
 ``executor.profiling.graph.profile_graph``. The user's model is never changed (parameters, gradients,
 buffers, ``training`` flags and device); the global random state is restored afterwards.
 """
@@ -28,7 +31,8 @@ from torch import nn
 
 from executor.graphs.blocks import Leaf
 from executor.profiling.graph import profile_traced
-from executor.profiling.inmodel import time_layers_in_model, whole_model_bytes
+from executor.profiling.how import chain_how, split_method
+from executor.profiling.inmodel import time_layers_in_model, time_split_in_model, whole_model_bytes
 from executor.profiling.measure import (
     Measurement,
     as_tensors,
@@ -193,6 +197,7 @@ def profile_model(
     progress: Callable[[str], None] | None = None,
     leaves: Sequence[Leaf] = (),
     max_layers: int | None = None,
+    split_backward: bool = True,
 ) -> Profile:
     """Measure every child of ``model`` at each micro-batch size (the first rows of ``sample``);
     a model that is not an ``nn.Sequential`` goes to ``graph.profile_traced`` (``leaves`` and ``max_layers``
@@ -211,7 +216,9 @@ def profile_model(
     ``correct_overhead`` subtracts the per-call harness cost measured on no-op layers
     (see ``measure.harness_overhead_ms``). ``keep_freed_memory`` first sets this process's
     allocator as the runners do with the same option (``executor.runtime.allocator``): profile
-    under the allocator the pipeline will run with.
+    under the allocator the pipeline will run with. ``split_backward`` also measures each
+    layer's I and W (``bwd_input_ms``, ``bwd_weight_ms``) in as many further passes (or
+    repetitions, for layers timed alone); ``bwd_ms`` stays the fused backward either way.
     """
     if timing not in TIMINGS:
         raise ValueError(f"timing={timing!r} is not one of {', '.join(TIMINGS)}")
@@ -220,7 +227,8 @@ def profile_model(
             model, sample, microbatch_sizes, device, dtype=dtype, warmup=warmup, repeat=repeat,
             threads=threads, clock=clock, timing=timing, flush_bytes=flush_bytes, train=train,
             keep_freed_memory=keep_freed_memory, name=name, input_info=input_info,
-            progress=progress, leaves=leaves, max_layers=max_layers)
+            progress=progress, leaves=leaves, max_layers=max_layers,
+            split_backward=split_backward)
     if leaves or max_layers is not None:
         raise ValueError(f"leaves={list(leaves)!r} and max_layers={max_layers!r} say how to "
                          f"trace a graph; an nn.Sequential is profiled child by child: drop "
@@ -231,19 +239,24 @@ def profile_model(
     gc.collect()
     reps = {"warmup": warmup, "repeat": repeat, "clock": clock}
     in_model: list[list[tuple[float, float, bool]]] | None = None
+    split: list[list[tuple[float, float]]] | None = None  # per size, per layer: (I, W) ms
     with _preserved_state(dev, threads):
         used_threads = torch.get_num_threads()
         alone = timing == "layer"
+        alone_reps = {**reps, "split": split_backward}
         per_size, param_bytes = _layer_pass(
             model, sample, sizes, dev, cast, train, progress,
-            reps if alone else {"warmup": 0, "repeat": 1, "clock": clock},
+            alone_reps if alone else {"warmup": 0, "repeat": 1, "clock": clock},
             flush_bytes if alone else 0)
         if not alone:
-            in_model = _try_in_model(model, sample, sizes, dev, cast, train, reps, timing,
-                                     whole_model_bytes(per_size, param_bytes), progress)
-            if in_model is None:  # "auto" and the whole model does not fit: time them alone
-                per_size, _ = _layer_pass(model, sample, sizes, dev, cast, train, None, reps,
-                                          flush_bytes)
+            timed = _try_in_model(model, sample, sizes, dev, cast, train, reps, timing,
+                                  whole_model_bytes(per_size, param_bytes), progress,
+                                  split_backward)
+            if timed is None:  # "auto" and the whole model does not fit: time them alone
+                per_size, _ = _layer_pass(model, sample, sizes, dev, cast, train, None,
+                                          alone_reps, flush_bytes)
+            else:
+                in_model, split = timed
         used = "layer" if in_model is None else "model"
         overhead = (harness_overhead_ms(dev, clock=clock) if used == "layer" and
                     correct_overhead else (0.0, 0.0))
@@ -252,13 +265,22 @@ def profile_model(
     layers = list(model.named_children())
     for i, ((layer_name, layer), row, pbytes) in enumerate(
             zip(layers, per_size, param_bytes, strict=True)):
+        i_ms: tuple[float, ...] | None = None
+        w_ms: tuple[float, ...] | None = None
         if in_model is not None:
             fwd = tuple(round(t[i][0], 5) for t in in_model)
             bwd = tuple(round(t[i][1], 5) if t[i][2] else 0.0 for t in in_model)
+            if split is not None:
+                i_ms = tuple(round(t[i][0], 5) for t in split)
+                w_ms = tuple(round(t[i][1], 5) for t in split)
         else:
             fwd = tuple(round(max(0.0, m.fwd_ms - fwd_over), 5) for m in row)
             bwd = tuple(round(max(0.0, m.bwd_ms - bwd_over), 5) if m.has_backward else 0.0
                         for m in row)
+            if split_backward:  # I pays the backward-call overhead as B does; W as in the model
+                i_ms = tuple(round(max(0.0, (m.bwd_input_ms or 0.0) - bwd_over), 5)
+                             if m.has_backward else 0.0 for m in row)
+                w_ms = tuple(round(m.bwd_weight_ms or 0.0, 5) for m in row)
         profiled.append(LayerProfile(
             name=layer_name,
             type=type(layer).__name__,
@@ -270,9 +292,11 @@ def profile_model(
             saved_bytes=tuple(float(m.saved_bytes) for m in row),
             peak_bytes=(tuple(float(m.peak_bytes or 0) for m in row)
                         if dev.type == "cuda" else None),
+            bwd_input_ms=i_ms, bwd_weight_ms=w_ms,
         ))
-    how = _how(dev, used, clock, warmup, repeat, train, used_threads,
-               overhead if correct_overhead else None, flush_bytes if used == "layer" else 0)
+    how = chain_how(dev, used, clock, warmup, repeat, train, used_threads,
+                    overhead if correct_overhead else None, flush_bytes if used == "layer" else 0,
+                    split_backward)
     model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
                        torch.float32)
     return Profile(
@@ -290,7 +314,8 @@ def profile_model(
                            "flush_bytes": flush_bytes if used == "layer" else 0,
                            "clock": clock if dev.type == "cpu" else "cuda-events",
                            "overhead_fwd_ms": round(fwd_over, 6),
-                           "overhead_bwd_ms": round(bwd_over, 6)}},
+                           "overhead_bwd_ms": round(bwd_over, 6),
+                           "split_backward": split_method(used) if split_backward else None}},
     )
 
 
@@ -318,20 +343,23 @@ def _layer_pass(model: nn.Sequential, sample: Batch, sizes: list[int], dev: torc
 
 def _try_in_model(model: nn.Sequential, sample: Batch, sizes: list[int], dev: torch.device,
                   cast: torch.dtype | None, train: bool, reps: Mapping[str, Any], timing: str,
-                  need: int, progress: Callable[[str], None] | None
-                  ) -> list[list[tuple[float, float, bool]]] | None:
-    """Per size, the layers' times inside the whole model; None where ``timing`` is "auto" and
-    the whole model does not fit (``need`` bytes over half the device's free memory, or out of
-    memory on the way)."""
+                  need: int, progress: Callable[[str], None] | None, split: bool
+                  ) -> tuple[list[list[tuple[float, float, bool]]],
+                             list[list[tuple[float, float]]] | None] | None:
+    """Per size, the layers' times inside the whole model and, if ``split``, their (I, W) from
+    further passes; None where ``timing`` is "auto" and the whole model does not fit (``need``
+    bytes over half the device's free memory, or out of memory on the way)."""
     free = free_bytes(dev)
     if timing == "auto" and need > free // 2:
         return None
     try:
         twin = nn.Sequential(*_layer_copy(model, dev, cast, train).children())
-        out = []
+        out, out_split = [], []
         for b in sizes:
-            out.append(time_layers_in_model(
-                twin, prepare_batch(slice_batch(sample, b), dev, cast), dev, **reps))
+            x = prepare_batch(slice_batch(sample, b), dev, cast)
+            out.append(time_layers_in_model(twin, x, dev, **reps))
+            if split:  # after the fused passes, which are timed exactly as without it
+                out_split.append(time_split_in_model(twin, x, dev, **reps))
             if progress is not None:
                 progress(f"the whole model at b={b}")
     except torch.cuda.OutOfMemoryError as exc:
@@ -340,37 +368,7 @@ def _try_in_model(model: nn.Sequential, sample: Batch, sizes: list[int], dev: to
         raise ValueError(f"the whole model does not fit on {dev} to time its layers in place "
                          f"(needs about {need} bytes, {free} free: {exc}); use timing='layer' "
                          f"(--timing layer) to time each layer alone") from None
-    return out
-
-
-def _how(dev: torch.device, used: str, clock: str, warmup: int, repeat: int, train: bool,
-         threads: int, overhead: tuple[float, float] | None, flush_bytes: int) -> str:
-    """The profile's ``how``: in words, how its figures were measured."""
-    timer = {"wall": "time.perf_counter", "thread": "time.thread_time, the thread's CPU time"}
-    clocked = (f"{'CUDA events, synchronised' if dev.type == 'cuda' else timer[clock]}; "
-               f"median of {repeat} after {warmup} warm-up")
-    mode = f"{'training' if train else 'eval'} mode, {threads} intra-op thread(s)"
-    if used == "model":
-        parts = [f"Each layer timed inside forward+backward passes of the whole model on a copy "
-                 f"({clocked}): marks between layers in the forward, hooks at each layer's "
-                 f"inputs in the backward; {mode}",
-                 "the parameters' gradients accumulating as in a training step"]
-    else:
-        parts = [f"Each layer timed alone on a copy ({clocked}), input from a real forward "
-                 f"pass of the layers before it, {mode}",
-                 "backward into .grad of the floating inputs and the parameters, the "
-                 "parameters' gradients accumulating as in a training step",
-                 (f"per-call harness overhead measured on no-op layers (fwd {overhead[0]:.4f} "
-                  f"ms, bwd {overhead[1]:.4f} ms) and subtracted" if overhead is not None
-                  else "per-call harness overhead not corrected")]
-    parts.append("saved_bytes = unique storages autograd saves for backward, parameters "
-                 "excluded, measured on each layer alone")
-    if flush_bytes:
-        parts.append(f"caches flushed with {flush_bytes} bytes before each timed region")
-    if dev.type == "cuda":
-        parts.append("peak_bytes = allocator peak of one forward+backward above what was "
-                     "allocated before it")
-    return "; ".join(parts) + "."
+    return out, out_split if split else None
 
 
 def time_whole_model(

@@ -69,6 +69,10 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--keep-freed-memory", choices=("on", "off"), default="on",
                    help="on the CPU, keep freed memory for reuse as the pipeline runners do "
                         "(glibc malloc settings, process-wide; default on)")
+    p.add_argument("--split-backward", choices=("on", "off"), default="on",
+                   help="also measure each layer's split backward for zero-bubble schedules, "
+                        "bwd_input_ms (I) and bwd_weight_ms (W), in as many further passes "
+                        "(default on; off: bwd_ms only, a shorter run)")
     p.add_argument("--eval", action="store_true",
                    help="profile in eval mode (default: training mode)")
     p.add_argument("-o", "--output", metavar="PROFILE.json", help="write the profile here")
@@ -107,7 +111,7 @@ def main(argv: Sequence[str]) -> int:
             clock=args.clock, timing=args.timing, flush_bytes=args.flush,
             train=not args.eval, keep_freed_memory=args.keep_freed_memory == "on",
             name=args.model, input_info=info, progress=lambda name: bar.update(1),
-            **graph_opts)
+            split_backward=args.split_backward == "on", **graph_opts)
     print(profile_summary(prof))
     if not chain:
         print(graph_summary(prof))

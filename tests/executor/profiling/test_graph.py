@@ -3,6 +3,7 @@ up, tied parameters, the model left as it was, and planning the result."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import pytest
@@ -119,3 +120,21 @@ def test_bad_arguments_name_the_fix() -> None:
         profile_graph(w.model, w.sample, [0])
     with pytest.raises(ValueError, match="needs threads=1"):
         profile_graph(w.model, w.sample, [1], threads=2, clock="thread")
+
+
+def test_split_backward_of_gpt2_defers_its_conv1d_and_tied_head() -> None:
+    """GPT-2's Conv1D (addmm) and its LM head, a linear on the tied embedding weight, defer their
+    weight gradients: W > 0 in every block and the head, 0 in the embedding; I + W near B."""
+    prof = profiled("tiny-gpt2")
+    for lay in prof.layers:
+        assert lay.bwd_input_ms is not None and lay.bwd_weight_ms is not None
+        assert all(math.isfinite(t) and t >= 0 for t in lay.bwd_input_ms + lay.bwd_weight_ms)
+    assert prof.layers[0].bwd_weight_ms == (0.0, 0.0)
+    assert all(w > 0 for lay in prof.layers[1:] for w in lay.bwd_weight_ms or ())
+    split = sum(sum(lay.bwd_input_ms or ()) + sum(lay.bwd_weight_ms or ())
+                for lay in prof.layers)
+    fused = sum(sum(lay.bwd_ms) for lay in prof.layers)
+    assert 0.5 * fused <= split <= 2.5 * fused, (split, fused)  # test_profiler.SPLIT_BOUND
+    harness = prof.extra["harness"]
+    assert len(harness["pass_bwd_input_ms"]) == len(harness["pass_bwd_weight_ms"]) == 2
+    assert "split backward" in prof.how

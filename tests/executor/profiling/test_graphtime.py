@@ -63,3 +63,19 @@ def test_layer_bytes() -> None:
     assert m.in_bytes[0] == 2 * 4 * 4 and m.out_bytes == [32, 32, 32, 32]
     assert m.saved_bytes[0] == 32  # the Linear keeps its input; its weight is no activation
     assert m.values["blocks_0"] == 32
+
+
+def test_split_backward_of_a_graph_lands_in_the_layers_with_linears() -> None:
+    """W of each Slow block's Linear in its own layer; the parameter-free add has none; the
+    sleep of the middle block's backward is in its I."""
+    g = trace_model(Skips(), torch.ones(2, 4), leaves=[Slow])
+    t = time_graph_layers(g, g.inputs_of((torch.ones(2, 4),), {}), Clock(torch.device("cpu")),
+                          warmup=0, repeat=2, split=True)
+    assert t.bwd_input_ms is not None and t.bwd_weight_ms is not None
+    assert [w > 0 for w in t.bwd_weight_ms] == [True, True, False, True]
+    assert t.bwd_input_ms[1] >= 30 and max(t.bwd_input_ms[0], t.bwd_input_ms[3]) < 15
+    assert t.pass_bwd_weight_ms is not None
+    assert t.pass_bwd_weight_ms >= sum(t.bwd_weight_ms) - 1e-6  # the median of the sums
+    plain = time_graph_layers(g, g.inputs_of((torch.ones(2, 4),), {}),
+                              Clock(torch.device("cpu")), warmup=0, repeat=1)
+    assert plain.bwd_input_ms is None and plain.bwd_weight_ms is None

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from executor.profiling.inmodel import time_layers_in_model
+from executor.profiling.inmodel import time_layers_in_model, time_split_in_model
 from executor.profiling.profiler import profile_model
 from tests import toy_models
 from tests.toy_models import SleepLayer
@@ -164,3 +164,20 @@ def test_layers_that_pass_nothing_needing_grad_have_no_backward() -> None:
     times = time_layers_in_model(model, torch.ones(2, 4), CPU, warmup=0, repeat=1)
     assert [has for _, _, has in times] == [False, True, True]
     assert times[0][1] == 0.0
+
+
+def test_split_backward_gives_w_to_the_layers_with_linear_weights_only() -> None:
+    """I and W in the model: W > 0 exactly where a linear's weight gradient was deferred; the
+    model's own gradients come back as they were."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.LayerNorm(16), nn.Linear(16, 2))
+    own = [p.grad for p in model.parameters()]
+    split = time_split_in_model(model, torch.ones(4, 8), CPU, warmup=1, repeat=3)
+    assert [w > 0 for _, w in split] == [True, False, False, True]
+    assert all(i >= 0 for i, _ in split) and split[1][1] == split[2][1] == 0.0
+    assert all(p.grad is g for p, g in zip(model.parameters(), own, strict=True))
+
+
+def test_split_backward_of_a_layer_without_backward_is_zero() -> None:
+    model = nn.Sequential(nn.Identity(), nn.Linear(4, 4))
+    split = time_split_in_model(model, torch.ones(2, 4), CPU, warmup=0, repeat=1)
+    assert split[0] == (0.0, 0.0) and split[1][1] > 0  # data in: the Linear's W still runs

@@ -14,7 +14,7 @@ import executor.profiling.measure
 import executor.profiling.profiler
 from executor.profiling.measure import harness_overhead_ms
 from executor.profiling.profiler import profile_model, time_whole_model
-from executor.workloads.models import build_model
+from executor.workloads.models import build_model, gpt
 from partitioner.formats.profile import (
     load_profile,
     profile_from_dict,
@@ -305,3 +305,66 @@ def test_measure_accumulates_gradients_as_training_does_and_puts_the_module_back
     executor.profiling.measure.measure(layer, torch.ones(2, 3), torch.device("cpu"), warmup=0, repeat=2)
     assert len(seen) == 2 and len(set(seen)) == 1
     assert layer.weight.grad is None and layer.bias.grad is kept
+
+
+def test_measure_split_times_i_and_w_and_accumulates_w_as_a_backward_does() -> None:
+    seen: list[int] = []
+    layer = nn.Linear(3, 3)
+    layer.weight.register_post_accumulate_grad_hook(
+        lambda p: seen.append(p.grad.data_ptr()))  # type: ignore[union-attr]
+    m = executor.profiling.measure.measure(layer, torch.ones(2, 3), CPU, warmup=0, repeat=2,
+                                           split=True)
+    assert m.bwd_input_ms is not None and m.bwd_weight_ms is not None
+    assert m.bwd_input_ms >= 0 and m.bwd_weight_ms > 0
+    assert len(seen) == 4 and len(set(seen)) == 1  # 2 fused backwards, then 2 W
+    assert layer.weight.grad is None
+    relu = executor.profiling.measure.measure(nn.ReLU(), torch.ones(2, 3), CPU, warmup=0,
+                                              repeat=1, split=True)
+    assert relu.bwd_weight_ms == 0.0 and relu.bwd_input_ms is not None
+    plain = executor.profiling.measure.measure(nn.ReLU(), torch.ones(2, 3), CPU, repeat=1)
+    assert plain.bwd_input_ms is None and plain.bwd_weight_ms is None
+
+
+def _gpt_with_a_parameter_free_layer() -> tuple[nn.Sequential, Tensor]:
+    """A small GPT chain (Embed, 2 Blocks, Head) with a Dropout layer after the first Block."""
+    model = gpt(vocab=64, seq=16, d_model=32, heads=2, layers=2)
+    model.insert(2, nn.Dropout(0.1))
+    return model, torch.randint(64, (2, 16))
+
+
+#: I + W against the fused backward, summed over the model: a sanity bound, not a prediction.
+#: The split does the same arithmetic as B, plus the Python of each deferred linear's I and one
+#: gradient-accumulation call per W; on a CPU at these tiny sizes that overhead and timing
+#: noise (a shared machine) move the sum, so only a factor far off means a layer lost or
+#: double-counted its backward.
+SPLIT_BOUND = (0.5, 2.5)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("timing", ["model", "layer"])
+def test_profile_splits_the_backward_into_i_and_w(timing: str) -> None:
+    model, ids = _gpt_with_a_parameter_free_layer()
+    prof = profile_model(model, ids, [1, 2], "cpu", timing=timing, clock="thread", **FAST)
+    linear = ["Block", "Head"]  # layers with nn.Linear weights; Embed has embeddings only
+    for lay in prof.layers:
+        assert lay.bwd_input_ms is not None and lay.bwd_weight_ms is not None, lay.name
+        assert len(lay.bwd_input_ms) == len(lay.bwd_weight_ms) == 2
+        assert all(math.isfinite(t) and t >= 0 for t in lay.bwd_input_ms + lay.bwd_weight_ms)
+        if lay.type in linear:
+            assert all(w > 0 for w in lay.bwd_weight_ms), (lay.name, lay.bwd_weight_ms)
+        else:
+            assert lay.bwd_weight_ms == (0.0, 0.0), (lay.name, lay.type)
+    assert [lay.type for lay in prof.layers] == ["Embed", "Block", "Dropout", "Block", "Head"]
+    split = sum(i + w for lay in prof.layers
+                for i, w in zip(lay.bwd_input_ms or (), lay.bwd_weight_ms or (), strict=True))
+    fused = sum(sum(lay.bwd_ms) for lay in prof.layers)
+    assert SPLIT_BOUND[0] * fused <= split <= SPLIT_BOUND[1] * fused, (split, fused)
+    assert "split backward" in prof.how and "deferring" in prof.extra["harness"]["split_backward"]
+    assert profile_from_dict(profile_to_dict(prof)) == prof
+
+
+def test_profile_without_the_split_has_no_split_fields() -> None:
+    model, ids = _gpt_with_a_parameter_free_layer()
+    prof = profile_model(model, ids, [1], "cpu", split_backward=False, warmup=0, repeat=1)
+    assert all(lay.bwd_input_ms is None and lay.bwd_weight_ms is None for lay in prof.layers)
+    assert prof.extra["harness"]["split_backward"] is None and "split" not in prof.how

@@ -93,6 +93,20 @@ def test_profiles_a_built_in_model(tmp_path: Path, capsys: pytest.CaptureFixture
     assert load_profile(out).extra["harness"]["flush_bytes"] == 0
 
 
+def test_split_backward_is_on_by_default_and_can_be_turned_off(tmp_path: Path) -> None:
+    out = tmp_path / "gpt.json"
+    assert main(["profile", "--model", "gpt-tiny", "--microbatch-sizes", "1", *FAST,
+                 "-o", str(out)]) == 0
+    prof = load_profile(out)
+    assert all(lay.bwd_input_ms and lay.bwd_weight_ms for lay in prof.layers)
+    assert prof.layers[0].bwd_weight_ms == (0.0,) and prof.layers[1].bwd_weight_ms[0] > 0
+    assert main(["profile", "--model", "gpt-tiny", "--microbatch-sizes", "1", *FAST,
+                 "--split-backward", "off", "-o", str(out)]) == 0
+    off = load_profile(out)
+    assert all(lay.bwd_input_ms is None and lay.bwd_weight_ms is None for lay in off.layers)
+    assert off.extra["harness"]["split_backward"] is None
+
+
 def test_profiles_a_user_function(tmp_path: Path, user_module: str) -> None:
     out = tmp_path / "user.json"
     assert main(["profile", "--model", f"{user_module}:make", "--microbatch-sizes", "1,4",
