@@ -15,7 +15,9 @@ from partitioner.formats.profile import (
     TiedParam,
     profile_from_dict,
 )
+from partitioner.schedule.generators import v_placement
 from partitioner.schedule.ir import Schedule
+from partitioner.schedule.listsched import Costs, list_schedule
 
 
 def make_profile(
@@ -147,3 +149,13 @@ def chain_with_values(rng: random.Random, prof: Profile) -> Profile:
 def schedule_from_rows(name: str, rows: Sequence[Sequence[str]]) -> Schedule:
     """A schedule from per-stage lists of action texts, e.g. ``[["0F0", "0B0"]]``."""
     return Schedule.parse("\n".join(f"{k}: {' '.join(row)}" for k, row in enumerate(rows)), name)
+
+
+def listed_schedule(stages: int, microbatches: int) -> Schedule:
+    """A schedule as the synthesiser makes them: list-scheduled from unequal stage times; on
+    four stages in the V shape (two per rank), on three with full backwards (no split)."""
+    times = (1.0, 2.5, 0.5, 1.5)[:stages]
+    costs = Costs(times, tuple(t * 1.3 for t in times), tuple(t * 0.6 for t in reversed(times)),
+                  (0.2,) * stages, (0.1,) * stages, split=stages != 3)
+    placement = v_placement(2) if stages == 4 else tuple(range(stages))
+    return list_schedule(costs, placement, microbatches, [2] * stages, "listed")

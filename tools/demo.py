@@ -106,7 +106,7 @@ def main() -> int:
           f"{out / 'predicted.json'}")
 
     say(f"5. train {args.steps} steps on 2 local ranks (distributed executor, gloo)")
-    summaries = spawn_local(run_rank, plan.num_stages,
+    summaries = spawn_local(run_rank, plan.build_schedule().ranks,
                             (job, str(out / "plan.json"), args.steps,
                              str(out / "measured.json"), "cpu", 60.0, True), threads=1)
     last = summaries[-1]

@@ -1,17 +1,21 @@
-"""One rank's stage of a traced model: its layers only, its messages' peers, its tied copies.
+"""One rank's stages of a traced model: their layers only, their messages' peers, their tied copies.
 
-    stage, peers, ties = graph_rank(model, plan, k, sample, device, weights="w.pt")
+    stages, peers, ties, graph = graph_rank(model, plan, [0, 3], sample, device, [0, 1, 1, 0],
+                                            weights="w.pt", leaves=None, timeout_s=60,
+                                            backend="gloo")
     ...   # the runner's step; then, after the step's last backward:
     sync_ties(ties)   # every copy of a tied parameter gets the sum of all copies' gradients
 
 Each rank traces the model the same way (on the meta device when the model is there; then only
-this stage's parameters become real, loaded from ``weights``, in the model itself: build a
-fresh meta model for another runner), so all ranks agree on the layers,
-on which pairs of stages exchange values (``peers``: every (src, dst) of the plan, for the
-per-pair groups of the ordered transport) and on the tied parameters. A tied parameter used on
-several stages (GPT-2's token embedding and LM head) has a copy on each of their ranks, made
-from the same weights; after each step the copies' gradients are all-reduced (summed) over a
-group of those ranks, so each rank's optimizer sees the plain model's gradient and the copies
+the parameters of this rank's stages become real, loaded from ``weights``, in the model itself:
+build a fresh meta model for another runner), so all ranks agree on the layers, on which pairs
+of stages exchange values (``peers``: every (src, dst) of the plan, for the per-pair groups of
+the ordered transport) and on the tied parameters. A tied parameter used on several stages
+(GPT-2's token embedding and LM head) is one parameter on each rank holding any of those
+stages: stages on one rank share it, so their gradients sum in its ``.grad`` as in the plain
+model (the V shape puts the first and the last stage on rank 0). Across ranks each holds a copy,
+made from the same weights; after each step the copies' gradients are all-reduced (summed) over
+a group of those ranks, so each rank's optimizer sees the plain model's gradient and the copies
 stay identical step after step.
 """
 
@@ -43,13 +47,15 @@ def _meta(sample: Any) -> Any:
     return pytree.tree_map(lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x, sample)
 
 
-def graph_rank(model: nn.Module, plan: Plan, index: int, sample: Any, device: torch.device,
-               ranks: Sequence[int], *, weights: Mapping[str, torch.Tensor] | str | Path | None,
+def graph_rank(model: nn.Module, plan: Plan, indices: Sequence[int], sample: Any,
+               device: torch.device, stage_ranks: Sequence[int], *,
+               weights: Mapping[str, torch.Tensor] | str | Path | None,
                leaves: Sequence[Leaf] | None, timeout_s: float, backend: str
-               ) -> tuple[GraphStage, list[tuple[int, int]],
+               ) -> tuple[list[GraphStage], list[tuple[int, int]],
                           list[tuple[nn.Parameter, Any]], LayerGraph]:
-    """This rank's stage ``index``, the (src, dst) pairs of every stage that exchange values,
-    and this rank's tied parameters with the group of ranks holding a copy of each."""
+    """This rank's stages ``indices``, the (src, dst) pairs of every stage that exchange values,
+    and this rank's tied parameters with the group of ranks holding a copy of each
+    (``stage_ranks[k]``: the global rank of stage k)."""
     if sample is None:
         raise ValueError("a model that is not an nn.Sequential is traced on every rank: give "
                          "sample= (a small batch of its inputs, e.g. the first two rows)")
@@ -58,10 +64,11 @@ def graph_rank(model: nn.Module, plan: Plan, index: int, sample: Any, device: to
                            check=not meta)
     nodes = plan_nodes(plan, graph)
     tied = graph.tied()  # before materialising: the copies elsewhere stay on the meta device
-    if meta:
-        materialise((graph.module_of(i) for i in nodes[index]), model, weights, device)
-    stage = graph_stages(graph, nodes, [device] * len(nodes),
-                         [plan.recomputes(k) for k in range(len(nodes))], only=index)[0]
+    if meta:  # all of this rank's layers at once: a parameter they share stays one
+        materialise((graph.module_of(i) for k in indices for i in nodes[k]), model, weights,
+                    device)
+    stages = graph_stages(graph, nodes, [device] * len(nodes),
+                          [plan.recomputes(k) for k in range(len(nodes))], only=indices)
     stage_of = [0] * graph.num_layers
     for k, members in enumerate(nodes):
         for i in members:
@@ -70,19 +77,21 @@ def graph_rank(model: nn.Module, plan: Plan, index: int, sample: Any, device: to
     peers = sorted({(k, d) for k, table in enumerate(dests) for d in table}
                    | {(d, k) for k, table in enumerate(dests) for d in table})
     ties = []
-    own = stage.named_parameters()
+    own: dict[str, nn.Parameter] = {}
+    for stage in stages:
+        own.update(stage.named_parameters())
+    here = stage_ranks[indices[0]] if indices else None
     for name, users in sorted(tied.items()):
-        holders = tuple(sorted({stage_of[i] for i in users}))
-        if len(holders) < 2:
+        members = tuple(sorted({stage_ranks[stage_of[i]] for i in users}))
+        if len(members) < 2:  # on one rank: one parameter, its uses summed by autograd
             continue
-        members = tuple(ranks[k] for k in holders)
         key = (dist.group.WORLD, members)
         if key not in _TIE_GROUPS:  # every rank makes every group, in the same order
             _TIE_GROUPS[key] = dist.new_group(list(members), backend=backend,
                                               timeout=timedelta(seconds=timeout_s))
-        if index in holders:
+        if here in members:
             ties.append((own[name], _TIE_GROUPS[key]))
-    return stage, peers, ties, graph
+    return stages, peers, ties, graph
 
 
 def sync_ties(ties: Sequence[tuple[nn.Parameter, Any]]) -> None:

@@ -1,10 +1,10 @@
-"""Train a plan with one rank per stage: under torchrun, or on local CPU ranks spawned here.
+"""Train a plan with one rank per schedule row: under torchrun, or on local CPU ranks spawned here.
 
     summaries = launch("executor.workloads.jobs:demo", "plan.json", steps=5)
-    # no torchrun: K local CPU ranks (gloo, 127.0.0.1); under torchrun: this process's rank
+    # no torchrun: R local CPU ranks (gloo, 127.0.0.1); under torchrun: this process's rank
 
-``partition-model run`` is the command behind it (``torchrun --nproc-per-node K -m
-partitioner.cli run ...`` on GPUs or nodes). The job names a function returning a ``Job``:
+``partition-model run`` is the command behind it (``torchrun --nproc-per-node R -m
+partitioner.cli run ...`` on GPUs or nodes; R = K / V ranks, V the plan's stages per rank). The job names a function returning a ``Job``:
 the layers as a factory (each rank builds only its own range), the number of layers, the data
 and the loss. With ``trace`` rank 0 writes a measured timeline: of the last 5 steps, the one of
 median length (in the simulator's Chrome trace format, so ``partition-model compare`` reads it).
@@ -53,7 +53,7 @@ def run_rank(job_spec: str, plan_path: str, steps: int, trace: str | None,
     params = runner.parameters()
     make = job.optimizer or (lambda ps: torch.optim.SGD(ps, lr=0.01))
     optimizer = make(params) if params else None
-    last = runner.index == plan.num_stages - 1
+    last = plan.num_stages - 1 in runner.stage_indices
     bar = tqdm(total=steps, desc="training", unit="step") if progress and last else None
     losses: list[float] = []
     step_ms: list[float] = []
@@ -84,7 +84,7 @@ def run_rank(job_spec: str, plan_path: str, steps: int, trace: str | None,
         save_chrome_trace(sorted(traced, key=lambda t: t.step_ms)[(len(traced) - 1) // 2], trace)
     if bar is not None:
         bar.close()
-    return {"stage": runner.index, "losses": losses, "step_ms": step_ms,
+    return {"rank": runner.rank, "stages": runner.stage_indices, "losses": losses, "step_ms": step_ms,
             "pipeline_ms": pipeline_ms}
 
 
@@ -108,8 +108,8 @@ def launch(job_spec: str, plan_path: str, steps: int = 10, *, trace: str | None 
            device: str = "auto", timeout_s: float = 60.0, threads: int = 1,
            progress: bool = False, keep_memory: bool = True) -> list[dict[str, Any]]:
     """Train the plan: under torchrun on this process's rank (its summary alone), otherwise
-    on K spawned local CPU ranks (every rank's summary, in rank order). The plan and the job
-    are checked before any rank starts."""
+    on R spawned local CPU ranks, one per row of the plan's schedule (every rank's summary, in
+    rank order). The plan and the job are checked before any rank starts."""
     if steps < 1:
         raise ValueError(f"steps={steps}: train at least one step")
     plan = load_plan(plan_path)
@@ -129,6 +129,6 @@ def launch(job_spec: str, plan_path: str, steps: int = 10, *, trace: str | None 
     if device not in ("auto", "cpu"):
         raise ValueError(f"device {device!r}: without torchrun the ranks are local CPU "
                          f"processes; use --device cpu, or launch with torchrun")
-    return spawn_local(run_rank, plan.num_stages, (job_spec, plan_path, steps, trace, "cpu",
+    return spawn_local(run_rank, plan.build_schedule().ranks, (job_spec, plan_path, steps, trace, "cpu",
                                                    timeout_s, progress, keep_memory),
                        threads=threads, timeout_s=timeout_s)

@@ -1,18 +1,23 @@
-"""The distributed runner: one rank per stage, tensors over torch.distributed point-to-point.
+"""The distributed runner: one rank per schedule row, tensors over torch.distributed point-to-point.
 
     runner = DistributedRunner(layer_factory, "plan.json")   # after init_process_group
     result = runner.train_step(inputs, targets, loss_fn, timeline=True)
     optimizer.step()   # an optimizer over runner.parameters(): this rank's layers
 
-Rank k runs stage k and builds only layers [start_k, end_k) (from the model, or from a factory).
-Sends are asynchronous (``isend``, waited for at the end of the step); receives name the
-(kind, micro-batch) they want by tag, so no order between a pair of ranks is assumed and 1F1B
-cannot deadlock. With gloo the pipeline's own group carries everything. NCCL ignores tags and
-matches by order, so there each direction of each neighbouring pair gets its own group, one
-ordered stream each, whose sends and receives both follow micro-batch order in GPipe and 1F1B,
-and each receive is posted when needed (``transport="ordered"``, the default with NCCL). That
-path has not run on NCCL (no GPU was at hand), but the tests run it on gloo with the tags
-dropped, so that messages match by order alone as on NCCL.
+The plan's schedule (``plan.build_schedule()``: any generator's, or a synthesised one) has one
+row per rank: R = K / V ranks, rank r running the stages its placement puts there (V > 1:
+interleaved, or the V shape of zbv) and building only their layers (from the model, or from a
+factory), one interpreter per stage, the row's actions in order. Messages between two stages
+of one rank stay in the process (``executor.distributed.routing``). Sends to other ranks are
+asynchronous (``isend``, waited for at the end of the step); receives name the (kind, source
+stage, destination stage, micro-batch) they want by tag, so no order between a pair of ranks
+is assumed and no schedule that can run deadlocks. With gloo the pipeline's own group carries
+everything. NCCL ignores tags and matches by order, so there each direction of each pair of
+stages on different ranks gets its own group, one ordered stream each, whose sends and receives
+both follow the two stages' micro-batch order (checked against the schedule), and each receive
+is posted when needed (``transport="ordered"``, the default with NCCL). That path has not run on
+NCCL (no GPU was at hand), but the tests run it on gloo with the tags dropped, so that messages
+match by order alone as on NCCL.
 
 Messages and the posting of receives ahead: see ``executor.distributed.transport``.
 
@@ -28,7 +33,6 @@ import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from executor.distributed.graphrank import graph_rank, sync_ties
+from executor.distributed.routing import RankTransport, chain_pairs, channels, order_problems
 from executor.distributed.transport import DistTransport
 from executor.graphs.batches import batch_size_of, join_tree, move_tree, split_tree
 from executor.graphs.blocks import Leaf
@@ -44,8 +49,8 @@ from executor.runtime.allocator import keep_freed_memory as keep_memory
 from executor.runtime.batch import Batch, gather
 from executor.runtime.batchnorm import DeferredBatchNorm
 from executor.runtime.devices import check_device
-from executor.runtime.interpreter import Interpreter, LossFn, StepData
-from executor.runtime.local import FORWARD_KINDS
+from executor.runtime.interpreter import Interpreter, LossFn, StageResult, StepData
+from executor.runtime.local import FORWARD_KINDS, LocalTransport, runnable_schedule, split_of
 from executor.runtime.pipeline import as_plan, executable_ranges
 from executor.runtime.recorder import Recorder
 from executor.runtime.stage import LayerSource, Stage, build_layers
@@ -53,16 +58,14 @@ from executor.runtime.ties import check_ties, tied_parameters
 from partitioner.cost.model import split_microbatches
 from partitioner.formats.plan import Plan, PlanError
 from partitioner.formats.timeline import Event, Timeline
-from partitioner.schedule.generators import make_schedule
-from partitioner.schedule.ir import lower, validate
 
 __all__ = ["DistributedRunner", "StepResult"]
 
 
 @dataclass
 class StepResult:
-    """One rank's view of a step: the batch's loss on the last rank (else None), the measured
-    timeline of all stages on rank 0 when asked (else None)."""
+    """One rank's view of a step: the batch's loss on the rank of the last stage (else None),
+    the measured timeline of all stages on rank 0 when asked (else None)."""
 
     loss: torch.Tensor | None
     timeline: Timeline | None
@@ -70,43 +73,21 @@ class StepResult:
 
 _TRANSPORTS = ("auto", "ordered", "posted")
 
-_GROUPS: dict[tuple[Any, ...], tuple[Any, dict[tuple[int, int], Any]]] = {}
-
-
-def _channels(ranks: Sequence[int], group: Any, timeout_s: float, backend: str,
-              ordered: bool, pairs: Sequence[tuple[int, int]] | None = None
-              ) -> dict[tuple[int, int], Any]:
-    """The group carrying messages from stage src to stage dst, keyed (src, dst). Matched by
-    tag (gloo), the pipeline's own group carries everything. Matched by order (``ordered``:
-    NCCL), each direction of each neighbouring pair gets its own group: one ordered stream per
-    direction. Those are made once per world (every rank creates them all, in the same order,
-    as torch.distributed requires) and reused by later runners."""
-    if pairs is None:  # a chain: neighbours only
-        pairs = [(k, k + 1) for k in range(len(ranks) - 1)] + [(k + 1, k) for k in
-                                                                range(len(ranks) - 1)]
-    if not ordered:
-        return {pair: group for pair in pairs}
-    key: tuple[Any, ...] = (tuple(ranks), *pairs)
-    world = dist.group.WORLD
-    if key in _GROUPS and _GROUPS[key][0] is world:  # the cache holds on to that world
-        return _GROUPS[key][1]
-    groups = {(src, dst): dist.new_group(sorted((ranks[src], ranks[dst])),
-                                         timeout=timedelta(seconds=timeout_s), backend=backend)
-              for src, dst in pairs}
-    _GROUPS[key] = (world, groups)
-    return groups
-
 
 class DistributedRunner:
-    """This rank's stage of ``plan``, built from ``layers`` (an ``nn.Sequential`` or a factory,
-    see ``stage.build_layers``). Call after ``init_process_group``, on every rank of ``group``
-    (default: the whole world): its k-th rank runs stage k. ``device`` defaults to the plan's
-    device for this stage; ``keep_freed_memory`` sets this process's allocator to keep freed
-    memory for the next step (``executor.runtime.allocator``, process-wide). ``transport``:
-    ``"posted"`` (messages matched by tag on one group, receives posted ahead: gloo's),
-    ``"ordered"`` (one group per direction of each neighbouring pair, each receive posted when
-    needed: NCCL's, which matches by order; the pipeline must span the world) or ``"auto"``
-    (ordered with NCCL, posted otherwise); see the module docstring."""
+    """This rank's stages of ``plan``, built from ``layers`` (an ``nn.Sequential`` or a factory,
+    see ``stage.build_layers``; or a traced model, ``executor.graphs``). Call after
+    ``init_process_group``, on every rank of ``group`` (default: the whole world): its r-th rank
+    runs row r of the plan's schedule. ``device`` defaults to the plan's device for this rank's
+    stages; ``keep_freed_memory`` sets this process's allocator to keep freed memory for the
+    next step (``executor.runtime.allocator``, process-wide). ``transport``: ``"posted"``
+    (messages matched by tag on one group, receives posted ahead: gloo's), ``"ordered"`` (one
+    group per direction of each stage pair across ranks, each receive posted when needed:
+    NCCL's, which matches by order; the pipeline must span the world) or ``"auto"`` (ordered
+    with NCCL, posted otherwise); see the module docstring.
+
+    ``rank``: this rank's row r; ``stage_indices``: the stages it runs, ``stages`` them
+    (``stage``: the one stage of a rank that runs one)."""
 
     def __init__(self, layers: LayerSource | torch.nn.Module,
                  plan: Plan | Mapping[str, object] | str | Path, *,
@@ -125,13 +106,21 @@ class DistributedRunner:
         self.ranks = dist.get_process_group_ranks(group) if group is not None else list(
             range(dist.get_world_size()))
         big_k, world = self.plan.num_stages, len(self.ranks)
-        if world != big_k:
-            raise ValueError(f"the world has {world} ranks but the plan has K={big_k} stages; "
-                             f"start one rank per stage (torchrun --nproc-per-node {big_k})")
+        self.schedule = runnable_schedule(self.plan.build_schedule(), big_k,
+                                          self.plan.microbatches)
+        big_r = self.schedule.ranks
+        if world != big_r:
+            per = f", V={big_k // big_r} per rank" if big_r != big_k else ""
+            raise ValueError(f"the world has {world} ranks but the plan has K={big_k} stages "
+                             f"on R={big_r} ranks{per}; start one rank per row of its schedule "
+                             f"(torchrun --nproc-per-node {big_r})")
         if dist.get_rank() not in self.ranks:
             raise ValueError(f"rank {dist.get_rank()} is not in the group {self.ranks}; only "
                              f"its ranks make a runner")
-        self.index = self.ranks.index(dist.get_rank())  # this rank's stage k
+        self.rank = self.ranks.index(dist.get_rank())  # this rank's row r of the schedule
+        rank_of = self.schedule.rank_of
+        self.stage_indices = [k for k in range(big_k) if rank_of[k] == self.rank]
+        self.stage_ranks = [self.ranks[r] for r in rank_of]  # the global rank of each stage
         self.graph_mode = isinstance(layers, torch.nn.Module) and not isinstance(
             layers, torch.nn.Sequential)  # a Sequential (or a layer factory) stays a chain
         ranges: list[tuple[int, int]] = []
@@ -147,11 +136,52 @@ class DistributedRunner:
                 raise PlanError(f"rank {dist.get_rank()}: {exc}") from None
         elif deferred_batchnorm:
             raise ValueError("deferred_batchnorm works with nn.Sequential chains only")
-        dev = device if device is not None else self.plan.stages[self.index].device
-        problem = check_device(dev)
-        if problem:
-            raise ValueError(f"rank {dist.get_rank()} (stage {self.index}): {problem}")
+        dev = self._device(device)
         backend = str(dist.get_backend(group))
+        ordered = self._ordered(transport, backend, dev)
+        if keep_freed_memory:
+            keep_memory()
+        self.ties: list[tuple[torch.nn.Parameter, Any]] = []
+        self.layer_graph = None
+        pairs = chain_pairs(big_k)
+        if isinstance(layers, torch.nn.Module) and self.graph_mode:
+            try:
+                stages, pairs, self.ties, self.layer_graph = graph_rank(
+                    layers, self.plan, self.stage_indices, sample, torch.device(dev),
+                    self.stage_ranks, weights=weights, leaves=leaves, timeout_s=timeout_s,
+                    backend=backend)
+            except PlanError as exc:
+                raise PlanError(f"rank {dist.get_rank()}: {exc}") from None
+            self.stages: list[Any] = list(stages)
+        else:
+            self.stages = [Stage(k, build_layers(layers, *ranges[k]), dev,
+                                 recompute=self.plan.recomputes(k))
+                           for k in self.stage_indices]
+        self.actions = self.schedule.actions[self.rank]
+        self.transport = self._transport(pairs, group, timeout_s, backend, ordered)
+        self.interpreters = [
+            Interpreter(s, big_k, self.transport, Recorder(s.device),
+                        DeferredBatchNorm(s.module) if deferred_batchnorm else None,
+                        split=split_of(self.schedule, s.index)) for s in self.stages]
+        self._by_stage = {s.index: interp for s, interp in zip(self.stages, self.interpreters,
+                                                               strict=True)}
+
+    def _device(self, device: str | torch.device | None) -> str | torch.device:
+        """The rank's device: the one given, or the plan's for its stages (one for all)."""
+        if device is None:
+            planned = sorted({self.plan.stages[k].device for k in self.stage_indices})
+            if len(planned) > 1:
+                raise ValueError(f"rank {dist.get_rank()} runs stages {self.stage_indices}, "
+                                 f"which the plan puts on devices {planned}; a rank has one "
+                                 f"device: give device=, or a plan with one device per rank")
+            device = planned[0]
+        problem = check_device(device)
+        if problem:
+            raise ValueError(f"rank {dist.get_rank()} (stages {self.stage_indices}): {problem}")
+        return device
+
+    def _ordered(self, transport: str, backend: str, dev: str | torch.device) -> bool:
+        """Whether messages go matched by order (NCCL's way), after checking the choice."""
         if backend == "nccl" and torch.device(dev).type != "cuda":
             raise ValueError(f"rank {dist.get_rank()}: the NCCL backend needs a CUDA device, got "
                              f"{dev!r}; use gloo on CPU")
@@ -161,77 +191,102 @@ class DistributedRunner:
             raise ValueError("transport='posted' matches messages by tag, which NCCL ignores; "
                              "use 'ordered' (or 'auto') with NCCL")
         ordered = transport == "ordered" or (transport == "auto" and backend == "nccl")
-        if ordered and group is not None:
+        if ordered and self.group is not None:
             raise ValueError(f"with {'NCCL' if backend == 'nccl' else 'the ordered transport'} "
                              f"the pipeline must span the whole world (group=None): its "
                              f"per-direction groups are made by every rank")
-        if keep_freed_memory:
-            keep_memory()
-        self.ties: list[tuple[torch.nn.Parameter, Any]] = []
-        self.layer_graph = None
-        pairs = None
-        if isinstance(layers, torch.nn.Module) and self.graph_mode:
-            try:
-                stage, pairs, self.ties, self.layer_graph = graph_rank(
-                    layers, self.plan, self.index, sample, torch.device(dev), self.ranks,
-                    weights=weights, leaves=leaves, timeout_s=timeout_s, backend=backend)
-            except PlanError as exc:
-                raise PlanError(f"rank {dist.get_rank()}: {exc}") from None
-            self.stage: Any = stage
-            sources = list(stage.sources)
-        else:
-            start, end = ranges[self.index]
-            self.stage = Stage(self.index, build_layers(layers, start, end),
-                               dev, recompute=self.plan.recomputes(self.index))
-            sources = [self.index - 1] if self.index > 0 else []
-        self.schedule = validate(lower(make_schedule(self.plan.schedule, big_k,
-                                                     self.plan.microbatches)))
-        self.actions = self.schedule.actions[self.index]
-        self.transport = DistTransport(self.index, self.ranks, self.stage.device,
-                                       _channels(self.ranks, group, timeout_s, backend,
-                                                 ordered, pairs),
-                                       timeout_s, post_early=not ordered, sources=sources)
-        self.interpreter = Interpreter(
-            self.stage, big_k, self.transport, Recorder(self.stage.device),
-            DeferredBatchNorm(self.stage.module) if deferred_batchnorm else None)
+        return ordered
+
+    def _transport(self, pairs: Sequence[tuple[int, int]], group: Any, timeout_s: float,
+                   backend: str, ordered: bool) -> RankTransport:
+        """The mailbox between this rank's stages and a DistTransport for each of them."""
+        rank_of = self.schedule.rank_of
+        wires = channels(self.stage_ranks, pairs, group, timeout_s, backend, ordered)
+        if ordered and (problems := order_problems(self.schedule, wires)):
+            raise ValueError(f"schedule {self.schedule.name!r} cannot run with messages matched "
+                             f"by order (NCCL): " + "; ".join(problems) + "; use a schedule "
+                             "whose stages run their micro-batches in one order, or gloo")
+        device = self.stages[0].device
+        remote = {}
+        for s in self.stages:
+            sources = list(s.sources) if self.graph_mode else [s.index - 1] if s.index else []
+            remote[s.index] = DistTransport(
+                s.index, self.stage_ranks, device, wires, timeout_s, post_early=not ordered,
+                sources=[k for k in sources if rank_of[k] != self.rank])
+        mailbox = LocalTransport([device] * self.plan.num_stages)
+        return RankTransport(remote, mailbox, self.stage_indices)
+
+    @property
+    def stage(self) -> Any:
+        """The stage of a rank that runs one (``stages``: all of them)."""
+        if len(self.stages) != 1:
+            raise AttributeError(f"rank {self.rank} runs stages {self.stage_indices}: use "
+                                 f"runner.stages")
+        return self.stages[0]
+
+    @property
+    def index(self) -> int:
+        """This rank's row r of the schedule (with one stage per rank: its stage k)."""
+        return self.rank
 
     @property
     def module(self) -> torch.nn.Module:
-        """This rank's layers (a chain's children are named by their global index)."""
-        module: torch.nn.Module = self.stage.module
-        return module
+        """This rank's layers (a chain's children are named by their global index, also when
+        the rank runs several stages)."""
+        if len(self.stages) == 1:
+            module: torch.nn.Module = self.stages[0].module
+            return module
+        if self.graph_mode:
+            return torch.nn.ModuleList(s.module for s in self.stages)
+        return torch.nn.ModuleDict({name: layer for s in self.stages
+                                    for name, layer in s.module.named_children()})
+
+    def named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """This rank's parameters by the model's own names (one entry per parameter)."""
+        if not self.graph_mode:
+            return dict(self.module.named_parameters())
+        out: dict[str, torch.nn.Parameter] = {}
+        for s in self.stages:
+            for name, p in s.named_parameters().items():
+                if all(p is not q for q in out.values()):
+                    out.setdefault(name, p)
+        return out
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.stage.parameters())
+        """This rank's parameters, each once (stages of one rank may share a tied one)."""
+        return list({id(p): p for s in self.stages for p in s.parameters()}.values())
 
-    def _step(self, data: StepData, training: bool, timeline: bool) -> tuple[Any, Timeline | None]:
-        recorder = self.interpreter.recorder
-        assert recorder is not None
+    def _step(self, data: StepData, training: bool, timeline: bool
+              ) -> tuple[dict[int, StageResult], Timeline | None]:
+        recorders = [interp.recorder for interp in self.interpreters]
         if timeline:  # a common clock: every rank starts counting as it leaves the barrier
             dist.barrier(group=self.group)
-        recorder.reset(time.perf_counter())
-        self.interpreter.begin(data, training)
+        t0 = time.perf_counter()
+        for interp in self.interpreters:
+            assert interp.recorder is not None
+            interp.recorder.reset(t0)
+            interp.begin(data, training)
         self.transport.begin_step(self.plan.microbatches, training)
         for action in self.actions:
             if training or action.kind in FORWARD_KINDS:
-                self.interpreter.run(action)
+                self._by_stage[action.stage].run(action)
         self.transport.finish()
-        result = self.interpreter.end()
+        results = {k: interp.end() for k, interp in self._by_stage.items()}
         if training and self.ties:
             sync_ties(self.ties)
-        return result, (self._gather_timeline(recorder.events(), recorder.t0_s, training)
-                        if timeline else None)
+        events = [e for rec in recorders if rec is not None for e in rec.events()]
+        return results, (self._gather_timeline(events, t0, training) if timeline else None)
 
     def _gather_timeline(self, events: list[Event], t0_s: float,
                          training: bool) -> Timeline | None:
         """Every stage's events on rank 0, on rank 0's clock. Ranks on rank 0's host share
         its monotonic clock (perf_counter), so their events move by the difference of the
         moments each left the barrier; ranks elsewhere count from their own barrier exit."""
-        rows: list[Any] = [None] * len(self.ranks) if self.index == 0 else []
+        rows: list[Any] = [None] * len(self.ranks) if self.rank == 0 else []
         dist.gather_object((socket.gethostname(), t0_s, events),
-                           rows if self.index == 0 else None, dst=self.ranks[0],
+                           rows if self.rank == 0 else None, dst=self.ranks[0],
                            group=self.group)
-        if self.index != 0:
+        if self.rank != 0:
             return None
         host0, base = rows[0][0], rows[0][1]
         aligned = []
@@ -244,9 +299,12 @@ class DistributedRunner:
                          "runner": "distributed", "training": training})
 
     def _data(self, inputs: Any, targets: Any, loss_fn: LossFn | None) -> StepData:
-        first, last = self.index == 0, self.index == self.plan.num_stages - 1
-        x = move_tree(inputs, self.stage.device) if first else None
-        y = move_tree(targets, self.stage.device) if last and loss_fn is not None else None
+        """The step's micro-batches as this rank's stages take them: the inputs when it runs
+        the first stage, the targets when it runs the last."""
+        device = self.stages[0].device
+        first, last = 0 in self._by_stage, self.plan.num_stages - 1 in self._by_stage
+        x = move_tree(inputs, device) if first else None
+        y = move_tree(targets, device) if last and loss_fn is not None else None
         if x is None and y is None:  # a middle stage: the sizes come with the activations
             return StepData([0] * self.plan.microbatches, None, None, loss_fn)
         if not self.graph_mode:
@@ -258,17 +316,23 @@ class DistributedRunner:
         sizes = split_microbatches(b, self.plan.microbatches)
         return StepData(sizes, None, split_tree(y, sizes), loss_fn)
 
+    def _last(self, results: dict[int, StageResult]) -> StageResult | None:
+        return results.get(self.plan.num_stages - 1)
+
     def train_step(self, inputs: Batch | None = None, targets: Batch | None = None,
                    loss_fn: LossFn | None = None, *, timeline: bool = False) -> StepResult:
-        """One step of the plan's schedule on this rank. The first rank needs ``inputs``, the
-        last ``targets`` and ``loss_fn`` (others may pass them too; they are ignored).
-        Gradients accumulate in this rank's layers."""
-        result, tl = self._step(self._data(inputs, targets, loss_fn), True, timeline)
-        return StepResult(result.loss, tl)
+        """One step of the plan's schedule on this rank. The rank of the first stage needs
+        ``inputs``, that of the last ``targets`` and ``loss_fn`` (others may pass them too;
+        they are ignored). Gradients accumulate in this rank's layers."""
+        results, tl = self._step(self._data(inputs, targets, loss_fn), True, timeline)
+        last = self._last(results)
+        return StepResult(last.loss if last is not None else None, tl)
 
     def forward(self, inputs: Batch | None = None) -> Batch | None:
-        """Forward only, without autograd: the whole batch's outputs on the last rank."""
-        result, _ = self._step(self._data(inputs, None, None), False, False)
-        if not result.outputs:
+        """Forward only, without autograd: the whole batch's outputs on the last stage's
+        rank (None elsewhere)."""
+        results, _ = self._step(self._data(inputs, None, None), False, False)
+        last = self._last(results)
+        if last is None or not last.outputs:
             return None
-        return join_tree(result.outputs) if self.graph_mode else gather(result.outputs)
+        return join_tree(last.outputs) if self.graph_mode else gather(last.outputs)

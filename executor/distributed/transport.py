@@ -1,6 +1,6 @@
 """Point-to-point transport of the distributed runner: activations and gradients over gloo/NCCL.
 
-    transport = DistTransport(stage, ranks, torch.device("cpu"), groups)   # one per rank
+    transport = DistTransport(stage, ranks, torch.device("cpu"), groups)   # one per stage
     transport.begin_step(microbatches, training=True)
     transport.send_activation(stage, 0, packet); transport.finish()
 
@@ -17,6 +17,9 @@ which on a busy CPU costs milliseconds per message (README, "How ranks talk"). E
 its start and the receive of each gradient as the activation goes out (``DistTransport``).
 Matched by order (NCCL; the runner's ``transport="ordered"``), each receive is posted when
 its action comes, with exactly the size of what is sent.
+
+Tags: every message names its (kind, source stage, destination stage, micro-batch, part), so
+the stage pairs that share one pair of ranks (several stages per rank) never mix.
 
 Failures of a peer surface as PeerError, naming the action, the peer and the cause.
 """
@@ -38,7 +41,7 @@ __all__ = ["HEADER_LEN", "DistTransport", "PeerError", "decode_header", "encode_
            "read_header", "unpack"]
 
 HEADER_LEN = 64
-_PARTS = 4  # tags: (2 * microbatch + direction) * _PARTS + part; part 0 header, 1 tensors,
+_PARTS = 4  # tags: (microbatch * pairs + pair) * _PARTS + part; part 0 header, 1 tensors,
 # 2 tensors larger than the receive posted for them (see DistTransport), 3 a graph template
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
            torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64)
@@ -49,8 +52,20 @@ class PeerError(RuntimeError):
     """Communication with a neighbouring rank failed (it failed, was killed or hangs)."""
 
 
-def _tag(direction: int, microbatch: int, part: int) -> int:
-    return (2 * microbatch + direction) * _PARTS + part
+_MAX_TAG = 2**31 - 1  # gloo's tags are 32-bit
+
+
+def _tag(pair: int, pairs: int, microbatch: int, part: int) -> int:
+    """The tag of ``part`` of micro-batch i's message over stage pair number ``pair`` (of
+    ``pairs``: every (src, dst) that crosses ranks, each direction its own): unique per (kind,
+    source stage, destination stage, micro-batch), so any number of stage pairs can share
+    one pair of ranks (several stages per rank)."""
+    tag = (microbatch * pairs + pair) * _PARTS + part
+    if tag > _MAX_TAG:
+        raise ValueError(f"micro-batch {microbatch} over {pairs} stage pairs needs message tag "
+                         f"{tag}, beyond the backend's {_MAX_TAG}; use fewer micro-batches or "
+                         f"stages")
+    return tag
 
 
 def encode_header(packet: Packet, template_bytes: int = 0) -> torch.Tensor:
@@ -136,8 +151,12 @@ class _Posted(NamedTuple):
 
 
 class DistTransport:
-    """Point-to-point transport for this rank's ``stage``; ``ranks[k]`` is stage k's global rank
-    and ``groups[src, dst]`` the group carrying messages from stage src to stage dst.
+    """Point-to-point transport for ``stage``, one of this rank's stages; ``ranks[k]`` is stage
+    k's global rank (several stages may share one) and ``groups[src, dst]`` the group carrying
+    messages from stage src to stage dst, for every pair of stages on different ranks that
+    exchange messages: the same pairs on every rank, whose sorted order numbers the tags
+    (``_tag``). ``sources``: the stages on other ranks this one receives activations from
+    (messages within the rank go by ``routing.RankTransport``'s mailbox).
 
     Receives are posted early: gloo moves a message only once its receive is posted (the
     sender's data waits for the receiver's "ready"), so a receive posted when the action needs
@@ -156,6 +175,7 @@ class DistTransport:
         self.sources = list(sources) if sources is not None else (
             [stage - 1] if stage > 0 else [])
         self.post_early = post_early
+        self._pair = {pair: j for j, pair in enumerate(sorted(groups))}  # the same on all ranks
         self.timeout = timedelta(seconds=timeout_s)
         self._pending: list[tuple[Any, torch.Tensor]] = []
         self._posted: dict[tuple[int, int], _Posted] = {}  # by (peer, tag)
@@ -173,6 +193,14 @@ class DistTransport:
                 f"(or one beyond it) has probably failed, been killed or hung; see its own "
                 f"error") from exc
 
+    def _out(self, peer: int, microbatch: int, part: int) -> int:
+        """The tag of a message from this stage to stage ``peer``."""
+        return _tag(self._pair[self.stage, peer], len(self._pair), microbatch, part)
+
+    def _in(self, peer: int, microbatch: int, part: int) -> int:
+        """The tag of a message from stage ``peer`` to this stage."""
+        return _tag(self._pair[peer, self.stage], len(self._pair), microbatch, part)
+
     def begin_step(self, microbatches: int, training: bool) -> None:
         """Post this step's activation receives (a stage with sources)."""
         self._training = training and self.post_early
@@ -182,10 +210,10 @@ class DistTransport:
         for src in self.sources:
             for i in range(microbatches):
                 self._post(torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device),
-                           src, _tag(0, i, 0), what)
+                           src, self._in(src, i, 0), what)
                 if self._body_bytes.get((src, i)):
                     self._post(torch.empty(self._body_bytes[src, i], dtype=torch.uint8,
-                                           device=self.device), src, _tag(0, i, 1), what)
+                                           device=self.device), src, self._in(src, i, 1), what)
 
     def _isend(self, tensor: torch.Tensor, peer: int, tag: int, what: str) -> None:
         tensor = tensor.contiguous()
@@ -216,17 +244,17 @@ class DistTransport:
             return torch.empty(tuple(shape), dtype=dtype, device=device)
         return torch.empty(_layout(specs)[1], dtype=torch.uint8, device=device)
 
-    def _send_tensors(self, tensors: Sequence[torch.Tensor], peer: int, direction: int,
+    def _send_tensors(self, tensors: Sequence[torch.Tensor], peer: int,
                       microbatch: int, what: str) -> None:
         if tensors:
             body = tensors[0] if len(tensors) == 1 else pack(tensors)
-            self._isend(body, peer, _tag(direction, microbatch, 1), what)
+            self._isend(body, peer, self._out(peer, microbatch, 1), what)
 
     def _recv_tensors(self, specs: Sequence[tuple[torch.dtype, Sequence[int]]], peer: int,
-                      direction: int, microbatch: int, what: str) -> tuple[torch.Tensor, ...]:
+                      microbatch: int, what: str) -> tuple[torch.Tensor, ...]:
         if not specs:
             return ()
-        tag = _tag(direction, microbatch, 1)
+        tag = self._in(peer, microbatch, 1)
         buf = self._recv(None if (peer, tag) in self._posted
                          else self._recv_buffer(specs, self.device), peer, tag, what)
         return (buf,) if len(specs) == 1 else unpack(buf, specs)
@@ -235,10 +263,10 @@ class DistTransport:
         what = f"sending the activation of micro-batch {microbatch} to stage {peer}"
         template = (pickle.dumps(packet.template) if packet.template is not None else b"")
         header = encode_header(packet, len(template)).to(self.device)
-        self._isend(header, peer, _tag(0, microbatch, 0), what)
+        self._isend(header, peer, self._out(peer, microbatch, 0), what)
         if template:
             self._isend(torch.frombuffer(bytearray(template), dtype=torch.uint8).to(self.device),
-                        peer, _tag(0, microbatch, 3), what)
+                        peer, self._out(peer, microbatch, 3), what)
         tensors = [t.contiguous() for t in packet.tensors]
         body = (pack(tensors) if len(tensors) > 1 else tensors[0].reshape(-1).view(torch.uint8)
                 if tensors else torch.empty(0, dtype=torch.uint8, device=self.device))
@@ -247,36 +275,36 @@ class DistTransport:
             self._body_bytes[peer, microbatch] = body.numel()
         if posted is not None and body.numel() > posted:  # fill the posted receive, then send
             self._isend(torch.zeros(min(8, posted), dtype=torch.uint8, device=self.device),
-                        peer, _tag(0, microbatch, 1), what)
-            self._isend(body, peer, _tag(0, microbatch, 2), what)
+                        peer, self._out(peer, microbatch, 1), what)
+            self._isend(body, peer, self._out(peer, microbatch, 2), what)
         elif body.numel():
-            self._isend(body, peer, _tag(0, microbatch, 1), what)
+            self._isend(body, peer, self._out(peer, microbatch, 1), what)
         if self._training:  # the gradient comes back with the shapes of the tensors sent
             grads = [(t.dtype, list(t.shape)) for t, g in zip(tensors, packet.needs_grad,
                                                               strict=True) if g]
             if grads:
                 self._post(self._recv_buffer(grads, self.device), peer,
-                           _tag(1, microbatch, 1), f"posting the receive of the gradient of "
-                                                   f"micro-batch {microbatch}")
+                           self._in(peer, microbatch, 1),
+                           f"posting the receive of the gradient of micro-batch {microbatch}")
 
     def recv_activation(self, stage: int, peer: int, microbatch: int) -> Packet:
         what = f"receiving the activation of micro-batch {microbatch} from stage {peer}"
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
         is_tuple, specs, grads, template_bytes = read_header(
-            self._recv(header, peer, _tag(0, microbatch, 0), what))
+            self._recv(header, peer, self._in(peer, microbatch, 0), what))
         template = None
         if template_bytes:
             raw = self._recv(torch.empty(template_bytes, dtype=torch.uint8, device=self.device),
-                             peer, _tag(0, microbatch, 3), what)
+                             peer, self._in(peer, microbatch, 3), what)
             template = pickle.loads(raw.cpu().numpy().tobytes())
         nbytes = _layout(specs)[1] if len(specs) != 1 else _nbytes(*specs[0])
         posted = self._body_bytes.get((peer, microbatch)) or None
         if self.post_early:
             self._body_bytes[peer, microbatch] = nbytes
-        tag = _tag(0, microbatch, 1)
+        tag = self._in(peer, microbatch, 1)
         if posted is not None and nbytes > posted:  # the posted receive holds a filler
             self._recv(None, peer, tag, what)
-            tag = _tag(0, microbatch, 2)
+            tag = self._in(peer, microbatch, 2)
         if not nbytes:
             return Packet(tuple(torch.empty(tuple(shape), dtype=dtype, device=self.device)
                                 for dtype, shape in specs), is_tuple, grads, template)
@@ -287,12 +315,12 @@ class DistTransport:
 
     def send_grad(self, stage: int, peer: int, microbatch: int,
                   grads: tuple[torch.Tensor, ...]) -> None:
-        self._send_tensors(grads, peer, 1, microbatch,
+        self._send_tensors(grads, peer, microbatch,
                            f"sending the gradient of micro-batch {microbatch} to stage {peer}")
 
     def recv_grad(self, stage: int, peer: int, microbatch: int,
                   like: tuple[tuple[torch.Size, torch.dtype], ...]) -> tuple[torch.Tensor, ...]:
-        return self._recv_tensors([(dtype, list(shape)) for shape, dtype in like], peer, 1,
+        return self._recv_tensors([(dtype, list(shape)) for shape, dtype in like], peer,
                                   microbatch, f"receiving the gradient of micro-batch "
                                               f"{microbatch} from stage {peer}")
 

@@ -141,7 +141,7 @@ class Pipeline:
                                 f"distributed runner, which keeps a copy per rank)")
         recompute = [self.plan.recomputes(k) for k in range(self.plan.num_stages)]
         stages = graph_stages(graph, nodes, self.devices, recompute)
-        runner = LocalRunner(stages, self.plan.schedule, self.plan.microbatches)
+        runner = LocalRunner(stages, self.plan.build_schedule(), self.plan.microbatches)
         self._built[key] = _Built(graph, stages, runner)
         return self._built[key]
 

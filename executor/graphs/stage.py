@@ -21,7 +21,7 @@ sizes cross as they are). Gradients of a value sent to several stages are summed
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -220,8 +220,9 @@ class GraphStage:
 
 def graph_stages(graph: LayerGraph, nodes: Sequence[Sequence[int]],
                  devices: Sequence[str | torch.device], recompute: Sequence[bool] = (),
-                 only: int | None = None) -> list[GraphStage]:
-    """The stages holding layers ``nodes[k]`` (all of them, or only stage ``only``)."""
+                 only: Iterable[int] | None = None) -> list[GraphStage]:
+    """The stages holding layers ``nodes[k]`` (all of them, or only the stages ``only``, e.g.
+    those of one rank), in stage order."""
     stage_of = [0] * graph.num_layers
     for k, members in enumerate(nodes):
         for i in members:
@@ -229,6 +230,7 @@ def graph_stages(graph: LayerGraph, nodes: Sequence[Sequence[int]],
     sources, dests = route(graph, stage_of)
     big_k = len(nodes)
     flags = list(recompute) or [False] * big_k
+    chosen = set(range(big_k)) if only is None else set(only)
     return [GraphStage(k, graph, sorted(nodes[k]), devices[k], sources[k], dests[k],
                        k == big_k - 1, flags[k])
-            for k in range(big_k) if only is None or k == only]
+            for k in range(big_k) if k in chosen]

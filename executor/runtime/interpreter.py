@@ -11,16 +11,28 @@
     >>> interp.end().loss is not None
     True
 
-The runners only decide *where* actions run (one process, or one rank per stage); *what* runs and
-in which order is the schedule's. A stage's state between actions lives here: the inputs waiting
-for F, what B needs (the graph, or with re-materialisation only the input and the random state),
-and the tensors waiting to be sent. The loss of micro-batch i is weighted by b_i / B, so the
-summed loss and gradients are those of the whole batch under a mean-reduced loss.
+The runners only decide *where* actions run (one process, or one rank per schedule row); *what*
+runs and in which order is the schedule's. A stage's state between actions lives here: the inputs
+waiting for F, what B needs (the graph, or with re-materialisation only the input and the random
+state), the weight-gradient work waiting for W, and the tensors waiting to be sent. The loss of
+micro-batch i is weighted by b_i / B, so the summed loss and gradients are those of the whole
+batch under a mean-reduced loss.
+
+Split backward (``split``: the micro-batches whose backward the schedule runs as I then W, its
+``Schedule.split`` on this stage): the forward that B would run backward through runs under
+``splitgrad.deferring`` (at F; with re-materialisation, the replayed forward inside I), so I
+computes only the input gradients and leaves the linear layers' weight gradients in the
+micro-batch's ``WeightGrads``, which W applies::
+
+    F(k,i)  forward, deferring into store_i       (recompute: no graph, only input and rng)
+    I(k,i)  backward to the inputs; store_i fills  (recompute: replay under deferring first)
+    W(k,i)  store_i.run(): weight gradients accumulated into .grad
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -29,6 +41,7 @@ import torch
 from executor.runtime.batch import Batch, as_tuple, batch_size, check_batch, from_tuple, scatter
 from executor.runtime.batchnorm import DeferredBatchNorm
 from executor.runtime.recorder import Recorder
+from executor.runtime.splitgrad import WeightGrads, deferring
 from executor.runtime.stage import RngState, Stage  # noqa: F401 - Stage: for docs
 from partitioner.cost.model import split_microbatches
 from partitioner.schedule.ir import Action
@@ -128,21 +141,30 @@ class StageResult:
 
 @dataclass
 class _Saved:
-    """What B(k, i) needs: the stage input, and either the output (graph kept) or the random
-    state to replay the forward from."""
+    """What B(k, i) or I(k, i) needs: the stage input, and either the output (graph kept) or
+    the random state to replay the forward from; ``weights``: the store the forward deferred
+    its weight gradients into (a split micro-batch that did not re-materialise)."""
 
     inputs: Any
     output: Any
     rng: RngState | None
+    weights: WeightGrads | None = None
+
+
+def _deferring(store: WeightGrads | None) -> AbstractContextManager[Any]:
+    return deferring(store) if store is not None else nullcontext()
 
 
 class Interpreter:
-    """Runs the actions of ``stage`` (of ``num_stages``); a table maps each kind to its handler."""
+    """Runs the actions of ``stage`` (of ``num_stages``); a table maps each kind to its handler.
+    ``split``: the micro-batches whose backward runs as I and W on this stage (see the module
+    docstring); the others run B."""
 
     def __init__(self, stage: StageLike, num_stages: int, transport: Transport | None,
                  recorder: Recorder | None = None,
-                 batchnorm: DeferredBatchNorm | None = None) -> None:
+                 batchnorm: DeferredBatchNorm | None = None, split: Iterable[int] = ()) -> None:
         self.stage = stage
+        self.split = frozenset(split)
         self.graph = bool(getattr(stage, "is_graph", False))  # a GraphStage of a layer graph
         self.first = stage.index == 0
         self.last = stage.index == num_stages - 1
@@ -151,6 +173,7 @@ class Interpreter:
         self.batchnorm = batchnorm
         self.handlers: dict[str, Callable[[Action], None]] = {
             "F": self._forward, "B": self._backward,
+            "I": self._input_grad, "W": self._weight_grad,
             "SF": self._send_activation, "RF": self._recv_activation,
             "SB": self._send_grad, "RB": self._recv_grad,
         }
@@ -159,6 +182,9 @@ class Interpreter:
         self._clear()
 
     def _clear(self) -> None:
+        for store in getattr(self, "_weights", {}).values():
+            store.clear()  # an aborted step: drop the work, do not apply it
+        self._weights: dict[int, WeightGrads] = {}  # split micro-batches from I until W
         self._inbox: dict[int, Any] = {}
         self._outbox: dict[int, dict[int, Packet]] = {}
         self._out_meta: dict[int, dict[int, tuple[tuple[torch.Size, torch.dtype], ...]]] = {}
@@ -204,7 +230,8 @@ class Interpreter:
         """Finish the step; every micro-batch must have gone through."""
         left = {name: sorted(box) for name, box in (
             ("inputs not forwarded", self._inbox), ("outputs not sent", self._outbox),
-            ("backwards not run", self._saved), ("gradients not used", self._grad_in),
+            ("backwards not run", self._saved), ("weight gradients not run", self._weights),
+            ("gradients not used", self._grad_in),
             ("gradients not sent", self._grad_out)) if box}
         if left:
             raise RuntimeError(f"stage {self.stage.index} ended the step with " + "; ".join(
@@ -244,15 +271,17 @@ class Interpreter:
                 y = self.stage(x)
             self._emit(i, y)
             return
-        rng = self.stage.rng_state() if self.stage.recompute else None
-        with torch.set_grad_enabled(not self.stage.recompute):
+        recompute = self.stage.recompute
+        rng = self.stage.rng_state() if recompute else None
+        store = WeightGrads() if i in self.split and not recompute else None
+        with torch.set_grad_enabled(not recompute), _deferring(store):
             y = self.stage(x)
             loss = self._weighted_loss(self._result(y), i) if self.last else None
         if loss is not None:
             self._loss = loss.detach() if self._loss is None else self._loss + loss.detach()
-            self._saved[i] = _Saved(x, None if self.stage.recompute else loss, rng)
+            self._saved[i] = _Saved(x, None if recompute else loss, rng, store)
         else:
-            self._saved[i] = _Saved(x, None if self.stage.recompute else y, rng)
+            self._saved[i] = _Saved(x, None if recompute else y, rng, store)
             self._emit(i, y)
 
     def _emit(self, i: int, y: Any) -> None:
@@ -268,12 +297,36 @@ class Interpreter:
         self._out_meta[i] = {dst: p.grad_like for dst, p in packets.items()}
 
     def _backward(self, action: Action) -> None:
+        """B = I + W (a micro-batch whose forward deferred gets its W at once)."""
+        store = self._gradients(action)
+        if store is not None:
+            store.run()
+
+    def _input_grad(self, action: Action) -> None:
+        i = action.microbatch
+        if i not in self.split:
+            raise RuntimeError(f"action {action}: micro-batch {i} is not among the split ones "
+                               f"of stage {self.stage.index} ({sorted(self.split)}), so its "
+                               f"forward kept the weight gradients in the graph; give the "
+                               f"interpreter split= the micro-batches the schedule runs I and W "
+                               f"for on this stage (Schedule.split)")
+        store = self._gradients(action)
+        assert store is not None  # the forward, or its re-materialisation, deferred into it
+        self._weights[i] = store
+
+    def _weight_grad(self, action: Action) -> None:
+        self._take(self._weights, action, "the deferred weight-gradient work").run()
+
+    def _gradients(self, action: Action) -> WeightGrads | None:
+        """Backward of micro-batch i through the stage: every gradient, or with a deferring
+        forward the input gradients only; returns the store holding the deferred work."""
         i = action.microbatch
         saved: _Saved = self._take(self._saved, action, "the forward state")
-        output = saved.output
+        output, store = saved.output, saved.weights
         if output is None:  # re-materialise from the stage input, replaying the random state
             assert saved.rng is not None
-            with self.stage.replaying(saved.rng), torch.enable_grad():
+            store = WeightGrads() if i in self.split else None
+            with self.stage.replaying(saved.rng), torch.enable_grad(), _deferring(store):
                 output = self.stage(saved.inputs)
                 if self.last:
                     output = self._weighted_loss(self._result(output), i)
@@ -292,13 +345,14 @@ class Interpreter:
             if roots:
                 torch.autograd.backward(roots, root_grads)
         if self.first:
-            return
+            return store
         if self.graph:
             self._grad_out[i] = self.stage.input_grads(saved.inputs)
         else:
             leaves = [t for t in as_tuple(saved.inputs) if t.is_floating_point()]
             self._grad_out[i] = {self.stage.index - 1: tuple(
                 t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves)}
+        return store
 
     def _send_activation(self, action: Action) -> None:
         assert self.transport is not None

@@ -9,9 +9,13 @@
     >>> len(timeline.events)   # 3 x (F, B) per stage + 3 x (SF, RF, SB, RB)
     24
 
-The runner walks the lowered schedule in the order of its unit-time replay (``Schedule.clock``),
-which is the schedule's own order: the runner adds none. Tensors cross between stages through an
-in-process mailbox keyed by (kind, stage, micro-batch), copied to the receiving stage's device.
+The schedule is any the IR can say: a generator's name (``gpipe``, ``1f1b``, ``interleaved`` with
+``stages_per_rank``, ``zb-h1``, ``zbv``) or a ``Schedule`` (``plan.build_schedule()``, a
+synthesised one). The runner walks the lowered schedule in the order of its unit-time replay
+(``Schedule.clock``), which is the schedule's own order: the runner adds none; its placement of
+stages on ranks does not matter here, each stage keeps its own device. Tensors cross between
+stages through an in-process mailbox keyed by (kind, stage, micro-batch), copied to the receiving
+stage's device.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from partitioner.formats.timeline import Timeline
 from partitioner.schedule.generators import make_schedule
 from partitioner.schedule.ir import Action, Schedule, lower, validate
 
-__all__ = ["LocalRunner", "LocalTransport", "run_order"]
+__all__ = ["LocalRunner", "LocalTransport", "run_order", "runnable_schedule", "split_of"]
 
 FORWARD_KINDS = ("F", "SF", "RF")
 
@@ -49,6 +53,36 @@ def run_order(schedule: Schedule) -> list[Action]:
         validate(schedule)  # raises, naming the deadlock
         raise AssertionError("validate accepted a schedule that cannot run")
     return [a for row in rows for a in row if a is not None]
+
+
+def runnable_schedule(schedule: str | Schedule, stages: int, microbatches: int | None,
+                      stages_per_rank: int = 1) -> Schedule:
+    """The lowered, validated schedule a runner runs: ``schedule`` by name (built for K
+    ``stages``, M ``microbatches``, V ``stages_per_rank``) or as given (lowered here unless it
+    is), which must be for K stages (and M micro-batches when given)."""
+    if isinstance(schedule, str):
+        if microbatches is None:
+            raise ValueError(f"schedule {schedule!r} by name needs the number of micro-batches "
+                             f"M; give microbatches=, or pass a Schedule")
+        schedule = make_schedule(schedule, stages, microbatches, stages_per_rank)
+    elif not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a schedule's name or a Schedule, got "
+                        f"{type(schedule).__name__}")
+    problems = []
+    if schedule.stages != stages:
+        problems.append(f"it has K={schedule.stages} stages but the runner {stages}")
+    if microbatches is not None and schedule.microbatches != microbatches:
+        problems.append(f"it has M={schedule.microbatches} micro-batches but the runner was "
+                        f"given M={microbatches}")
+    if problems:
+        raise ValueError(f"schedule {schedule.name!r} does not fit: " + "; ".join(problems)
+                         + "; build the schedule for these stages (plan.build_schedule())")
+    return validate(schedule if schedule.is_lowered else lower(schedule))
+
+
+def split_of(schedule: Schedule, stage: int) -> frozenset[int]:
+    """The micro-batches whose backward ``schedule`` splits into I and W on ``stage``."""
+    return frozenset(i for k, i in schedule.split if k == stage)
 
 
 class LocalTransport:
@@ -96,21 +130,28 @@ class LocalTransport:
 
 
 class LocalRunner:
-    """Runs ``schedule`` ('gpipe' or '1f1b') with M micro-batches over ``stages`` in one
-    process; ``deferred_batchnorm`` updates BatchNorm statistics once per mini-batch."""
+    """Runs ``schedule`` (a name, with M ``microbatches`` and V ``stages_per_rank``, or a
+    ``Schedule``) over ``stages`` (stage k is ``stages[k]``) in one process;
+    ``deferred_batchnorm`` updates BatchNorm statistics once per mini-batch."""
 
-    def __init__(self, stages: Sequence[StageLike], schedule: str, microbatches: int,
-                 deferred_batchnorm: bool = False) -> None:
+    def __init__(self, stages: Sequence[StageLike], schedule: str | Schedule,
+                 microbatches: int | None = None, deferred_batchnorm: bool = False, *,
+                 stages_per_rank: int = 1) -> None:
         self.stages = list(stages)
         big_k = len(self.stages)
-        self.microbatches = microbatches
-        self.schedule = validate(lower(make_schedule(schedule, big_k, microbatches)))
+        wrong = [f"stages[{k}] is stage {s.index}" for k, s in enumerate(self.stages)
+                 if s.index != k]
+        if wrong:
+            raise ValueError(f"the stages must come in pipeline order: {', '.join(wrong)}")
+        self.schedule = runnable_schedule(schedule, big_k, microbatches, stages_per_rank)
+        self.microbatches = self.schedule.microbatches
         self.order = run_order(self.schedule)
         self.forward_order = [a for a in self.order if a.kind in FORWARD_KINDS]
         self.transport = LocalTransport([s.device for s in self.stages])
         self.interpreters = [
             Interpreter(s, big_k, self.transport, Recorder(s.device),
-                        DeferredBatchNorm(s.module) if deferred_batchnorm else None)
+                        DeferredBatchNorm(s.module) if deferred_batchnorm else None,
+                        split=split_of(self.schedule, s.index))
             for s in self.stages]
 
     def _run(self, order: Sequence[Action], data: StepData, training: bool) -> Timeline:

@@ -28,8 +28,10 @@ from executor.runtime.local import LocalRunner
 from executor.runtime.stage import Stage, build_layers
 from executor.runtime.ties import check_ties, tied_parameters
 from partitioner.formats.plan import Plan, PlanError, StagePlan, load_plan, plan_from_dict
+from partitioner.formats.plan_schedule import SYNTH
 from partitioner.formats.timeline import Timeline
 from partitioner.schedule.generators import SCHEDULES
+from partitioner.schedule.ir import Schedule
 from partitioner.schedule.recompute import RECOMPUTE_MODES
 
 __all__ = ["Pipeline", "as_plan", "check_devices", "executable_ranges", "manual_plan"]
@@ -49,12 +51,17 @@ def as_plan(plan: Plan | Mapping[str, object] | str | Path) -> Plan:
 def manual_plan(boundaries: Sequence[int] | None, microbatches: int, global_batch: int,
                 schedule: str = "gpipe", recompute: str = "never",
                 devices: Sequence[str] | None = None, *,
-                nodes: Sequence[Sequence[int]] | None = None, traced: bool = False) -> Plan:
+                nodes: Sequence[Sequence[int]] | None = None, traced: bool = False,
+                stages_per_rank: int | None = None, actions: Schedule | str | None = None
+                ) -> Plan:
     """A plan from explicit cut points ``(0, end_0, ..., L)``, without a profile: stage k runs
     layers [boundaries[k], boundaries[k+1]). Or, with ``nodes`` (and ``boundaries=None``),
     stage k runs the layers ``nodes[k]`` of a traced model. ``traced`` (implied by ``nodes``)
     marks the plan as one for a traced model (``executor.graphs``) rather than an
-    ``nn.Sequential``. For tests, demos and hand-made splits."""
+    ``nn.Sequential``. ``stages_per_rank``: V of ``interleaved`` (default 1; ``zbv``: 2).
+    ``actions``: a schedule of its own (a ``Schedule`` or its text, one line per rank), run
+    as the plan's ``synth`` schedule (``schedule`` is then ignored); V is read off it. For
+    tests, demos and hand-made splits."""
     if (boundaries is None) == (nodes is None):
         raise ValueError("give the stages either as boundaries or as nodes=, not "
                          + ("both" if nodes is not None else "neither"))
@@ -68,6 +75,13 @@ def manual_plan(boundaries: Sequence[int] | None, microbatches: int, global_batc
         cuts = list(boundaries)
         big_k = len(cuts) - 1
     devices = list(devices) if devices is not None else ["cpu"] * big_k
+    if actions is not None:
+        sched = actions if isinstance(actions, Schedule) else Schedule.parse(actions, SYNTH)
+        schedule, actions = SYNTH, str(sched)
+        counts = {sched.rank_of.count(r) for r in range(sched.ranks)}
+        stages_per_rank = min(counts) if stages_per_rank is None and counts else stages_per_rank
+    if stages_per_rank is None:
+        stages_per_rank = 2 if schedule == "zbv" else 1
     problems = []
     if nodes is not None:
         flat = sorted(i for n in sets for i in n)
@@ -79,7 +93,7 @@ def manual_plan(boundaries: Sequence[int] | None, microbatches: int, global_batc
                         f"(e.g. [0, 3, 7] for two stages of a 7-layer model)")
     if len(devices) != max(big_k, 0):
         problems.append(f"{len(devices)} devices for K={big_k} stages; give one per stage")
-    if schedule not in SCHEDULES:
+    if schedule not in SCHEDULES and actions is None:
         problems.append(f"schedule {schedule!r} is not one of {SCHEDULES}")
     if recompute not in RECOMPUTE_MODES:
         problems.append(f"recompute {recompute!r} is not one of {RECOMPUTE_MODES}")
@@ -93,8 +107,13 @@ def manual_plan(boundaries: Sequence[int] | None, microbatches: int, global_batc
     else:
         stages = tuple(StagePlan((cuts[k], cuts[k + 1]), devices[k]) for k in range(big_k))
     trace = {"tracer": "auto"} if traced or nodes is not None else {}
-    return Plan("manual", "", "", cuts[-1], global_batch, microbatches, schedule, recompute,
-                stages, trace=trace)
+    plan = Plan("manual", "", "", cuts[-1], global_batch, microbatches, schedule, recompute,
+                stages, trace=trace, stages_per_rank=stages_per_rank, actions=actions)
+    try:
+        plan.build_schedule()
+    except ValueError as exc:
+        raise ValueError(f"cannot make the plan: its schedule: {exc}") from None
+    return plan
 
 
 def executable_ranges(plan: Plan, num_layers: int) -> list[tuple[int, int]]:
@@ -141,8 +160,8 @@ class Pipeline:
         self.stages = [Stage(k, build_layers(model, *rng), self.devices[k],
                              recompute=self.plan.recomputes(k))
                        for k, rng in enumerate(ranges)]
-        self.runner = LocalRunner(self.stages, self.plan.schedule, self.plan.microbatches,
-                                  deferred_batchnorm)
+        self.runner = LocalRunner(self.stages, self.plan.build_schedule(),
+                                  self.plan.microbatches, deferred_batchnorm)
         self.last_timeline: Timeline | None = None
 
     def train_step(self, inputs: Batch, targets: Batch, loss_fn: LossFn) -> torch.Tensor:

@@ -1,7 +1,7 @@
-"""``partition-model run``: train a plan with one rank per stage.
+"""``partition-model run``: train a plan with one rank per row of its schedule (per stage when V = 1).
 
     $ partition-model run --job executor.workloads.jobs:translation --plan plan.json \\
-          --steps 30 --trace measured.json          # K local CPU ranks (gloo, 127.0.0.1)
+          --steps 30 --trace measured.json          # R local CPU ranks (gloo, 127.0.0.1)
     $ torchrun --nproc-per-node 4 -m partitioner.cli run --job mypkg.train:job \\
           --plan plan.json --steps 100              # one rank per GPU or node
 
@@ -23,8 +23,9 @@ DEFAULT_JOB = "executor.workloads.jobs:demo"
 def main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(
         prog="partition-model run",
-        description="Train a gpipe-plan/1 plan with one rank per stage. Under torchrun each "
-                    "process runs its stage; run directly, it spawns K local CPU ranks.")
+        description="Train a gpipe-plan/1 plan with one rank per row of its schedule (R = K / V "
+                    "ranks for V stages per rank). Under torchrun each process runs its row; "
+                    "run directly, it spawns R local CPU ranks.")
     p.add_argument("--job", default=DEFAULT_JOB, metavar="MODULE:FUNCTION",
                    help="function returning an executor Job (default: a demo MLP)")
     p.add_argument("--plan", required=True, help="plan file (gpipe-plan/1 JSON)")

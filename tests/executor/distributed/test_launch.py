@@ -28,14 +28,18 @@ def plan_path(tmp_path: Path) -> Path:
 
 @pytest.mark.timeout(120)
 def test_spawns_local_ranks_and_writes_the_measured_trace(
-        plan_path: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    # interleaved, two stages per rank: K=4 stages on R=2 ranks
+    plan_path = tmp_path / "interleaved.json"
+    save_plan(manual_plan([0, 2, 4, 5, 7], 4, 16, "interleaved", "except_last",
+                          stages_per_rank=2), plan_path)
     trace = tmp_path / "measured.json"
     assert main(["run", "--plan", str(plan_path), "--steps", "3", "--trace", str(trace)]) == 0
     out = capfd.readouterr().out
     assert "step 2: loss" in out and "trained 3 steps on 2 local ranks" in out
     tl = load_chrome_trace(trace)
-    assert tl.kind == "measured" and tl.stages == 2
-    assert sum(e.action.kind in "FB" for e in tl.events) == 2 * 2 * 4
+    assert tl.kind == "measured" and tl.stages == 4
+    assert sum(e.action.kind in "FB" for e in tl.events) == 4 * 2 * 4
 
 
 @pytest.mark.timeout(120)

@@ -1,9 +1,11 @@
 """The distributed runner against the plain model (the oracle), on local gloo ranks.
 
 Spawning is slow, so one group of 4 ranks runs every configuration: for K = 1..4 the first K
-ranks form the pipeline (a subgroup) and loop over M, recompute and schedule; the test process
-compares what each rank returns with the plain model. Faults get their own small groups, and so
-does the ordered transport (NCCL's: it needs the whole world), run on gloo with the tags dropped.
+ranks form the pipeline (a subgroup) and loop over M, recompute and schedule; then the first R
+ranks run the schedules with several stages per rank or a split backward (``SPREAD``); the test
+process compares what each rank returns with the plain model. Faults get their own small
+groups, and so does the ordered transport (NCCL's: it needs the whole world), run on gloo with
+the tags dropped.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from executor.distributed.spawn import RankFailure, spawn_local
 from executor.distributed.transport import PeerError, decode_header, encode_header, pack, unpack
 from executor.runtime.interpreter import Packet
 from executor.runtime.pipeline import manual_plan
-from partitioner.formats.plan import PlanError
+from partitioner.formats.plan import Plan, PlanError
 from tests import toy_models as em
+from tests.synthetic import listed_schedule
 
 B, STEPS, LR = 8, 5, 0.1
 CONFIGS = list(itertools.product((1, 2, 3, 5, 8), ("never", "always", "except_last"),
@@ -39,17 +42,45 @@ MODELS: dict[str, tuple[Any, int, Any, Any]] = {
 }
 
 
+# Several stages per rank and split backwards, on the first R ranks: (R, K, schedule, recompute,
+# models), each with B=7 samples in M=3 micro-batches (3, 2, 2). "listed" is list-scheduled from
+# unequal stage times in the V shape (tests.synthetic).
+SPREAD_B, SPREAD_M = 7, 3
+SPREAD: list[tuple[int, int, str, str, tuple[str, ...]]] = [
+    (1, 2, "zbv", "except_last", ("mlp",)),  # both stages on one rank: only the mailbox
+    (2, 4, "interleaved", "never", ("mlp", "gpt")),
+    (2, 4, "interleaved", "always", ("mlp",)),
+    (2, 4, "zbv", "except_last", ("mlp", "gpt")),
+    (2, 4, "zbv", "always", ("gpt",)),
+    (2, 2, "zb-h1", "always", ("mlp", "gpt")),
+    (2, 4, "listed", "never", ("mlp", "gpt")),
+    (3, 3, "zb-h1", "except_last", ("gpt",)),
+    (3, 6, "zbv", "never", ("mlp",)),
+    (4, 4, "zb-h1", "never", ("mlp",)),
+]
+
+
 def cuts(num_layers: int, stages: int) -> list[int]:
     return [round(k * num_layers / stages) for k in range(stages + 1)]
 
 
+def spread_plan(name: str, stages: int, schedule: str, recompute: str) -> Plan:
+    num_layers = MODELS[name][1]
+    actions = listed_schedule(stages, SPREAD_M) if schedule == "listed" else None
+    per_rank = 2 if schedule == "interleaved" else None
+    return manual_plan(cuts(num_layers, stages), SPREAD_M, SPREAD_B, schedule, recompute,
+                       stages_per_rank=per_rank, actions=actions)
+
+
 def _train(name: str, stages: int, config: tuple[int, str, str], group: Any, *,
-           samples: int = B, transport: Any = "auto") -> dict[str, Any]:
-    """STEPS SGD steps of one configuration on this rank's stage, on a batch of ``samples``:
-    the first step's loss and gradients, the parameters at the end."""
+           samples: int = B, transport: Any = "auto", plan: Plan | None = None
+           ) -> dict[str, Any]:
+    """STEPS SGD steps of one configuration (or of ``plan``) on this rank's stages, on a
+    batch of ``samples``: the first step's loss and gradients, the parameters at the end."""
     factory, num_layers, batch, loss_fn = MODELS[name]
     m, recompute, schedule = config
-    plan = manual_plan(cuts(num_layers, stages), m, samples, schedule, recompute)
+    if plan is None:
+        plan = manual_plan(cuts(num_layers, stages), m, samples, schedule, recompute)
     runner = DistributedRunner(factory, plan, num_layers=num_layers, group=group,
                                transport=transport)
     params = runner.parameters()  # a stage of parameter-free layers has none
@@ -69,6 +100,7 @@ def _train(name: str, stages: int, config: tuple[int, str, str], group: Any, *,
     out["params"] = {n: p.detach().clone() for n, p in runner.module.named_parameters()}
     out["forward"] = runner.forward(x)
     out["posted_early"] = runner.transport.post_early
+    out["stages"] = runner.stage_indices
     return out
 
 
@@ -86,6 +118,8 @@ def _errors(group: Any) -> dict[str, str]:
                                                group=group, transport="tagged"),  # type: ignore[arg-type]
         "ordered": lambda: DistributedRunner(em.mlp_layer, manual_plan([0, 3, 7], 2, B),
                                              group=group, transport="ordered"),
+        "rows": lambda: DistributedRunner(em.mlp_layer, manual_plan(cuts(7, 6), 2, B, "zbv"),
+                                          group=group),
     }
     for key, make in cases.items():
         try:
@@ -152,6 +186,13 @@ def _sweep_rank() -> dict[Any, Any]:
                 for config in configs:
                     results[name, stages, config] = _train(name, stages, config, group)
             results["seconds", stages] = time.perf_counter() - start
+            for ranks, big_k, schedule, recompute, names in SPREAD:
+                if ranks != stages:
+                    continue
+                for name in names:
+                    plan = spread_plan(name, big_k, schedule, recompute)
+                    results["spread", big_k, schedule, recompute, name] = _train(
+                        name, big_k, (0, "", ""), group, samples=SPREAD_B, plan=plan)
             if stages == 2:
                 results["errors"] = _errors(group)
                 results["timeline"] = _timeline(group)
@@ -190,18 +231,21 @@ def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> bool:
     return float((a - b).norm()) <= rtol * max(float(b.norm()), 1e-12)
 
 
-def check_transparent(ranks: list[dict[str, Any]], oracle: dict[str, Any], where: str) -> None:
-    """What the ranks of one configuration returned (``_train``) against the plain model."""
-    assert ranks[-1]["loss"] == pytest.approx(oracle["loss"], rel=1e-5), where
-    assert all(r["loss"] is None for r in ranks[:-1]), where
+def check_transparent(ranks: list[dict[str, Any]], oracle: dict[str, Any], where: str,
+                      last: int = -1) -> None:
+    """What the ranks of one configuration returned (``_train``) against the plain model;
+    ``ranks[last]`` runs the last stage."""
+    last = last % len(ranks)
+    assert ranks[last]["loss"] == pytest.approx(oracle["loss"], rel=1e-5), where
+    assert all(r["loss"] is None for j, r in enumerate(ranks) if j != last), where
     grads = {n: g for r in ranks for n, g in r["grads"].items()}
     params = {n: p for r in ranks for n, p in r["params"].items()}
     assert grads.keys() == oracle["grads"].keys(), where  # every layer on exactly one rank
     for n, g in oracle["grads"].items():
         assert close(grads[n], g), f"{where}: gradient of {n}"
         assert close(params[n], oracle["params"][n]), f"{where}: {n} after {STEPS} steps"
-    assert all(r["forward"] is None for r in ranks[:-1])
-    assert close(ranks[-1]["forward"], oracle["forward"]), where
+    assert all(r["forward"] is None for j, r in enumerate(ranks) if j != last)
+    assert close(ranks[last]["forward"], oracle["forward"]), where
 
 
 @pytest.mark.timeout(600)
@@ -214,6 +258,22 @@ def test_transparent_against_the_plain_model(sweep: list[dict[Any, Any]], name: 
         ranks = [sweep[r][name, stages, config] for r in range(stages)]
         assert all(r["posted_early"] for r in ranks)  # gloo's default
         check_transparent(ranks, oracle, f"{name} K={stages} M, recompute, schedule = {config}")
+
+
+@pytest.mark.timeout(600)
+def test_several_stages_per_rank_and_split_backwards_are_transparent(
+        sweep: list[dict[Any, Any]]) -> None:
+    oracles = {name: _oracle(name, SPREAD_B) for name in MODELS}
+    for big_r, big_k, schedule, recompute, names in SPREAD:
+        for name in names:
+            plan = spread_plan(name, big_k, schedule, recompute)
+            sched = plan.build_schedule()
+            ranks = [sweep[r]["spread", big_k, schedule, recompute, name] for r in range(big_r)]
+            assert [r["stages"] for r in ranks] == [
+                [k for k in range(big_k) if sched.rank_of[k] == r] for r in range(big_r)]
+            assert all(r["posted_early"] for r in ranks)
+            check_transparent(ranks, oracles[name], f"{name} R={big_r} K={big_k} {schedule} "
+                                                    f"{recompute}", last=sched.rank_of[-1])
 
 
 @pytest.mark.timeout(600)
@@ -244,6 +304,8 @@ def test_bad_input_fails_before_any_work(sweep: list[dict[Any, Any]]) -> None:
             "transport"]
         assert "the ordered transport the pipeline must span the whole world" in errors[
             "ordered"]
+        assert "the world has 2 ranks but the plan has K=6 stages on R=3 ranks, V=2 per " \
+               "rank; start one rank per row of its schedule" in errors["rows"]
     assert "B=3 samples but the plan splits it into M=4" in sweep[0]["errors"]["batch"]
 
 
@@ -283,6 +345,7 @@ def test_a_rank_leaving_the_barrier_late_stays_on_the_common_clock(
 
 ORDERED_B = 7  # not a multiple of M: micro-batches of unequal sizes
 ORDERED_CONFIGS = list(itertools.product((2, 3, 5), ("never",), ("gpipe", "1f1b")))
+ORDERED_SPREAD = [("mlp", 4, "interleaved", "always"), ("gpt", 4, "zbv", "never")]  # on 2 ranks
 
 
 def _drop_tags(log: dict[tuple[str, int, int], list[int]],
@@ -315,7 +378,12 @@ def _ordered_rank(stages: int, transport: str) -> dict[Any, Any]:
         for config in ORDERED_CONFIGS:
             results[name, config] = _train(name, stages, config, None, samples=ORDERED_B,
                                            transport=transport)
-    results["log"], results["carriers"] = log, carriers
+    results["log"] = {key: list(sizes) for key, sizes in log.items()}
+    results["carriers"] = set(carriers)
+    for name, big_k, schedule, recompute in ORDERED_SPREAD if stages == 2 else ():
+        plan = spread_plan(name, big_k, schedule, recompute)  # several pair groups per two ranks
+        results[name, schedule] = _train(name, big_k, (0, "", ""), None, samples=SPREAD_B,
+                                         transport=transport, plan=plan)
     return results
 
 
@@ -342,6 +410,11 @@ def test_ordered_transport_is_transparent_when_messages_match_by_order_alone(
     for src, dst in pairs:
         sent = logs[("send", src, dst)]
         assert len(sent) > 0 and sent == logs[("recv", src, dst)], (src, dst)
+    for name, big_k, schedule, recompute in ORDERED_SPREAD if stages == 2 else ():
+        oracle = _oracle(name, SPREAD_B)
+        last = spread_plan(name, big_k, schedule, recompute).build_schedule().rank_of[-1]
+        check_transparent([r[name, schedule] for r in ranks], oracle,
+                          f"ordered {name} K={big_k} {schedule} {recompute}", last=last)
 
 
 @pytest.mark.timeout(120)

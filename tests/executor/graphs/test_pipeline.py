@@ -52,6 +52,27 @@ def test_graph_plans_train_as_the_plain_model(name: str) -> None:
     assert not failures, "\n".join(failures)
 
 
+def test_split_backward_and_the_v_shape_train_as_the_plain_model() -> None:
+    # tiny GPT-2: its Conv1D layers (addmm) leave their weight gradients to W; in the V shape
+    # the tied embedding and LM head are on stages 0 and 3, which the runner keeps on one device
+    w = build_graph_model("tiny-gpt2", batch=7)
+    L = _layers("tiny-gpt2")
+    failures = []
+    for schedule, k, recompute in (("zb-h1", 2, "always"), ("zbv", 4, "except_last")):
+        model = copy.deepcopy(w.model)
+        loss0, want = plain_step(model, w.sample, w.target, w.loss_fn, 3)
+        pipe = Pipeline(model, manual_plan(None, 3, 7, schedule, recompute,
+                                           nodes=balanced_nodes(L, k)))
+        loss = float(pipe.train_step(w.sample, w.target, w.loss_fn))
+        assert pipe.last_timeline is not None
+        kinds = {e.action.kind for e in pipe.last_timeline.events}
+        problems = grad_problems(model_grads(model), want)
+        if abs(loss - loss0) > 1e-5 * abs(loss0) or problems or not {"I", "W"} <= kinds:
+            failures.append(f"{schedule} K={k} {recompute}: loss {loss} vs {loss0}; "
+                            f"{problems[:3]}; kinds {sorted(kinds)}")
+    assert not failures, "\n".join(failures)
+
+
 @pytest.mark.parametrize("name", ["tiny-resnet", "tiny-unet"])
 def test_eval_mode_forward_equals_the_whole_batch(name: str) -> None:
     w = build_graph_model(name, batch=B)

@@ -22,7 +22,7 @@ def one_stage(recompute: bool = False) -> Interpreter:
 
 def test_dispatch_table_covers_the_ir_and_rejects_the_rest() -> None:
     interp = one_stage()
-    assert set(interp.handlers) == {"F", "B", "SF", "RF", "SB", "RB"}
+    assert set(interp.handlers) == {"F", "B", "I", "W", "SF", "RF", "SB", "RB"}
     with pytest.raises(ValueError, match="kind 'X' has no handler; the executor runs kinds F, B"):
         interp.run(Action("X", 0, 0))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="belongs to stage 1"):
@@ -77,3 +77,50 @@ def test_recompute_replays_dropout_exactly(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(Stage, "rng_state", lambda self: other)
     drifted = _dropout_run("always")
     assert any(not torch.allclose(drifted[n], g) for n, g in kept.items())
+
+
+# -- split backward: I leaves the linear layers' weight gradients to W -----------------------------
+
+def _split_step(recompute: bool, kinds: str) -> tuple[Interpreter, list[torch.Tensor | None]]:
+    """One stage, one micro-batch, backward split: run F, I (and W when ``kinds`` says so);
+    the weight gradient of the first linear layer after each action."""
+    interp = Interpreter(Stage(0, [(0, em.mlp_layer(0)), (1, nn.Tanh()), (2, nn.Linear(16, 4))],
+                               "cpu", recompute), 1, transport=None, split=[0])
+    x, y = em.mlp_batch(4)
+    interp.begin(StepData.split(x, y, 1, nn.functional.mse_loss))
+    seen = []
+    for kind in kinds:
+        interp.run(Action(kind, 0, 0))  # type: ignore[arg-type]
+        weight = interp.stage.module[0].weight.grad
+        seen.append(None if weight is None else weight.clone())
+    return interp, seen
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_input_gradient_then_weight_gradient_equals_the_full_backward(recompute: bool) -> None:
+    interp, seen = _split_step(recompute, "FIW")
+    assert seen[1] is None  # after I: the weight gradient waits for W ...
+    interp.end()
+    plain = Stage(0, [(0, em.mlp_layer(0)), (1, nn.Tanh()), (2, nn.Linear(16, 4))], "cpu")
+    plain.module[2].load_state_dict(interp.stage.module[2].state_dict())
+    x, y = em.mlp_batch(4)
+    nn.functional.mse_loss(plain(x), y).backward()
+    for got, want in zip(interp.stage.parameters(), plain.parameters(), strict=True):
+        assert got.grad is not None and want.grad is not None
+        assert torch.allclose(got.grad, want.grad, rtol=1e-6, atol=1e-7)  # ... and W gives it
+
+
+def test_a_weight_gradient_never_run_or_a_split_the_stage_was_not_told_of_is_an_error() -> None:
+    interp, _ = _split_step(False, "FI")
+    with pytest.raises(RuntimeError, match=r"weight gradients not run: micro-batches \[0\]"):
+        interp.end()
+    interp, _ = _split_step(False, "F")
+    with pytest.raises(RuntimeError, match="action 0W0: the deferred weight-gradient work"):
+        interp.run(Action("W", 0, 0))
+    plain = one_stage()
+    x, y = em.mlp_batch(4)
+    plain.begin(StepData.split(x, y, 1, nn.functional.mse_loss))
+    plain.run(Action("F", 0, 0))
+    with pytest.raises(RuntimeError, match=r"not among the split ones .* give the interpreter "
+                                           r"split="):
+        plain.run(Action("I", 0, 0))
