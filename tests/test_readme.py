@@ -33,6 +33,7 @@ def test_subcommands_named_in_readme_exist() -> None:
     named = set(re.findall(r"partition-model ([a-z][a-z-]+)", README))
     words = {"--profile", "run", "search"}  # the first argument after partition-model
     assert named & words
-    assert named - {"calibrate", "compare", "profile", "profile-graph", "run", "search",
+    assert named - {"calibrate", "compare", "export-schedule", "profile", "profile-graph", "run",
+                    "search",
                     "simulate", "plan"} <= {"command"}, named
     assert set(COMMANDS) >= named - {"command"}

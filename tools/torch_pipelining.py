@@ -43,7 +43,7 @@ from executor.runtime.allocator import keep_freed_memory
 from partitioner.schedule.torchcsv import from_torch_csv
 
 __all__ = ["CSV", "RANKS", "SCHEDULES", "equal_block_cuts", "equal_block_split",
-           "median_step_ms", "placement", "split", "torch_default_ms"]
+           "median_step_ms", "placement", "rank_step_times", "split", "torch_default_ms"]
 
 #: torch's schedule classes this helper runs, and how many stages each puts on a rank
 #: (None: any number, stage k on rank k mod R).
@@ -131,8 +131,9 @@ def _make(schedule: str, stages: list[Any], m: int, loss_fn: LossFn, csv: str | 
     return runtime
 
 
-def _rank(modules: list[nn.Module], schedule: str, m: int, batch: tuple[torch.Tensor, ...],
-          loss_fn: LossFn, csv: str | None, steps: int) -> list[float]:
+def rank_step_times(modules: list[nn.Module], schedule: str, m: int,
+                    batch: tuple[torch.Tensor, ...], loss_fn: LossFn, csv: str | None,
+                    steps: int) -> list[float]:
     """On one rank: its stages, ``steps`` timed steps after one warm-up; seconds each."""
     from torch.distributed.pipelining import PipelineStage
 
@@ -175,8 +176,9 @@ def median_step_ms(stages: Sequence[nn.Module], schedule: str, microbatches: int
     if microbatches < 1 or b % microbatches:
         raise ValueError(f"batch of {b} cannot go into M={microbatches} equal micro-batches; "
                          f"torch's stages infer every message's shape from micro-batch 0")
-    times = spawn_local(_rank, RANKS, (list(stages), schedule, microbatches, batch, loss_fn,
-                                       csv, steps), threads=1, timeout_s=timeout_s)
+    times = spawn_local(rank_step_times, RANKS, (list(stages), schedule, microbatches, batch,
+                                                 loss_fn, csv, steps),
+                        threads=1, timeout_s=timeout_s)
     return float(statistics.median(times[0])) * 1e3
 
 
