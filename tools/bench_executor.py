@@ -214,6 +214,8 @@ def ranks_main(plans: dict[tuple[str, int], Plan], default_cut: int, steps: int,
             out.setdefault(("torch-default", m), []).extend(
                 _torch([0, default_cut, 2 * BLOCKS + 2], "ScheduleGPipe", m, steps))
             for name, cls, stages in TORCH:
+                if m < stages and cls != "ScheduleGPipe":
+                    continue  # torch's other schedules need at least one micro-batch per stage
                 split = _cuts(plans["gpipe" if stages == 2 else "interleaved", m])
                 out.setdefault((name, m), []).extend(_torch(split, cls, m, steps))
         if dist.get_rank() == 0:
@@ -259,7 +261,8 @@ def main() -> None:
     ours_names = [f"ours-{s}" for s, _ in SCHEDULES]
     torch_names = [name for name, _, _ in TORCH]
     names = [*ours_names, "torch-default", *torch_names]
-    rate = {name: {m: BATCH / min(times[name, m]) for m in MICROBATCHES} for name in names}
+    rate = {name: {m: BATCH / min(times[name, m]) for m in MICROBATCHES if (name, m) in times}
+            for name in names}
     # the same micro-batches in one process, and what K ranks could reach with it: stages of
     # exactly equal work, free messages, the bubble of GPipe/1F1B ((K-1)/M of a stage's work)
     micro = {m: BATCH / min(times["single", m]) for m in MICROBATCHES}
@@ -271,7 +274,8 @@ def main() -> None:
           + "   (samples/s, fastest step)")
     print(f"{'single':<16}" + f"{BATCH / base:>9.1f}")
     for name, r in {"single-M": micro, **rate, "balanced-bound": bound}.items():
-        print(f"{name:<16}" + "".join(f"{r[m]:>9.1f}" for m in MICROBATCHES))
+        print(f"{name:<16}" + "".join(f"{r[m]:>9.1f}" if m in r else f"{'-':>9}"
+                                      for m in MICROBATCHES))
     print("(single-M: one process doing the step as M micro-batches; balanced-bound: K ranks "
           "on that work with equal stages, free messages and the (K-1)/M bubble)")
     best = {name: max(r.values()) for name, r in rate.items()}
