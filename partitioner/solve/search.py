@@ -254,7 +254,7 @@ def _layouts(num_layers: int, devices: int,
     """(K, schedule, V) for R in 1..devices ranks: K = R x V <= the layers; several stages
     per rank only with at least 2 ranks (on one rank they are one stage in pieces)."""
     out = []
-    for ranks in range(1, devices + 1):
+    for ranks in range(1, min(devices, num_layers) + 1):  # a rank needs a layer
         for sched in schedules:
             for v in _STAGES_PER_RANK[sched]:
                 if ranks * v <= num_layers and (v == 1 or ranks > 1):
