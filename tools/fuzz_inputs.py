@@ -371,7 +371,9 @@ def main() -> int:
     p.add_argument("--cases", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
-    p.add_argument("--timeout-s", type=float, default=10.0, help="a case longer is a hang")
+    p.add_argument("--timeout-s", type=float, default=20.0,
+                   help="a case longer is a hang (default 20: a case that trains on two "
+                        "spawned ranks takes 5 s alone, over 10 s on a loaded machine)")
     p.add_argument("--quiet", action="store_true", help="print only crashes and the totals")
     args = p.parse_args()
     ctx = mp.get_context("spawn")
@@ -396,7 +398,11 @@ def main() -> int:
                 w[2], w[3] = todo.pop(), time.monotonic()
                 w[1].send(w[2])
             elif w[2] is not None and w[1].poll(0.01):
-                index, kind, outcome, detail, secs = w[1].recv()
+                try:
+                    index, kind, outcome, detail, secs = w[1].recv()
+                except (EOFError, OSError):  # it died without a word: the case crashed it
+                    index, kind, outcome, detail, secs = w[2], "?", "crash", "worker died", 0.0
+                    w[0].join(5)
                 counts[outcome] += 1
                 kinds[kind, outcome] += 1
                 if outcome == "crash":
@@ -405,6 +411,9 @@ def main() -> int:
                 elif not args.quiet and index % 500 == 0:
                     print(f"case {index} ({kind}, {secs:.2f} s): {outcome}: {detail}", flush=True)
                 w[2] = None
+                if detail.startswith("hang") or detail == "worker died":
+                    w[0].join(10)  # it killed itself (or died): never hand it the next case
+                    workers[slot] = start()
             elif w[2] is not None and time.monotonic() - w[3] > args.timeout_s + 20:
                 counts["crash"] += 1  # the worker did not even answer: kill it and its children
                 crashes.append(f"case {w[2]}: hang (worker unresponsive)")

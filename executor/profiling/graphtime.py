@@ -158,7 +158,7 @@ def _one_pass(graph: LayerGraph, inputs: Mapping[str, Any], cuts: list[list[str]
     for i in range(big_l):
         if i > 0:
             _alias_cut(env, cuts[i], at_cut[i], clock)
-        with deferring(stores[i]) if stores is not None else nullcontext():
+        with deferring(stores[i], graph.layers[i].module) if stores is not None else nullcontext():
             fwd_marks.append(clock.mark())
             out = _run(graph, env, i)
             fwd_marks.append(clock.mark())

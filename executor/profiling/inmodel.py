@@ -158,7 +158,7 @@ def _one_pass(layers: list[nn.Module], x: Batch, clock: Clock,
     for i, layer in enumerate(layers):
         if i > 0:
             h = _alias(h, at_node[i], clock)
-        with deferring(stores[i]) if stores is not None else nullcontext():
+        with deferring(stores[i], layer) if stores is not None else nullcontext():
             fwd_marks.append(clock.mark())
             h = as_batch(layer(h), f"the output of layer {i}")
             fwd_marks.append(clock.mark())

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 import torch
+from torch import nn
 
 from executor.runtime.batch import Batch, as_tuple, batch_size, check_batch, from_tuple, scatter
 from executor.runtime.batchnorm import DeferredBatchNorm
@@ -151,8 +152,8 @@ class _Saved:
     weights: WeightGrads | None = None
 
 
-def _deferring(store: WeightGrads | None) -> AbstractContextManager[Any]:
-    return deferring(store) if store is not None else nullcontext()
+def _deferring(store: WeightGrads | None, modules: nn.Module) -> AbstractContextManager[Any]:
+    return deferring(store, modules) if store is not None else nullcontext()
 
 
 class Interpreter:
@@ -274,7 +275,7 @@ class Interpreter:
         recompute = self.stage.recompute
         rng = self.stage.rng_state() if recompute else None
         store = WeightGrads() if i in self.split and not recompute else None
-        with torch.set_grad_enabled(not recompute), _deferring(store):
+        with torch.set_grad_enabled(not recompute), _deferring(store, self.stage.module):
             y = self.stage(x)
             loss = self._weighted_loss(self._result(y), i) if self.last else None
         if loss is not None:
@@ -326,7 +327,7 @@ class Interpreter:
         if output is None:  # re-materialise from the stage input, replaying the random state
             assert saved.rng is not None
             store = WeightGrads() if i in self.split else None
-            with self.stage.replaying(saved.rng), torch.enable_grad(), _deferring(store):
+            with self.stage.replaying(saved.rng), torch.enable_grad(), _deferring(store, self.stage.module):
                 output = self.stage(saved.inputs)
                 if self.last:
                     output = self._weighted_loss(self._result(output), i)

@@ -47,10 +47,12 @@ def _assert_close(got: dict[str, Tensor | None], want: dict[str, Tensor | None],
 
 
 def split_matches_full(model: nn.Module, x: Tensor, deferred: set[str],
-                       loss_of: LossOf = _sum_sq) -> WeightGrads:
+                       loss_of: LossOf = _sum_sq, within: bool | None = None) -> WeightGrads:
     """F under deferral, I, W on ``model`` vs a full backward on a copy: after I exactly the
     ``deferred`` parameters lack their gradient and the input gradient is already the full
-    one; after W every gradient is. Returns the (empty) store."""
+    one; after W every gradient is. Returns the (empty) store. ``within``: the forward runs
+    under ``deferring(store, model)``, and must (True) or must not (False) do so without the
+    mode; None: ``deferring(store)``."""
     assert all(p.grad is None for p in model.parameters())
     plain = copy.deepcopy(model)
     x_plain = x.detach().clone().requires_grad_(x.requires_grad)
@@ -58,8 +60,12 @@ def split_matches_full(model: nn.Module, x: Tensor, deferred: set[str],
     want = _grads(plain)
 
     store = WeightGrads()
-    with deferring(store):
+    own_forwards = [m for m in model.modules() if "forward" in vars(m)]
+    with deferring(store, None if within is None else model):
+        moded = torch._C._is_torch_function_mode_enabled()
         loss = loss_of(model, x)
+    assert moded == (within is not True)
+    assert [m for m in model.modules() if "forward" in vars(m)] == own_forwards  # restored
     torch.autograd.backward(loss)  # I
     after_i = _grads(model)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -272,6 +278,72 @@ def test_autocast_bfloat16_matches_a_plain_autocast_backward() -> None:
         assert out.dtype == torch.bfloat16
         return out.float().square().sum()
     split_matches_full(model, x, _linear_params(model), loss_of)
+
+
+def _mha() -> nn.Module:
+    return nn.MultiheadAttention(8, 2, batch_first=True)
+
+
+@pytest.mark.parametrize("case", ["mlp", "gpt-tiny", "conv", "twice", "fx", "functional",
+                                  "mha", "exported"])
+def test_within_its_modules_the_fast_way_defers_the_same(case: str) -> None:
+    """With the forward's modules, nn.Linear-only models swap the linears' forwards (no mode)
+    and defer the same parameters; anything with another matrix parameter keeps the mode."""
+    x = torch.randn(4, 6, requires_grad=True)
+    if case == "mlp":
+        split_matches_full(mlp(), x, _linear_params(mlp()), within=True)
+    elif case == "gpt-tiny":  # embeddings (not linears) allowed; LayerNorm: grads during I
+        work = build_model("gpt-tiny", batch=2)
+        model = work.model
+
+        def lm(m: nn.Module, tokens: Tensor) -> Tensor:
+            return lm_loss(m(tokens), work.target)
+        split_matches_full(model, work.sample, _linear_params(model), lm, within=True)
+    elif case == "conv":
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(8 * 4 * 4, 5))
+        split_matches_full(model, torch.randn(2, 3, 4, 4), {"3.weight", "3.bias"}, within=True)
+    elif case == "twice":
+        layer = nn.Linear(6, 6)
+        split_matches_full(nn.Sequential(layer, nn.Tanh(), layer), x, {"0.weight", "0.bias"},
+                           within=True)
+    elif case == "fx":
+        split_matches_full(torch.fx.symbolic_trace(mlp()), x, _linear_params(mlp()),
+                           within=True)
+    elif case == "functional":  # its matrices are its own: only the mode sees F.linear
+        split_matches_full(FunctionalNet(), torch.randn(3, 4), {"w1"}, within=False)
+    elif case == "mha":  # the mode sees multi_head_attention_forward whole: nothing deferred
+        model = _mha()
+
+        def attend(m: nn.Module, h: Tensor) -> Tensor:
+            return m(h, h, h, need_weights=False)[0].square().sum()  # type: ignore[no-any-return]
+        split_matches_full(model, torch.randn(2, 5, 8, requires_grad=True), set(), attend,
+                           within=False)
+    else:  # torch.export: the parameters sit on the graph module, linear is an aten call
+        module = torch.export.export(mlp(), (x,), strict=False).module()
+        split_matches_full(module, x, {n for n, _ in module.named_parameters()}, within=False)
+
+
+def test_within_a_transformers_conv1d_is_swapped() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64,
+                                     n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0, attn_implementation="eager")
+    model = transformers.GPT2Model(config)
+
+    def hidden(m: nn.Module, ids: Tensor) -> Tensor:
+        return m(input_ids=ids).last_hidden_state.square().mean()  # type: ignore[no-any-return]
+    split_matches_full(model, torch.randint(64, (2, 16)),
+                       _linear_params(model, transformers.pytorch_utils.Conv1D), hidden,
+                       within=True)
+
+
+def test_within_an_error_restores_the_forwards() -> None:
+    model = mlp()
+    with pytest.raises(RuntimeError, match="mat1 and mat2"), deferring(WeightGrads(), model):
+        model(torch.randn(2, 5))  # 5 inputs for a 6-input linear
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert model(torch.randn(2, 6)).requires_grad  # the plain forward again
 
 
 def test_double_backward_and_a_wrong_store_are_errors() -> None:
