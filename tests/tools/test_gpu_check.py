@@ -100,6 +100,9 @@ def test_the_dry_run_gives_every_figure(tmp_path: Path) -> None:
         assert finite(c["calibrated_error"])
     assert steps["profile"] == "section profiler" and finite(steps["median_abs_error"])
     assert steps["cuts"] == [0, 2, 3, 4, 6]  # gpt-tiny's 6 layers in 4 segments
+    written = json.loads((out / steps["steps_file"]).read_text())  # the reference's format
+    assert written["format"] == "gpipe-steps/0" and len(written["steps"]) == len(configs)
+    assert len(list(out.iterdir())) <= 8  # what a GPU machine's $OUT brings back
 
     summary = (out / "summary.txt").read_text()
     assert all(f"{name}: ok" in summary for name in SECTIONS), summary

@@ -8,7 +8,8 @@ counts (cut after layer round(L k / 4)), all on ONE device, GPipe fill-drain, B=
 2, 4, 8, 16 micro-batches, without and with recompute (every segment keeps only its input and
 reruns its forward in the backward); no optimizer step, gradients set to None before each step.
 Each step is timed whole (``record.time_steps``: median and fastest of the repeats), with
-the allocator's peak above what was allocated before the step.
+the allocator's peak above what was allocated before the step; the steps are also written in
+the reference's own format (``gpipe-steps/0``) as ``DIR/steps-NAME.json``.
 
 Predicted: ``simulate`` on the profile section (b) just took (or, if it did not, one taken
 here), stages on one device (so they run one at a time and exchange tensors for free), no
@@ -21,6 +22,7 @@ those two configurations marked ``in_fit``). Error = (predicted - measured) / me
 from __future__ import annotations
 
 import itertools
+import json
 import statistics
 from dataclasses import replace
 from typing import Any
@@ -29,11 +31,12 @@ import torch
 
 from executor.profiling.calibrate import fit_runtime
 from executor.runtime.pipeline import Pipeline, manual_plan
-from executor.workloads.models import build_model
+from executor.workloads.models import Workload, build_model
 from gpucheck.profiler import has_profile, profile_for_steps
 from gpucheck.record import Check, Section, sync, time_steps
 from partitioner.cost.model import CostModel
 from partitioner.formats.assumptions import LINKS
+from partitioner.formats.profile import Profile
 from partitioner.formats.timeline import Timeline
 from partitioner.schedule.recompute import Recompute
 from partitioner.simulator.durations import stage_durations, stage_of_ranges
@@ -56,6 +59,34 @@ def _action_pairs(cm: CostModel, ranges: list[tuple[int, int]],
             table = dur.fwd_ms if e.action.kind == "F" else dur.bwd_ms
             out.append((table[k][dur.size_index[i]], e.duration_ms))
     return out
+
+
+def reference_steps(check: Check, prof: Profile, work: Workload,
+                    configs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The measured steps in the format of ``shared/reference/h200/steps/`` (gpipe-steps/0)."""
+    s = check.settings
+    how = (f"One training step measured whole from the host, the device synchronised before "
+           f"and after (median of {s.steps_repeat} after {s.steps_warmup} warm-up; step_ms_min "
+           f"is the fastest): the model ({len(work.model)} layers) cut into `segments` "
+           f"contiguous segments of equal layer counts (cut after layer round(L*k/segments)), "
+           f"all on ONE device, run by the project's local runner (executor Pipeline, GPipe "
+           f"schedule: the M forwards, then the M backwards in reverse order), micro-batch "
+           f"i's loss weighted b_i/B. With recompute, every segment keeps only its input and "
+           f"reruns its forward during the backward (recompute='always'). No optimizer step; "
+           f"gradients set to None before each step, inside the timed region. "
+           f"peak_bytes_above_params: torch.cuda.max_memory_allocated over the timed steps "
+           f"minus what was allocated before them (parameters, no gradients); null on a CPU.")
+    return {
+        "format": "gpipe-steps/0", "model": s.steps_model,
+        "profile": f"gpu_check profile-{s.steps_model}.json ({prof.created})",
+        "device": prof.device.name, "torch": torch.__version__, "dtype": s.dtype,
+        "input": {k: v for k, v in work.input_info.items() if k in ("kind", "vocab", "seq")},
+        "global_batch": s.steps_batch, "how": how,
+        "steps": [{"microbatches": c["microbatches"], "segments": s.segments,
+                   "recompute": c["recompute"], "step_ms": c["step_ms"],
+                   "step_ms_min": c["step_ms_min"],
+                   "peak_bytes_above_params": c["peak_bytes_above_params"]}
+                  for c in configs]}
 
 
 def run(sec: Section, check: Check) -> None:
@@ -116,20 +147,27 @@ def run(sec: Section, check: Check) -> None:
                     "peak_bytes_above_params": peak,
                     "predicted_stage_peak_bytes": list(res.stage_peak_bytes)})
     model.zero_grad(set_to_none=True)
+    if configs:
+        path = check.out / f"steps-{s.steps_model}.json"
+        path.write_text(json.dumps(reference_steps(check, prof, work, configs), indent=1) + "\n")
+        fig["steps_file"] = path.name
     errors = [abs(c["error"]) for c in configs]
     fig["median_abs_error"] = statistics.median(errors) if errors else None
-    if len({round(p, 9) for p, _ in pairs}) >= 2:
+    try:
         runtime = fit_runtime([p for p, _ in pairs], [t for _, t in pairs])
-        fig["runtime"] = {"compute_scale": runtime.compute_scale,
-                          "action_ms": runtime.action_ms}
-        for c in configs:
-            cm = replace(models[c["recompute"], c["microbatches"]], runtime=runtime)
-            c["calibrated_ms"] = simulate(cm, ranges, devices=[0] * big_k,
-                                          record=False).step_ms
-            c["calibrated_error"] = (c["calibrated_ms"] - c["step_ms"]) / c["step_ms"]
-            c["in_fit"] = not c["recompute"] and c["microbatches"] in FIT_MS
-        unseen = [abs(c["calibrated_error"]) for c in configs if not c["in_fit"]]
-        fig["calibrated_median_abs_error"] = statistics.median(unseen) if unseen else None
+    except ValueError as exc:  # too few or degenerate actions: the figures above still hold
+        fig["runtime"] = f"not fitted: {exc}"
+        return
+    fig["runtime"] = {"compute_scale": runtime.compute_scale, "action_ms": runtime.action_ms,
+                      "fitted_on": f"{len(pairs)} F and B actions of the steps at M in "
+                                   f"{FIT_MS}, recompute off"}
+    for c in configs:
+        cm = replace(models[c["recompute"], c["microbatches"]], runtime=runtime)
+        c["calibrated_ms"] = simulate(cm, ranges, devices=[0] * big_k, record=False).step_ms
+        c["calibrated_error"] = (c["calibrated_ms"] - c["step_ms"]) / c["step_ms"]
+        c["in_fit"] = not c["recompute"] and c["microbatches"] in FIT_MS
+    unseen = [abs(c["calibrated_error"]) for c in configs if not c["in_fit"]]
+    fig["calibrated_median_abs_error"] = statistics.median(unseen) if unseen else None
 
 
 def summary(fig: dict[str, Any]) -> str:
