@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, i
 
 import torch
 
-from executor.runtime.devices import check_device, device_info
+from executor.runtime.devices import check_device, device_info, resolve_device
 from gpucheck import overhead, profiler, steps, transparency
 from gpucheck.record import Budget, Check, Report, Section
 from gpucheck.settings import DRY_RUN, GPU, SECTIONS, Settings
@@ -135,7 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget = Budget(args.budget_s)
     if settings.mode == "dry-run":
         torch.set_num_threads(1)  # tiny shapes: thread hand-offs would cost more than the work
-    device = torch.device(settings.device)
+    device = resolve_device(settings.device)  # "cuda" alone: the current one, with its index
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # events and streams made without a device go to it
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = Report(out, header(settings, device, args.budget_s))
