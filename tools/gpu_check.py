@@ -76,8 +76,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
     args.section_list = [s for s in args.sections.split(",") if s]
     unknown = [s for s in args.section_list if s not in SECTIONS]
     if unknown or not args.section_list:
-        problems.append(f"--sections {args.sections!r}: {', '.join(unknown) or 'none given'} "
-                        f"not among {', '.join(SECTIONS)}; name one or more of them")
+        what = f"{', '.join(unknown)} not among them" if unknown else "no section named"
+        problems.append(f"--sections {args.sections!r}: {what}; name one or more of "
+                        f"{', '.join(SECTIONS)}")
     if args.dry_run and args.device is not None:
         problems.append(f"--device {args.device} with --dry-run: a dry run is on the CPU; drop "
                         f"--device, or drop --dry-run to check that GPU")

@@ -126,7 +126,8 @@ def test_bad_arguments_are_refused_with_the_fix(tmp_path: Path) -> None:
                        "--out", str(tmp_path / "out"))
     assert result.returncode == 2
     assert "--budget-s -1: the budget must be a positive number of seconds" in result.stderr
-    assert "--sections 'nope': nope not among transparency" in result.stderr
+    assert "--sections 'nope': nope not among them; name one or more of transparency" \
+        in result.stderr
     if not torch.cuda.is_available():  # a GPU run on a machine without CUDA
         result = run_check(tmp_path, "--out", str(tmp_path / "out"))
         assert result.returncode == 2
