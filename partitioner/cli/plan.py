@@ -82,7 +82,9 @@ def main(argv: Sequence[str]) -> int:
     plan, cm, sol = min(made, key=lambda x: x[0].predicted.step_ms if x[0].predicted else 0.0)
     if len(made) > 1:
         print("--schedule auto: " + ", ".join(
-            f"{p.schedule} {p.predicted.step_ms:.3f} ms" for p, _, _ in made if p.predicted)
+            f"{name if name == p.schedule else f'{name} (none faster than {p.schedule})'} "
+            f"{p.predicted.step_ms:.3f} ms"
+            for name, (p, _, _) in zip(names, made, strict=True) if p.predicted)
             + f"; the fastest: {plan.schedule}\n")
     print(plan_report(plan, cm))
     if sol.status in ("optimal", "feasible"):

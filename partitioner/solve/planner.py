@@ -83,7 +83,7 @@ def plan_from_solution(cm: CostModel, sol: Solution, memory_limit_bytes: float =
                        schedule: Schedule | None = None) -> Plan:
     """Wrap a partition into a plan carrying its simulated prediction; ``schedule`` (default:
     the one ``cm`` names) is written out when it is synthesised (a plan then names ``synth``
-    and lists its actions). ``devices`` are per stage (default: one per rank, the stages of a
+    and lists its actions); a fixed one (a synthesis that found none faster) names the plan. ``devices`` are per stage (default: one per rank, the stages of a
     rank on its device). A stage is written as
     its layer range [first, last + 1), with its ``nodes`` too when the stages are not ranges
     of the layer order (a graph partition). A plan from a profile with edges lists the
@@ -91,6 +91,8 @@ def plan_from_solution(cm: CostModel, sol: Solution, memory_limit_bytes: float =
     ranges); one with tied parameters, their stages; ``profile.extra["trace"]`` is copied."""
     if schedule is None:
         schedule = make_schedule(cm.schedule, cm.stages, cm.microbatches, cm.stages_per_rank)
+    elif schedule.name not in (SYNTH, cm.schedule):  # a fixed schedule won the synthesis:
+        cm = replace(cm, schedule=schedule.name)  # type: ignore[arg-type]  # the plan names it
     if devices is None:
         per_rank = default_devices(cm.profile.device.kind, schedule.ranks)
         devices = [per_rank[r] for r in schedule.rank_of]
