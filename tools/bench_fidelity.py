@@ -111,6 +111,7 @@ def main() -> None:
     print(f"link (gloo, 2 local ranks): {link.bandwidth_gbps:.2f} GB/s + "
           f"{link.latency_ms:.3f} ms per message")
     rows, errors, unseen, new = [], [], [], []
+    per_schedule: dict[str, list[float]] = {s: [] for s in schedules}
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
             sizes = sorted({-(-batch // m) for m in ms} | {batch // m for m in ms if batch // m})
@@ -147,6 +148,7 @@ def main() -> None:
                 errors.append(abs(err))
                 if not trial:
                     unseen.append(abs(err))
+                per_schedule[sched].append(abs(err))
                 if sched in NEW_SCHEDULES:
                     new.append(abs(err))
                 shown = sched if sched == plan.schedule else f"{sched}: {plan.schedule}"
@@ -157,6 +159,9 @@ def main() -> None:
     if unseen and len(unseen) < len(errors):
         print(f"\nmedian |error| over the {len(unseen)} configurations the calibration trial "
               f"did not run: {100 * statistics.median(unseen):.1f}%")
+    if len(schedules) > 1:  # the machine's noise shows in the old ones' figures too
+        print("\nmedian |error| per schedule: " + ", ".join(
+            f"{s} {100 * statistics.median(e):.1f}%" for s, e in per_schedule.items() if e))
     if new:
         print(f"\nmedian |error| over the {len(new)} configurations of "
               f"{', '.join(s for s in NEW_SCHEDULES if s in schedules)}: "
