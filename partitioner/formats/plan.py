@@ -35,6 +35,13 @@ from partitioner.formats.plan_graph import (
     parse_tied_stages,
     tied_to_json,
 )
+from partitioner.formats.plan_replicas import (
+    Layout,
+    default_layout,
+    parse_replica_fields,
+    position,
+    replica_fields,
+)
 from partitioner.formats.plan_schedule import (
     parse_schedule_fields,
     schedule_fields,
@@ -57,7 +64,7 @@ MAX_GLOBAL_BATCH = 2**40
 MAX_LAYERS = 2**20
 
 _TOP_KEYS = ("format", "profile", "global_batch", "microbatches", "schedule", "recompute",
-             "stages_per_rank", "actions", "stages", "cost_model", "predicted", "messages", "tied", "trace", "extra")
+             "stages_per_rank", "actions", "replicas", "layout", "stages", "cost_model", "predicted", "messages", "tied", "trace", "extra")
 _REQUIRED = ("format", "global_batch", "microbatches", "schedule", "recompute", "stages")
 _PROFILE_KEYS = ("model", "device", "sha256", "layers")
 _STAGE_KEYS = ("layers", "device", "nodes")
@@ -117,6 +124,8 @@ class Plan:
     trace: Mapping[str, Any] = field(default_factory=dict)  # the executor's, from the profile
     stages_per_rank: int = 1  # V: interleaved and V-shaped schedules run V stages per rank
     actions: str | None = None  # a synthesised schedule's text, one line per rank
+    replicas: int = 1  # D: data-parallel copies of the pipeline (plan_replicas)
+    layout: Layout | None = None  # layout[d][r]: global rank of replica d's rank r; None: d R + r
 
     def build_schedule(self) -> Schedule:
         """The schedule this plan runs (``plan_schedule.schedule_of``): its ranks are the
@@ -127,6 +136,30 @@ class Plan:
     @property
     def num_stages(self) -> int:
         return len(self.stages)
+
+    @property
+    def pipeline_ranks(self) -> int:
+        """R: the ranks of one pipeline (its K stages, V per rank)."""
+        return self.num_stages // self.stages_per_rank
+
+    @property
+    def world_size(self) -> int:
+        """R x D: every rank the plan runs on."""
+        return self.pipeline_ranks * self.replicas
+
+    @property
+    def rank_layout(self) -> Layout:
+        """layout[d][r]: the global rank of replica d's pipeline rank r."""
+        return self.layout or default_layout(self.pipeline_ranks, self.replicas)
+
+    def position(self, global_rank: int) -> tuple[int, int]:
+        """(replica, pipeline rank) that ``global_rank`` runs."""
+        return position(self.rank_layout, global_rank)
+
+    @property
+    def replica_batch(self) -> int:
+        """Samples per replica and step: B / D."""
+        return self.global_batch // self.replicas
 
     @property
     def is_graph(self) -> bool:
@@ -211,6 +244,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "microbatches": plan.microbatches,
         "schedule": plan.schedule,
         **schedule_fields(plan.schedule, plan.stages_per_rank, plan.actions),
+        **replica_fields(plan.replicas, plan.layout),
         "recompute": plan.recompute,
         "stages": stages,
         "cost_model": {"optimizer": plan.optimizer,
@@ -276,6 +310,7 @@ def plan_from_dict(data: object, source: str = "plan") -> Plan:
         p.extend(f"stages: {problem}" for problem in
                  range_problems([s.layers for s in stages], num_layers))
     schedule, per_rank, actions = parse_schedule_fields(data, len(stages), m, p)
+    replicas, layout = parse_replica_fields(data, max(1, len(stages) // per_rank), b, m, p)
     cost = p.mapping(data.get("cost_model", {}), "cost_model", "the planning assumptions")
     p.keys(cost, "cost_model", _COST_KEYS)
     link, runtime = _parse_assumptions(cost, p)
@@ -301,7 +336,8 @@ def plan_from_dict(data: object, source: str = "plan") -> Plan:
         num_layers=num_layers, global_batch=b, microbatches=m, schedule=schedule,
         recompute=recompute, stages=tuple(stages), optimizer=optimizer, link=link,
         memory_limit_bytes=limit, predicted=predicted, runtime=runtime, extra=extra,
-        messages=messages, tied=tied, trace=trace, stages_per_rank=per_rank, actions=actions)
+        messages=messages, tied=tied, trace=trace, stages_per_rank=per_rank, actions=actions,
+        replicas=replicas, layout=layout)
 
 
 def _parse_assumptions(cost: Mapping[str, Any], p: Problems) -> tuple[Link, Runtime]:
