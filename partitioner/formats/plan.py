@@ -64,7 +64,8 @@ MAX_GLOBAL_BATCH = 2**40
 MAX_LAYERS = 2**20
 
 _TOP_KEYS = ("format", "profile", "global_batch", "microbatches", "schedule", "recompute",
-             "stages_per_rank", "actions", "replicas", "layout", "stages", "cost_model", "predicted", "messages", "tied", "trace", "extra")
+             "stages_per_rank", "actions", "replicas", "layout", "shard_optimizer", "stages",
+             "cost_model", "predicted", "messages", "tied", "trace", "extra")
 _REQUIRED = ("format", "global_batch", "microbatches", "schedule", "recompute", "stages")
 _PROFILE_KEYS = ("model", "device", "sha256", "layers")
 _STAGE_KEYS = ("layers", "device", "nodes")
@@ -126,6 +127,7 @@ class Plan:
     actions: str | None = None  # a synthesised schedule's text, one line per rank
     replicas: int = 1  # D: data-parallel copies of the pipeline (plan_replicas)
     layout: Layout | None = None  # layout[d][r]: global rank of replica d's rank r; None: d R + r
+    shard_optimizer: bool = False  # ZeRO-1: each of a stage's D copies keeps 1/D of its state
 
     def build_schedule(self) -> Schedule:
         """The schedule this plan runs (``plan_schedule.schedule_of``): its ranks are the
@@ -245,6 +247,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "schedule": plan.schedule,
         **schedule_fields(plan.schedule, plan.stages_per_rank, plan.actions),
         **replica_fields(plan.replicas, plan.layout),
+        **({"shard_optimizer": True} if plan.shard_optimizer else {}),
         "recompute": plan.recompute,
         "stages": stages,
         "cost_model": {"optimizer": plan.optimizer,
@@ -311,6 +314,10 @@ def plan_from_dict(data: object, source: str = "plan") -> Plan:
                  range_problems([s.layers for s in stages], num_layers))
     schedule, per_rank, actions = parse_schedule_fields(data, len(stages), m, p)
     replicas, layout = parse_replica_fields(data, max(1, len(stages) // per_rank), b, m, p)
+    shard = data.get("shard_optimizer", False)
+    if not isinstance(shard, bool):
+        p.add("shard_optimizer", f"{show(shard)} is not true or false")
+        shard = False
     cost = p.mapping(data.get("cost_model", {}), "cost_model", "the planning assumptions")
     p.keys(cost, "cost_model", _COST_KEYS)
     link, runtime = _parse_assumptions(cost, p)
@@ -337,7 +344,7 @@ def plan_from_dict(data: object, source: str = "plan") -> Plan:
         recompute=recompute, stages=tuple(stages), optimizer=optimizer, link=link,
         memory_limit_bytes=limit, predicted=predicted, runtime=runtime, extra=extra,
         messages=messages, tied=tied, trace=trace, stages_per_rank=per_rank, actions=actions,
-        replicas=replicas, layout=layout)
+        replicas=replicas, layout=layout, shard_optimizer=shard)
 
 
 def _parse_assumptions(cost: Mapping[str, Any], p: Problems) -> tuple[Link, Runtime]:

@@ -27,14 +27,16 @@ def test_older_plans_read_as_one_replica() -> None:
 
 
 def test_replicas_and_layout_round_trip(tmp_path: Path) -> None:
-    plan = plan_from_dict(_plan_dict(replicas=4, layout=[[0, 4], [1, 5], [2, 6], [3, 7]]))
+    plan = plan_from_dict(_plan_dict(replicas=4, layout=[[0, 4], [1, 5], [2, 6], [3, 7]],
+                                     shard_optimizer=True))
+    assert plan.shard_optimizer
     assert (plan.replicas, plan.world_size, plan.replica_batch) == (4, 8, 4)
     assert plan.position(5) == (1, 1) and plan.position(3) == (3, 0)
     save_plan(plan, tmp_path / "p.json")
     assert load_plan(tmp_path / "p.json") == plan
     default = plan_from_dict(_plan_dict(replicas=2))
     assert default.rank_layout == ((0, 1), (2, 3)) and default.layout is None
-    assert "layout" not in plan_to_dict(default)
+    assert "layout" not in plan_to_dict(default) and not default.shard_optimizer
     assert replace(default, replicas=1).world_size == 2
 
 
@@ -54,6 +56,7 @@ def test_interleaved_replicas_count_pipeline_ranks() -> None:
     ({"replicas": 2, "layout": [[0, 1]]}, "is not 2 lists (one per replica) of 2 global ranks"),
     ({"replicas": 2, "layout": [[0, 1], [1, 2]]}, "must hold each of 0..3 exactly once"),
     ({"layout": [[0, True]]}, "is not 1 lists"),
+    ({"shard_optimizer": "yes"}, "shard_optimizer: 'yes' is not true or false"),
 ])
 def test_bad_replica_fields_are_named(fields: dict[str, Any], needle: str) -> None:
     with pytest.raises(PlanError) as err:
