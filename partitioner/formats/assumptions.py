@@ -75,9 +75,13 @@ class Link:
 
 #: Default links by kind. NVLink 4 on H100/H200: 900 GB/s both directions, 450 each way.
 #: PCIe 5 x16: ~64 GB/s raw, ~50 effective. 100 Gb Ethernet: 12.5 GB/s. Loopback: gloo on one
-#: host through TCP, a few GB/s with ~0.1 ms per message.
+#: host through TCP, a few GB/s with ~0.1 ms per message. InfiniBand NDR (``ib``, between
+#: nodes): 400 Gb/s per port and direction, so 50 GB/s, with a few microseconds per message
+#: (the port's ~1 us plus the collective library's own; 5 us here), the figures NVIDIA states
+#: for its ConnectX-7 NDR adapters (one port per GPU, as in DGX H100/H200 systems).
 LINKS: dict[str, Link] = {
     "nvlink": Link(450.0, 0.01),
+    "ib": Link(50.0, 0.005),
     "pcie": Link(50.0, 0.02),
     "ethernet": Link(12.5, 0.05),
     "loopback": Link(2.0, 0.1),
