@@ -48,6 +48,7 @@ from partitioner.formats.plan_schedule import (
     schedule_of,
 )
 from partitioner.formats.profile import Profile
+from partitioner.formats.topology import Topology, parse_topology, topology_to_json
 from partitioner.formats.units import MAX_MS
 from partitioner.formats.values import Message
 from partitioner.schedule.generators import MAX_MICROBATCHES
@@ -64,7 +65,7 @@ MAX_GLOBAL_BATCH = 2**40
 MAX_LAYERS = 2**20
 
 _TOP_KEYS = ("format", "profile", "global_batch", "microbatches", "schedule", "recompute",
-             "stages_per_rank", "actions", "replicas", "layout", "shard_optimizer", "stages",
+             "stages_per_rank", "actions", "replicas", "layout", "shard_optimizer", "topology", "stages",
              "cost_model", "predicted", "messages", "tied", "trace", "extra")
 _REQUIRED = ("format", "global_batch", "microbatches", "schedule", "recompute", "stages")
 _PROFILE_KEYS = ("model", "device", "sha256", "layers")
@@ -128,6 +129,7 @@ class Plan:
     replicas: int = 1  # D: data-parallel copies of the pipeline (plan_replicas)
     layout: Layout | None = None  # layout[d][r]: global rank of replica d's rank r; None: d R + r
     shard_optimizer: bool = False  # ZeRO-1: each of a stage's D copies keeps 1/D of its state
+    topology: Topology | None = None  # the nodes and links assumed (None: one node, ``link``)
 
     def build_schedule(self) -> Schedule:
         """The schedule this plan runs (``plan_schedule.schedule_of``): its ranks are the
@@ -248,6 +250,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         **schedule_fields(plan.schedule, plan.stages_per_rank, plan.actions),
         **replica_fields(plan.replicas, plan.layout),
         **({"shard_optimizer": True} if plan.shard_optimizer else {}),
+        **({"topology": topology_to_json(plan.topology)} if plan.topology else {}),
         "recompute": plan.recompute,
         "stages": stages,
         "cost_model": {"optimizer": plan.optimizer,
@@ -318,6 +321,13 @@ def plan_from_dict(data: object, source: str = "plan") -> Plan:
     if not isinstance(shard, bool):
         p.add("shard_optimizer", f"{show(shard)} is not true or false")
         shard = False
+    topology = (parse_topology(data["topology"], p) if data.get("topology") is not None
+                else None)
+    world = replicas * max(1, len(stages) // per_rank)
+    if topology is not None and world > topology.devices:
+        p.add("topology", f"{topology.nodes} x {topology.devices_per_node} devices, fewer than "
+                          f"the plan's {world} ranks (R x D); give a topology of at least "
+                          f"{world} devices, or fewer replicas")
     cost = p.mapping(data.get("cost_model", {}), "cost_model", "the planning assumptions")
     p.keys(cost, "cost_model", _COST_KEYS)
     link, runtime = _parse_assumptions(cost, p)
@@ -344,7 +354,7 @@ def plan_from_dict(data: object, source: str = "plan") -> Plan:
         recompute=recompute, stages=tuple(stages), optimizer=optimizer, link=link,
         memory_limit_bytes=limit, predicted=predicted, runtime=runtime, extra=extra,
         messages=messages, tied=tied, trace=trace, stages_per_rank=per_rank, actions=actions,
-        replicas=replicas, layout=layout, shard_optimizer=shard)
+        replicas=replicas, layout=layout, shard_optimizer=shard, topology=topology)
 
 
 def _parse_assumptions(cost: Mapping[str, Any], p: Problems) -> tuple[Link, Runtime]:

@@ -15,7 +15,7 @@ link it crosses: the lowest bandwidth and the highest latency of the links betwe
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -73,6 +73,23 @@ class Topology:
             return self.intra
         return Link(min(self.intra.bandwidth_gbps, self.inter.bandwidth_gbps),
                     max(self.intra.latency_ms, self.inter.latency_ms))
+
+    def layout_links(self, layout: Sequence[Sequence[int]], rank_of: Sequence[int]
+                     ) -> tuple[Link, Link]:
+        """(the slowest link between a replica's neighbouring stages, in any replica; the
+        slowest link of any stage's all-reduce group) for ``layout[d][r]``, the global rank of
+        replica d's pipeline rank r, and ``rank_of[k]``, the pipeline rank of stage k."""
+        pairs = {(rank_of[k], rank_of[k + 1]) for k in range(len(rank_of) - 1)
+                 if rank_of[k] != rank_of[k + 1]}
+        p2p = [self.group_link((ranks[a], ranks[b])) for ranks in layout for a, b in pairs]
+        groups = [self.group_link([ranks[r] for ranks in layout])
+                  for r in range(len(layout[0]))]
+        return self._slowest(p2p), self._slowest(groups)
+
+    def _slowest(self, links: list[Link]) -> Link:
+        if not links:
+            return self.intra
+        return Link(min(x.bandwidth_gbps for x in links), max(x.latency_ms for x in links))
 
     def describe(self) -> str:
         """``'2 nodes x 8 devices (intra 450 GB/s + 0.01 ms, inter 50 GB/s + 0.005 ms)'``."""
