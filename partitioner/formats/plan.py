@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from partitioner.formats.assumptions import OPTIMIZERS, Link, Runtime
+from partitioner.formats.assumptions import OPTIMIZERS, Link, Runtime, parse_assumptions
 from partitioner.formats.checks import Problems, show
 from partitioner.formats.jsonfile import read_json
 from partitioner.formats.layers import (
@@ -49,7 +49,6 @@ from partitioner.formats.plan_schedule import (
 )
 from partitioner.formats.profile import Profile
 from partitioner.formats.topology import Topology, parse_topology, topology_to_json
-from partitioner.formats.units import MAX_MS
 from partitioner.formats.values import Message
 from partitioner.schedule.generators import MAX_MICROBATCHES
 from partitioner.schedule.ir import Schedule
@@ -330,7 +329,7 @@ def plan_from_dict(data: object, source: str = "plan") -> Plan:
                           f"{world} devices, or fewer replicas")
     cost = p.mapping(data.get("cost_model", {}), "cost_model", "the planning assumptions")
     p.keys(cost, "cost_model", _COST_KEYS)
-    link, runtime = _parse_assumptions(cost, p)
+    link, runtime = parse_assumptions(cost, p)
     limit = p.number(cost.get("memory_limit_bytes", "inf"), "cost_model.memory_limit_bytes",
                      low=1, inf_ok=True, default=math.inf)
     optimizer = cost.get("optimizer", "adam")
@@ -355,27 +354,6 @@ def plan_from_dict(data: object, source: str = "plan") -> Plan:
         memory_limit_bytes=limit, predicted=predicted, runtime=runtime, extra=extra,
         messages=messages, tied=tied, trace=trace, stages_per_rank=per_rank, actions=actions,
         replicas=replicas, layout=layout, shard_optimizer=shard, topology=topology)
-
-
-def _parse_assumptions(cost: Mapping[str, Any], p: Problems) -> tuple[Link, Runtime]:
-    before = len(p)
-    bandwidth = p.number(cost.get("bandwidth_gbps", "inf"), "cost_model.bandwidth_gbps",
-                         inf_ok=True, default=math.inf)
-    latency = p.number(cost.get("latency_ms", 0), "cost_model.latency_ms", high=MAX_MS)
-    scale = p.number(cost.get("compute_scale", 1.0), "cost_model.compute_scale", default=1.0)
-    action = p.number(cost.get("action_ms", 0.0), "cost_model.action_ms", high=MAX_MS)
-    message = p.number(cost.get("message_ms", 0.0), "cost_model.message_ms", high=MAX_MS)
-    link, runtime = Link(math.inf, 0.0), Runtime()
-    if len(p) == before:
-        try:
-            link = Link(bandwidth, latency)
-        except ValueError as exc:
-            p.add("cost_model", str(exc))
-        try:
-            runtime = Runtime(scale, action, message)
-        except ValueError as exc:
-            p.add("cost_model", str(exc))
-    return link, runtime
 
 
 def _parse_stages(raw: object, p: Problems) -> list[StagePlan]:
