@@ -32,8 +32,10 @@ from partitioner.formats.assumptions import Link
 from partitioner.formats.plan_replicas import Layout, default_layout
 from partitioner.formats.topology import Topology
 from partitioner.formats.units import format_bytes
+from partitioner.schedule.generators import make_schedule
 
-__all__ = ["Placement", "placed", "placements", "stage_major_layout", "traffic", "why"]
+__all__ = ["Placement", "Placements", "placed", "placements", "replica_problems",
+           "stage_major_layout", "traffic", "why"]
 
 
 @dataclass(frozen=True)
@@ -98,3 +100,41 @@ def why(chosen: Placement, step_ms: float, others: Sequence[tuple[Placement, flo
         text += "; the other layout crosses the same links"
     return text
 
+
+class Placements:
+    """The layouts of each (schedule, K, V, D) on the topology, computed once each; without
+    a topology, one: every message and all-reduce over ``link``."""
+
+    def __init__(self, topology: Topology | None, link: Link) -> None:
+        self.topology, self.link = topology, link
+        self.known: dict[tuple[str, int, int, int], list[Placement]] = {}
+
+    def of(self, cm: CostModel) -> list[Placement]:
+        key = (cm.schedule, cm.stages, cm.stages_per_rank, cm.replicas)
+        if key not in self.known:
+            if self.topology is None:
+                self.known[key] = [Placement("replica-major", None, self.link, self.link)]
+            else:
+                rank_of = make_schedule(cm.schedule, cm.stages, 1, cm.stages_per_rank).rank_of
+                self.known[key] = placements(self.topology, rank_of, cm.replicas)
+        return self.known[key]
+
+
+def replica_problems(replicas: Sequence[int], devices: int, global_batch: int,
+                     topology: Topology | None) -> list[str]:
+    """What is wrong with the replicas D to try: each must split B evenly and fit the
+    devices (K x D <= devices for some K >= 1)."""
+    problems = []
+    for d in replicas:
+        if d < 1:
+            problems.append(f"replicas D={d} must be at least 1 (1: one pipeline)")
+        elif global_batch % d:
+            problems.append(f"replicas D={d}: the global batch B={global_batch} does not split "
+                            f"into {d} equal shares; give D that divide B, or another B")
+        elif d > devices:
+            problems.append(f"replicas D={d}: even one stage per replica needs {d} devices, "
+                            f"more than the {devices} available; give D <= {devices}")
+    if topology is not None and devices > topology.devices:
+        problems.append(f"devices={devices} is more than the topology's {topology.devices} "
+                        f"({topology.nodes} x {topology.devices_per_node})")
+    return problems
