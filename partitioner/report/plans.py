@@ -136,16 +136,18 @@ def search_table(result: SearchResult, top: int = 10) -> str:
     """The ``top`` fastest candidates as a table, with how many were tried and how the
     partitions were found (``partition``: exact, optimal, the proven gap, or layer order)."""
     rows = []
+    dp = result.replicas != (1,)  # a D column when the search tried replicas
     for rank, c in enumerate(result.candidates[:top], 1):
         sizes = sorted(set(split_microbatches(c.cost_model.replica_batch, c.microbatches)),
                        reverse=True)
         samples_s = 1000.0 * c.cost_model.global_batch / c.step_ms if c.step_ms > 0 else 0.0
-        rows.append([rank, c.stages, c.replicas, c.microbatches, "/".join(map(str, sizes)),
-                     c.schedule,
+        rows.append([rank, c.stages, *([c.replicas] if dp else []), c.microbatches,
+                     "/".join(map(str, sizes)), c.schedule,
                      c.recompute, f"{c.step_ms:.2f}", f"{samples_s:.1f}",
                      f"{100 * c.bubble_fraction:.1f}%", f"{c.solution.bottleneck_ms:.3f}",
                      c.solution.quality, format_bytes(c.peak_bytes)])
-    headers = ["rank", "K", "D", "M", "b", "schedule", "recompute", "step_ms", "samples/s",
+    headers = ["rank", "K", *(["D"] if dp else []), "M", "b", "schedule", "recompute",
+               "step_ms", "samples/s",
                "bubble", "bottleneck_ms", "partition", "peak_memory"]
     timeout = (f", {result.unsolved} found no partition within the ILP's time limit"
                if result.unsolved else "")
