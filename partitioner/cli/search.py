@@ -62,7 +62,8 @@ def main(argv: Sequence[str]) -> int:
                     microbatches=args.microbatches, solver=args.solver,
                     time_limit_s=args.time_limit, runtime=runtime_from_args(args),
                     topology=topology, replicas=args.replicas,
-                    shard_optimizer=args.shard_optimizer, allreduce=args.allreduce)
+                    shard_optimizer=args.shard_optimizer, allreduce=args.allreduce,
+                    keep=args.top)
     print(f"{profile.model} on {profile.device.name}, B={args.global_batch}, up to "
           f"{devices} devices, D in {','.join(map(str, result.replicas))}, M in "
           f"{','.join(map(str, result.microbatches))}, "

@@ -153,7 +153,9 @@ def search_table(result: SearchResult, top: int = 10) -> str:
                if result.unsolved else "")
     summary = (f"{result.tried} configurations tried in {result.seconds:.2f} s: "
                f"{len(result.candidates)} fit, {result.infeasible} exceed the memory limit "
-               f"({format_bytes(result.memory_limit_bytes)}){timeout}")
+               f"({format_bytes(result.memory_limit_bytes)}){timeout}"
+               + (f", {result.skipped} skipped (their lower bound is slower than the rows "
+                  f"shown)" if result.skipped else ""))
     how = {"dp": "the chain DP", "ilp": "CP-SAT on the layer graph", "custom": "the given "
            "function"}[result.solver]
     solver = f"partitions: {result.solves} solved by {how}"

@@ -41,8 +41,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from partitioner.cost.model import CostModel
-from partitioner.cost.partition import Solution, recost
+from partitioner.cost.partition import Solution
 from partitioner.formats.assumptions import LINKS, Link, Optimizer, Runtime
 from partitioner.formats.plan import Plan
 from partitioner.formats.plan_schedule import PLAN_SCHEDULES, SYNTH
@@ -51,22 +53,21 @@ from partitioner.formats.topology import AllReduce, Topology
 from partitioner.formats.units import format_bytes
 from partitioner.schedule.ir import Schedule
 from partitioner.schedule.recompute import RECOMPUTE_MODES
+from partitioner.simulator.durations import stage_durations
 from partitioner.simulator.engine import simulate
+from partitioner.solve.bounds import rank_of, stage_bound_ms, work_bound_ms
 from partitioner.solve.infeasible import InfeasibleError
 from partitioner.solve.microbatches import microbatch_candidates, power_of_two_microbatches
 from partitioner.solve.placement import Placement, Placements, placed, replica_problems, why
 from partitioner.solve.planner import partition as best_partition
 from partitioner.solve.planner import plan_from_solution, resolve_solver
+from partitioner.solve.search_state import Leaders, PartitionCache, PartitionFn
 
 __all__ = ["MAX_CONFIGURATIONS", "Candidate", "PartitionFn", "SearchResult",
            "microbatch_candidates", "power_of_two_microbatches", "search"]
 
 #: The most configurations one search tries; beyond it the search asks to be narrowed.
 MAX_CONFIGURATIONS = 20_000
-#: Any solver with ``partition_chain``'s signature: (cost model, memory limit in bytes) ->
-#: stages as cut points or node sets, raising ``InfeasibleError`` when nothing fits (and
-#: ``ilp.SolveTimeoutError`` when it found nothing in time).
-PartitionFn = Callable[[CostModel, float], Solution]
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class SearchResult:
     microbatches: tuple[int, ...] = ()  # the M tried
     replicas: tuple[int, ...] = (1,)  # the D tried
     topology: Topology | None = None
+    skipped: int = 0  # not partitioned or simulated: provably slower than what is reported
 
     @property
     def best(self) -> Candidate:
@@ -167,6 +169,7 @@ def search(
     replicas: Sequence[int] | None = None,
     shard_optimizer: bool = False,
     allreduce: AllReduce = "overlapped",
+    keep: int | None = None,
 ) -> SearchResult:
     """Try every R in 1..devices ranks, schedule (with its V, K = R x V), M in
     ``microbatches`` and recompute mode; rank the feasible ones by simulated step time. ``solver`` (dp, ilp or auto) picks the
@@ -178,7 +181,13 @@ def search(
     with a ``topology`` every D that divides B, up to the devices), each with R x D <= devices
     and micro-batches of B/(D M); with several D, M defaults to the power-of-two sizes of
     B/D. On a ``topology`` each configuration's layouts (``solve.placement``) are simulated
-    and the faster kept; ``shard_optimizer`` and ``allreduce`` are the cost model's."""
+    and the faster kept; ``shard_optimizer`` and ``allreduce`` are the cost model's.
+
+    ``keep`` N (default: all): only the N fastest, the fastest with D = 1 and with K = 1 (and
+    the configurations ``synth`` refines) must be exact; a configuration whose lower bound
+    (``solve.bounds``) proves it slower than those found is counted in ``skipped``, neither
+    partitioned nor simulated. Those candidates, and so the best plan, are what the search
+    without ``keep`` finds."""
     devices = topology.devices if topology is not None and devices < 1 else devices
     ds = sorted(set(replicas)) if replicas else (
         [d for d in range(1, devices + 1) if global_batch % d == 0] if topology else [1])
@@ -210,7 +219,9 @@ def search(
     started = time.perf_counter()
     found: list[Candidate] = []
     tried = infeasible = unsolved = 0
-    cache = _Cache(part)
+    cache = PartitionCache(part)
+    leaders = Leaders(keep, SYNTH_TOP if SYNTH in schedules else 0) if keep else None
+    skipped = 0
     places = Placements(topology, link)
     for d, ms, layouts in per_d:
         by_stages: dict[int, list[tuple[str, int]]] = {}
@@ -231,16 +242,29 @@ def search(
                              for sched, v in group_layouts
                              if not (sched in ("1f1b", "zb-h1") and (big_k == 1 or m == 1)
                                      and "gpipe" in schedules)]  # else gpipe's, or more
+                    if leaders is not None:  # provably slower before any partition
+                        kept = [cm for cm in group if not _beaten(cm, places, leaders)]
+                        tried += len(group) - len(kept)
+                        skipped += len(group) - len(kept)
+                        group = kept
                     # fewest micro-batches in flight first: where they do not fit, more do not
                     for cm in sorted(group, key=lambda cm: sum(map(cm.in_flight,
                                                                    range(big_k)))):
                         tried += 1
+                        if leaders is not None and _beaten(cm, places, leaders):
+                            skipped += 1
+                            continue
                         cand = _evaluate_placed(cm, memory_limit_bytes, cache,
-                                                places.of(cm))
+                                                places.of(cm), leaders)
                         if isinstance(cand, Candidate):
                             found.append(cand)
+                            if leaders is not None:
+                                leaders.add(cand.step_ms, cm.stages, cm.replicas,
+                                            synth_key(cm))
                         elif cand == "timeout":
                             unsolved += 1
+                        elif cand == "skipped":
+                            skipped += 1
                         else:
                             infeasible += 1
     if SYNTH in schedules:
@@ -252,7 +276,7 @@ def search(
                         memory_limit_bytes, name, cache.solves, unsolved,
                         time_limit_s if name == "ilp" else None,
                         tuple(sorted({m for _, ms, _ in per_d for m in ms})), tuple(ds),
-                        topology)
+                        topology, skipped)
 
 
 #: The stages per rank the search tries for each schedule (where the layers allow).
@@ -283,8 +307,7 @@ def _synthesise_best(found: list[Candidate], limit: float) -> list[Candidate]:
     out, seen = [], set()
     for cand in sorted(found, key=lambda c: c.step_ms):
         cm = cand.cost_model
-        key = (cm.stages, cm.microbatches, cm.recompute, cm.stages_per_rank,
-               cm.schedule == "zbv")
+        key = synth_key(cm)
         if key in seen:
             continue
         seen.add(key)
@@ -304,57 +327,17 @@ def _partition_fn(name: str, time_limit_s: float) -> PartitionFn:
     return solve
 
 
-class _Cache:
-    """Partitions solved so far (see the module docstring): without a memory limit by (K, b,
-    recompute); with it by (K, b, recompute, micro-batches in flight per stage), and where
-    nothing fits, so that holding as many or more micro-batches on every stage is known not
-    to fit either (a stage's memory grows with them; the partition function is trusted to
-    report infeasibility exactly)."""
-
-    def __init__(self, partition: PartitionFn) -> None:
-        self.partition, self.solves = partition, 0
-        self.relaxed: dict[tuple[object, ...], Solution] = {}
-        self.limited: dict[tuple[object, ...], Solution | str] = {}
-        self.infeasible: dict[tuple[object, ...], list[tuple[int, ...]]] = {}
-
-    def solve(self, cm: CostModel, limit: float) -> Solution | str:
-        """A partition fitting ``limit``, or ``infeasible`` / ``timeout``."""
-        key = (cm.stages, cm.microbatch_size, cm.recompute, cm.splits_backward, cm.link,
-               cm.replicas if cm.shard_optimizer else 1)
-        limit = limit / cm.stages_per_rank  # each of a rank's V stages: a V-th of its memory
-        if key not in self.relaxed:
-            self.solves += 1
-            self.relaxed[key] = self.partition(cm, math.inf)
-        sol = recost(cm, self.relaxed[key])  # this M's memory on those stages
-        if max(sol.stage_memory_bytes) <= limit:
-            return sol
-        held = tuple(cm.in_flight(k) for k in range(cm.stages)) + tuple(
-            cm.rebuilt(k) for k in range(cm.stages)) + (cm.stages_per_rank,)
-        if any(all(h >= f for h, f in zip(held, fewer, strict=True))
-               for fewer in self.infeasible.get(key, ())):
-            return "infeasible"  # memory only grows with the micro-batches held
-        if (*key, held) not in self.limited:
-            self.solves += 1
-            try:
-                self.limited[(*key, held)] = self.partition(cm, limit)
-            except InfeasibleError:
-                self.limited[(*key, held)] = "infeasible"
-            except ValueError as exc:
-                from partitioner.solve.ilp import SolveTimeoutError  # only the ILP raises it
-
-                if not isinstance(exc, SolveTimeoutError):
-                    raise
-                self.limited[(*key, held)] = "timeout"
-        found = self.limited[(*key, held)]
-        if found == "infeasible":
-            self.infeasible.setdefault(key, []).append(held)
-        return found if isinstance(found, str) else recost(cm, found)
+def synth_key(cm: CostModel) -> tuple[object, ...]:
+    """What ``_synthesise_best`` refines once: (K, M, recompute, V, whether the V shape)."""
+    return (cm.stages, cm.microbatches, cm.recompute, cm.stages_per_rank, cm.schedule == "zbv")
 
 
-def _evaluate(cm: CostModel, limit: float, cache: _Cache) -> Candidate | str:
-    sol = cache.solve(cm, limit)
-    if isinstance(sol, str):
-        return sol
+def _beaten(cm: CostModel, places: Placements, leaders: Leaders) -> bool:
+    links = [p.allreduce_link for p in places.of(cm)]
+    return leaders.beaten(work_bound_ms(cm, links), cm.stages, cm.replicas)
+
+
+def _evaluate(cm: CostModel, limit: float, sol: Solution) -> Candidate | str:
     res = simulate(cm, nodes=sol.nodes, record=False)
     peak = max(res.rank_peak_bytes)
     if peak > limit * (1 + 1e-9):
@@ -362,25 +345,42 @@ def _evaluate(cm: CostModel, limit: float, cache: _Cache) -> Candidate | str:
     return Candidate(cm, sol, res.step_ms, res.bubble_fraction, peak)
 
 
-def _evaluate_placed(cm: CostModel, limit: float, cache: _Cache,
-                     placements: list[Placement]) -> Candidate | str:
-    """``_evaluate`` on each layout of the replicas; the fastest, with the others' steps."""
-    if len(placements) == 1 and cm.replicas == 1 and placements[0].p2p_link == cm.link:
-        cand = _evaluate(cm, limit, cache)
-        return replace(cand, placement=placements[0]) if isinstance(cand, Candidate) else cand
+def _evaluate_placed(cm: CostModel, limit: float, cache: PartitionCache,
+                     placements: list[Placement], leaders: Leaders | None = None
+                     ) -> Candidate | str:
+    """Each layout of the replicas partitioned and simulated; the fastest, with the others'
+    steps; ``skipped`` when ``leaders`` proves every layout that fits slower than them."""
+    single = len(placements) == 1 and cm.replicas == 1 and placements[0].p2p_link == cm.link
+    models = [cm] if single else [placed(cm, place) for place in placements]
+    solved = [(pcm, place, cache.solve(pcm, limit))
+              for pcm, place in zip(models, placements, strict=True)]
+    status = "timeout" if any(sol == "timeout" for *_, sol in solved) else "infeasible"
+    fits = [(pcm, place, sol) for pcm, place, sol in solved if isinstance(sol, Solution)]
+    if leaders is not None and fits and all(
+            leaders.beaten(_partitioned_bound(pcm, sol), pcm.stages, pcm.replicas)
+            for pcm, _, sol in fits):
+        return "skipped"
     got: list[Candidate] = []
-    status = "infeasible"
-    for place in placements:
-        cand = _evaluate(placed(cm, place), limit, cache)
+    for pcm, place, sol in fits:
+        cand = _evaluate(pcm, limit, sol)
         if isinstance(cand, Candidate):
             got.append(replace(cand, placement=place))
-        elif cand == "timeout":
-            status = cand
     if not got:
         return status
     got.sort(key=lambda c: c.step_ms)
+    if single:
+        return got[0]
     return replace(got[0], other_steps=tuple((c.placement, c.step_ms) for c in got[1:]
                                              if c.placement is not None))
+
+
+def _partitioned_bound(cm: CostModel, sol: Solution) -> float:
+    """``stage_bound_ms`` of ``cm`` on the stages of ``sol``."""
+    ranks = rank_of(cm)
+    stage_of = np.empty(cm.profile.num_layers, dtype=np.int64)
+    for k, nodes in enumerate(sol.nodes):
+        stage_of[list(nodes)] = k
+    return stage_bound_ms(cm, stage_durations(cm, stage_of, ranks), ranks)
 
 
 def _check(profile: Profile, devices: int, global_batch: int, schedules: Sequence[str],

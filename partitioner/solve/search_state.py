@@ -1,0 +1,121 @@
+"""What a search keeps between configurations: the partitions solved, and the table to beat.
+
+    >>> table = Leaders(keep=2)
+    >>> for step, d in ((5.0, 2), (3.0, 2), (4.0, 1)):
+    ...     table.add(step, stages=2, replicas=d, synth_key=None)
+    >>> table.beaten(4.5, stages=2, replicas=2), table.beaten(4.5, stages=2, replicas=1)
+    (True, False)
+
+``Leaders`` says when a configuration whose step is at least some bound cannot change what a
+search reports: the ``keep`` fastest (with the fastest few distinct configurations that a
+synthesised schedule refines among them), the fastest with D = 1 and the fastest with K = 1.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Callable
+
+from partitioner.cost.model import CostModel
+from partitioner.cost.partition import Solution, recost
+from partitioner.solve.bounds import SLACK
+from partitioner.solve.infeasible import InfeasibleError
+
+__all__ = ["Leaders", "PartitionCache", "PartitionFn"]
+
+#: Any solver with ``partition_chain``'s signature: (cost model, memory limit in bytes) ->
+#: stages as cut points or node sets, raising ``InfeasibleError`` when nothing fits (and
+#: ``ilp.SolveTimeoutError`` when it found nothing in time).
+PartitionFn = Callable[[CostModel, float], Solution]
+
+
+class Leaders:
+    """The steps found so far, and whether a bound proves a configuration cannot be among
+    the ``keep`` fastest, the first ``synth`` distinct ``synth_key``s by step, the fastest
+    with one replica or the fastest with one stage."""
+
+    def __init__(self, keep: int, synth: int = 0) -> None:
+        self.keep, self.synth = keep, synth
+        self.steps: list[float] = []
+        self.keyed: list[tuple[float, int, object]] = []  # (step, order found, key)
+        self.pure = {"D": math.inf, "K": math.inf}
+        self.bar = math.inf
+
+    def add(self, step: float, stages: int, replicas: int, synth_key: object) -> None:
+        """A candidate found: its step, K, D and what ``_synthesise_best`` groups it by."""
+        if replicas == 1:
+            self.pure["D"] = min(self.pure["D"], step)
+        if stages == 1:
+            self.pure["K"] = min(self.pure["K"], step)
+        if step > self.bar:
+            return
+        bisect.insort(self.steps, step)
+        bisect.insort(self.keyed, (step, len(self.keyed), synth_key))
+        bar = self.steps[self.keep - 1] if len(self.steps) >= self.keep else math.inf
+        if self.synth:
+            seen: set[object] = set()
+            synth_bar = math.inf
+            for s, _, key in self.keyed:
+                seen.add(key)
+                if len(seen) == self.synth:
+                    synth_bar = s
+                    break
+            bar = max(bar, synth_bar)
+        self.bar = bar
+
+    def beaten(self, bound: float, stages: int, replicas: int) -> bool:
+        """Whether a step of at least ``bound`` is provably slower than all it could change."""
+        bar = self.bar
+        if replicas == 1:
+            bar = max(bar, self.pure["D"])
+        if stages == 1:
+            bar = max(bar, self.pure["K"])
+        return bound > bar * (1 + SLACK) + 1e-12
+
+
+class PartitionCache:
+    """Partitions solved so far (see the module docstring): without a memory limit by (K, b,
+    recompute); with it by (K, b, recompute, micro-batches in flight per stage), and where
+    nothing fits, so that holding as many or more micro-batches on every stage is known not
+    to fit either (a stage's memory grows with them; the partition function is trusted to
+    report infeasibility exactly)."""
+
+    def __init__(self, partition: PartitionFn) -> None:
+        self.partition, self.solves = partition, 0
+        self.relaxed: dict[tuple[object, ...], Solution] = {}
+        self.limited: dict[tuple[object, ...], Solution | str] = {}
+        self.infeasible: dict[tuple[object, ...], list[tuple[int, ...]]] = {}
+
+    def solve(self, cm: CostModel, limit: float) -> Solution | str:
+        """A partition fitting ``limit``, or ``infeasible`` / ``timeout``."""
+        key = (cm.stages, cm.microbatch_size, cm.recompute, cm.splits_backward, cm.link,
+               cm.replicas if cm.shard_optimizer else 1)
+        limit = limit / cm.stages_per_rank  # each of a rank's V stages: a V-th of its memory
+        if key not in self.relaxed:
+            self.solves += 1
+            self.relaxed[key] = self.partition(cm, math.inf)
+        sol = recost(cm, self.relaxed[key])  # this M's memory on those stages
+        if max(sol.stage_memory_bytes) <= limit:
+            return sol
+        held = tuple(cm.in_flight(k) for k in range(cm.stages)) + tuple(
+            cm.rebuilt(k) for k in range(cm.stages)) + (cm.stages_per_rank,)
+        if any(all(h >= f for h, f in zip(held, fewer, strict=True))
+               for fewer in self.infeasible.get(key, ())):
+            return "infeasible"  # memory only grows with the micro-batches held
+        if (*key, held) not in self.limited:
+            self.solves += 1
+            try:
+                self.limited[(*key, held)] = self.partition(cm, limit)
+            except InfeasibleError:
+                self.limited[(*key, held)] = "infeasible"
+            except ValueError as exc:
+                from partitioner.solve.ilp import SolveTimeoutError  # only the ILP raises it
+
+                if not isinstance(exc, SolveTimeoutError):
+                    raise
+                self.limited[(*key, held)] = "timeout"
+        found = self.limited[(*key, held)]
+        if found == "infeasible":
+            self.infeasible.setdefault(key, []).append(held)
+        return found if isinstance(found, str) else recost(cm, found)
