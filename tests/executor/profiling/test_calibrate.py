@@ -8,8 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from executor.profiling.calibrate import fit_link, fit_runtime, measure_link, measure_runtime
+from executor.distributed.spawn import spawn_local
+from executor.profiling.calibrate import (
+    all_reduce_times,
+    fit_all_reduce,
+    fit_link,
+    fit_runtime,
+    measure_all_reduce,
+    measure_link,
+    measure_runtime,
+    ring_all_reduce_ms,
+)
 from partitioner.cli.main import main as cli_main
+from partitioner.formats.assumptions import Link
 from partitioner.formats.profile import save_profile
 from tests import toy_models as em
 from tests.synthetic import make_profile
@@ -33,6 +44,35 @@ def test_measure_link_between_two_local_ranks() -> None:
     assert 0 <= link.latency_ms < 100
     with pytest.raises(ValueError, match="distinct"):
         measure_link(sizes_bytes=(4096, 4096))
+
+
+def test_fit_all_reduce_recovers_the_ring_model() -> None:
+    link = Link(bandwidth_gbps=3.0, latency_ms=0.05)
+    sizes = [1e4, 1e5, 1e6, 1e7]
+    for ranks in (2, 4, 8):
+        fitted = fit_all_reduce(ranks, sizes, [ring_all_reduce_ms(link, ranks, n) for n in sizes])
+        assert fitted.bandwidth_gbps == pytest.approx(3.0, rel=1e-5)
+        assert fitted.latency_ms == pytest.approx(0.05, abs=1e-6)
+    assert ring_all_reduce_ms(link, 1, 1e6) == 0.0  # nothing to sum with
+    with pytest.raises(ValueError, match="at least 2 ranks"):
+        fit_all_reduce(1, sizes, sizes)
+    with pytest.raises(ValueError, match="at least 2 ranks"):
+        measure_all_reduce(ranks=1)
+    with pytest.raises(ValueError, match="distinct"):
+        measure_all_reduce(sizes_bytes=(4096, 4096))
+
+
+@pytest.mark.timeout(120)
+def test_all_reduce_between_two_local_ranks_fits_the_ring_model() -> None:
+    sizes = [4 << 10, 256 << 10, 1 << 20, 4 << 20]
+    times = spawn_local(all_reduce_times, 2, (sizes, 5), timeout_s=60, deadline_s=100)[0]
+    link = fit_all_reduce(2, sizes, times)
+    assert math.isfinite(link.bandwidth_gbps) and link.bandwidth_gbps > 0
+    assert math.isfinite(link.latency_ms) and link.latency_ms >= 0
+    for n, ms in zip(sizes, times, strict=True):  # loose: on a shared machine a size's
+        # median can double; the fit must still be of the right order at every size
+        predicted = ring_all_reduce_ms(link, 2, n)
+        assert ms / 2.5 - 0.2 <= predicted <= 2.5 * ms + 0.2, (n, ms, link, times)
 
 
 def test_fit_link_takes_the_latency_from_the_small_messages() -> None:
