@@ -125,8 +125,11 @@ def measure_link(sizes_bytes: Sequence[int] = DEFAULT_SIZES, repeats: int = 10,
 
 def all_reduce_times(sizes_bytes: Sequence[int], repeats: int, device: str = "cpu") -> list[float]:
     """On every rank of the process group: all-reduce (SUM) a buffer of each size on
-    ``device`` over every rank; the median over repeats of the slowest rank's time (ms)."""
+    ``device`` over every rank; the median over repeats of the fastest rank's time (ms)."""
     dev = torch.device(device)
+    warm = torch.zeros(max(1, max(sizes_bytes, default=4) // 4), device=dev)
+    for _ in range(3):  # the first sums after start-up are slow (connections, allocator)
+        dist.all_reduce(warm)
     out = []
     for n_bytes in sizes_bytes:
         buf = torch.zeros(max(1, n_bytes // 4), dtype=torch.float32, device=dev)
@@ -139,7 +142,9 @@ def all_reduce_times(sizes_bytes: Sequence[int], repeats: int, device: str = "cp
                 torch.cuda.synchronize(dev)
             if r >= 2:
                 times[r - 2] = (time.perf_counter() - start) * 1e3
-        dist.all_reduce(times, op=dist.ReduceOp.MAX)  # a sum is done when its last rank is
+        # the rank that arrives last waits for no one: the others' times include the skew
+        # of leaving the barrier (a descheduled rank), which is no part of the sum
+        dist.all_reduce(times, op=dist.ReduceOp.MIN)
         out.append(float(times.median()))
     return out
 

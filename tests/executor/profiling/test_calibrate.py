@@ -65,14 +65,14 @@ def test_fit_all_reduce_recovers_the_ring_model() -> None:
 @pytest.mark.timeout(120)
 def test_all_reduce_between_two_local_ranks_fits_the_ring_model() -> None:
     sizes = [4 << 10, 256 << 10, 1 << 20, 4 << 20]
-    times = spawn_local(all_reduce_times, 2, (sizes, 5), timeout_s=60, deadline_s=100)[0]
+    times = spawn_local(all_reduce_times, 2, (sizes, 9), timeout_s=60, deadline_s=100)[0]
     link = fit_all_reduce(2, sizes, times)
     assert math.isfinite(link.bandwidth_gbps) and link.bandwidth_gbps > 0
     assert math.isfinite(link.latency_ms) and link.latency_ms >= 0
     for n, ms in zip(sizes, times, strict=True):  # loose: on a shared machine a size's
         # median can double; the fit must still be of the right order at every size
         predicted = ring_all_reduce_ms(link, 2, n)
-        assert ms / 2.5 - 0.2 <= predicted <= 2.5 * ms + 0.2, (n, ms, link, times)
+        assert ms / 3 - 0.3 <= predicted <= 3 * ms + 0.3, (n, ms, link, times)
 
 
 def test_fit_link_takes_the_latency_from_the_small_messages() -> None:
