@@ -66,6 +66,7 @@ def graph_rank(model: nn.Module, plan: Plan, indices: Sequence[int], sample: Any
                            check=not meta)
     nodes = plan_nodes(plan, graph)
     tied = graph.tied()  # before materialising: the copies elsewhere stay on the meta device
+    aliases = _aliases(graph, tied)
     if meta:  # all of this rank's layers at once: a parameter they share stays one
         materialise((graph.module_of(i) for k in indices for i in nodes[k]), model, weights,
                     device)
@@ -92,9 +93,22 @@ def graph_rank(model: nn.Module, plan: Plan, indices: Sequence[int], sample: Any
             if key not in _TIE_GROUPS:  # every rank makes every group, in the same order
                 _TIE_GROUPS[key] = dist.new_group(list(members), backend=backend,
                                                   timeout=timedelta(seconds=timeout_s))
-            if here in members:
-                ties.append((own[name], _TIE_GROUPS[key]))
+            if here in members:  # this rank's stages may know the parameter by another name
+                ties.append((next(own[a] for a in aliases[name] if a in own), _TIE_GROUPS[key]))
     return stages, peers, ties, graph
+
+
+def _aliases(graph: LayerGraph, tied: Mapping[str, Sequence[int]]) -> dict[str, list[str]]:
+    """Every name the layers give each tied parameter (e.g. ``emb.weight`` and ``head.weight``),
+    the one ``tied`` uses first."""
+    by_id: dict[int, list[str]] = {}
+    for layer in graph.layers:
+        assert layer.module is not None
+        for name, p in layer.module.named_parameters():
+            if name not in by_id.setdefault(id(p), []):
+                by_id[id(p)].append(name)
+    return {name: [name] + [a for names in by_id.values() if name in names
+                            for a in names if a != name] for name in tied}
 
 
 def sync_ties(ties: Sequence[tuple[nn.Parameter, Any]]) -> None:

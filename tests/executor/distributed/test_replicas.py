@@ -1,9 +1,11 @@
 """Data-parallel replicas of the pipeline against plain training on the global batch (the oracle).
 
 One group of 4 local gloo ranks runs every K=2, D=2 case (two pipelines of two ranks, in the
-default layout and in an interleaved one, with plain and sharded optimizers), one group of 2
-the K=1, D=2 and K=2, D=1 cases; the test process trains the plain model on the whole batch and
-compares the loss, every gradient of the first step and the weights after the last.
+default layout and in an interleaved one, with plain and sharded optimizers; and a traced model
+whose first and last layers share a weight, so each replica all-reduces its tied copies across
+its pipeline ranks as well), one group of 2 the K=1, D=2 and K=2, D=1 cases; the test process
+trains the plain model on the whole batch and compares the loss, every gradient of the first
+step and the weights after the last.
 """
 
 from __future__ import annotations
@@ -207,8 +209,46 @@ def test_bad_replica_setups_say_what_to_do(wide: list[dict[str, Any]]) -> None:
     assert "hold 6 samples" in found["batch"] and "B=8" in found["batch"]
 
 
+class TiedLM(nn.Module):
+    """Token ids (b, T) -> logits (b, T, 16); the head's weight is the embedding's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(5)
+            self.emb, self.lin = nn.Embedding(16, 8), nn.Linear(8, 8)
+            self.mid, self.head = nn.Linear(8, 8), nn.Linear(8, 16, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mid(torch.tanh(self.lin(self.emb(ids))))))
+
+
+def _tied_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.randint(16, (B, 5), generator=g), torch.randint(16, (B, 5), generator=g)
+
+
+TIED_STEPS = 3
+
+
+def _tied_rank() -> dict[str, Any]:
+    """TiedLM's 6 traced layers as K=2 stages (the tie spans them) x D=2 replicas, 3 SGD steps."""
+    x, y = _tied_batch()
+    plan = manual_plan(None, 2, B, "1f1b", nodes=[[0, 1, 2], [3, 4, 5]])
+    runner = DistributedRunner(TiedLM(), dataclasses.replace(plan, replicas=2), sample=x[:2])
+    opt = runner.make_optimizer(OPTIMIZERS["sgd"])
+    losses = []
+    for _ in range(TIED_STEPS):
+        opt.zero_grad()
+        losses.append(runner.train_step(x, y, em.lm_loss).loss)
+        opt.step()
+    return {"losses": [None if v is None else float(v) for v in losses],
+            "params": {n: p.detach().clone() for n, p in runner.named_parameters().items()}}
+
+
 def _wide_rank(cases: list[Case]) -> dict[str, Any]:
-    return {"errors": _errors(), "cases": _rank(cases)}
+    return {"errors": _errors(), "cases": _rank(cases), "tied": _tied_rank()}
 
 
 @pytest.fixture(scope="module")
@@ -228,6 +268,31 @@ def test_replicas_train_as_plain_training_on_the_global_batch(
         results = spawn_local(_rank, world, (cases,), timeout_s=60, deadline_s=170)
     problems = [p for c, case in enumerate(cases) for p in _problems(case, [r[c] for r in results])]
     assert not problems, "\n".join(problems[:20])
+
+
+@pytest.mark.timeout(180)
+def test_tied_copies_sum_over_the_pipeline_and_the_replicas(wide: list[dict[str, Any]]) -> None:
+    model, (x, y) = TiedLM(), _tied_batch()
+    opt = OPTIMIZERS["sgd"](list(model.parameters()))
+    want = []
+    for _ in range(TIED_STEPS):
+        opt.zero_grad()
+        loss = em.lm_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        want.append(float(loss.detach()))
+    tied = [r["tied"] for r in wide]
+    for rank in (1, 3):  # the last stage of each replica
+        got = tied[rank]["losses"]
+        assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(got, want, strict=True)), got
+    plain = dict(model.named_parameters())  # the tie once, as emb.weight
+    for rank, got in enumerate(tied):
+        for name, value in got["params"].items():
+            ref = plain.get(name, model.emb.weight)  # head.weight: the tie's other name
+            assert torch.allclose(value, ref, rtol=1e-5, atol=1e-6), (rank, name)
+    # a copy of the tie on every rank (stage 0: emb.weight, stage 1: head.weight), all equal
+    copies = [got["params"].get("emb.weight", got["params"].get("head.weight")) for got in tied]
+    assert all(c is not None and torch.equal(c, copies[0]) for c in copies)
 
 
 def test_buckets_hold_one_dtype_and_stay_near_their_size() -> None:
