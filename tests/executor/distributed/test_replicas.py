@@ -39,7 +39,7 @@ OPTIMIZERS = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One configuration: model, K stages, D replicas, M, schedule, optimizer, ZeRO-1 or not,
-    optimizer steps, the layout (None: default) and V stages per rank."""
+    optimizer steps, the layout (None: default), V stages per rank and the transport."""
 
     model: str
     k: int
@@ -51,6 +51,7 @@ class Case:
     steps: int
     layout: tuple[tuple[int, ...], ...] | None = None
     per_rank: int = 1
+    transport: str = "auto"
 
     def plan(self) -> Plan:
         layers = MODELS[self.model][1]
@@ -68,6 +69,7 @@ WIDE = [  # on 4 ranks
     # turn its rounding noise (different summation orders) into whole steps
     Case("gpt", 2, 2, 2, "1f1b", "sgd", True, 2, layout=((0, 2), (1, 3))),
     Case("mlp", 2, 2, 2, "zb-h1", "sgd", True, 2),  # split backward: the last action is a W
+    Case("gpt", 2, 2, 2, "1f1b", "sgd", False, 1, transport="ordered"),  # NCCL's way, on gloo
     Case("mlp", 4, 2, 2, "interleaved", "adam", False, 2, per_rank=2),
 ]
 NARROW = [  # on 2 ranks
@@ -81,14 +83,17 @@ def _rank(cases: list[Case]) -> list[dict[str, Any]]:
     out = []
     for case in cases:
         factory, layers, batch, loss_fn = MODELS[case.model]
-        runner = DistributedRunner(factory, case.plan(), num_layers=layers)
+        runner = DistributedRunner(factory, case.plan(), num_layers=layers,
+                                   transport=case.transport)  # type: ignore[arg-type]
         opt = runner.make_optimizer(OPTIMIZERS[case.optimizer])
         x, y = batch(B)
-        got: dict[str, Any] = {"losses": [], "replica": runner.replica}
+        got: dict[str, Any] = {"losses": [], "replica": runner.replica, "rank": runner.rank}
         for step in range(case.steps):
             if opt is not None:
                 opt.zero_grad()
-            result = runner.train_step(x, y, loss_fn)
+            result = runner.train_step(x, y, loss_fn, timeline=step == case.steps - 1)
+            got["timeline"] = None if result.timeline is None else sum(
+                e.action.kind == "F" for e in result.timeline.events)
             got["losses"].append(None if result.loss is None else float(result.loss))
             if step == 0:
                 got["grads"] = {n: p.grad.clone() for n, p in runner.module.named_parameters()
@@ -132,6 +137,9 @@ def _problems(case: Case, ranks: list[dict[str, Any]]) -> list[str]:
                 if not torch.allclose(value, want[what][name], rtol=1e-5, atol=1e-6):
                     err = (value - want[what][name]).abs().max().item()
                     found.append(f"rank {rank}: {what} {name} off by {err:.2e}")
+        if (got["timeline"] is not None) != (got["rank"] == 0) or got["timeline"] not in (
+                None, case.k * case.m):  # each replica's rank 0 gathers its pipeline's actions
+            found.append(f"rank {rank}: a timeline of {got['timeline']} forwards")
         if got["sharded"] != (case.shard and case.d > 1):
             found.append(f"rank {rank}: sharded={got['sharded']}")
     # every parameter on some rank of each replica; the last stage's ranks report the loss
