@@ -19,6 +19,12 @@ is posted when needed (``transport="ordered"``, the default with NCCL). That pat
 NCCL (no GPU was at hand), but the tests run it on gloo with the tags dropped, so that messages
 match by order alone as on NCCL.
 
+Data-parallel replicas (a plan with D > 1, on a world of R x D ranks): each rank takes its
+replica d and row r from the plan's layout, runs replica d's share of the global batch with
+each micro-batch's loss weighted by its size over B, and after its last backward of the step
+sums its stages' gradients over their D copies; ``make_optimizer`` makes the optimizer, ZeRO-1
+over those copies when the plan shards it. See ``executor.distributed.replicas``.
+
 Messages and the posting of receives ahead: see ``executor.distributed.transport``.
 
 Failures: a peer that raises and exits, or is killed, closes its connections, and a rank waiting
