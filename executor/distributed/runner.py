@@ -390,14 +390,16 @@ class DistributedRunner:
                    loss_fn: LossFn | None = None, *, timeline: bool = False) -> StepResult:
         """One step of the plan's schedule on this rank. The rank of the first stage needs
         ``inputs``, that of the last ``targets`` and ``loss_fn`` (others may pass them too;
-        they are ignored). Gradients accumulate in this rank's layers."""
+        they are ignored). Gradients accumulate in this rank's layers. With D replicas: the
+        global batch (or this replica's share), gradients summed over the replicas and the loss
+        the global batch's."""
         results, tl = self._step(self._data(inputs, targets, loss_fn), True, timeline)
         last = self._last(results)
         return StepResult(last.loss if last is not None else None, tl)
 
     def forward(self, inputs: Batch | None = None) -> Batch | None:
         """Forward only, without autograd: the whole batch's outputs on the last stage's
-        rank (None elsewhere)."""
+        rank (None elsewhere); with D replicas, each replica's share's."""
         results, _ = self._step(self._data(inputs, None, None), False, False)
         last = self._last(results)
         if last is None or not last.outputs:
