@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 
 from partitioner.cli.main import CliError, describe
 from partitioner.cli.options import (
@@ -18,11 +19,14 @@ from partitioner.cli.options import (
     load_profile_arg,
     memory_limit_from_args,
 )
+from partitioner.cli.replicas import add_replica_arguments, replicated, topology_from_args
+from partitioner.cost.partition import evaluate_assignment
+from partitioner.formats.layers import stage_of_nodes
 from partitioner.formats.plan import save_plan
 from partitioner.formats.plan_schedule import SYNTH
 from partitioner.report.plans import plan_report
 from partitioner.schedule.generators import SCHEDULES, stages_per_rank_of
-from partitioner.solve.planner import partition, plan_from_solution
+from partitioner.solve.planner import make_plan, partition, plan_from_solution
 from partitioner.solve.synth import synthesise_for
 
 __all__ = ["main"]
@@ -59,9 +63,11 @@ def _auto(args: argparse.Namespace) -> list[str]:
 def main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(
         prog="partition-model", formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # --devices is no abbreviation of --devices-per-node
         description="Partition a profiled model into K pipeline stages (exact, memory-limited) "
                     "and write a gpipe-plan/1 plan.", epilog=describe())
     add_cost_arguments(p)
+    add_replica_arguments(p)
     p.add_argument("--stage-devices", default=None, metavar="D0,D1,...",
                    help="device of each stage (default: cuda:k on CUDA profiles, else cpu)")
     add_solver_arguments(p, 60.0, "seconds the ILP may search (default 60); it reports "
@@ -72,9 +78,17 @@ def main(argv: Sequence[str]) -> int:
     devices = _stage_devices(args.stage_devices) if args.stage_devices is not None else None
     limit = memory_limit_from_args(args, profile)
     names = [args.schedule] if args.schedule != "auto" else _auto(args)
+    topology = topology_from_args(args, profile)
     made = []
     for name in names:
-        cm = cost_model_from_args(args, profile, name)
+        cm, topo = replicated(cost_model_from_args(args, profile, name), args, topology)
+        if topo is not None:  # each layout of the replicas partitioned and simulated
+            plan = make_plan(cm, limit, devices, args.solver, args.time_limit,
+                             synthesise=name == SYNTH, topology=topo)
+            p2p, allreduce = topo.layout_links(plan.rank_layout, plan.build_schedule().rank_of)
+            pcm = replace(cm, link=p2p, allreduce_link=allreduce)
+            made.append((plan, pcm, evaluate_assignment(pcm, stage_of_nodes(plan.stage_nodes()))))
+            continue
         sol = partition(cm, limit / cm.stages_per_rank, args.solver, args.time_limit)
         schedule = (synthesise_for(cm, sol, memory_limit_bytes=limit).schedule
                     if name == SYNTH else None)
@@ -87,6 +101,8 @@ def main(argv: Sequence[str]) -> int:
             for name, (p, _, _) in zip(names, made, strict=True) if p.predicted)
             + f"; the fastest: {plan.schedule}\n")
     print(plan_report(plan, cm))
+    if plan.extra.get("placement"):
+        print(f"replicas: {plan.extra['placement']}")
     if sol.status in ("optimal", "feasible"):
         print(f"solver: CP-SAT, {sol.status} in {sol.solve_s:.2f} s (limit {args.time_limit:g} s),"
               f" proven gap {100 * sol.gap:.2f}% (bottleneck >= {sol.lower_bound_ms:.3f} ms; "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from partitioner.cli.main import CliError
 from partitioner.cli.options import (
     add_cost_arguments,
     add_solver_arguments,
@@ -18,6 +19,7 @@ from partitioner.cli.options import (
     memory_limit_from_args,
     runtime_from_args,
 )
+from partitioner.cli.replicas import add_replica_arguments, topology_from_args
 from partitioner.formats.plan import save_plan
 from partitioner.report.plans import search_table
 from partitioner.schedule.generators import MAX_MICROBATCHES
@@ -28,12 +30,14 @@ __all__ = ["main"]
 
 def main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(
-        prog="partition-model search",
+        prog="partition-model search", allow_abbrev=False,
         description="Try K <= N stages, M micro-batches, recompute modes and schedules; print "
                     "the fastest by simulated step and write the best plan.")
     add_cost_arguments(p, search=True)
-    p.add_argument("--devices", "-N", required=True, type=count("--devices"), metavar="N",
-                   help="devices available: K ranges over 1..N")
+    p.add_argument("--devices", "-N", default=None, type=count("--devices"), metavar="N",
+                   help="devices available: K x D ranges up to N (default with --nodes: "
+                        "nodes x devices per node)")
+    add_replica_arguments(p, search=True)
     p.add_argument("--microbatches", "-M", default=None, metavar="M1,M2",
                    type=count_list("--microbatches", high=MAX_MICROBATCHES),
                    help="micro-batch counts to try (default with the DP: every M up to 64, "
@@ -47,18 +51,33 @@ def main(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
     profile = load_profile_arg(args, warn_graph=args.solver == "dp")
     limit = memory_limit_from_args(args, profile)
-    result = search(profile, args.devices, args.global_batch, limit,
+    topology = topology_from_args(args, profile)
+    if args.devices is None and topology is None:
+        raise CliError("give the devices to search over: --devices N, or a topology with "
+                       "--nodes N --devices-per-node G")
+    devices = args.devices if args.devices is not None else topology.devices  # type: ignore[union-attr]
+    result = search(profile, devices, args.global_batch, limit,
                     schedules=args.schedules, recompute=args.recompute,
                     link=link_from_args(args, profile), optimizer=args.optimizer,
                     microbatches=args.microbatches, solver=args.solver,
-                    time_limit_s=args.time_limit, runtime=runtime_from_args(args))
+                    time_limit_s=args.time_limit, runtime=runtime_from_args(args),
+                    topology=topology, replicas=args.replicas,
+                    shard_optimizer=args.shard_optimizer, allreduce=args.allreduce)
     print(f"{profile.model} on {profile.device.name}, B={args.global_batch}, up to "
-          f"{args.devices} devices, M in {','.join(map(str, result.microbatches))}, "
+          f"{devices} devices, D in {','.join(map(str, result.replicas))}, M in "
+          f"{','.join(map(str, result.microbatches))}, "
           f"fastest by simulated step:\n")
     print(search_table(result, args.top))
     best = result.best
-    print(f"\nbest: K={best.stages}, M={best.microbatches}, {best.schedule}, recompute "
-          f"{best.recompute}: {best.step_ms:.3f} ms per step")
+    for what, cand in (("pure pipeline (D=1)", result.best_where(lambda c: c.replicas == 1)),
+                       ("pure data parallel (K=1)", result.best_where(lambda c: c.stages == 1))):
+        if len(result.replicas) > 1 and cand is not None:
+            print(f"best {what}: K={cand.stages}, D={cand.replicas}, M={cand.microbatches}, "
+                  f"{cand.schedule}: {cand.step_ms:.3f} ms, "
+                  f"{1000 * args.global_batch / cand.step_ms:.1f} samples/s")
+    print(f"\nbest: K={best.stages}, D={best.replicas}, M={best.microbatches}, {best.schedule}, "
+          f"recompute {best.recompute}: {best.step_ms:.3f} ms per step"
+          + (f" ({best.placement.name})" if best.replicas > 1 and best.placement else ""))
     if args.output:
         save_plan(result.best_plan(), args.output)
         print(f"wrote {args.output}")

@@ -28,6 +28,7 @@ import numpy.typing as npt
 from partitioner.cost.holding import SPLIT_SCHEDULES, Holding, holding
 from partitioner.formats.assumptions import LINKS, OPTIMIZERS, Link, Optimizer, Runtime
 from partitioner.formats.profile import DTYPE_BYTES, Profile
+from partitioner.formats.topology import ALLREDUCE_MODES, AllReduce
 from partitioner.formats.values import ProfileValues, profile_values
 from partitioner.schedule.generators import (
     MAX_MICROBATCHES,
@@ -130,6 +131,11 @@ class CostModel:
     bytes_per_param / dtype bytes (with the copies of tied parameters whose owner is in
     another stage) + activations held as the schedule holds them. ``stages_per_rank`` is V,
     the stages each rank runs (``interleaved``: any V that divides K; ``zbv``: always 2).
+
+    ``replicas`` D copies of the pipeline each take B/D samples in M micro-batches (so b =
+    B/(D M)) and all-reduce each stage's gradients over ``allreduce_link``, ``overlapped``
+    with the drain or ``after`` the pipeline's compute (``allreduce``); with
+    ``shard_optimizer`` (ZeRO-1) each copy keeps 1/D of its stages' optimizer state.
     """
 
     profile: Profile
@@ -142,13 +148,33 @@ class CostModel:
     optimizer: Optimizer = "adam"
     runtime: Runtime = field(default_factory=Runtime)
     stages_per_rank: int = 1
+    replicas: int = 1
+    shard_optimizer: bool = False
+    allreduce_link: Link = field(default_factory=lambda: LINKS["free"])
+    allreduce: AllReduce = "overlapped"
     _cache: dict[tuple[str, float], FloatArray] = field(
         default_factory=dict, init=False, repr=False, compare=False)
     _values: list[ProfileValues] = field(
         default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        split_microbatches(self.global_batch, self.microbatches)  # validates B >= M >= 1
+        d = self.replicas
+        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+            raise ValueError(f"replicas D={d!r} must be a whole number >= 1 (1: one pipeline, "
+                             f"no data parallelism)")
+        if self.global_batch % d:
+            raise ValueError(f"global batch B={self.global_batch} does not split into D={d} "
+                             f"equal shares; choose B a multiple of {d}, or replicas that "
+                             f"divide {self.global_batch}")
+        if self.allreduce not in ALLREDUCE_MODES:
+            raise ValueError(f"allreduce {self.allreduce!r} is not one of "
+                             f"{', '.join(ALLREDUCE_MODES)}")
+        if d > 1 and self.replica_batch < self.microbatches:
+            raise ValueError(f"each of the D={d} replicas gets B/D={self.replica_batch} "
+                             f"samples, fewer than M={self.microbatches} micro-batches; every "
+                             f"micro-batch needs a sample: use M <= {self.replica_batch}, "
+                             f"fewer replicas or a larger batch")
+        split_microbatches(self.replica_batch, self.microbatches)  # validates B/D >= M >= 1
         if self.recompute not in RECOMPUTE_MODES:
             raise ValueError(f"recompute {self.recompute!r} is not one of {RECOMPUTE_MODES}")
         if self.schedule not in SCHEDULES:
@@ -162,9 +188,14 @@ class CostModel:
 
     # -- per-layer arrays -----------------------------------------------------------------------
     @property
+    def replica_batch(self) -> int:
+        """B/D: the samples of one replica's pipeline per step."""
+        return self.global_batch // self.replicas
+
+    @property
     def microbatch_size(self) -> int:
-        """b, the largest micro-batch (the first ones when B is not a multiple of M)."""
-        return -(-self.global_batch // self.microbatches)
+        """b, the largest micro-batch (the first ones when B/D is not a multiple of M)."""
+        return -(-self.replica_batch // self.microbatches)
 
     def layer_array(self, key: str, b: float | None = None) -> FloatArray:
         """``key`` (e.g. ``'fwd_ms'``) of every layer at micro-batch size b (default: largest).
@@ -265,10 +296,8 @@ class CostModel:
         """Weights + gradients + optimizer state of every layer, in bytes."""
         cached = self._cache.get(("param_state_bytes", 0))
         if cached is None:
-            per_param = bytes_per_param(self.profile.dtype, self.optimizer)
-            width = dtype_bytes(self.profile.dtype)
             params = np.array([lay.param_bytes for lay in self.profile.layers], dtype=np.float64)
-            cached = params * (per_param / width)
+            cached = params * self._state_per_param_byte()
             cached.setflags(write=False)
             self._cache[("param_state_bytes", 0)] = cached
         return cached
@@ -292,12 +321,19 @@ class CostModel:
         recomputes: 1 (during B), or the most between I and W under a split schedule."""
         return self.holding.rebuilt[stage]
 
-    def tied_state_bytes(self) -> FloatArray:
-        """Training state (weights + gradients + optimizer) of each tied parameter's copy."""
+    def _state_per_param_byte(self) -> float:
+        """Training-state bytes per byte of parameters: ``bytes_per_param`` / dtype bytes,
+        with the optimizer's share (all but weight and gradient) over D when sharded."""
         per_param = bytes_per_param(self.profile.dtype, self.optimizer)
         width = dtype_bytes(self.profile.dtype)
+        if self.shard_optimizer and self.replicas > 1:
+            per_param = 2 * width + (per_param - 2 * width) / self.replicas
+        return per_param / width
+
+    def tied_state_bytes(self) -> FloatArray:
+        """Training state (weights + gradients + optimizer) of each tied parameter's copy."""
         sizes = np.array([t.bytes for t in self.profile.tied], dtype=np.float64)
-        out: FloatArray = sizes * (per_param / width)
+        out: FloatArray = sizes * self._state_per_param_byte()
         return out
 
     def range_tied_bytes(self, start: int, end: int) -> float:

@@ -14,12 +14,15 @@ carry a link or runtime whose times would come out negative or NaN.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
+from partitioner.formats.checks import Problems
 from partitioner.formats.units import MAX_MS, MIN_BANDWIDTH_GBPS
 
-__all__ = ["LINKS", "OPTIMIZERS", "Link", "Optimizer", "Runtime", "default_link"]
+__all__ = ["LINKS", "OPTIMIZERS", "Link", "Optimizer", "Runtime", "default_link",
+           "parse_assumptions"]
 
 Optimizer = Literal["none", "sgd", "adam"]
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
@@ -75,9 +78,13 @@ class Link:
 
 #: Default links by kind. NVLink 4 on H100/H200: 900 GB/s both directions, 450 each way.
 #: PCIe 5 x16: ~64 GB/s raw, ~50 effective. 100 Gb Ethernet: 12.5 GB/s. Loopback: gloo on one
-#: host through TCP, a few GB/s with ~0.1 ms per message.
+#: host through TCP, a few GB/s with ~0.1 ms per message. InfiniBand NDR (``ib``, between
+#: nodes): 400 Gb/s per port and direction, so 50 GB/s, with a few microseconds per message
+#: (the port's ~1 us plus the collective library's own; 5 us here), the figures NVIDIA states
+#: for its ConnectX-7 NDR adapters (one port per GPU, as in DGX H100/H200 systems).
 LINKS: dict[str, Link] = {
     "nvlink": Link(450.0, 0.01),
+    "ib": Link(50.0, 0.005),
     "pcie": Link(50.0, 0.02),
     "ethernet": Link(12.5, 0.05),
     "loopback": Link(2.0, 0.1),
@@ -125,3 +132,25 @@ class Runtime:
         object.__setattr__(self, "compute_scale", scale)
         object.__setattr__(self, "action_ms", action)
         object.__setattr__(self, "message_ms", message)
+
+
+def parse_assumptions(cost: Mapping[str, Any], p: Problems) -> tuple[Link, Runtime]:
+    """A plan's link and runtime from its ``cost_model`` object, every problem added to ``p``."""
+    before = len(p)
+    bandwidth = p.number(cost.get("bandwidth_gbps", "inf"), "cost_model.bandwidth_gbps",
+                         inf_ok=True, default=math.inf)
+    latency = p.number(cost.get("latency_ms", 0), "cost_model.latency_ms", high=MAX_MS)
+    scale = p.number(cost.get("compute_scale", 1.0), "cost_model.compute_scale", default=1.0)
+    action = p.number(cost.get("action_ms", 0.0), "cost_model.action_ms", high=MAX_MS)
+    message = p.number(cost.get("message_ms", 0.0), "cost_model.message_ms", high=MAX_MS)
+    link, runtime = Link(math.inf, 0.0), Runtime()
+    if len(p) == before:
+        try:
+            link = Link(bandwidth, latency)
+        except ValueError as exc:
+            p.add("cost_model", str(exc))
+        try:
+            runtime = Runtime(scale, action, message)
+        except ValueError as exc:
+            p.add("cost_model", str(exc))
+    return link, runtime

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from partitioner.formats.assumptions import OPTIMIZERS, Link, Runtime
+from partitioner.formats.assumptions import OPTIMIZERS, Link, Runtime, parse_assumptions
 from partitioner.formats.checks import Problems, show
 from partitioner.formats.jsonfile import read_json
 from partitioner.formats.layers import (
@@ -48,7 +48,7 @@ from partitioner.formats.plan_schedule import (
     schedule_of,
 )
 from partitioner.formats.profile import Profile
-from partitioner.formats.units import MAX_MS
+from partitioner.formats.topology import Topology, parse_topology, topology_to_json
 from partitioner.formats.values import Message
 from partitioner.schedule.generators import MAX_MICROBATCHES
 from partitioner.schedule.ir import Schedule
@@ -64,7 +64,7 @@ MAX_GLOBAL_BATCH = 2**40
 MAX_LAYERS = 2**20
 
 _TOP_KEYS = ("format", "profile", "global_batch", "microbatches", "schedule", "recompute",
-             "stages_per_rank", "actions", "replicas", "layout", "shard_optimizer", "stages",
+             "stages_per_rank", "actions", "replicas", "layout", "shard_optimizer", "topology", "stages",
              "cost_model", "predicted", "messages", "tied", "trace", "extra")
 _REQUIRED = ("format", "global_batch", "microbatches", "schedule", "recompute", "stages")
 _PROFILE_KEYS = ("model", "device", "sha256", "layers")
@@ -128,6 +128,7 @@ class Plan:
     replicas: int = 1  # D: data-parallel copies of the pipeline (plan_replicas)
     layout: Layout | None = None  # layout[d][r]: global rank of replica d's rank r; None: d R + r
     shard_optimizer: bool = False  # ZeRO-1: each of a stage's D copies keeps 1/D of its state
+    topology: Topology | None = None  # the nodes and links assumed (None: one node, ``link``)
 
     def build_schedule(self) -> Schedule:
         """The schedule this plan runs (``plan_schedule.schedule_of``): its ranks are the
@@ -248,6 +249,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         **schedule_fields(plan.schedule, plan.stages_per_rank, plan.actions),
         **replica_fields(plan.replicas, plan.layout),
         **({"shard_optimizer": True} if plan.shard_optimizer else {}),
+        **({"topology": topology_to_json(plan.topology)} if plan.topology else {}),
         "recompute": plan.recompute,
         "stages": stages,
         "cost_model": {"optimizer": plan.optimizer,
@@ -318,9 +320,16 @@ def plan_from_dict(data: object, source: str = "plan") -> Plan:
     if not isinstance(shard, bool):
         p.add("shard_optimizer", f"{show(shard)} is not true or false")
         shard = False
+    topology = (parse_topology(data["topology"], p) if data.get("topology") is not None
+                else None)
+    world = replicas * max(1, len(stages) // per_rank)
+    if topology is not None and world > topology.devices:
+        p.add("topology", f"{topology.nodes} x {topology.devices_per_node} devices, fewer than "
+                          f"the plan's {world} ranks (R x D); give a topology of at least "
+                          f"{world} devices, or fewer replicas")
     cost = p.mapping(data.get("cost_model", {}), "cost_model", "the planning assumptions")
     p.keys(cost, "cost_model", _COST_KEYS)
-    link, runtime = _parse_assumptions(cost, p)
+    link, runtime = parse_assumptions(cost, p)
     limit = p.number(cost.get("memory_limit_bytes", "inf"), "cost_model.memory_limit_bytes",
                      low=1, inf_ok=True, default=math.inf)
     optimizer = cost.get("optimizer", "adam")
@@ -344,28 +353,7 @@ def plan_from_dict(data: object, source: str = "plan") -> Plan:
         recompute=recompute, stages=tuple(stages), optimizer=optimizer, link=link,
         memory_limit_bytes=limit, predicted=predicted, runtime=runtime, extra=extra,
         messages=messages, tied=tied, trace=trace, stages_per_rank=per_rank, actions=actions,
-        replicas=replicas, layout=layout, shard_optimizer=shard)
-
-
-def _parse_assumptions(cost: Mapping[str, Any], p: Problems) -> tuple[Link, Runtime]:
-    before = len(p)
-    bandwidth = p.number(cost.get("bandwidth_gbps", "inf"), "cost_model.bandwidth_gbps",
-                         inf_ok=True, default=math.inf)
-    latency = p.number(cost.get("latency_ms", 0), "cost_model.latency_ms", high=MAX_MS)
-    scale = p.number(cost.get("compute_scale", 1.0), "cost_model.compute_scale", default=1.0)
-    action = p.number(cost.get("action_ms", 0.0), "cost_model.action_ms", high=MAX_MS)
-    message = p.number(cost.get("message_ms", 0.0), "cost_model.message_ms", high=MAX_MS)
-    link, runtime = Link(math.inf, 0.0), Runtime()
-    if len(p) == before:
-        try:
-            link = Link(bandwidth, latency)
-        except ValueError as exc:
-            p.add("cost_model", str(exc))
-        try:
-            runtime = Runtime(scale, action, message)
-        except ValueError as exc:
-            p.add("cost_model", str(exc))
-    return link, runtime
+        replicas=replicas, layout=layout, shard_optimizer=shard, topology=topology)
 
 
 def _parse_stages(raw: object, p: Problems) -> list[StagePlan]:

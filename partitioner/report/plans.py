@@ -58,14 +58,20 @@ def plan_report(plan: Plan, cm: CostModel) -> str:
     headers = ["stage", "nodes" if plan.is_graph else "layers", "n", "device", "compute_ms",
                "comm_ms", "sent", "memory", "share"]
     b = cm.microbatch_size
-    sizes = sorted(set(split_microbatches(plan.global_batch, m)))
-    head = (f"{plan.profile_model} on {plan.profile_device}: K={big_k} stages, M={m} "
-            f"micro-batches of {'/'.join(map(str, sizes))} (B={plan.global_batch}), "
+    sizes = sorted(set(split_microbatches(plan.replica_batch, m)))
+    copies = (f" x D={plan.replicas} replicas ({plan.world_size} ranks)"
+              if plan.replicas > 1 else "")
+    share = f", {plan.replica_batch} per replica" if plan.replicas > 1 else ""
+    head = (f"{plan.profile_model} on {plan.profile_device}: K={big_k} stages{copies}, M={m} "
+            f"micro-batches of {'/'.join(map(str, sizes))} (B={plan.global_batch}{share}), "
             f"schedule={plan.schedule}, recompute={plan.recompute}")
     assumptions = (f"memory limit {format_bytes(plan.memory_limit_bytes)}; optimizer "
                    f"{plan.optimizer} ({bytes_per_param(cm.profile.dtype, plan.optimizer):g} "
-                   f"bytes/parameter for {cm.profile.dtype}); link {plan.link.describe()}; "
-                   f"times per micro-batch of {b}")
+                   f"bytes/parameter for {cm.profile.dtype}"
+                   f"{', optimizer state sharded over the replicas' if plan.shard_optimizer else ''}"
+                   f"); link {plan.link.describe()}; times per micro-batch of {b}")
+    if plan.topology is not None:
+        assumptions += f"\ntopology {plan.topology.describe()}"
     if plan.runtime != Runtime():
         assumptions += (f"; runtime: actions take {plan.runtime.compute_scale:g} x profiled + "
                         f"{plan.runtime.action_ms:g} ms, messages arrive "
@@ -99,7 +105,7 @@ def messages_table(plan: Plan) -> str:
     rows = [[f"{src} -> {dst}", len(msg.values), format_bytes(msg.bytes),
              format_bytes(msg.grad_bytes) if msg.grad_bytes else "-"]
             for (src, dst), msg in sorted(plan.messages.items())]
-    b = -(-plan.global_batch // plan.microbatches)
+    b = -(-plan.replica_batch // plan.microbatches)
     return (f"messages between stages, per micro-batch of {b} (the values each stage sends "
             f"each later one; gradients come back):\n"
             + format_table(["stages", "values", "bytes", "grad_bytes"], rows))
@@ -130,15 +136,18 @@ def search_table(result: SearchResult, top: int = 10) -> str:
     """The ``top`` fastest candidates as a table, with how many were tried and how the
     partitions were found (``partition``: exact, optimal, the proven gap, or layer order)."""
     rows = []
+    dp = result.replicas != (1,)  # a D column when the search tried replicas
     for rank, c in enumerate(result.candidates[:top], 1):
-        sizes = sorted(set(split_microbatches(c.cost_model.global_batch, c.microbatches)),
+        sizes = sorted(set(split_microbatches(c.cost_model.replica_batch, c.microbatches)),
                        reverse=True)
         samples_s = 1000.0 * c.cost_model.global_batch / c.step_ms if c.step_ms > 0 else 0.0
-        rows.append([rank, c.stages, c.microbatches, "/".join(map(str, sizes)), c.schedule,
+        rows.append([rank, c.stages, *([c.replicas] if dp else []), c.microbatches,
+                     "/".join(map(str, sizes)), c.schedule,
                      c.recompute, f"{c.step_ms:.2f}", f"{samples_s:.1f}",
                      f"{100 * c.bubble_fraction:.1f}%", f"{c.solution.bottleneck_ms:.3f}",
                      c.solution.quality, format_bytes(c.peak_bytes)])
-    headers = ["rank", "K", "M", "b", "schedule", "recompute", "step_ms", "samples/s",
+    headers = ["rank", "K", *(["D"] if dp else []), "M", "b", "schedule", "recompute",
+               "step_ms", "samples/s",
                "bubble", "bottleneck_ms", "partition", "peak_memory"]
     timeout = (f", {result.unsolved} found no partition within the ILP's time limit"
                if result.unsolved else "")

@@ -209,6 +209,7 @@ def stages_per_rank_of(name: str, stages: int, stages_per_rank: int) -> int:
     return v
 
 
+@lru_cache(maxsize=8)  # schedules are immutable; a search asks for each twice in a row
 def make_schedule(name: str, stages: int, microbatches: int,
                   stages_per_rank: int = 1) -> Schedule:
     """The schedule a plan names, for K stages, M micro-batches, V stages per rank (V > 1 only

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from partitioner.cost.allreduce import grad_bytes, stage_allreduce_ms
 from partitioner.cost.model import CostModel, FloatArray, split_microbatches
 from partitioner.cost.partition import tied_copies
 
@@ -69,6 +70,7 @@ class Durations:
     state_bytes: list[float]  # weights + gradients + optimizer state
     size_index: list[int]  # micro-batch i -> s
     message_ms: float = 0.0  # a paid transfer reaches its receiver this long after its send
+    allreduce_ms: tuple[float, ...] = ()  # per stage, its gradients' all-reduce (D > 1)
 
 
 def stage_of_ranges(ranges: Sequence[tuple[int, int]]) -> IntArray:
@@ -136,7 +138,7 @@ def _per_stage(stage: IntArray, values: FloatArray, big_k: int) -> FloatArray:
 def stage_durations(cm: CostModel, stage_of: IntArray, devices: Sequence[int]) -> Durations:
     """The durations and memory of every stage of the partition ``stage_of`` (K =
     ``len(devices)``; stages that share a device index exchange data for free)."""
-    sizes = split_microbatches(cm.global_batch, cm.microbatches)
+    sizes = split_microbatches(cm.replica_batch, cm.microbatches)
     distinct = sorted(set(sizes), reverse=True)
     big_k, n_sizes = len(devices), len(distinct)
     order = np.argsort(stage_of, kind="stable")
@@ -178,6 +180,8 @@ def stage_durations(cm: CostModel, stage_of: IntArray, devices: Sequence[int]) -
     if cm.profile.tied:
         state = state + tied_copies(cm, stage_of.tolist(), big_k)
     lists = {key: arr.tolist() for key, arr in table.items()}
+    allreduce = (tuple(stage_allreduce_ms(cm, _stage_sums(grad_bytes(cm), order, bounds)
+                                          .tolist())) if cm.replicas > 1 else ())
     return Durations(lists["f"], lists["b"], lists["i"], lists["w"], lists["sf"], lists["sb"],
                      lists["hold"], lists["rebuild"], state.tolist(),
-                     [distinct.index(b) for b in sizes], cm.runtime.message_ms)
+                     [distinct.index(b) for b in sizes], cm.runtime.message_ms, allreduce)

@@ -39,6 +39,16 @@ The model (the choices a reader needs to trust the numbers):
   split). This is ``CostModel.stage_memory_bytes``'s (and the graph evaluator's) closed form
   wherever both describe the same step (``cost.holding`` states the rules). A rank's memory
   is its stages' together, replayed as they run (``rank_peak_bytes``).
+- Replicas (D > 1). Each of D copies of the pipeline runs the same schedule on its share of
+  the batch (the cost model's micro-batches of B/(D M)), in lockstep, so one replays them
+  all. Each stage then all-reduces its gradients over its D copies (``cost.allreduce``: a
+  ring over the slowest link the group crosses), on its rank's network, independently of
+  compute: ``overlapped`` (the cost model's ``allreduce``), a stage's all-reduce starts once
+  its last backward (B or W) of the step is done, a rank's stages one after another in the
+  order they finish, so the step ends at max over stages of (last backward end + its
+  all-reduce), or the rank's compute end if later; ``after``, every all-reduce starts once
+  the whole pipeline's compute is done. The optimizer step of a stage follows its
+  all-reduce. ``SimResult.allreduce`` says which was assumed.
 - The predicted Timeline holds the compute actions and the sends that take time (receives
   are instants: their waiting shows as the gap before the action that needed them), one row
   per stage with the rank of each (its trace and chart draw one row per rank).
@@ -83,6 +93,8 @@ class SimResult:
     timeline: Timeline | None  # None when simulate(..., record=False)
     rank_of: tuple[int, ...] = ()  # the rank of each stage (empty: stage k on rank k)
     rank_peak_bytes: tuple[float, ...] = ()  # per rank, its stages' memory together, replayed
+    allreduce_ms: tuple[float, ...] = ()  # per stage, its gradients' all-reduce (D > 1)
+    allreduce: str = ""  # how it was placed: overlapped, after, or "" (one replica)
 
     @property
     def rank_busy_ms(self) -> tuple[float, ...]:
@@ -178,6 +190,7 @@ class _Replay:
         self.pos, self.ready = [0] * ranks, [0.0] * ranks
         self.busy, self.comm = [0.0] * big_k, [0.0] * big_k
         self.held, self.peak = [0.0] * big_k, [0.0] * big_k
+        self.backward_end = [0.0] * big_k  # when each stage's last B or W ended
         self.rank_peak = [0.0] * ranks  # activations of the rank's stages together
         self.events: list[Event] = []
 
@@ -188,6 +201,7 @@ class _Replay:
         held_bytes, peak_bytes, rank_peak, events = self.held, self.peak, self.rank_peak, \
             self.events
         rank_of, stages_of = self.rank_of, self.stages_of
+        backward_end = self.backward_end
         last = len(rank_of) - 1
         rank_dev = [self.devs[stages[0]] for stages in stages_of]
         dev_free = dict.fromkeys(rank_dev, 0.0)
@@ -255,6 +269,7 @@ class _Replay:
                     if multi and top + other > rpeak:
                         rpeak = top + other
                     held -= hold[s]
+                    backward_end[k] = end
                 elif work == INPUT:  # a recomputing stage rebuilds its activations here
                     end = t + i_ms[s]
                     held += rebuild[s]
@@ -265,6 +280,7 @@ class _Replay:
                 elif work == WEIGHT:  # what W needed goes
                     end = t + w_ms[s]
                     held -= hold[s] + rebuild[s]
+                    backward_end[k] = end
                 if work:
                     busy_ms[k] += end - t
                     if record:
@@ -303,6 +319,9 @@ def _result(cm: CostModel, schedule: Schedule, dur: Durations, sim: _Replay,
     devs, rank_of = sim.devs, schedule.rank_of
     big_k = len(devs)
     stage_end = [sim.ready[rank_of[k]] for k in range(big_k)]
+    if dur.allreduce_ms:
+        reduced = _allreduce_ends(cm, dur.allreduce_ms, sim, rank_of)
+        stage_end = [max(e, r) for e, r in zip(stage_end, reduced, strict=True)]
     total_state = sum(dur.state_bytes)
     share = [s / total_state if total_state > 0 else 1.0 / big_k for s in dur.state_bytes]
     opt = [optimizer_ms * sh for sh in share]
@@ -329,4 +348,19 @@ def _result(cm: CostModel, schedule: Schedule, dur: Durations, sim: _Replay,
             meta["rank_peak_bytes"] = list(rank_peak)
         timeline = Timeline(big_k, tuple(sim.events), "predicted", meta, schedule.placement)
     return SimResult(step, max(bubble, 0.0), tuple(sim.busy), tuple(sim.comm), peak_bytes,
-                     timeline, schedule.placement, rank_peak)
+                     timeline, schedule.placement, rank_peak, dur.allreduce_ms,
+                     cm.allreduce if dur.allreduce_ms else "")
+
+
+def _allreduce_ends(cm: CostModel, allreduce_ms: Sequence[float], sim: _Replay,
+                    rank_of: Sequence[int]) -> list[float]:
+    """When each stage's all-reduce ends: on its rank's network, one at a time, from its last
+    backward (``overlapped``) or from the end of the pipeline's compute (``after``)."""
+    big_k = len(rank_of)
+    start = sim.backward_end if cm.allreduce == "overlapped" else [max(sim.ready)] * big_k
+    net_free = [0.0] * (max(rank_of) + 1)
+    ends = [0.0] * big_k
+    for k in sorted(range(big_k), key=lambda j: (start[j], j)):
+        r = rank_of[k]
+        net_free[r] = ends[k] = max(net_free[r], start[k]) + allreduce_ms[k]
+    return ends

@@ -9,8 +9,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from partitioner.cost.model import CostModel
 from partitioner.formats.plan import Plan, PlanError
+from partitioner.formats.plan_replicas import default_layout
 from partitioner.formats.plan_schedule import SYNTH
 from partitioner.formats.profile import Profile, load_profile, shipped_profiles
 from partitioner.schedule.generators import make_schedule, placed_like
@@ -37,10 +40,25 @@ def find_profile(plan: Plan, path_or_name: str | None = None) -> Profile:
                     f"give it with --profile PATH")
 
 
+def _replicated(cm: CostModel, plan: Plan, rank_of: tuple[int, ...], own_link: bool
+                ) -> CostModel:
+    """The links of a replicated plan: its topology's, for its layout (the layout holds for
+    the plan's D; other replicas run in the default layout), or the plan's one link for
+    everything without a topology; a link given as an override stays between stages."""
+    if plan.topology is None:
+        return replace(cm, allreduce_link=cm.link)
+    ranks = max(rank_of) + 1
+    layout = (plan.rank_layout if cm.replicas == plan.replicas and ranks == plan.pipeline_ranks
+              else default_layout(ranks, cm.replicas))
+    p2p, allreduce = plan.topology.layout_links(layout, rank_of)
+    return replace(cm, link=cm.link if own_link else p2p, allreduce_link=allreduce)
+
+
 def simulate_plan(plan: Plan, profile: Profile, *, num_devices: int | None = None,
                   **overrides: object) -> tuple[SimResult, CostModel, list[int]]:
     """Simulate a plan, optionally with other ``global_batch``, ``microbatches``, ``schedule``,
-    ``recompute``, ``link``, ``optimizer`` (CostModel fields) and ``optimizer_ms``; with
+    ``recompute``, ``link``, ``optimizer``, ``replicas``, ``shard_optimizer``, ``allreduce``
+    (CostModel fields) and ``optimizer_ms``; with
     ``num_devices`` = N below the plan's R ranks, ranks go onto N devices in contiguous blocks.
     The plan's own schedule (``Plan.build_schedule``: its V stages per rank, or the actions it
     lists) runs unless the overrides change the schedule or M."""
@@ -49,7 +67,9 @@ def simulate_plan(plan: Plan, profile: Profile, *, num_devices: int | None = Non
     fields: dict[str, object] = {
         "global_batch": plan.global_batch, "microbatches": plan.microbatches,
         "schedule": plan.schedule, "recompute": plan.recompute, "link": plan.link,
-        "optimizer": plan.optimizer, "runtime": plan.runtime}
+        "optimizer": plan.optimizer, "runtime": plan.runtime, "replicas": plan.replicas,
+        "shard_optimizer": plan.shard_optimizer,
+        "allreduce": plan.topology.allreduce if plan.topology else "overlapped"}
     fields.update({k: v for k, v in overrides.items() if v is not None})
     own = ((fields["schedule"], fields["microbatches"]) == (plan.schedule, plan.microbatches)
            and fields.get("stages_per_rank", plan.stages_per_rank) == plan.stages_per_rank)
@@ -63,6 +83,9 @@ def simulate_plan(plan: Plan, profile: Profile, *, num_devices: int | None = Non
     cm = CostModel(profile, stages=big_k, **fields)  # type: ignore[arg-type]
     schedule = plan.build_schedule() if own else make_schedule(
         cm.schedule, big_k, cm.microbatches, cm.stages_per_rank)
+    if cm.replicas > 1:
+        cm = _replicated(cm, plan, schedule.rank_of, "link" in overrides and
+                         overrides["link"] != plan.link)
     rank_of, ranks = schedule.rank_of, schedule.ranks
     if num_devices is None:
         devices = device_indices([s.device for s in plan.stages], rank_of)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from partitioner.cost.model import CostModel
 from partitioner.cost.partition import Solution, recost
@@ -47,12 +47,14 @@ from partitioner.formats.assumptions import LINKS, Link, Optimizer, Runtime
 from partitioner.formats.plan import Plan
 from partitioner.formats.plan_schedule import PLAN_SCHEDULES, SYNTH
 from partitioner.formats.profile import Profile
+from partitioner.formats.topology import AllReduce, Topology
 from partitioner.formats.units import format_bytes
-from partitioner.schedule.generators import MAX_MICROBATCHES
 from partitioner.schedule.ir import Schedule
 from partitioner.schedule.recompute import RECOMPUTE_MODES
 from partitioner.simulator.engine import simulate
 from partitioner.solve.infeasible import InfeasibleError
+from partitioner.solve.microbatches import microbatch_candidates, power_of_two_microbatches
+from partitioner.solve.placement import Placement, Placements, placed, replica_problems, why
 from partitioner.solve.planner import partition as best_partition
 from partitioner.solve.planner import plan_from_solution, resolve_solver
 
@@ -77,6 +79,12 @@ class Candidate:
     bubble_fraction: float
     peak_bytes: float  # the largest rank's simulated peak
     synthesised: Schedule | None = None  # the schedule, when it was synthesised
+    placement: Placement | None = None  # where its replicas go (None: one node, one link)
+    other_steps: tuple[tuple[Placement, float], ...] = ()  # the other layouts' steps
+
+    @property
+    def replicas(self) -> int:
+        return self.cost_model.replicas
 
     @property
     def stages(self) -> int:
@@ -113,6 +121,8 @@ class SearchResult:
     unsolved: int = 0  # configurations whose ILP found no partition within its time limit
     time_limit_s: float | None = None  # per ILP solve
     microbatches: tuple[int, ...] = ()  # the M tried
+    replicas: tuple[int, ...] = (1,)  # the D tried
+    topology: Topology | None = None
 
     @property
     def best(self) -> Candidate:
@@ -126,43 +136,16 @@ class SearchResult:
     def best_plan(self, devices: Sequence[str] | None = None) -> Plan:
         """The fastest configuration as a plan (with its simulated prediction)."""
         best = self.best
+        place = best.placement
+        note = (why(place, best.step_ms, best.other_steps, best.cost_model, best.solution)
+                if place is not None and best.replicas > 1 else None)
         return plan_from_solution(best.cost_model, best.solution, self.memory_limit_bytes,
-                                  devices, schedule=best.synthesised)
+                                  devices, schedule=best.synthesised, topology=self.topology,
+                                  layout=place.layout if place else None, note=note)
 
-
-def microbatch_candidates(global_batch: int, all_up_to: int = 64, most: int = 1024
-                          ) -> list[int]:
-    """M to try for a batch of B: every M up to ``all_up_to``, and beyond it, up to ``most``
-    micro-batches, for each largest micro-batch size b the fewest micro-batches that reach
-    it, M = ceil(B/b) (divisors and non-divisors alike; more micro-batches of the same largest
-    size only add per-micro-batch overhead).
-
-        >>> microbatch_candidates(10), microbatch_candidates(16, all_up_to=4)
-        ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [1, 2, 3, 4, 6, 8, 16])
-        >>> len(microbatch_candidates(10**12)) <= 1024
-        True
-    """
-    if global_batch < 1:
-        raise ValueError(f"global batch B={global_batch} must be at least 1")
-    top = min(global_batch, most)
-
-    def size(m: int) -> int:
-        return -(-global_batch // m)
-    # M is the fewest for its b exactly when one micro-batch fewer makes them larger
-    return [m for m in range(1, top + 1) if m <= all_up_to or size(m - 1) > size(m)]
-
-
-def power_of_two_microbatches(global_batch: int) -> list[int]:
-    """Fewer M to try (the default for the slower graph partitioner): the fewest
-    micro-batches for each largest size b = B and b = 1, 2, 4, ... < B.
-
-        >>> power_of_two_microbatches(8), power_of_two_microbatches(12)
-        ([1, 2, 4, 8], [1, 2, 3, 6, 12])
-    """
-    if global_batch < 1:
-        raise ValueError(f"global batch B={global_batch} must be at least 1")
-    sizes = {global_batch} | {2**j for j in range(global_batch.bit_length()) if 2**j < global_batch}
-    return sorted(m for m in {-(-global_batch // b) for b in sizes} if m <= MAX_MICROBATCHES)
+    def best_where(self, keep: Callable[[Candidate], bool]) -> Candidate | None:
+        """The fastest candidate that ``keep`` accepts (e.g. the pure pipeline, D = 1)."""
+        return next((c for c in self.candidates if keep(c)), None)
 
 
 def search(
@@ -179,59 +162,87 @@ def search(
     solver: str = "auto",
     time_limit_s: float = 10.0,
     runtime: Runtime | None = None,
+    *,
+    topology: Topology | None = None,
+    replicas: Sequence[int] | None = None,
+    shard_optimizer: bool = False,
+    allreduce: AllReduce = "overlapped",
 ) -> SearchResult:
     """Try every R in 1..devices ranks, schedule (with its V, K = R x V), M in
     ``microbatches`` and recompute mode; rank the feasible ones by simulated step time. ``solver`` (dp, ilp or auto) picks the
     partition function unless ``partition`` is given; ``runtime`` (default: the profile as it
     is) says how the executor's actions relate to the profile; M defaults to
-    ``microbatch_candidates`` for the DP and ``power_of_two_microbatches`` for the ILP."""
+    ``microbatch_candidates`` for the DP and ``power_of_two_microbatches`` for the ILP.
+
+    Data parallelism (``solve.replicas``): ``replicas`` lists the D to try (default: 1, or
+    with a ``topology`` every D that divides B, up to the devices), each with R x D <= devices
+    and micro-batches of B/(D M); with several D, M defaults to the power-of-two sizes of
+    B/D. On a ``topology`` each configuration's layouts (``solve.placement``) are simulated
+    and the faster kept; ``shard_optimizer`` and ``allreduce`` are the cost model's."""
+    devices = topology.devices if topology is not None and devices < 1 else devices
+    ds = sorted(set(replicas)) if replicas else (
+        [d for d in range(1, devices + 1) if global_batch % d == 0] if topology else [1])
     problems = _check(profile, devices, global_batch, schedules, recompute, microbatches)
+    problems += replica_problems(ds, devices, global_batch, topology)
     if problems:
         raise ValueError("cannot search:\n  " + "\n  ".join(problems))
     name = "custom" if partition is not None else resolve_solver(solver, profile)
     part = partition or _partition_fn(name, time_limit_s)
-    if microbatches:
-        ms = sorted(set(microbatches))
-    else:
-        ms = (power_of_two_microbatches if name == "ilp" else microbatch_candidates)(global_batch)
-    layouts = _layouts(profile.num_layers, devices, [x for x in schedules if x != SYNTH])
-    configurations = len(layouts) * len(ms) * len(recompute)
+    fixed = [x for x in schedules if x != SYNTH]
+    per_d = []
+    for d in ds:
+        share = global_batch // d
+        if microbatches:
+            ms = sorted({m for m in microbatches if m <= share})
+        elif name == "ilp" or len(ds) > 1:
+            ms = power_of_two_microbatches(share)
+        else:
+            ms = microbatch_candidates(share)
+        per_d.append((d, ms, _layouts(profile.num_layers, devices // d, fixed)))
+    configurations = sum(len(lay) * len(ms) for _, ms, lay in per_d) * len(recompute)
     if configurations > MAX_CONFIGURATIONS:
         raise ValueError(
-            f"the search would try up to {configurations:,} configurations ({len(layouts)} "
-            f"(ranks, schedule, V) layouts, {len(ms)} values of M, {len(recompute)} recompute "
-            f"modes), more than {MAX_CONFIGURATIONS:,}; narrow it: fewer --devices, the M "
-            f"to try (--microbatches 1,2,4,8), fewer --schedules or --recompute")
+            f"the search would try up to {configurations:,} configurations ((ranks, replicas, "
+            f"schedule, V) layouts x values of M x {len(recompute)} recompute modes), more "
+            f"than {MAX_CONFIGURATIONS:,}; narrow it: fewer --devices, the M to try "
+            f"(--microbatches 1,2,4,8), the replicas (--replicas 1,8), fewer --schedules or "
+            f"--recompute")
     started = time.perf_counter()
     found: list[Candidate] = []
     tried = infeasible = unsolved = 0
     cache = _Cache(part)
-    by_stages: dict[int, list[tuple[str, int]]] = {}
-    for big_k, sched, v in layouts:
-        by_stages.setdefault(big_k, []).append((sched, v))
-    for big_k, group_layouts in by_stages.items():
-        for m in ms:
-            for rc in recompute:
-                if big_k == 1 and rc == "except_last" and "never" in recompute:
-                    continue  # the only stage is the last: same as never
-                group = [CostModel(profile, global_batch, m, stages=big_k,
-                                   recompute=rc,  # type: ignore[arg-type]
-                                   schedule=sched,  # type: ignore[arg-type]
-                                   link=link, optimizer=optimizer,
-                                   runtime=runtime or Runtime(), stages_per_rank=v)
-                         for sched, v in group_layouts
-                         if not (sched in ("1f1b", "zb-h1") and (big_k == 1 or m == 1)
-                                 and "gpipe" in schedules)]  # else gpipe's actions, or more
-                # fewest micro-batches in flight first: where they do not fit, more do not
-                for cm in sorted(group, key=lambda cm: sum(map(cm.in_flight, range(big_k)))):
-                    tried += 1
-                    cand = _evaluate(cm, memory_limit_bytes, cache)
-                    if isinstance(cand, Candidate):
-                        found.append(cand)
-                    elif cand == "timeout":
-                        unsolved += 1
-                    else:
-                        infeasible += 1
+    places = Placements(topology, link)
+    for d, ms, layouts in per_d:
+        by_stages: dict[int, list[tuple[str, int]]] = {}
+        for big_k, sched, v in layouts:
+            by_stages.setdefault(big_k, []).append((sched, v))
+        for big_k, group_layouts in by_stages.items():
+            for m in ms:
+                for rc in recompute:
+                    if big_k == 1 and rc == "except_last" and "never" in recompute:
+                        continue  # the only stage is the last: same as never
+                    group = [CostModel(profile, global_batch, m, stages=big_k,
+                                       recompute=rc,  # type: ignore[arg-type]
+                                       schedule=sched,  # type: ignore[arg-type]
+                                       link=link, optimizer=optimizer,
+                                       runtime=runtime or Runtime(), stages_per_rank=v,
+                                       replicas=d, shard_optimizer=shard_optimizer,
+                                       allreduce=allreduce)
+                             for sched, v in group_layouts
+                             if not (sched in ("1f1b", "zb-h1") and (big_k == 1 or m == 1)
+                                     and "gpipe" in schedules)]  # else gpipe's, or more
+                    # fewest micro-batches in flight first: where they do not fit, more do not
+                    for cm in sorted(group, key=lambda cm: sum(map(cm.in_flight,
+                                                                   range(big_k)))):
+                        tried += 1
+                        cand = _evaluate_placed(cm, memory_limit_bytes, cache,
+                                                places.of(cm))
+                        if isinstance(cand, Candidate):
+                            found.append(cand)
+                        elif cand == "timeout":
+                            unsolved += 1
+                        else:
+                            infeasible += 1
     if SYNTH in schedules:
         synthesised = _synthesise_best(found, memory_limit_bytes)
         tried += len(synthesised)
@@ -239,7 +250,9 @@ def search(
     found.sort(key=lambda c: (c.step_ms, c.stages, c.peak_bytes, c.microbatches))
     return SearchResult(tuple(found), tried, infeasible, time.perf_counter() - started,
                         memory_limit_bytes, name, cache.solves, unsolved,
-                        time_limit_s if name == "ilp" else None, tuple(ms))
+                        time_limit_s if name == "ilp" else None,
+                        tuple(sorted({m for _, ms, _ in per_d for m in ms})), tuple(ds),
+                        topology)
 
 
 #: The stages per rank the search tries for each schedule (where the layers allow).
@@ -278,8 +291,8 @@ def _synthesise_best(found: list[Candidate], limit: float) -> list[Candidate]:
         got = synthesise_for(cm, cand.solution, memory_limit_bytes=limit)
         if got.schedule.name == SYNTH:
             res = simulate(cm, nodes=cand.solution.nodes, schedule=got.schedule, record=False)
-            out.append(Candidate(cm, cand.solution, res.step_ms, res.bubble_fraction,
-                                 max(res.rank_peak_bytes), got.schedule))
+            out.append(replace(cand, step_ms=res.step_ms, bubble_fraction=res.bubble_fraction,
+                               peak_bytes=max(res.rank_peak_bytes), synthesised=got.schedule))
         if len(seen) == SYNTH_TOP:
             break
     return out
@@ -300,13 +313,14 @@ class _Cache:
 
     def __init__(self, partition: PartitionFn) -> None:
         self.partition, self.solves = partition, 0
-        self.relaxed: dict[tuple[int, int, str, bool], Solution] = {}
+        self.relaxed: dict[tuple[object, ...], Solution] = {}
         self.limited: dict[tuple[object, ...], Solution | str] = {}
-        self.infeasible: dict[tuple[int, int, str, bool], list[tuple[int, ...]]] = {}
+        self.infeasible: dict[tuple[object, ...], list[tuple[int, ...]]] = {}
 
     def solve(self, cm: CostModel, limit: float) -> Solution | str:
         """A partition fitting ``limit``, or ``infeasible`` / ``timeout``."""
-        key = (cm.stages, cm.microbatch_size, cm.recompute, cm.splits_backward)
+        key = (cm.stages, cm.microbatch_size, cm.recompute, cm.splits_backward, cm.link,
+               cm.replicas if cm.shard_optimizer else 1)
         limit = limit / cm.stages_per_rank  # each of a rank's V stages: a V-th of its memory
         if key not in self.relaxed:
             self.solves += 1
@@ -346,6 +360,27 @@ def _evaluate(cm: CostModel, limit: float, cache: _Cache) -> Candidate | str:
     if peak > limit * (1 + 1e-9):
         return "infeasible"
     return Candidate(cm, sol, res.step_ms, res.bubble_fraction, peak)
+
+
+def _evaluate_placed(cm: CostModel, limit: float, cache: _Cache,
+                     placements: list[Placement]) -> Candidate | str:
+    """``_evaluate`` on each layout of the replicas; the fastest, with the others' steps."""
+    if len(placements) == 1 and cm.replicas == 1 and placements[0].p2p_link == cm.link:
+        cand = _evaluate(cm, limit, cache)
+        return replace(cand, placement=placements[0]) if isinstance(cand, Candidate) else cand
+    got: list[Candidate] = []
+    status = "infeasible"
+    for place in placements:
+        cand = _evaluate(placed(cm, place), limit, cache)
+        if isinstance(cand, Candidate):
+            got.append(replace(cand, placement=place))
+        elif cand == "timeout":
+            status = cand
+    if not got:
+        return status
+    got.sort(key=lambda c: c.step_ms)
+    return replace(got[0], other_steps=tuple((c.placement, c.step_ms) for c in got[1:]
+                                             if c.placement is not None))
 
 
 def _check(profile: Profile, devices: int, global_batch: int, schedules: Sequence[str],
