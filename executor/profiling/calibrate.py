@@ -52,7 +52,7 @@ from partitioner.solve.planner import make_plan
 
 __all__ = ["Trial", "all_reduce_times", "calibrate_world", "check_job", "fit_all_reduce",
            "fit_link", "fit_runtime", "fit_trials", "measure_all_reduce", "measure_link",
-           "measure_runtime", "ping_pong", "ring_all_reduce_ms", "run_trials", "trial_plans"]
+           "measure_runtime", "ping_pong", "run_trials", "trial_plans"]
 
 DEFAULT_SIZES = (4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20)
 
@@ -146,24 +146,10 @@ def all_reduce_times(sizes_bytes: Sequence[int], repeats: int, device: str = "cp
     return [float(row.quantile(0.25)) for row in times]
 
 
-def ring_all_reduce_ms(link: Link, ranks: int, n_bytes: float) -> float:
-    """The ring model of an all-reduce of ``n_bytes`` over ``ranks``:
-    2 (n-1)/n x bytes / bandwidth + 2 (n-1) x latency (0 on one rank).
-
-        >>> ring_all_reduce_ms(Link(bandwidth_gbps=1.0, latency_ms=0.5), 2, 2e6)
-        3.0
-    """
-    if ranks < 2 or n_bytes <= 0:
-        return 0.0
-    steps = 2 * (ranks - 1)
-    wire = 0.0 if link.bandwidth_gbps == float("inf") else (
-        steps / ranks * n_bytes / (link.bandwidth_gbps * 1e6))
-    return wire + steps * link.latency_ms
-
-
 def fit_all_reduce(ranks: int, sizes_bytes: Sequence[float], times_ms: Sequence[float]) -> Link:
-    """The Link whose ring model (``ring_all_reduce_ms``) best fits all-reduces of
-    ``sizes_bytes`` over ``ranks`` that took ``times_ms``, on relative errors as ``fit_link``.
+    """The Link whose ring model (``partitioner.cost.allreduce.ring_allreduce_ms``, the one the
+    planner prices replicas with) best fits all-reduces of ``sizes_bytes`` over ``ranks`` that
+    took ``times_ms``, on relative errors as ``fit_link``.
 
         >>> fit_all_reduce(2, [1e6, 2e6, 3e6], [2.0, 3.0, 4.0])
         Link(bandwidth_gbps=1.0, latency_ms=0.5)

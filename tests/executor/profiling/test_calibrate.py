@@ -17,9 +17,9 @@ from executor.profiling.calibrate import (
     measure_all_reduce,
     measure_link,
     measure_runtime,
-    ring_all_reduce_ms,
 )
 from partitioner.cli.main import main as cli_main
+from partitioner.cost.allreduce import ring_allreduce_ms
 from partitioner.formats.assumptions import Link
 from partitioner.formats.profile import save_profile
 from tests import toy_models as em
@@ -50,10 +50,10 @@ def test_fit_all_reduce_recovers_the_ring_model() -> None:
     link = Link(bandwidth_gbps=3.0, latency_ms=0.05)
     sizes = [1e4, 1e5, 1e6, 1e7]
     for ranks in (2, 4, 8):
-        fitted = fit_all_reduce(ranks, sizes, [ring_all_reduce_ms(link, ranks, n) for n in sizes])
+        fitted = fit_all_reduce(ranks, sizes, [ring_allreduce_ms(n, ranks, link) for n in sizes])
         assert fitted.bandwidth_gbps == pytest.approx(3.0, rel=1e-5)
         assert fitted.latency_ms == pytest.approx(0.05, abs=1e-6)
-    assert ring_all_reduce_ms(link, 1, 1e6) == 0.0  # nothing to sum with
+    assert ring_allreduce_ms(1e6, 1, link) == 0.0  # nothing to sum with
     with pytest.raises(ValueError, match="at least 2 ranks"):
         fit_all_reduce(1, sizes, sizes)
     with pytest.raises(ValueError, match="at least 2 ranks"):
@@ -66,9 +66,9 @@ def _ring_misfits(sizes: list[int], times: list[float]) -> list[str]:
     link = fit_all_reduce(2, sizes, times)
     assert math.isfinite(link.bandwidth_gbps) and link.bandwidth_gbps > 0
     assert math.isfinite(link.latency_ms) and link.latency_ms >= 0
-    return [f"{n} bytes: {ms:.3f} ms measured, {ring_all_reduce_ms(link, 2, n):.3f} fitted "
+    return [f"{n} bytes: {ms:.3f} ms measured, {ring_allreduce_ms(n, 2, link):.3f} fitted "
             f"({link})" for n, ms in zip(sizes, times, strict=True)
-            if not ms / 3 - 0.3 <= ring_all_reduce_ms(link, 2, n) <= 3 * ms + 0.3]
+            if not ms / 3 - 0.3 <= ring_allreduce_ms(n, 2, link) <= 3 * ms + 0.3]
 
 
 @pytest.mark.timeout(120)
