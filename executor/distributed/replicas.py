@@ -179,7 +179,8 @@ class GradReducer:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             grads = [p.grad for p in bucket if p.grad is not None]
-            flat = grads[0] if len(grads) == 1 else torch.cat([g.reshape(-1) for g in grads])
+            alone = len(grads) == 1 and grads[0].is_contiguous()  # summed in place
+            flat = grads[0] if alone else torch.cat([g.reshape(-1) for g in grads])
             work = self._guard(lambda f=flat: dist.all_reduce(
                 f, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
             self._pending.append((work, flat, bucket))
@@ -189,8 +190,8 @@ class GradReducer:
         pending, self._pending = self._pending, []
         for work, flat, bucket in pending:
             self._guard(work.wait)
-            if len(bucket) == 1:
-                continue  # reduced in place
+            if len(bucket) == 1 and flat is bucket[0].grad:
+                continue  # summed in place
             offset = 0
             for p in bucket:
                 assert p.grad is not None

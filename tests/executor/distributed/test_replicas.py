@@ -309,3 +309,20 @@ def test_buckets_hold_one_dtype_and_stay_near_their_size() -> None:
     reducer = GradReducer(params, None, [0], bucket_bytes=80)
     sizes = [[p.numel() for p in bucket] for bucket in reducer.buckets]
     assert sizes == [[10, 10], [100], [5], [3]]
+    # one process, no group: the sum of one copy is itself, in place or through a bucket,
+    # and a gradient that is not contiguous comes back in its own layout
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        for p in params:
+            p.grad = torch.arange(p.numel(), dtype=p.dtype).reshape(p.shape)
+        wide = nn.Parameter(torch.zeros(4, 3))
+        wide.grad = torch.arange(12.0).reshape(3, 4).t()  # a transposed view
+        for reducer in (GradReducer(params, None, [0], bucket_bytes=80),
+                        GradReducer([wide], None, [0])):  # alone in its bucket
+            reducer.start()
+            reducer.finish()
+        assert all(torch.equal(p.grad, torch.arange(p.numel(), dtype=p.dtype))
+                   for p in params)
+        assert torch.equal(wide.grad, torch.arange(12.0).reshape(3, 4).t())
+    finally:
+        dist.destroy_process_group()
