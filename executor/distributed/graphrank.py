@@ -50,12 +50,14 @@ def _meta(sample: Any) -> Any:
 def graph_rank(model: nn.Module, plan: Plan, indices: Sequence[int], sample: Any,
                device: torch.device, stage_ranks: Sequence[int], *,
                weights: Mapping[str, torch.Tensor] | str | Path | None,
-               leaves: Sequence[Leaf] | None, timeout_s: float, backend: str
-               ) -> tuple[list[GraphStage], list[tuple[int, int]],
+               leaves: Sequence[Leaf] | None, timeout_s: float, backend: str,
+               copies: Sequence[Sequence[int]] | None = None) -> tuple[list[GraphStage], list[tuple[int, int]],
                           list[tuple[nn.Parameter, Any]], LayerGraph]:
     """This rank's stages ``indices``, the (src, dst) pairs of every stage that exchange values,
     and this rank's tied parameters with the group of ranks holding a copy of each
-    (``stage_ranks[k]``: the global rank of stage k)."""
+    (``stage_ranks[k]``: the global rank of stage k). ``copies``: with data-parallel replicas,
+    the stage ranks of every replica (this rank's among them): each replica's tied copies get
+    a group of their own, and every rank makes all of them, in the same order."""
     if sample is None:
         raise ValueError("a model that is not an nn.Sequential is traced on every rank: give "
                          "sample= (a small batch of its inputs, e.g. the first two rows)")
@@ -64,6 +66,7 @@ def graph_rank(model: nn.Module, plan: Plan, indices: Sequence[int], sample: Any
                            check=not meta)
     nodes = plan_nodes(plan, graph)
     tied = graph.tied()  # before materialising: the copies elsewhere stay on the meta device
+    aliases = _aliases(graph, tied)
     if meta:  # all of this rank's layers at once: a parameter they share stays one
         materialise((graph.module_of(i) for k in indices for i in nodes[k]), model, weights,
                     device)
@@ -82,16 +85,30 @@ def graph_rank(model: nn.Module, plan: Plan, indices: Sequence[int], sample: Any
         own.update(stage.named_parameters())
     here = stage_ranks[indices[0]] if indices else None
     for name, users in sorted(tied.items()):
-        members = tuple(sorted({stage_ranks[stage_of[i]] for i in users}))
-        if len(members) < 2:  # on one rank: one parameter, its uses summed by autograd
-            continue
-        key = (dist.group.WORLD, members)
-        if key not in _TIE_GROUPS:  # every rank makes every group, in the same order
-            _TIE_GROUPS[key] = dist.new_group(list(members), backend=backend,
-                                              timeout=timedelta(seconds=timeout_s))
-        if here in members:
-            ties.append((own[name], _TIE_GROUPS[key]))
+        for ranks in copies if copies is not None else [stage_ranks]:
+            members = tuple(sorted({ranks[stage_of[i]] for i in users}))
+            if len(members) < 2:  # on one rank: one parameter, its uses summed by autograd
+                continue
+            key = (dist.group.WORLD, members)
+            if key not in _TIE_GROUPS:  # every rank makes every group, in the same order
+                _TIE_GROUPS[key] = dist.new_group(list(members), backend=backend,
+                                                  timeout=timedelta(seconds=timeout_s))
+            if here in members:  # this rank's stages may know the parameter by another name
+                ties.append((next(own[a] for a in aliases[name] if a in own), _TIE_GROUPS[key]))
     return stages, peers, ties, graph
+
+
+def _aliases(graph: LayerGraph, tied: Mapping[str, Sequence[int]]) -> dict[str, list[str]]:
+    """Every name the layers give each tied parameter (e.g. ``emb.weight`` and ``head.weight``),
+    the one ``tied`` uses first."""
+    by_id: dict[int, list[str]] = {}
+    for layer in graph.layers:
+        assert layer.module is not None
+        for name, p in layer.module.named_parameters():
+            if name not in by_id.setdefault(id(p), []):
+                by_id[id(p)].append(name)
+    return {name: [name] + [a for names in by_id.values() if name in names
+                            for a in names if a != name] for name in tied}
 
 
 def sync_ties(ties: Sequence[tuple[nn.Parameter, Any]]) -> None:

@@ -1,17 +1,24 @@
-"""Train a plan with one rank per schedule row: under torchrun, or on local CPU ranks spawned here.
+"""Train a plan with one rank per schedule row and replica: under torchrun, or on local CPU ranks.
 
-    summaries = launch("executor.workloads.jobs:demo", "plan.json", steps=5)
-    # no torchrun: R local CPU ranks (gloo, 127.0.0.1); under torchrun: this process's rank
+    summaries = launch("executor.workloads.jobs:demo", "plan.json", steps=5, metrics="m.jsonl")
+    # no torchrun: R x D local CPU ranks (gloo, 127.0.0.1); under torchrun: this process's rank
 
-``partition-model run`` is the command behind it (``torchrun --nproc-per-node R -m
-partitioner.cli run ...`` on GPUs or nodes; R = K / V ranks, V the plan's stages per rank). The job names a function returning a ``Job``:
-the layers as a factory (each rank builds only its own range), the number of layers, the data
-and the loss. With ``trace`` rank 0 writes a measured timeline: of the last 5 steps, the one of
-median length (in the simulator's Chrome trace format, so ``partition-model compare`` reads it).
+``partition-model run`` is the command behind it (``torchrun --nproc-per-node R*D -m
+partitioner.cli run ...`` on GPUs or nodes; R = K / V ranks per pipeline, V the plan's stages
+per rank, D its replicas). The job names a function returning a ``Job``: the layers as a
+factory (each rank builds only its own range), the number of layers, the data and the loss.
+Every rank draws the same global batch; each replica trains on its share. With ``trace`` rank
+0 writes a measured timeline of its pipeline: of the last 5 steps, the one of median length (in
+the simulator's Chrome trace format, so ``partition-model compare`` reads it). With
+``metrics`` the rank of replica 0's last stage writes one JSON line per step: ``step``,
+``loss`` (of the global batch), ``step_ms`` (its whole step, optimizer included),
+``pipeline_ms`` (the pipelined ``train_step`` alone, the replicas' all-reduce included) and
+``samples`` (B).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from datetime import timedelta
@@ -37,24 +44,28 @@ TRACED_STEPS = 5
 
 def run_rank(job_spec: str, plan_path: str, steps: int, trace: str | None,
              device: str | None, timeout_s: float, progress: bool = False,
-             keep_memory: bool = True) -> dict[str, Any]:
+             keep_memory: bool = True, metrics: str | None = None,
+             shard_optimizer: bool | None = None) -> dict[str, Any]:
     """Train ``steps`` steps on this rank (the process group is up); a summary of the rank:
     its losses (last stage), the wall time of each whole step (``step_ms``, optimizer
     included) and of each pipelined ``train_step`` alone (``pipeline_ms``). With ``progress``
     the last stage shows a progress bar with the loss; otherwise it prints a line per step.
     ``trace``: rank 0 records the last ``TRACED_STEPS`` steps' timelines and writes the one
     of median length (one step alone can be an outlier on a shared machine). ``keep_memory``:
-    set this process's allocator to keep freed memory (``executor.runtime.allocator``)."""
+    set this process's allocator to keep freed memory (``executor.runtime.allocator``).
+    ``metrics``: the JSON-lines file replica 0's last stage writes (see the module doc);
+    ``shard_optimizer``: ZeRO-1 over each stage's replicas (None: as the plan says)."""
     if keep_memory:
         keep_freed_memory()
     job, plan = load_job(job_spec), load_plan(plan_path)
     runner = DistributedRunner(job.layers, plan, num_layers=job.num_layers, device=device,
                                timeout_s=timeout_s, sample=job.sample, weights=job.weights)
-    params = runner.parameters()
     make = job.optimizer or (lambda ps: torch.optim.SGD(ps, lr=0.01))
-    optimizer = make(params) if params else None
+    optimizer = runner.make_optimizer(make, shard_optimizer)
     last = plan.num_stages - 1 in runner.stage_indices
-    bar = tqdm(total=steps, desc="training", unit="step") if progress and last else None
+    speaks = last and runner.replica == 0  # one rank reports for all replicas
+    bar = tqdm(total=steps, desc="training", unit="step") if progress and speaks else None
+    log = open(metrics, "w", encoding="utf-8") if metrics is not None and speaks else None  # noqa: SIM115
     losses: list[float] = []
     step_ms: list[float] = []
     pipeline_ms: list[float] = []
@@ -73,19 +84,26 @@ def run_rank(job_spec: str, plan_path: str, steps: int, trace: str | None,
         step_ms.append((time.perf_counter() - start) * 1e3)
         if last and result.loss is not None:
             losses.append(float(result.loss))
+            if log is not None:
+                log.write(json.dumps({"step": step, "loss": losses[-1], "step_ms": step_ms[-1],
+                                      "pipeline_ms": pipeline_ms[-1],
+                                      "samples": plan.global_batch}) + "\n")
+                log.flush()
             if bar is not None:
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", ms=f"{step_ms[-1]:.0f}")
                 bar.update()
-            else:
+            elif speaks:
                 print(f"step {step}: loss {losses[-1]:.5f} ({step_ms[-1]:.1f} ms)", flush=True)
         if result.timeline is not None:
             traced.append(result.timeline)
-    if traced and trace is not None:
+    if traced and trace is not None and runner.replica == 0:
         save_chrome_trace(sorted(traced, key=lambda t: t.step_ms)[(len(traced) - 1) // 2], trace)
     if bar is not None:
         bar.close()
-    return {"rank": runner.rank, "stages": runner.stage_indices, "losses": losses, "step_ms": step_ms,
-            "pipeline_ms": pipeline_ms}
+    if log is not None:
+        log.close()
+    return {"rank": runner.rank, "replica": runner.replica, "stages": runner.stage_indices,
+            "losses": losses, "step_ms": step_ms, "pipeline_ms": pipeline_ms}
 
 
 def under_torchrun() -> bool:
@@ -106,10 +124,12 @@ def choose_device(choice: str) -> str | None:
 
 def launch(job_spec: str, plan_path: str, steps: int = 10, *, trace: str | None = None,
            device: str = "auto", timeout_s: float = 60.0, threads: int = 1,
-           progress: bool = False, keep_memory: bool = True) -> list[dict[str, Any]]:
+           progress: bool = False, keep_memory: bool = True, metrics: str | None = None,
+           shard_optimizer: bool | None = None) -> list[dict[str, Any]]:
     """Train the plan: under torchrun on this process's rank (its summary alone), otherwise
-    on R spawned local CPU ranks, one per row of the plan's schedule (every rank's summary, in
-    rank order). The plan and the job are checked before any rank starts."""
+    on R x D spawned local CPU ranks, one per row of the plan's schedule and replica (every
+    rank's summary, in global rank order). The plan and the job are checked before any rank
+    starts; ``metrics`` and ``shard_optimizer``: see ``run_rank``."""
     if steps < 1:
         raise ValueError(f"steps={steps}: train at least one step")
     plan = load_plan(plan_path)
@@ -123,12 +143,13 @@ def launch(job_spec: str, plan_path: str, steps: int = 10, *, trace: str | None 
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
         try:
             return [run_rank(job_spec, plan_path, steps, trace, chosen, timeout_s, progress,
-                             keep_memory)]
+                             keep_memory, metrics, shard_optimizer)]
         finally:
             dist.destroy_process_group()
     if device not in ("auto", "cpu"):
         raise ValueError(f"device {device!r}: without torchrun the ranks are local CPU "
                          f"processes; use --device cpu, or launch with torchrun")
-    return spawn_local(run_rank, plan.build_schedule().ranks, (job_spec, plan_path, steps, trace, "cpu",
-                                                   timeout_s, progress, keep_memory),
+    world = plan.build_schedule().ranks * plan.replicas
+    return spawn_local(run_rank, world, (job_spec, plan_path, steps, trace, "cpu", timeout_s,
+                                         progress, keep_memory, metrics, shard_optimizer),
                        threads=threads, timeout_s=timeout_s)

@@ -19,6 +19,12 @@ is posted when needed (``transport="ordered"``, the default with NCCL). That pat
 NCCL (no GPU was at hand), but the tests run it on gloo with the tags dropped, so that messages
 match by order alone as on NCCL.
 
+Data-parallel replicas (a plan with D > 1, on a world of R x D ranks): each rank takes its
+replica d and row r from the plan's layout, runs replica d's share of the global batch with
+each micro-batch's loss weighted by its size over B, and after its last backward of the step
+sums its stages' gradients over their D copies; ``make_optimizer`` makes the optimizer, ZeRO-1
+over those copies when the plan shards it. See ``executor.distributed.replicas``.
+
 Messages and the posting of receives ahead: see ``executor.distributed.transport``.
 
 Failures: a peer that raises and exits, or is killed, closes its connections, and a rank waiting
@@ -31,7 +37,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from executor.distributed.graphrank import graph_rank, sync_ties
+from executor.distributed.replicas import GradReducer, for_plan, sharded, share_of, sum_loss
 from executor.distributed.routing import RankTransport, chain_pairs, channels, order_problems
 from executor.distributed.transport import DistTransport
 from executor.graphs.batches import batch_size_of, join_tree, move_tree, split_tree
@@ -60,6 +67,8 @@ from partitioner.formats.plan import Plan, PlanError
 from partitioner.formats.timeline import Event, Timeline
 
 __all__ = ["DistributedRunner", "StepResult"]
+
+BACKWARD_KINDS = ("B", "I", "W")  # the actions that write gradients
 
 
 @dataclass
@@ -102,13 +111,19 @@ class DistributedRunner:
                                "init_process_group first (torchrun + partition-model run "
                                "does), or use executor.distributed.spawn.spawn_local for local CPU ranks")
         self.plan = as_plan(plan)
-        self.group = group
-        self.ranks = dist.get_process_group_ranks(group) if group is not None else list(
-            range(dist.get_world_size()))
-        big_k, world = self.plan.num_stages, len(self.ranks)
+        big_k = self.plan.num_stages
         self.schedule = runnable_schedule(self.plan.build_schedule(), big_k,
                                           self.plan.microbatches)
         big_r = self.schedule.ranks
+        self.replicas = for_plan(self.plan, big_r, group, timeout_s)  # None: one replica
+        if self.replicas is not None:  # this replica's pipeline, on its own group
+            group = self.replicas.pipeline
+            self.ranks = list(self.replicas.layout[self.replicas.d])
+        else:
+            self.ranks = dist.get_process_group_ranks(group) if group is not None else list(
+                range(dist.get_world_size()))
+        self.group = group
+        world = len(self.ranks)
         if world != big_r:
             per = f", V={big_k // big_r} per rank" if big_r != big_k else ""
             raise ValueError(f"the world has {world} ranks but the plan has K={big_k} stages "
@@ -149,7 +164,7 @@ class DistributedRunner:
                 stages, pairs, self.ties, self.layer_graph = graph_rank(
                     layers, self.plan, self.stage_indices, sample, torch.device(dev),
                     self.stage_ranks, weights=weights, leaves=leaves, timeout_s=timeout_s,
-                    backend=backend)
+                    backend=backend, copies=self._replica_stage_ranks())
             except PlanError as exc:
                 raise PlanError(f"rank {dist.get_rank()}: {exc}") from None
             self.stages: list[Any] = list(stages)
@@ -165,6 +180,35 @@ class DistributedRunner:
                         split=split_of(self.schedule, s.index)) for s in self.stages]
         self._by_stage = {s.index: interp for s, interp in zip(self.stages, self.interpreters,
                                                                strict=True)}
+        self.reducer = None if self.replicas is None else GradReducer(
+            self.parameters(), self.replicas.replica, self.replicas.copies(self.rank))
+        self._last_backward = max((j for j, a in enumerate(self.actions)
+                                   if a.kind in BACKWARD_KINDS), default=-1)
+
+    def _replica_stage_ranks(self) -> list[list[int]]:
+        """The global rank of each stage, in every replica (one list per replica)."""
+        if self.replicas is None:
+            return [self.stage_ranks]
+        return [[ranks[r] for r in self.schedule.rank_of] for ranks in self.replicas.layout]
+
+    @property
+    def replica(self) -> int:
+        """d: the replica this rank belongs to (0 with one replica)."""
+        return 0 if self.replicas is None else self.replicas.d
+
+    def make_optimizer(self, factory: Callable[[list[torch.nn.Parameter]], Any],
+                       shard: bool | None = None) -> Any:
+        """``factory(self.parameters())``, or with ``shard`` (default: the plan's
+        ``shard_optimizer``) and D > 1 replicas, that optimizer as a ZeRO-1 one over the
+        stage's copies (``replicas.sharded``). None for a rank without parameters."""
+        params = self.parameters()
+        if not params:
+            return None
+        optimizer = factory(params)
+        shard = self.plan.shard_optimizer if shard is None else shard
+        if shard and self.replicas is not None:
+            return sharded(optimizer, self.replicas.replica)
+        return optimizer
 
     def _device(self, device: str | torch.device | None) -> str | torch.device:
         """The rank's device: the one given, or the plan's for its stages (one for all)."""
@@ -191,7 +235,7 @@ class DistributedRunner:
             raise ValueError("transport='posted' matches messages by tag, which NCCL ignores; "
                              "use 'ordered' (or 'auto') with NCCL")
         ordered = transport == "ordered" or (transport == "auto" and backend == "nccl")
-        if ordered and self.group is not None:
+        if ordered and self.group is not None and self.replicas is None:
             raise ValueError(f"with {'NCCL' if backend == 'nccl' else 'the ordered transport'} "
                              f"the pipeline must span the whole world (group=None): its "
                              f"per-direction groups are made by every rank")
@@ -201,7 +245,12 @@ class DistributedRunner:
                    backend: str, ordered: bool) -> RankTransport:
         """The mailbox between this rank's stages and a DistTransport for each of them."""
         rank_of = self.schedule.rank_of
-        wires = channels(self.stage_ranks, pairs, group, timeout_s, backend, ordered)
+        if ordered and self.replicas is not None:  # every rank makes every replica's groups
+            every = [channels(ranks, pairs, None, timeout_s, backend, True)
+                     for ranks in self._replica_stage_ranks()]
+            wires = every[self.replicas.d]
+        else:
+            wires = channels(self.stage_ranks, pairs, group, timeout_s, backend, ordered)
         if ordered and (problems := order_problems(self.schedule, wires)):
             raise ValueError(f"schedule {self.schedule.name!r} cannot run with messages matched "
                              f"by order (NCCL): " + "; ".join(problems) + "; use a schedule "
@@ -267,13 +316,23 @@ class DistributedRunner:
             interp.recorder.reset(t0)
             interp.begin(data, training)
         self.transport.begin_step(self.plan.microbatches, training)
-        for action in self.actions:
+        reducer = self.reducer if training else None
+        for j, action in enumerate(self.actions):
             if training or action.kind in FORWARD_KINDS:
                 self._by_stage[action.stage].run(action)
+            if reducer is not None and j == self._last_backward:
+                reducer.start()  # the gradients are final here: sum them while sends go out
         self.transport.finish()
         results = {k: interp.end() for k, interp in self._by_stage.items()}
-        if training and self.ties:
+        if reducer is not None:
+            if self._last_backward < 0:
+                reducer.start()
+            reducer.finish()
+        if training and self.ties:  # after the replicas' sum: both are sums, in any order
             sync_ties(self.ties)
+        last = results.get(self.plan.num_stages - 1)
+        if self.replicas is not None and last is not None and last.loss is not None:
+            last.loss = sum_loss(last.loss, self.replicas)
         events = [e for rec in recorders if rec is not None for e in rec.events()]
         return results, (self._gather_timeline(events, t0, training) if timeline else None)
 
@@ -301,10 +360,18 @@ class DistributedRunner:
     def _data(self, inputs: Any, targets: Any, loss_fn: LossFn | None) -> StepData:
         """The step's micro-batches as this rank's stages take them: the inputs when it runs
         the first stage, the targets when it runs the last."""
+        data = self._split(inputs, targets, loss_fn)
+        if self.replicas is not None:  # each micro-batch's loss weighs b_i / B, B global
+            data.total = self.plan.replica_batch * self.replicas.count
+        return data
+
+    def _split(self, inputs: Any, targets: Any, loss_fn: LossFn | None) -> StepData:
         device = self.stages[0].device
         first, last = 0 in self._by_stage, self.plan.num_stages - 1 in self._by_stage
-        x = move_tree(inputs, device) if first else None
-        y = move_tree(targets, device) if last and loss_fn is not None else None
+        share = self.replicas, self.plan
+        x = move_tree(share_of(inputs, "inputs", *share), device) if first else None
+        y = (move_tree(share_of(targets, "targets", *share), device)
+             if last and loss_fn is not None else None)
         if x is None and y is None:  # a middle stage: the sizes come with the activations
             return StepData([0] * self.plan.microbatches, None, None, loss_fn)
         if not self.graph_mode:
@@ -323,14 +390,16 @@ class DistributedRunner:
                    loss_fn: LossFn | None = None, *, timeline: bool = False) -> StepResult:
         """One step of the plan's schedule on this rank. The rank of the first stage needs
         ``inputs``, that of the last ``targets`` and ``loss_fn`` (others may pass them too;
-        they are ignored). Gradients accumulate in this rank's layers."""
+        they are ignored). Gradients accumulate in this rank's layers. With D replicas: the
+        global batch (or this replica's share), gradients summed over the replicas and the loss
+        the global batch's."""
         results, tl = self._step(self._data(inputs, targets, loss_fn), True, timeline)
         last = self._last(results)
         return StepResult(last.loss if last is not None else None, tl)
 
     def forward(self, inputs: Batch | None = None) -> Batch | None:
         """Forward only, without autograd: the whole batch's outputs on the last stage's
-        rank (None elsewhere)."""
+        rank (None elsewhere); with D replicas, each replica's share's."""
         results, _ = self._step(self._data(inputs, None, None), False, False)
         last = self._last(results)
         if last is None or not last.outputs:

@@ -101,12 +101,15 @@ class Transport(Protocol):
 @dataclass
 class StepData:
     """One step's input as a stage sees it: micro-batch sizes, the micro-batches of the inputs
-    (first stage) and targets (last stage), and the loss (None: forward only)."""
+    (first stage) and targets (last stage), and the loss (None: forward only). ``total``: the
+    batch the micro-batch losses are weighted against (b_i / total; None: the sum of ``sizes``;
+    with data-parallel replicas, the global batch B of which ``sizes`` are one share)."""
 
     sizes: list[int]
     inputs: list[Any] | None = None  # chain: Batch; graph: the model's inputs by value name
     targets: list[Any] | None = None
     loss_fn: LossFn | None = None
+    total: int | None = None
 
     @staticmethod
     def split(inputs: object, targets: object, microbatches: int,
@@ -258,7 +261,7 @@ class Interpreter:
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise TypeError(f"the loss function must return a scalar tensor, got "
                             f"{type(loss).__name__} {getattr(loss, 'shape', '')}")
-        return loss.reshape(()) * (data.sizes[i] / sum(data.sizes))
+        return loss.reshape(()) * (data.sizes[i] / (data.total or sum(data.sizes)))
 
     def _result(self, y: Any) -> Any:
         """The model's output from what the last stage computed."""

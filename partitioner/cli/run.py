@@ -1,7 +1,7 @@
-"""``partition-model run``: train a plan with one rank per row of its schedule (per stage when V = 1).
+"""``partition-model run``: train a plan with one rank per row of its schedule and replica.
 
     $ partition-model run --job executor.workloads.jobs:translation --plan plan.json \\
-          --steps 30 --trace measured.json          # R local CPU ranks (gloo, 127.0.0.1)
+          --steps 30 --trace measured.json --metrics steps.jsonl   # R x D local CPU ranks
     $ torchrun --nproc-per-node 4 -m partitioner.cli run --job mypkg.train:job \\
           --plan plan.json --steps 100              # one rank per GPU or node
 
@@ -24,8 +24,8 @@ def main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(
         prog="partition-model run",
         description="Train a gpipe-plan/1 plan with one rank per row of its schedule (R = K / V "
-                    "ranks for V stages per rank). Under torchrun each process runs its row; "
-                    "run directly, it spawns R local CPU ranks.")
+                    "ranks for V stages per rank) in each of its D replicas. Under torchrun "
+                    "each process runs its row; run directly, it spawns R x D local CPU ranks.")
     p.add_argument("--job", default=DEFAULT_JOB, metavar="MODULE:FUNCTION",
                    help="function returning an executor Job (default: a demo MLP)")
     p.add_argument("--plan", required=True, help="plan file (gpipe-plan/1 JSON)")
@@ -45,6 +45,12 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--keep-freed-memory", choices=("on", "off"), default="on",
                    help="on the CPU, keep freed memory for reuse between steps (glibc malloc "
                         "settings, process-wide; default on)")
+    p.add_argument("--metrics", default=None, metavar="FILE.jsonl",
+                   help="write one JSON line per step (step, loss, step_ms, pipeline_ms, "
+                        "samples), from the rank of replica 0's last stage")
+    p.add_argument("--shard-optimizer", choices=("on", "off"), default=None,
+                   help="ZeRO-1: each of a stage's D replicas keeps the optimizer state of "
+                        "1/D of its parameters (default: as the plan says)")
     p.add_argument("--progress", action="store_true",
                    help="show a progress bar with the loss instead of a line per step")
     args = p.parse_args(argv)
@@ -53,10 +59,12 @@ def main(argv: Sequence[str]) -> int:
 
     summaries = launch(args.job, args.plan, args.steps, trace=args.trace, device=args.device,
                        timeout_s=args.timeout_s, threads=args.threads, progress=args.progress,
-                       keep_memory=args.keep_freed_memory == "on")
+                       keep_memory=args.keep_freed_memory == "on", metrics=args.metrics,
+                       shard_optimizer=None if args.shard_optimizer is None
+                       else args.shard_optimizer == "on")
     if under_torchrun():
         return 0
-    last = summaries[-1]
+    last = next(s for s in reversed(summaries) if s["losses"])  # a rank of the last stage
     mean_ms = sum(last["step_ms"]) / len(last["step_ms"])
     print(f"trained {args.steps} steps on {len(summaries)} local ranks: loss "
           f"{last['losses'][0]:.5f} -> {last['losses'][-1]:.5f}, {mean_ms:.1f} ms per step")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import socket
 import subprocess
@@ -40,6 +42,25 @@ def test_spawns_local_ranks_and_writes_the_measured_trace(
     tl = load_chrome_trace(trace)
     assert tl.kind == "measured" and tl.stages == 4
     assert sum(e.action.kind in "FB" for e in tl.events) == 4 * 2 * 4
+
+
+@pytest.mark.timeout(120)
+def test_spawns_every_replica_and_writes_one_metrics_line_per_step(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    # K=1 stage x D=2 replicas on 2 ranks (K=2 x D=2: tests/executor/distributed/
+    # test_replicas.py), the optimizer sharded by the flag (off in the plan)
+    path = tmp_path / "replicas.json"
+    save_plan(dataclasses.replace(manual_plan([0, 7], 2, 16), replicas=2), path)
+    metrics = tmp_path / "steps.jsonl"
+    assert main(["run", "--plan", str(path), "--steps", "3", "--metrics", str(metrics),
+                 "--shard-optimizer", "on"]) == 0
+    out = capfd.readouterr().out
+    assert "trained 3 steps on 2 local ranks" in out
+    assert out.count("step 2: loss") == 1  # one rank speaks for every replica
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 1, 2]
+    assert all(line["loss"] > 0 and line["step_ms"] >= line["pipeline_ms"] > 0
+               and line["samples"] == 16 for line in lines)
 
 
 @pytest.mark.timeout(120)
