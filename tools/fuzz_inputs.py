@@ -153,9 +153,12 @@ class Seeds:
             self.profile_files.append(str(path))
         plan = make_plan(CostModel(small, 8, 4, stages=2))
         gplan = make_plan(CostModel(graph, 4, 2, stages=3), solver="ilp", time_limit_s=5)
+        replicated = make_plan(CostModel(small, 8, 2, stages=2, replicas=2, shard_optimizer=True))
         self.plans = [plan_to_dict(plan), plan_to_dict(gplan),
-                      plan_to_dict(manual_plan([0, 2, 4, 6], 4, 8, "1f1b", "except_last"))]
-        self.plan_profiles = [self.profile_files[2], self.profile_files[1], self.profile_files[2]]
+                      plan_to_dict(manual_plan([0, 2, 4, 6], 4, 8, "1f1b", "except_last")),
+                      {**plan_to_dict(replicated), "layout": [[0, 2], [1, 3]]}]
+        self.plan_profiles = [self.profile_files[2], self.profile_files[1], self.profile_files[2],
+                              self.profile_files[2]]
         res = simulate(CostModel(small, 8, 4, stages=2), plan.layer_ranges())
         assert res.timeline is not None
         self.trace = res.timeline.to_chrome_trace()

@@ -48,7 +48,7 @@ from executor.runtime.allocator import keep_freed_memory as keep_memory
 from executor.runtime.interpreter import LossFn, StepData
 from executor.runtime.local import LocalRunner
 from executor.runtime.pipeline import Pipeline as ChainPipeline
-from executor.runtime.pipeline import as_plan, check_devices
+from executor.runtime.pipeline import as_plan, check_devices, one_replica
 from partitioner.cost.model import split_microbatches
 from partitioner.formats.plan import Plan, PlanError
 from partitioner.formats.timeline import Timeline
@@ -91,7 +91,7 @@ class Pipeline:
                  devices: Sequence[str | torch.device] | None = None, *,
                  sample: Any = None, leaves: Sequence[Leaf] | None = None,
                  deferred_batchnorm: bool = False, keep_freed_memory: bool = False) -> None:
-        plan = as_plan(plan)
+        plan = one_replica(as_plan(plan))
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.graph_mode = not isinstance(model, nn.Sequential)  # a Sequential stays a chain

@@ -34,7 +34,8 @@ from partitioner.schedule.generators import SCHEDULES
 from partitioner.schedule.ir import Schedule
 from partitioner.schedule.recompute import RECOMPUTE_MODES
 
-__all__ = ["Pipeline", "as_plan", "check_devices", "executable_ranges", "manual_plan"]
+__all__ = ["Pipeline", "as_plan", "check_devices", "executable_ranges", "manual_plan",
+           "one_replica"]
 
 
 def as_plan(plan: Plan | Mapping[str, object] | str | Path) -> Plan:
@@ -46,6 +47,18 @@ def as_plan(plan: Plan | Mapping[str, object] | str | Path) -> Plan:
     if isinstance(plan, (str, Path)):
         return load_plan(plan)
     raise TypeError(f"plan must be a Plan, a dict or a path, got {type(plan).__name__}")
+
+
+def one_replica(plan: Plan) -> Plan:
+    """``plan``, if it runs one pipeline; ValueError for data-parallel replicas, which need a
+    process per rank (the local runner is one process)."""
+    if plan.replicas != 1:
+        raise ValueError(f"the plan has replicas={plan.replicas} (data-parallel copies of the "
+                         f"pipeline on {plan.world_size} ranks); the local runner runs one "
+                         f"pipeline in this process: run it with partition-model run (it "
+                         f"spawns the {plan.world_size} ranks) or DistributedRunner under "
+                         f"torchrun, or plan with --replicas 1")
+    return plan
 
 
 def manual_plan(boundaries: Sequence[int] | None, microbatches: int, global_batch: int,
@@ -149,7 +162,7 @@ class Pipeline:
             raise TypeError(f"model must be an nn.Sequential (its children are the layers the "
                             f"plan splits), got {type(model).__name__}; wrap the layers in "
                             f"nn.Sequential(...)")
-        self.plan = as_plan(plan)
+        self.plan = one_replica(as_plan(plan))
         ranges = executable_ranges(self.plan, len(model))
         check_ties(tied_parameters(model), ranges)
         chosen = devices if devices is not None else [s.device for s in self.plan.stages]

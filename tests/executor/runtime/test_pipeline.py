@@ -156,3 +156,14 @@ def test_building_a_pipeline_leaves_the_allocator_alone() -> None:
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["0", "1"]
+
+
+def test_a_plan_with_replicas_is_refused_by_the_local_runner() -> None:
+    from dataclasses import replace
+
+    from executor.graphs.pipeline import Pipeline as AnyPipeline
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    plan = replace(manual_plan([0, 1, 2], 2, 8), replicas=2)
+    for make in (Pipeline, AnyPipeline):
+        with pytest.raises(ValueError, match=r"replicas=2 .* on 4 ranks.*partition-model run"):
+            make(model, plan)
