@@ -205,7 +205,8 @@ def test_exported_modules_defer_aten_linear_but_not_decomposed_addmm() -> None:
     split_matches_full(decomposed, x, set())
 
 
-def test_transformers_gpt2_conv1d_is_deferred() -> None:
+@pytest.mark.parametrize("within", [None, True])  # True: Conv1D's forward swapped, no mode
+def test_transformers_gpt2_conv1d_is_deferred(within: bool | None) -> None:
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64,
                                      n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
@@ -217,7 +218,7 @@ def test_transformers_gpt2_conv1d_is_deferred() -> None:
 
     def hidden(m: nn.Module, ids: Tensor) -> Tensor:
         return m(input_ids=ids).last_hidden_state.square().mean()  # type: ignore[no-any-return]
-    split_matches_full(model, torch.randint(64, (2, 16)), deferred, hidden)
+    split_matches_full(model, torch.randint(64, (2, 16)), deferred, hidden, within=within)
 
 
 def test_recompute_reruns_the_forward_inside_i() -> None:
@@ -322,20 +323,6 @@ def test_within_its_modules_the_fast_way_defers_the_same(case: str) -> None:
     else:  # torch.export: the parameters sit on the graph module, linear is an aten call
         module = torch.export.export(mlp(), (x,), strict=False).module()
         split_matches_full(module, x, {n for n, _ in module.named_parameters()}, within=False)
-
-
-def test_within_a_transformers_conv1d_is_swapped() -> None:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64,
-                                     n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
-                                     attn_pdrop=0.0, attn_implementation="eager")
-    model = transformers.GPT2Model(config)
-
-    def hidden(m: nn.Module, ids: Tensor) -> Tensor:
-        return m(input_ids=ids).last_hidden_state.square().mean()  # type: ignore[no-any-return]
-    split_matches_full(model, torch.randint(64, (2, 16)),
-                       _linear_params(model, transformers.pytorch_utils.Conv1D), hidden,
-                       within=True)
 
 
 def test_within_an_error_restores_the_forwards() -> None:
