@@ -3,6 +3,7 @@
     python tools/bench_fidelity.py                  # gpt-text and resnet-tiny, K=2, M 1..8
     python tools/bench_fidelity.py --quick          # one model, two configurations
     python tools/bench_fidelity.py --schedules all  # every schedule, on two ranks each
+    python tools/bench_fidelity.py --replicas       # also K=1 x D=2: the gradients' all-reduce
 
 For each built-in model: profile it layer by layer under the conditions a rank runs in (one
 thread), measure the gloo link between two local ranks, calibrate the runtime (a short trial
@@ -16,6 +17,12 @@ Every schedule runs on the same two ranks: gpipe, 1f1b, zb-h1 and synth (synthes
 ZB-H1's placement; shown as ``synth: zb-h1`` where no synthesised schedule beat that one) with
 one stage per rank, interleaved and zbv with two (K=4). The median over interleaved, zb-h1,
 zbv and synth is printed apart (goal: <= 5%): the calibration trial runs GPipe only.
+
+``--replicas`` adds, per model and M, the plan of two data-parallel replicas of the whole model
+(K=1, D=2) on the two ranks, its all-reduce priced over the ring fitted to all-reduces timed
+between them (``calibrate.measure_all_reduce``), and compares the predicted all-reduce with
+the measured one (each step's, on the rank that waited least: the other also waits out the
+skew) and the step (goal: the all-reduce within 10%).
 """
 
 from __future__ import annotations
@@ -27,7 +34,12 @@ import tempfile
 from pathlib import Path
 
 from executor.distributed.spawn import spawn_local
-from executor.profiling.calibrate import measure_link, measure_runtime, run_trials
+from executor.profiling.calibrate import (
+    measure_all_reduce,
+    measure_link,
+    measure_runtime,
+    run_trials,
+)
 from executor.profiling.profiler import profile_model
 from executor.workloads.models import build_model
 from partitioner.cost.model import CostModel
@@ -36,6 +48,7 @@ from partitioner.formats.plan import Plan, save_plan
 from partitioner.formats.plan_schedule import PLAN_SCHEDULES, SYNTH
 from partitioner.formats.profile import Profile
 from partitioner.report.tables import format_table
+from partitioner.simulator.engine import simulate
 from partitioner.solve.planner import make_plan
 
 TRIAL_MS = (1, 4)  # the calibration trial's M (recompute never)
@@ -64,6 +77,36 @@ def _plan_for(profile: Profile, batch: int, m: int, mode: str, sched: str, link:
                    schedule="zb-h1" if sched == SYNTH else sched,  # type: ignore[arg-type]
                    link=link, runtime=runtime, stages_per_rank=v)
     return make_plan(cm, devices=["cpu"] * (2 * v), synthesise=sched == SYNTH)
+
+
+def _replica_rows(name: str, profile: Profile, batch: int, ms: list[int], link: Link,
+                  runtime: Runtime, ring: Link, warmup: int, steps: int, tmp: str
+                  ) -> tuple[list[list[object]], list[float]]:
+    """K=1 x D=2 on the two ranks at each M: rows and the all-reduce's |errors|."""
+    paths, plans = [], []
+    for m in ms:
+        if batch % 2 or batch // 2 < m:
+            continue
+        cm = CostModel(profile, batch, m, stages=1, link=link, runtime=runtime, replicas=2,
+                       allreduce_link=ring)
+        plan = make_plan(cm, devices=["cpu"])
+        sim = simulate(cm, plan.layer_ranges(), record=False)
+        paths.append(str(Path(tmp) / f"{name}-{m}-replicas.json"))
+        save_plan(plan, paths[-1])
+        plans.append((m, plan, sim.step_ms, sim.allreduce_ms[0]))
+    per_rank = spawn_local(run_trials, 2, (WORKLOADS[name], paths, 3, steps),
+                           threads=1, timeout_s=300.0)
+    rows, errors = [], []
+    for j, (m, _plan, step, reduce_ms) in enumerate(plans):
+        measured_step = max(statistics.median(r[j].step_ms) for r in per_rank)
+        measured = statistics.median(min(t) for t in zip(*(r[j].allreduce_ms for r in per_rank),
+                                                         strict=True))
+        err = (reduce_ms - measured) / measured
+        errors.append(abs(err))
+        rows.append([name, m, f"{step:.1f}", f"{measured_step:.1f}",
+                     f"{100 * (step - measured_step) / measured_step:+.1f}%",
+                     f"{reduce_ms:.2f}", f"{measured:.2f}", f"{100 * err:+.1f}%"])
+    return rows, errors
 
 
 def _schedules(spec: str) -> list[str]:
@@ -96,6 +139,8 @@ def main() -> None:
     p.add_argument("--schedules", default="gpipe",
                    help="schedules to run (default gpipe; gpipe,1f1b for both; all: every "
                         "one)")
+    p.add_argument("--replicas", action="store_true",
+                   help="also run K=1 x D=2 (two replicas) and compare the all-reduce")
     p.add_argument("--quick", action="store_true", help="gpt-text, M=2 and 4, never: a smoke run")
     args = p.parse_args()
     models = args.models.split(",")
@@ -110,6 +155,12 @@ def main() -> None:
     link = measure_link()
     print(f"link (gloo, 2 local ranks): {link.bandwidth_gbps:.2f} GB/s + "
           f"{link.latency_ms:.3f} ms per message")
+    ring = measure_all_reduce(2) if args.replicas else None
+    if ring is not None:
+        print(f"all-reduce (gloo, 2 local ranks, ring fit): {ring.bandwidth_gbps:.2f} GB/s + "
+              f"{ring.latency_ms:.3f} ms per step of the ring")
+    replica_rows: list[list[object]] = []
+    replica_errors: list[float] = []
     rows, errors, unseen, new = [], [], [], []
     per_schedule: dict[str, list[float]] = {s: [] for s in schedules}
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,6 +191,11 @@ def main() -> None:
                 predicted.append(plan.predicted.step_ms)
             per_rank = spawn_local(run_trials, 2, (WORKLOADS[name], paths, args.warmup,
                                                    args.steps), threads=1, timeout_s=300.0)
+            if ring is not None:
+                got, errs = _replica_rows(name, profile, batch, ms, link, runtime, ring,
+                                          args.warmup, args.steps, tmp)
+                replica_rows += got
+                replica_errors += errs
             for j, (m, mode, sched, plan) in enumerate(plans):
                 measured = max(statistics.median(r[j].step_ms) for r in per_rank)
                 err = (predicted[j] - measured) / measured
@@ -159,6 +215,12 @@ def main() -> None:
     if unseen and len(unseen) < len(errors):
         print(f"\nmedian |error| over the {len(unseen)} configurations the calibration trial "
               f"did not run: {100 * statistics.median(unseen):.1f}%")
+    if replica_rows:
+        print("\nK=1 x D=2 (two replicas of the whole model on the two ranks):")
+        print(format_table(["model", "M", "predicted_ms", "measured_ms", "step error",
+                            "allreduce_ms", "measured", "error"], replica_rows))
+        print(f"median |error| of the all-reduce over {len(replica_errors)} configurations: "
+              f"{100 * statistics.median(replica_errors):.1f}% (goal <= 10%)")
     if len(schedules) > 1:  # the machine's noise shows in the old ones' figures too
         print("\nmedian |error| per schedule: " + ", ".join(
             f"{s} {100 * statistics.median(e):.1f}%" for s, e in per_schedule.items() if e))

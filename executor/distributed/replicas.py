@@ -21,6 +21,7 @@ state of about 1/D of the stage's parameters, steps those, and broadcasts them t
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -171,9 +172,12 @@ class GradReducer:
             open_[key] = (bucket, used + size)
         self.buckets += [bucket for bucket, _ in open_.values() if bucket]
         self._pending: list[tuple[Any, torch.Tensor, list[torch.nn.Parameter]]] = []
+        self._started = 0.0
+        self.last_ms: float | None = None  # the last step's, from start() to finish()'s end
 
     def start(self) -> None:
         """Start the all-reduce of every bucket (after the step's last backward here)."""
+        self._started = time.perf_counter()
         for bucket in self.buckets:
             for p in bucket:
                 if p.grad is None:
@@ -198,6 +202,7 @@ class GradReducer:
                 n = p.grad.numel()
                 p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
                 offset += n
+        self.last_ms = (time.perf_counter() - self._started) * 1e3
 
     def _guard(self, call: Any) -> Any:
         try:

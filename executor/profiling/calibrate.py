@@ -211,6 +211,7 @@ class Trial:
     step_ms: list[float]
     action_ms: dict[tuple[int, str, int], float]
     timeline_ms: list[float] = field(default_factory=list)
+    allreduce_ms: list[float] = field(default_factory=list)  # replicas: each step's gradient sum
 
 
 def run_trials(job_spec: str, plan_paths: Sequence[str], warmup: int, steps: int,
@@ -232,6 +233,7 @@ def run_trials(job_spec: str, plan_paths: Sequence[str], warmup: int, steps: int
         params = runner.parameters()
         walls: list[float] = []
         spans: list[float] = []
+        reduced: list[float] = []
         actions: dict[tuple[int, str, int], list[float]] = {}
         for step in range(warmup + steps):
             inputs, targets = job.batch(step, runner.plan.global_batch)
@@ -241,6 +243,8 @@ def run_trials(job_spec: str, plan_paths: Sequence[str], warmup: int, steps: int
             start = time.perf_counter()
             result = runner.train_step(inputs, targets, job.loss_fn, timeline=record)
             walls.append((time.perf_counter() - start) * 1e3)
+            if runner.reducer is not None and runner.reducer.last_ms is not None:
+                reduced.append(runner.reducer.last_ms)
             if result.timeline is not None and step >= warmup:
                 spans.append(result.timeline.step_ms)
                 for e in result.timeline.events:
@@ -248,7 +252,7 @@ def run_trials(job_spec: str, plan_paths: Sequence[str], warmup: int, steps: int
                         key = (e.action.stage, e.action.kind, e.action.microbatch)
                         actions.setdefault(key, []).append(e.duration_ms)
         out.append(Trial(walls[warmup:], {k: statistics.median(v) for k, v in actions.items()},
-                         spans))
+                         spans, reduced[warmup:]))
     return out
 
 
