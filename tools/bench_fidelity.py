@@ -165,7 +165,9 @@ def main() -> None:
     per_schedule: dict[str, list[float]] = {s: [] for s in schedules}
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
-            sizes = sorted({-(-batch // m) for m in ms} | {batch // m for m in ms if batch // m})
+            sizes = sorted({-(-batch // m) for m in ms} | {batch // m for m in ms if batch // m}
+                           | ({batch // (2 * m) for m in ms if batch // (2 * m)}
+                              if args.replicas else set()))  # K=1 x D=2: b = B/(2M)
             if args.alone:
                 profile = _profile_on_rank(name, batch, sizes, args.clock, flush)
             else:
