@@ -1,9 +1,9 @@
 """What a search keeps between configurations: the partitions solved, and the table to beat.
 
-    >>> table = Leaders(keep=2)
-    >>> for step, d in ((5.0, 2), (3.0, 2), (4.0, 1)):
+    >>> table = Leaders(keep=2)           # the two fastest, and the fastest with D = 1
+    >>> for step, d in ((5.0, 2), (3.0, 2), (6.0, 1)):
     ...     table.add(step, stages=2, replicas=d, synth_key=None)
-    >>> table.beaten(4.5, stages=2, replicas=2), table.beaten(4.5, stages=2, replicas=1)
+    >>> table.beaten(5.5, stages=2, replicas=2), table.beaten(5.5, stages=2, replicas=1)
     (True, False)
 
 ``Leaders`` says when a configuration whose step is at least some bound cannot change what a
