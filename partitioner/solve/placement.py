@@ -26,13 +26,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from partitioner.cost.allreduce import grad_bytes
 from partitioner.cost.model import CostModel
 from partitioner.cost.partition import Solution
 from partitioner.formats.assumptions import Link
 from partitioner.formats.plan_replicas import Layout, default_layout
 from partitioner.formats.topology import Topology
 from partitioner.formats.units import format_bytes
-from partitioner.schedule.generators import make_schedule
+from partitioner.solve.bounds import rank_of as stage_ranks
 
 __all__ = ["Placement", "Placements", "placed", "placements", "replica_problems",
            "stage_major_layout", "traffic", "why"]
@@ -81,7 +82,8 @@ def traffic(cm: CostModel, sol: Solution) -> tuple[float, float]:
     """(bytes a replica's stages send each other per step, forward and gradients back;
     bytes each rank moves in its stages' ring all-reduces per step)."""
     p2p = 2.0 * cm.microbatches * sum(sol.stage_sent_bytes)
-    grads = max(sum(cm.profile.layers[i].param_bytes for i in nodes) for nodes in sol.nodes)
+    per_layer = grad_bytes(cm)
+    grads = max(float(per_layer[list(nodes)].sum()) for nodes in sol.nodes)
     d = cm.replicas
     return p2p, 2.0 * (d - 1) / d * grads
 
@@ -115,8 +117,7 @@ class Placements:
             if self.topology is None:
                 self.known[key] = [Placement("replica-major", None, self.link, self.link)]
             else:
-                rank_of = make_schedule(cm.schedule, cm.stages, 1, cm.stages_per_rank).rank_of
-                self.known[key] = placements(self.topology, rank_of, cm.replicas)
+                self.known[key] = placements(self.topology, stage_ranks(cm), cm.replicas)
         return self.known[key]
 
 
