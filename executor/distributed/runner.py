@@ -362,7 +362,7 @@ class DistributedRunner:
         the first stage, the targets when it runs the last."""
         data = self._split(inputs, targets, loss_fn)
         if self.replicas is not None:  # each micro-batch's loss weighs b_i / B, B global
-            data.total = self.plan.replica_batch * self.replicas.count
+            data.total = self.plan.global_batch
         return data
 
     def _split(self, inputs: Any, targets: Any, loss_fn: LossFn | None) -> StepData:
