@@ -24,6 +24,7 @@ from partitioner.formats.assumptions import Link
 from partitioner.formats.profile import save_profile
 from tests import toy_models as em
 from tests.synthetic import make_profile
+from tests.timing import settle
 
 
 def test_fit_link_recovers_latency_and_bandwidth() -> None:
@@ -110,20 +111,27 @@ def test_fit_runtime_recovers_scale_and_fixed_cost() -> None:
         fit_runtime([1.0], [1.0])
 
 
-@pytest.mark.timeout(240)
+def _scale_misses(scale: float, fwd: list[float], bwd: list[float]) -> list[str]:
+    runtime = measure_runtime("tests.toy_models:sleep_job", make_profile(fwd, bwd), 8,
+                              microbatches=(1, 4), steps=2, warmup=1)
+    found = [] if runtime.compute_scale == pytest.approx(scale, rel=0.1) else [
+        f"compute_scale {runtime.compute_scale} is not {scale} within 10%"]
+    if scale == 1.0 and runtime.action_ms >= 1.5:  # sleeps overshoot, the loss, the dispatch
+        found.append(f"action_ms {runtime.action_ms} >= 1.5")
+    if runtime.message_ms != 0.0:  # with a free link (no link given) there is no message
+        found.append(f"message_ms {runtime.message_ms} with a free link")
+    return found
+
+
+@pytest.mark.timeout(300)
 def test_measure_runtime_on_layers_of_known_cost() -> None:
     # layers that sleep a known time per row: a profile that says so fits a scale near 1
-    # and a small fixed cost; a profile that says half fits a scale near 2
+    # and a small fixed cost; a profile that says half fits a scale near 2 (measured again
+    # when a time slice lost on a shared machine moves the fit, see tests.timing)
     fwd, bwd = [f for f, _ in em.SLEEP_MS], [b for _, b in em.SLEEP_MS]
-    exact = measure_runtime("tests.toy_models:sleep_job", make_profile(fwd, bwd), 8,
-                            microbatches=(1, 4), steps=2, warmup=1)
-    assert exact.compute_scale == pytest.approx(1.0, abs=0.1)
-    assert exact.action_ms < 1.5  # sleeps overshoot, the loss, the runtime's dispatch
-    assert exact.message_ms == 0.0  # with a free link (no link given) there is no message
-    half = measure_runtime("tests.toy_models:sleep_job",
-                           make_profile([f / 2 for f in fwd], [b / 2 for b in bwd]), 8,
-                           microbatches=(1, 4), steps=2, warmup=1)
-    assert half.compute_scale == pytest.approx(2.0, abs=0.2)
+    assert not settle(lambda: _scale_misses(1.0, fwd, bwd), lambda m: m)
+    half_f, half_b = [f / 2 for f in fwd], [b / 2 for b in bwd]
+    assert not settle(lambda: _scale_misses(2.0, half_f, half_b), lambda m: m)
 
 
 @pytest.mark.timeout(240)
@@ -133,11 +141,19 @@ def test_calibrate_command_prints_the_planning_options(
     save_profile(make_profile(fwd, bwd), tmp_path / "profile.json")
     argv = ["calibrate", "--job", "tests.toy_models:sleep_job", "--profile",
             str(tmp_path / "profile.json"), "-B", "8", "--steps", "2"]
-    assert cli_main([*argv, "--json"]) == 0
-    figures = json.loads(capsys.readouterr().out)
-    assert figures["compute_scale"] == pytest.approx(1.0, abs=0.1)
-    assert figures["bandwidth_gbps"] > 0 and figures["latency_ms"] >= 0
-    assert 0 <= figures["message_ms"] < 10  # the wake-up of a waiting rank, typically < 2 ms
+
+    def figures() -> dict[str, float]:
+        assert cli_main([*argv, "--json"]) == 0
+        out: dict[str, float] = json.loads(capsys.readouterr().out)
+        return out
+
+    def misses(got: dict[str, float]) -> list[str]:
+        assert got["bandwidth_gbps"] > 0 and got["latency_ms"] >= 0
+        return [f"{got}: compute_scale not 1 within 10% or message_ms not in [0, 10)"
+                for _ in [0] if got["compute_scale"] != pytest.approx(1.0, abs=0.1)
+                or not 0 <= got["message_ms"] < 10]  # a waiting rank's wake-up, typically < 2
+
+    assert not settle(figures, misses)
     assert cli_main([*argv[:-4], "-B", "2", "--microbatches", "1,4"]) == 2  # M > B
     assert "every M must be 1..B" in capsys.readouterr().err
     save_profile(make_profile(fwd[:3], bwd[:3]), tmp_path / "short.json")

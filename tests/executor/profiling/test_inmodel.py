@@ -11,7 +11,9 @@ from torch import Tensor, nn
 
 from executor.profiling.inmodel import time_layers_in_model, time_split_in_model
 from executor.profiling.profiler import profile_model
+from partitioner.formats.profile import Profile
 from tests import toy_models
+from tests.timing import settle
 from tests.toy_models import SleepLayer
 
 CPU = torch.device("cpu")
@@ -98,24 +100,32 @@ def test_tensors_passed_through_several_layers_leave_each_its_own_backward(
     done: the three Pass layers and the s2 Merge got a backward of 0 and the last layer all
     of theirs."""
     model, expected = unet(inplace)
-    times = time_layers_in_model(model, torch.ones(2, 4), CPU, warmup=1, repeat=5)
-    got = [(round(f, 2), round(b, 2)) for f, b, _ in times]
-    assert all(has for _, _, has in times)
-    for i, ((fwd, bwd, _), (want_f, want_b)) in enumerate(zip(times, expected, strict=True)):
-        assert _near(fwd, want_f), (i, got, expected)
-        assert _near(bwd, want_b), (i, got, expected)
+
+    def misses(times: list[tuple[float, float, bool]]) -> list[str]:
+        assert all(has for _, _, has in times)
+        got = [(round(f, 2), round(b, 2)) for f, b, _ in times]
+        return [f"layer {i}: {got[i]}, expected {want}" for i, ((fwd, bwd, _), want)
+                in enumerate(zip(times, expected, strict=True))
+                if not (_near(fwd, want[0]) and _near(bwd, want[1]))]
+
+    assert not settle(lambda: time_layers_in_model(model, torch.ones(2, 4), CPU, warmup=1,
+                                                   repeat=5), misses)
 
 
 @pytest.mark.timeout(120)
 def test_profile_model_times_the_unet_layers_in_the_model() -> None:
     model, expected = unet(inplace=True)
-    prof = profile_model(model, torch.ones(2, 4), [1, 2], "cpu", timing="model", warmup=1,
-                         repeat=3, threads=1)
-    assert prof.extra["harness"]["timing"] == "model"
-    for lay, (want_f, want_b) in zip(prof.layers, expected, strict=True):
-        for j in range(2):
-            assert _near(lay.fwd_ms[j], want_f), (lay.name, lay.fwd_ms, want_f)
-            assert _near(lay.bwd_ms[j], want_b), (lay.name, lay.bwd_ms, want_b)
+
+    def misses(prof: Profile) -> list[str]:
+        assert prof.extra["harness"]["timing"] == "model"
+        return [f"layer {lay.name}: fwd {lay.fwd_ms} bwd {lay.bwd_ms}, expected {want}"
+                for lay, want in zip(prof.layers, expected, strict=True)
+                if not all(_near(lay.fwd_ms[j], want[0]) and _near(lay.bwd_ms[j], want[1])
+                           for j in range(2))]
+
+    assert not settle(lambda: profile_model(model, torch.ones(2, 4), [1, 2], "cpu",
+                                            timing="model", warmup=1, repeat=3, threads=1),
+                      misses)
 
 
 def test_values_and_gradients_are_as_without_timing() -> None:
