@@ -4,6 +4,7 @@ import itertools
 import math
 import random
 import time
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,6 +14,7 @@ from partitioner.cost.model import CostModel
 from partitioner.cost.partition import evaluate_assignment, stage_costs
 from partitioner.formats.assumptions import Link, Runtime
 from partitioner.formats.profile import load_profile
+from partitioner.solve import chain
 from partitioner.solve.chain import partition_chain
 from partitioner.solve.infeasible import InfeasibleError
 from tests.synthetic import chain_with_values, make_profile
@@ -88,17 +90,21 @@ def test_values_and_ties_equal_brute_force(case: tuple[CostModel, float]) -> Non
 
 
 def check_brute_force(case: tuple[CostModel, float]) -> None:
+    """Both exact methods, the dense recurrence (small chains) and the bisection (large ones),
+    each forced here, against brute force."""
     cm, limit = case
     expected = brute_force(cm, limit)
-    if expected is None:
-        with pytest.raises(InfeasibleError, match="smallest limit that fits"):
-            partition_chain(cm, limit)
-        return
-    sol = partition_chain(cm, limit)
-    assert sol.bottleneck_ms == pytest.approx(expected, rel=1e-9, abs=1e-12)
-    assert max(sol.stage_memory_bytes) <= limit * (1 + 1e-9)
-    assert sol.boundaries[0] == 0 and sol.boundaries[-1] == cm.profile.num_layers
-    assert all(a < b for a, b in itertools.pairwise(sol.boundaries))
+    for dense_max in (0, 10**12):  # the bisection; the dense recurrence
+        with mock.patch.object(chain, "_DENSE_MAX", dense_max):
+            if expected is None:
+                with pytest.raises(InfeasibleError, match="smallest limit that fits"):
+                    partition_chain(cm, limit)
+                continue
+            sol = partition_chain(cm, limit)
+        assert sol.bottleneck_ms == pytest.approx(expected, rel=1e-9, abs=1e-12), dense_max
+        assert max(sol.stage_memory_bytes) <= limit * (1 + 1e-9)
+        assert sol.boundaries[0] == 0 and sol.boundaries[-1] == cm.profile.num_layers
+        assert all(a < b for a, b in itertools.pairwise(sol.boundaries))
 
 
 def test_balanced_chain_is_split_evenly() -> None:
