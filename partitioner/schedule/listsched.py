@@ -82,25 +82,33 @@ def replay(costs: Costs, placement: Sequence[int], microbatches: int, caps: Sequ
     rows: list[list[Action]] = [[] for _ in range(ranks)]
     last = big_k - 1
     send = {"F": (costs.send_f_ms, 1), "I": (costs.send_b_ms, -1)}
+    Choice = tuple[float, int, int, int, str]  # (start, rule, order, k, kind)
+
+    def choice(k: int) -> Choice | None:
+        """Stage k's first action by (start, rule, order): these three never tie between two
+        actions (rule is the kind's, order the stage's within a kind), so the smallest over
+        the stages is the one the rule picks."""
+        n_f, n_i, n_w = done["F"][k], done["I"][k], done["W"][k]
+        at, out = free[placement[k]], None
+        if n_i < n_f:
+            ready = arrived.get(("I", k + 1, n_i)) if k < last else arrived["F", k, n_i]
+            if ready is not None:
+                out = (max(at, ready), rule["I"], -k if deep_inputs_first else k, k, "I")
+        if n_f < m and n_f - n_w < caps[k]:
+            ready = arrived.get(("F", k - 1, n_f)) if k > 0 else 0.0
+            if ready is not None:
+                cand = (max(at, ready), rule["F"], -k, k, "F")
+                out = cand if out is None or cand < out else out
+        if costs.split and n_w < n_i:
+            cand = (at, rule["W"], k, k, "W")
+            out = cand if out is None or cand < out else out
+        return out
+
+    # each stage's next choice, refreshed only where an action changed what it depends on: its
+    # rank's free time, its own counts, its neighbours' messages
+    choices = [choice(k) for k in range(big_k)]
     for _ in range(big_k * m * (3 if costs.split else 2)):
-        best: tuple[float, int, int, int, str] | None = None  # (start, rule, order, k, kind)
-        for r in range(ranks):
-            for k in on_rank[r]:
-                n_f, n_i, n_w = done["F"][k], done["I"][k], done["W"][k]
-                options: list[tuple[float | None, str, int]] = []
-                if n_i < n_f:
-                    options.append((arrived.get(("I", k + 1, n_i)) if k < last else
-                                    arrived["F", k, n_i], "I", -k if deep_inputs_first else k))
-                if n_f < m and n_f - n_w < caps[k]:
-                    options.append((arrived.get(("F", k - 1, n_f)) if k > 0 else 0.0, "F", -k))
-                if costs.split and n_w < n_i:
-                    options.append((0.0, "W", k))
-                for ready, kind, order in options:
-                    if ready is None:
-                        continue
-                    cand = (max(free[r], ready), rule[kind], order, k, kind)
-                    if best is None or cand[:3] < best[:3]:
-                        best = cand
+        best = min((c for c in choices if c is not None), default=None)
         assert best is not None, "the list scheduler found nothing to run"  # see docstring
         start, _, _, k, kind = best
         r, i = placement[k], done[kind][k]
@@ -121,6 +129,9 @@ def replay(costs: Costs, placement: Sequence[int], microbatches: int, caps: Sequ
         written = kind if costs.split or kind != "I" else "B"
         rows[r].append(Action(written, k, i))  # type: ignore[arg-type]
         free[r] = end
+        for j in {*on_rank[r], k - 1, k + 1}:
+            if 0 <= j < big_k:
+                choices[j] = choice(j)
     identity = tuple(placement) == tuple(range(big_k))
     sched = Schedule(name, big_k, m, tuple(map(tuple, rows)), () if identity else tuple(placement))
     return sched, max(free)
