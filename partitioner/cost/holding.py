@@ -74,11 +74,16 @@ def peak_rebuilt(sched: Schedule) -> tuple[int, ...]:
 @lru_cache(maxsize=1024)
 def holding(name: str, stages: int, microbatches: int, stages_per_rank: int = 1) -> Holding:
     """The counts of schedule ``name`` for K stages, M micro-batches, V stages per rank: the
-    closed forms of GPipe and 1F1B, the replay of the generated schedule for the others (as
+    closed forms of GPipe, 1F1B and ZB-H1 (in flight min(K, M) on every stage, rebuilt
+    max(1, min(K, M) - (K-1-k))), the replay of the generated schedule for the others (as
     ``generators.in_flight`` replays it)."""
     big_k, m, v = stages, microbatches, stages_per_rank
     if name in ("gpipe", "1f1b"):
         flight = tuple(in_flight(name, k, big_k, m, v) for k in range(big_k))
         return Holding(False, flight, (1,) * big_k, tuple(range(big_k)))
+    if name == "zb-h1":  # closed forms, tested against the generator's replay
+        most = min(big_k, m)  # the drain's waiting W keep every stage at min(K, M)
+        rebuilt = tuple(max(1, most - (big_k - 1 - k)) for k in range(big_k))
+        return Holding(True, (most,) * big_k, rebuilt, tuple(range(big_k)))
     sched = make_schedule(name, big_k, m, v)  # generated once for all three counts
     return Holding(bool(sched.split), peak_in_flight(sched), peak_rebuilt(sched), sched.rank_of)

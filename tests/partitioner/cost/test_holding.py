@@ -53,3 +53,12 @@ def test_every_named_schedule_is_known_to_split_or_not() -> None:
         sched = make_schedule(name, 4, 4, 2 if name in ("zbv", "interleaved") else 1)
         kinds = {a.kind for row in sched.actions for a in row}
         assert kinds == ({"F", "I", "W"} if name in SPLIT_SCHEDULES else {"F", "B"})
+
+
+def test_zb_h1_closed_forms_equal_the_replay_of_its_schedule() -> None:
+    for big_k in range(1, 13):
+        for m in range(1, 31):
+            sched = make_schedule("zb-h1", big_k, m)
+            got = holding("zb-h1", big_k, m)
+            assert got.in_flight == peak_in_flight(sched), (big_k, m)
+            assert got.rebuilt == peak_rebuilt(sched), (big_k, m)
