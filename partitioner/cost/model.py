@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -156,6 +156,9 @@ class CostModel:
         default_factory=dict, init=False, repr=False, compare=False)
     _values: list[ProfileValues] = field(
         default_factory=list, init=False, repr=False, compare=False)
+    # per-layer arrays that depend on the profile and the runtime alone: ``like`` shares them
+    _layers: dict[tuple[str, float], FloatArray] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         d = self.replicas
@@ -186,6 +189,23 @@ class CostModel:
             object.__setattr__(self, "stages_per_rank", 2)  # the V shape: two stages per rank
         stages_per_rank_of(self.schedule, self.stages, self.stages_per_rank)
 
+    def like(self, **changes: object) -> CostModel:
+        """This configuration with ``changes`` (``dataclasses.replace``), sharing the per-layer
+        arrays already computed when the profile and the runtime stay (a search builds
+        thousands of configurations of one profile).
+
+            >>> from partitioner import load_profile
+            >>> cm = CostModel(load_profile("h200/gpt2-medium"), 16, 4)
+            >>> other = cm.like(stages=2, schedule="1f1b")
+            >>> other.stages, other.layer_array("fwd_ms") is cm.layer_array("fwd_ms")
+            (2, True)
+        """
+        new = replace(self, **changes)  # type: ignore[arg-type]
+        if new.profile is self.profile and new.runtime == self.runtime:
+            object.__setattr__(new, "_layers", self._layers)
+            object.__setattr__(new, "_values", self._values)
+        return new
+
     # -- per-layer arrays -----------------------------------------------------------------------
     @property
     def replica_batch(self) -> int:
@@ -207,7 +227,7 @@ class CostModel:
         ``launch_ms`` as a floor (W only where it has work: a layer without a weight gradient
         launches nothing in W)."""
         b = self.microbatch_size if b is None else b
-        cached = self._cache.get((key, b))
+        cached = self._layers.get((key, b))
         if cached is not None:
             return cached
         timed = key in ("fwd_ms", "bwd_ms", *_SPLIT_KEYS)
@@ -220,7 +240,7 @@ class CostModel:
         if timed and self.runtime.compute_scale != 1.0:
             out = out * self.runtime.compute_scale
         out.setflags(write=False)
-        self._cache[(key, b)] = out
+        self._layers[(key, b)] = out
         return out
 
     def _interpolate_layers(self, key: str, b: float) -> FloatArray:
@@ -259,11 +279,11 @@ class CostModel:
         if not self.splits_backward:
             return self.layer_array("bwd_ms", b)
         b = self.microbatch_size if b is None else b
-        cached = self._cache.get(("backward_ms", b))
+        cached = self._layers.get(("split_backward_ms", b))
         if cached is None:
             cached = self.layer_array("bwd_input_ms", b) + self.layer_array("bwd_weight_ms", b)
             cached.setflags(write=False)
-            self._cache[("backward_ms", b)] = cached
+            self._layers[("split_backward_ms", b)] = cached
         return cached
 
     @property
@@ -276,11 +296,11 @@ class CostModel:
     def value_bytes(self, b: float | None = None) -> FloatArray:
         """Bytes of every value at micro-batch size b (default: the largest)."""
         b = self.microbatch_size if b is None else b
-        cached = self._cache.get(("value_bytes", b))
+        cached = self._layers.get(("value_bytes", b))
         if cached is None:
             cached = interpolate(self.values.table, self.profile.microbatch_sizes, b)
             cached.setflags(write=False)
-            self._cache[("value_bytes", b)] = cached
+            self._layers[("value_bytes", b)] = cached
         return cached
 
     def value_transfer_ms(self, b: float | None = None) -> FloatArray:

@@ -24,7 +24,7 @@ simulates both and keeps the faster (``choose``), and ``why`` says what each mov
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from partitioner.cost.allreduce import grad_bytes
 from partitioner.cost.model import CostModel
@@ -75,7 +75,7 @@ def placements(topo: Topology, rank_of: Sequence[int], replicas: int) -> list[Pl
 
 def placed(cm: CostModel, placement: Placement) -> CostModel:
     """``cm`` with the links ``placement`` charges."""
-    return replace(cm, link=placement.p2p_link, allreduce_link=placement.allreduce_link)
+    return cm.like(link=placement.p2p_link, allreduce_link=placement.allreduce_link)
 
 
 def traffic(cm: CostModel, sol: Solution) -> tuple[float, float]:

@@ -63,7 +63,7 @@ def partition(cm: CostModel, memory_limit_bytes: float = math.inf, solver: str =
 
         return partition_graph(cm, memory_limit_bytes, time_limit_s=time_limit_s,
                                explain=explain)
-    sol = partition_chain(cm, memory_limit_bytes)
+    sol = partition_chain(cm, memory_limit_bytes, explain=explain)
     if cm.profile.edges is not None:
         sol = replace(recost(cm, sol), status="layer order")
     return sol

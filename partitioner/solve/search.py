@@ -223,50 +223,33 @@ def search(
     leaders = Leaders(keep, SYNTH_TOP if SYNTH in schedules else 0) if keep else None
     skipped = 0
     places = Placements(topology, link)
-    for d, ms, layouts in per_d:
-        by_stages: dict[int, list[tuple[str, int]]] = {}
-        for big_k, sched, v in layouts:
-            by_stages.setdefault(big_k, []).append((sched, v))
-        for big_k, group_layouts in by_stages.items():
-            for m in ms:
-                for rc in recompute:
-                    if big_k == 1 and rc == "except_last" and "never" in recompute:
-                        continue  # the only stage is the last: same as never
-                    group = [CostModel(profile, global_batch, m, stages=big_k,
-                                       recompute=rc,  # type: ignore[arg-type]
-                                       schedule=sched,  # type: ignore[arg-type]
-                                       link=link, optimizer=optimizer,
-                                       runtime=runtime or Runtime(), stages_per_rank=v,
-                                       replicas=d, shard_optimizer=shard_optimizer,
-                                       allreduce=allreduce)
-                             for sched, v in group_layouts
-                             if not (sched in ("1f1b", "zb-h1") and (big_k == 1 or m == 1)
-                                     and "gpipe" in schedules)]  # else gpipe's, or more
-                    if leaders is not None:  # provably slower before any partition
-                        kept = [cm for cm in group if not _beaten(cm, places, leaders)]
-                        tried += len(group) - len(kept)
-                        skipped += len(group) - len(kept)
-                        group = kept
-                    # fewest micro-batches in flight first: where they do not fit, more do not
-                    for cm in sorted(group, key=lambda cm: sum(map(cm.in_flight,
-                                                                   range(big_k)))):
-                        tried += 1
-                        if leaders is not None and _beaten(cm, places, leaders):
-                            skipped += 1
-                            continue
-                        cand = _evaluate_placed(cm, memory_limit_bytes, cache,
-                                                places.of(cm), leaders)
-                        if isinstance(cand, Candidate):
-                            found.append(cand)
-                            if leaders is not None:
-                                leaders.add(cand.step_ms, cm.stages, cm.replicas,
-                                            synth_key(cm))
-                        elif cand == "timeout":
-                            unsolved += 1
-                        elif cand == "skipped":
-                            skipped += 1
-                        else:
-                            infeasible += 1
+    base = CostModel(profile, global_batch, 1, link=link, optimizer=optimizer,
+                     runtime=runtime or Runtime(), shard_optimizer=shard_optimizer,
+                     allreduce=allreduce)  # every configuration shares its per-layer arrays
+    order = _configurations(per_d, recompute, schedules, keep is None,
+                            lambda d, big_k, m, rc, sched, v: base.like(
+                                microbatches=m, stages=big_k, recompute=rc, schedule=sched,
+                                stages_per_rank=v, replicas=d))
+    if leaders is not None:  # best first: the table fills with fast steps, the bar drops soon
+        bounds = [_work_bound(cm, places) for cm in order]
+        ranked = sorted(range(len(order)), key=bounds.__getitem__)
+        order, bounds = [order[j] for j in ranked], [bounds[j] for j in ranked]
+    for j, cm in enumerate(order):
+        tried += 1
+        if leaders is not None and leaders.beaten(bounds[j], cm.stages, cm.replicas):
+            skipped += 1  # provably slower before any partition
+            continue
+        cand = _evaluate_placed(cm, memory_limit_bytes, cache, places.of(cm), leaders)
+        if isinstance(cand, Candidate):
+            found.append(cand)
+            if leaders is not None:
+                leaders.add(cand.step_ms, cm.stages, cm.replicas, synth_key(cm))
+        elif cand == "timeout":
+            unsolved += 1
+        elif cand == "skipped":
+            skipped += 1
+        else:
+            infeasible += 1
     if SYNTH in schedules:
         synthesised = _synthesise_best(found, memory_limit_bytes)
         tried += len(synthesised)
@@ -332,9 +315,34 @@ def synth_key(cm: CostModel) -> tuple[object, ...]:
     return (cm.stages, cm.microbatches, cm.recompute, cm.stages_per_rank, cm.schedule == "zbv")
 
 
-def _beaten(cm: CostModel, places: Placements, leaders: Leaders) -> bool:
-    links = [p.allreduce_link for p in places.of(cm)]
-    return leaders.beaten(work_bound_ms(cm, links), cm.stages, cm.replicas)
+def _configurations(per_d: list[tuple[int, list[int], list[tuple[int, str, int]]]],
+                    recompute: Sequence[str], schedules: Sequence[str], by_flight: bool,
+                    model: Callable[[int, int, int, str, str, int], CostModel]
+                    ) -> list[CostModel]:
+    """Every configuration's cost model, twins left out (K = 1 ``except_last`` is ``never``;
+    1F1B and ZB-H1 with K = 1 or M = 1 are GPipe, where GPipe is asked for); ``by_flight``:
+    in each (D, K, M, recompute) the fewest micro-batches in flight first, since where they
+    do not fit, more do not (``PartitionCache``; it generates each schedule to count them)."""
+    out: list[CostModel] = []
+    for d, ms, layouts in per_d:
+        by_stages: dict[int, list[tuple[str, int]]] = {}
+        for big_k, sched, v in layouts:
+            by_stages.setdefault(big_k, []).append((sched, v))
+        for big_k, group_layouts in by_stages.items():
+            for m in ms:
+                for rc in recompute:
+                    if big_k == 1 and rc == "except_last" and "never" in recompute:
+                        continue  # the only stage is the last: same as never
+                    group = [model(d, big_k, m, rc, sched, v) for sched, v in group_layouts
+                             if not (sched in ("1f1b", "zb-h1") and (big_k == 1 or m == 1)
+                                     and "gpipe" in schedules)]
+                    out += sorted(group, key=lambda cm: sum(map(cm.in_flight, range(big_k)))
+                                  ) if by_flight else group
+    return out
+
+
+def _work_bound(cm: CostModel, places: Placements) -> float:
+    return work_bound_ms(cm, [p.allreduce_link for p in places.of(cm)])
 
 
 def _evaluate(cm: CostModel, limit: float, sol: Solution) -> Candidate | str:
