@@ -20,9 +20,9 @@ zbv and synth is printed apart (goal: <= 5%): the calibration trial runs GPipe o
 
 ``--replicas`` adds, per model and M, the plan of two data-parallel replicas of the whole model
 (K=1, D=2) on the two ranks, its all-reduce priced over the ring fitted to all-reduces timed
-between them (``calibrate.measure_all_reduce``), and compares the predicted all-reduce with
-the measured one (each step's, on the rank that waited least: the other also waits out the
-skew) and the step (goal: the all-reduce within 10%).
+between them (``collective.measure_all_reduce``: through the executor's reducer), and
+compares the predicted all-reduce with the measured one (each step's, on the rank that waited
+least: the other also waits out the skew) and the step (goal: the all-reduce within 10%).
 """
 
 from __future__ import annotations

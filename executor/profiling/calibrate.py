@@ -11,10 +11,8 @@ half a round trip is one transfer. A line through (bytes, ms), fitted on relativ
 gives ``latency_ms`` (intercept) and ``bandwidth_gbps`` (inverse slope): the cost model's
 ``latency + bytes / bandwidth``.
 
-``measure_all_reduce`` does the same for the replicas' gradient all-reduce: n local ranks sum a
-buffer of each size, and the ring model ``2 (n-1)/n x bytes / bandwidth + 2 (n-1) x latency``
-(each of the 2 (n-1) steps of a reduce-scatter then an all-gather moves 1/n of the buffer)
-fitted to those times gives the Link the cost model prices it with.
+``measure_all_reduce`` (``executor.profiling.collective``) does the same for the replicas'
+gradient all-reduce, timed through the executor's own reducer.
 
 ``measure_runtime`` runs a short trial of the pipeline (K=2 local ranks, the distributed
 runner, a few steps at a few M) and compares each measured forward and backward action with
@@ -34,12 +32,19 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from executor.distributed.runner import DistributedRunner
 from executor.distributed.spawn import spawn_local
+from executor.profiling.collective import (
+    DEFAULT_SIZES,
+    all_reduce_times,
+    fit_all_reduce,
+    measure_all_reduce,
+    reducer_times,
+    relative_line,
+)
 from executor.runtime.job import load_job
 from partitioner.cost.model import CostModel
 from partitioner.formats.assumptions import Link, Runtime
@@ -50,12 +55,10 @@ from partitioner.simulator.durations import stage_durations, stage_of_ranges
 from partitioner.simulator.engine import ranges_from_boundaries, simulate
 from partitioner.solve.planner import make_plan
 
-__all__ = ["Trial", "all_reduce_times", "calibrate_world", "check_job", "fit_all_reduce",
-           "fit_link", "fit_runtime", "fit_trials", "measure_all_reduce", "measure_link",
-           "measure_runtime", "ping_pong", "run_trials", "trial_plans"]
-
-DEFAULT_SIZES = (4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20)
-
+__all__ = ["DEFAULT_SIZES", "Trial", "all_reduce_times", "calibrate_world", "check_job",
+           "fit_all_reduce", "fit_link", "fit_runtime", "fit_trials", "measure_all_reduce",
+           "measure_link", "measure_runtime", "ping_pong", "reducer_times", "run_trials",
+           "trial_plans"]
 
 def ping_pong(sizes_bytes: Sequence[int], repeats: int, device: str = "cpu") -> list[float]:
     """On every rank of the process group: ranks 0 and 1 bounce a buffer of each size on
@@ -82,17 +85,6 @@ def ping_pong(sizes_bytes: Sequence[int], repeats: int, device: str = "cpu") -> 
     return out
 
 
-def _relative_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
-    """Slope and intercept of the line through (x, y), each point weighing 1 / y (relative
-    errors); refitted through the origin when the intercept or the slope comes out negative."""
-    x, y = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
-    w = 1.0 / np.maximum(y, 1e-9)
-    slope, intercept = np.polyfit(x, y, 1, w=w)
-    if intercept < 0 or slope <= 0:
-        slope, intercept = float(np.dot(w * w * x, y) / np.dot(w * w * x, x)), 0.0
-    return float(slope), float(intercept)
-
-
 def fit_link(sizes_bytes: Sequence[float], times_ms: Sequence[float]) -> Link:
     """The line ``latency + bytes / bandwidth`` through measured points, fitted on relative
     errors (each point weighs as 1 / its time), so the small messages, which are latency,
@@ -105,7 +97,7 @@ def fit_link(sizes_bytes: Sequence[float], times_ms: Sequence[float]) -> Link:
     if len(sizes_bytes) != len(times_ms) or len(sizes_bytes) < 2:
         raise ValueError(f"need at least two (size, time) points of equal count, got "
                          f"{len(sizes_bytes)} sizes and {len(times_ms)} times")
-    slope, intercept = _relative_line(sizes_bytes, times_ms)
+    slope, intercept = relative_line(sizes_bytes, times_ms)
     slope = max(slope, 1e-12)
     return Link(bandwidth_gbps=round(1.0 / (slope * 1e6), 6), latency_ms=round(float(intercept), 6))
 
@@ -123,65 +115,6 @@ def measure_link(sizes_bytes: Sequence[int] = DEFAULT_SIZES, repeats: int = 10,
     return fit_link(list(sizes_bytes), per_rank[0])
 
 
-def all_reduce_times(sizes_bytes: Sequence[int], repeats: int, device: str = "cpu") -> list[float]:
-    """On every rank of the process group: all-reduce (SUM) a buffer of each size on
-    ``device`` over every rank, ``repeats`` rounds over all the sizes in turn (so a burst of
-    load elsewhere falls on every size alike); per size, the lower quartile over the rounds of
-    the fastest rank's time (ms). Both choices resist a shared machine, whose noise only ever
-    adds time: the rank that arrives last waits for no one (the others' times include the skew
-    of leaving the barrier, no part of the sum)."""
-    dev = torch.device(device)
-    bufs = [torch.zeros(max(1, n // 4), dtype=torch.float32, device=dev) for n in sizes_bytes]
-    times = torch.zeros(len(bufs), repeats, dtype=torch.float64)
-    for r in range(repeats + 2):  # two warm-up rounds (connections, allocator)
-        for j, buf in enumerate(bufs):
-            dist.barrier()
-            start = time.perf_counter()
-            dist.all_reduce(buf)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            if r >= 2:
-                times[j, r - 2] = (time.perf_counter() - start) * 1e3
-    dist.all_reduce(times, op=dist.ReduceOp.MIN)
-    return [float(row.quantile(0.25)) for row in times]
-
-
-def fit_all_reduce(ranks: int, sizes_bytes: Sequence[float], times_ms: Sequence[float]) -> Link:
-    """The Link whose ring model (``partitioner.cost.allreduce.ring_allreduce_ms``, the one the
-    planner prices replicas with) best fits all-reduces of ``sizes_bytes`` over ``ranks`` that
-    took ``times_ms``, on relative errors as ``fit_link``.
-
-        >>> fit_all_reduce(2, [1e6, 2e6, 3e6], [2.0, 3.0, 4.0])
-        Link(bandwidth_gbps=1.0, latency_ms=0.5)
-    """
-    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 2:
-        raise ValueError(f"ranks={ranks!r}: an all-reduce needs at least 2 ranks")
-    if len(sizes_bytes) != len(times_ms) or len(sizes_bytes) < 2:
-        raise ValueError(f"need at least two (size, time) points of equal count, got "
-                         f"{len(sizes_bytes)} sizes and {len(times_ms)} times")
-    steps = 2 * (ranks - 1)
-    slope, intercept = _relative_line(sizes_bytes, times_ms)
-    slope = max(slope, 1e-12)
-    return Link(bandwidth_gbps=round(steps / ranks / (slope * 1e6), 6),
-                latency_ms=round(float(intercept) / steps, 6))
-
-
-def measure_all_reduce(ranks: int = 2, sizes_bytes: Sequence[int] = DEFAULT_SIZES,
-                       repeats: int = 10, threads: int = 1, timeout_s: float = 60.0) -> Link:
-    """Spawn ``ranks`` local CPU ranks, time all-reduces of each size over them, and fit the
-    ring model's Link (``fit_all_reduce``)."""
-    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 2:
-        raise ValueError(f"ranks={ranks!r}: an all-reduce needs at least 2 ranks")
-    if any(n <= 0 for n in sizes_bytes) or len(set(sizes_bytes)) < 2:
-        raise ValueError(f"sizes_bytes={list(sizes_bytes)}: give at least two distinct positive "
-                         f"sizes")
-    if repeats < 1:
-        raise ValueError(f"repeats={repeats} must be at least 1")
-    per_rank = spawn_local(all_reduce_times, ranks, args=(list(sizes_bytes), repeats),
-                           threads=threads, timeout_s=timeout_s, deadline_s=timeout_s * 2)
-    return fit_all_reduce(ranks, list(sizes_bytes), per_rank[0])
-
-
 def fit_runtime(profiled_ms: Sequence[float], measured_ms: Sequence[float]) -> Runtime:
     """The line ``measured = compute_scale * profiled + action_ms`` through (profiled,
     measured) action times, fitted on relative errors as ``fit_link`` does; ``action_ms`` is
@@ -197,7 +130,7 @@ def fit_runtime(profiled_ms: Sequence[float], measured_ms: Sequence[float]) -> R
             and max(profiled_ms) > min(profiled_ms)):
         raise ValueError("profiled and measured times must be > 0, with at least two distinct "
                          "profiled times")
-    slope, intercept = _relative_line(profiled_ms, measured_ms)
+    slope, intercept = relative_line(profiled_ms, measured_ms)
     return Runtime(compute_scale=round(float(slope), 6), action_ms=round(float(intercept), 6))
 
 

@@ -17,6 +17,7 @@ from executor.profiling.calibrate import (
     measure_all_reduce,
     measure_link,
     measure_runtime,
+    reducer_times,
 )
 from partitioner.cli.main import main as cli_main
 from partitioner.cost.allreduce import ring_allreduce_ms
@@ -61,6 +62,8 @@ def test_fit_all_reduce_recovers_the_ring_model() -> None:
         measure_all_reduce(ranks=1)
     with pytest.raises(ValueError, match="distinct"):
         measure_all_reduce(sizes_bytes=(4096, 4096))
+    with pytest.raises(ValueError, match=r"'reducer' .* or 'collective'"):
+        measure_all_reduce(through="ring")  # type: ignore[arg-type]
 
 
 def _ring_misfits(sizes: list[int], times: list[float]) -> list[str]:
@@ -85,6 +88,22 @@ def test_all_reduce_between_two_local_ranks_fits_the_ring_model() -> None:
         if not misfits:
             break
     assert not misfits, misfits
+
+
+@pytest.mark.timeout(120)
+def test_the_reducers_sum_is_timed_and_fits_the_ring_model() -> None:
+    # through the executor's GradReducer (buckets packed, summed, copied back): a larger sum
+    # takes longer, and the fitted ring model stays within 3x of each (as the bare one above)
+    sizes = [64 << 10, 1 << 20, 8 << 20]
+
+    def misses(times: list[float]) -> list[str]:
+        found = _ring_misfits(sizes, times)
+        if not times[0] < times[2]:
+            found.append(f"8 MB took {times[2]:.3f} ms, no longer than 64 KB's {times[0]:.3f}")
+        return found
+
+    assert not settle(lambda: spawn_local(reducer_times, 2, (sizes, 5), timeout_s=30,
+                                          deadline_s=35)[0], misses)
 
 
 def test_fit_link_takes_the_latency_from_the_small_messages() -> None:
