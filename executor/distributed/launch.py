@@ -18,6 +18,7 @@ the simulator's Chrome trace format, so ``partition-model compare`` reads it). W
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -64,44 +65,43 @@ def run_rank(job_spec: str, plan_path: str, steps: int, trace: str | None,
     optimizer = runner.make_optimizer(make, shard_optimizer)
     last = plan.num_stages - 1 in runner.stage_indices
     speaks = last and runner.replica == 0  # one rank reports for all replicas
-    bar = tqdm(total=steps, desc="training", unit="step") if progress and speaks else None
-    log = open(metrics, "w", encoding="utf-8") if metrics is not None and speaks else None  # noqa: SIM115
     losses: list[float] = []
     step_ms: list[float] = []
     pipeline_ms: list[float] = []
     traced: list[Timeline] = []
-    for step in range(steps):
-        inputs, targets = job.batch(step, plan.global_batch)
-        start = time.perf_counter()
-        if optimizer is not None:
-            optimizer.zero_grad()
-        begin = time.perf_counter()
-        result = runner.train_step(inputs, targets, job.loss_fn,
-                                   timeline=trace is not None and step >= steps - TRACED_STEPS)
-        pipeline_ms.append((time.perf_counter() - begin) * 1e3)
-        if optimizer is not None:
-            optimizer.step()
-        step_ms.append((time.perf_counter() - start) * 1e3)
-        if last and result.loss is not None:
-            losses.append(float(result.loss))
-            if log is not None:
-                log.write(json.dumps({"step": step, "loss": losses[-1], "step_ms": step_ms[-1],
-                                      "pipeline_ms": pipeline_ms[-1],
-                                      "samples": plan.global_batch}) + "\n")
-                log.flush()
-            if bar is not None:
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", ms=f"{step_ms[-1]:.0f}")
-                bar.update()
-            elif speaks:
-                print(f"step {step}: loss {losses[-1]:.5f} ({step_ms[-1]:.1f} ms)", flush=True)
-        if result.timeline is not None:
-            traced.append(result.timeline)
+    with contextlib.ExitStack() as closing:  # the log and the bar end with the run, or its error
+        bar = closing.enter_context(tqdm(total=steps, desc="training", unit="step")) if (
+            progress and speaks) else None
+        log = closing.enter_context(open(metrics, "w", encoding="utf-8")) if (
+            metrics is not None and speaks) else None
+        for step in range(steps):
+            inputs, targets = job.batch(step, plan.global_batch)
+            start = time.perf_counter()
+            if optimizer is not None:
+                optimizer.zero_grad()
+            begin = time.perf_counter()
+            result = runner.train_step(inputs, targets, job.loss_fn,
+                                       timeline=trace is not None and step >= steps - TRACED_STEPS)
+            pipeline_ms.append((time.perf_counter() - begin) * 1e3)
+            if optimizer is not None:
+                optimizer.step()
+            step_ms.append((time.perf_counter() - start) * 1e3)
+            if last and result.loss is not None:
+                losses.append(float(result.loss))
+                if log is not None:
+                    log.write(json.dumps({"step": step, "loss": losses[-1],
+                                          "step_ms": step_ms[-1], "pipeline_ms": pipeline_ms[-1],
+                                          "samples": plan.global_batch}) + "\n")
+                    log.flush()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}", ms=f"{step_ms[-1]:.0f}")
+                    bar.update()
+                elif speaks:
+                    print(f"step {step}: loss {losses[-1]:.5f} ({step_ms[-1]:.1f} ms)", flush=True)
+            if result.timeline is not None:
+                traced.append(result.timeline)
     if traced and trace is not None and runner.replica == 0:
         save_chrome_trace(sorted(traced, key=lambda t: t.step_ms)[(len(traced) - 1) // 2], trace)
-    if bar is not None:
-        bar.close()
-    if log is not None:
-        log.close()
     return {"rank": runner.rank, "replica": runner.replica, "stages": runner.stage_indices,
             "losses": losses, "step_ms": step_ms, "pipeline_ms": pipeline_ms}
 
