@@ -10,10 +10,11 @@ reduce-scatter then an all-gather moves 1/n of the buffer) fitted to those times
 the cost model prices the all-reduce with. By default the sum is timed as the executor does it
 (``through="reducer"``): ``GradReducer`` packs the gradients into buckets, all-reduces each
 asynchronously and copies the sums back, starting, as in a training step, from gradients out of
-the caches (a backward wrote other memory since). Measured here on gpt-text's 5 MB of
-gradients: a plain all-reduce of one flat buffer took 6.5 ms, the reducer 7.7 ms, and 8.8 ms
-after a cache flush, so pricing the bare collective (``through="collective"``) predicts the
-executor's sum short by a quarter.
+the caches (a backward wrote other memory since), under the allocator the run uses. Measured
+here on gpt-text's 5 MB of gradients: a plain all-reduce of one flat buffer took 6.5 ms, the
+reducer 7.7 ms, 8.8 ms after a cache flush, and about 2 ms more in a run whose allocator keeps
+freed memory (``partition-model run``'s default), so pricing the bare collective
+(``through="collective"``) predicts the executor's sum short by a third or more.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from executor.distributed.spawn import spawn_local
 from executor.runtime.allocator import keep_freed_memory as keep_memory
 from partitioner.formats.assumptions import Link
 
-__all__ = ["ALL_REDUCE_SIZES", "DEFAULT_SIZES", "all_reduce_times", "fit_all_reduce", "measure_all_reduce",
-           "reducer_times", "relative_line"]
+__all__ = ["ALL_REDUCE_SIZES", "DEFAULT_SIZES", "all_reduce_times", "fit_all_reduce",
+           "measure_all_reduce", "reducer_times", "relative_line"]
 
 DEFAULT_SIZES = (4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20)
 

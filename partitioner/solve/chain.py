@@ -244,7 +244,6 @@ class _Search:
                 hi = self.bottleneck(best)
         return best
 
-
     def solve_dense(self) -> list[int] | None:
         """``solve`` exactly, by the textbook min-max recurrence over every (start, end) pair:
         best[k][j] = min over i of max(best[k-1][i], cost_k(i, j)), O(K L^2) in K vectorised

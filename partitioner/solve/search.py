@@ -29,7 +29,8 @@ for an ILP partition that stopped at its time limit, its proven lower bound stil
 the limited problem, so its gap stays valid). Only where it does not fit is the limited
 problem solved, once per (K, b, recompute, micro-batches in flight per stage): the memory
 depends on nothing else, and grows with the micro-batches in flight, so where nothing fits,
-nothing fits with as many or more on every stage either (1F1B is tried before GPipe). On a
+nothing fits with as many or more on every stage either (without ``keep`` the configurations
+holding fewest are tried first in each (D, K, M, recompute); with it, best first). On a
 graph profile ``dp`` splits the layer order (costed as ``cost.partition`` counts a graph, skip
 edges included): the comparison the ILP improves on.
 """
@@ -184,7 +185,8 @@ def search(
     and the faster kept; ``shard_optimizer`` and ``allreduce`` are the cost model's.
 
     ``keep`` N (default: all): only the N fastest, the fastest with D = 1 and with K = 1 (and
-    the configurations ``synth`` refines) must be exact; a configuration whose lower bound
+    the configurations ``synth`` refines) must be exact; the configurations are visited in
+    the order of their partition-free bound (best first), and one whose lower bound
     (``solve.bounds``) proves it slower than those found is counted in ``skipped``, neither
     partitioned nor simulated. Those candidates, and so the best plan, are what the search
     without ``keep`` finds."""
