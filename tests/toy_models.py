@@ -227,3 +227,24 @@ def failing_job() -> Any:
     layers = job.layers
     assert not isinstance(layers, nn.Sequential)
     return replace(job, layers=lambda i: _Broken() if i == 5 else layers(i))  # type: ignore[call-arg]
+
+
+def dying_demo_job() -> Any:
+    """The demo job (Adam), but rank 1 kills itself (SIGKILL) as it draws the batch of step
+    ``$GPIPE_TEST_DIE_AT`` (unset: it never dies): a crash between two steps."""
+    import os
+    import signal
+
+    import torch.distributed as dist
+
+    from executor.workloads.jobs import demo
+
+    job = demo()
+    die_at = int(os.environ.get("GPIPE_TEST_DIE_AT", "-1"))
+
+    def batch(step: int, size: int) -> Any:
+        if step == die_at and dist.is_initialized() and dist.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return job.batch(step, size)
+
+    return replace(job, batch=batch)

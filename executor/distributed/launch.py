@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -29,6 +30,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from executor.distributed.checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
 from executor.distributed.runner import DistributedRunner
 from executor.distributed.spawn import spawn_local
 from executor.runtime.allocator import keep_freed_memory
@@ -37,16 +39,33 @@ from executor.runtime.pipeline import executable_ranges
 from partitioner.formats.plan import load_plan
 from partitioner.formats.timeline import Timeline, save_chrome_trace
 
-__all__ = ["TRACED_STEPS", "choose_device", "launch", "run_rank", "under_torchrun"]
+__all__ = ["TRACED_STEPS", "Checkpointing", "choose_device", "launch", "run_rank",
+           "under_torchrun"]
 
 #: with ``trace``: the last steps whose timelines are recorded; the median one is written
 TRACED_STEPS = 5
 
 
+@dataclass(frozen=True)
+class Checkpointing:
+    """Save a checkpoint under ``directory`` every ``every`` steps (None: never); ``resume``:
+    a checkpoint, or a folder of them (the newest committed one), to continue from."""
+
+    directory: str | None = None
+    every: int = 1
+    resume: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"checkpoint every {self.every} steps: give N >= 1 "
+                             f"(--checkpoint-every)")
+
+
 def run_rank(job_spec: str, plan_path: str, steps: int, trace: str | None,
              device: str | None, timeout_s: float, progress: bool = False,
              keep_memory: bool = True, metrics: str | None = None,
-             shard_optimizer: bool | None = None) -> dict[str, Any]:
+             shard_optimizer: bool | None = None, checkpoint: Checkpointing | None = None
+             ) -> dict[str, Any]:
     """Train ``steps`` steps on this rank (the process group is up); a summary of the rank:
     its losses (last stage), the wall time of each whole step (``step_ms``, optimizer
     included) and of each pipelined ``train_step`` alone (``pipeline_ms``). With ``progress``
@@ -55,7 +74,10 @@ def run_rank(job_spec: str, plan_path: str, steps: int, trace: str | None,
     of median length (one step alone can be an outlier on a shared machine). ``keep_memory``:
     set this process's allocator to keep freed memory (``executor.runtime.allocator``).
     ``metrics``: the JSON-lines file replica 0's last stage writes (see the module doc);
-    ``shard_optimizer``: ZeRO-1 over each stage's replicas (None: as the plan says)."""
+    ``shard_optimizer``: ZeRO-1 over each stage's replicas (None: as the plan says).
+    ``checkpoint``: where to save every N steps and what to resume from
+    (``executor.distributed.checkpoint``); a resumed run continues at the checkpoint's step,
+    ``steps`` counting from the run's start, and its metrics file is appended to."""
     if keep_memory:
         keep_freed_memory()
     job, plan = load_job(job_spec), load_plan(plan_path)
@@ -65,6 +87,8 @@ def run_rank(job_spec: str, plan_path: str, steps: int, trace: str | None,
     optimizer = runner.make_optimizer(make, shard_optimizer)
     last = plan.num_stages - 1 in runner.stage_indices
     speaks = last and runner.replica == 0  # one rank reports for all replicas
+    ckpt = checkpoint or Checkpointing()
+    first = load_checkpoint(ckpt.resume, runner, optimizer) if ckpt.resume else 0
     losses: list[float] = []
     step_ms: list[float] = []
     pipeline_ms: list[float] = []
@@ -72,9 +96,9 @@ def run_rank(job_spec: str, plan_path: str, steps: int, trace: str | None,
     with contextlib.ExitStack() as closing:  # the log and the bar end with the run, or its error
         bar = closing.enter_context(tqdm(total=steps, desc="training", unit="step")) if (
             progress and speaks) else None
-        log = closing.enter_context(open(metrics, "w", encoding="utf-8")) if (
+        log = closing.enter_context(open(metrics, "a" if first else "w", encoding="utf-8")) if (
             metrics is not None and speaks) else None
-        for step in range(steps):
+        for step in range(first, steps):
             inputs, targets = job.batch(step, plan.global_batch)
             start = time.perf_counter()
             if optimizer is not None:
@@ -100,10 +124,13 @@ def run_rank(job_spec: str, plan_path: str, steps: int, trace: str | None,
                     print(f"step {step}: loss {losses[-1]:.5f} ({step_ms[-1]:.1f} ms)", flush=True)
             if result.timeline is not None:
                 traced.append(result.timeline)
+            if ckpt.directory is not None and (step + 1) % ckpt.every == 0:
+                save_checkpoint(ckpt.directory, step + 1, runner, optimizer, plan)
     if traced and trace is not None and runner.replica == 0:
         save_chrome_trace(sorted(traced, key=lambda t: t.step_ms)[(len(traced) - 1) // 2], trace)
     return {"rank": runner.rank, "replica": runner.replica, "stages": runner.stage_indices,
-            "losses": losses, "step_ms": step_ms, "pipeline_ms": pipeline_ms}
+            "first_step": first, "losses": losses, "step_ms": step_ms,
+            "pipeline_ms": pipeline_ms}
 
 
 def under_torchrun() -> bool:
@@ -125,11 +152,12 @@ def choose_device(choice: str) -> str | None:
 def launch(job_spec: str, plan_path: str, steps: int = 10, *, trace: str | None = None,
            device: str = "auto", timeout_s: float = 60.0, threads: int = 1,
            progress: bool = False, keep_memory: bool = True, metrics: str | None = None,
-           shard_optimizer: bool | None = None) -> list[dict[str, Any]]:
+           shard_optimizer: bool | None = None, checkpoint: Checkpointing | None = None
+           ) -> list[dict[str, Any]]:
     """Train the plan: under torchrun on this process's rank (its summary alone), otherwise
     on R x D spawned local CPU ranks, one per row of the plan's schedule and replica (every
     rank's summary, in global rank order). The plan and the job are checked before any rank
-    starts; ``metrics`` and ``shard_optimizer``: see ``run_rank``."""
+    starts; ``metrics``, ``shard_optimizer`` and ``checkpoint``: see ``run_rank``."""
     if steps < 1:
         raise ValueError(f"steps={steps}: train at least one step")
     plan = load_plan(plan_path)
@@ -137,13 +165,15 @@ def launch(job_spec: str, plan_path: str, steps: int = 10, *, trace: str | None 
     if not job.is_graph:  # a traced model's plan is checked by each rank, before any work
         assert job.num_layers is not None
         executable_ranges(plan, job.num_layers)
+    if checkpoint is not None and checkpoint.resume is not None:
+        check_checkpoint(checkpoint.resume)  # a missing or damaged one: before any rank starts
     chosen = choose_device(device)
     if under_torchrun():
         backend = "nccl" if chosen is not None and chosen.startswith("cuda") else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
         try:
             return [run_rank(job_spec, plan_path, steps, trace, chosen, timeout_s, progress,
-                             keep_memory, metrics, shard_optimizer)]
+                             keep_memory, metrics, shard_optimizer, checkpoint)]
         finally:
             dist.destroy_process_group()
     if device not in ("auto", "cpu"):
@@ -151,5 +181,6 @@ def launch(job_spec: str, plan_path: str, steps: int = 10, *, trace: str | None 
                          f"processes; use --device cpu, or launch with torchrun")
     world = plan.build_schedule().ranks * plan.replicas
     return spawn_local(run_rank, world, (job_spec, plan_path, steps, trace, "cpu", timeout_s,
-                                         progress, keep_memory, metrics, shard_optimizer),
+                                         progress, keep_memory, metrics, shard_optimizer,
+                                         checkpoint),
                        threads=threads, timeout_s=timeout_s)

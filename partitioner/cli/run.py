@@ -51,21 +51,41 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--shard-optimizer", choices=("on", "off"), default=None,
                    help="ZeRO-1: each of a stage's D replicas keeps the optimizer state of "
                         "1/D of its parameters (default: as the plan says)")
+    p.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                   help="save a checkpoint under DIR/step-N (every rank its own part, under "
+                        "the model's parameter names: any plan can resume it)")
+    p.add_argument("--checkpoint-every", type=count("--checkpoint-every", high=10**9),
+                   default=None, metavar="N",
+                   help="with --checkpoint-dir: every N steps (default: at the end only)")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue from a checkpoint (or the newest in a --checkpoint-dir), "
+                        "under this plan or another; --steps counts from the run's start")
     p.add_argument("--progress", action="store_true",
                    help="show a progress bar with the loss instead of a line per step")
     args = p.parse_args(argv)
+    if args.checkpoint_every is not None and args.checkpoint_dir is None:
+        p.error(f"--checkpoint-every {args.checkpoint_every} needs --checkpoint-dir DIR "
+                f"(where to save)")
 
-    from executor.distributed.launch import launch, under_torchrun
+    from executor.distributed.launch import Checkpointing, launch, under_torchrun
+
+    checkpoint = Checkpointing(args.checkpoint_dir, args.checkpoint_every or args.steps,
+                               args.resume)
 
     summaries = launch(args.job, args.plan, args.steps, trace=args.trace, device=args.device,
                        timeout_s=args.timeout_s, threads=args.threads, progress=args.progress,
                        keep_memory=args.keep_freed_memory == "on", metrics=args.metrics,
                        shard_optimizer=None if args.shard_optimizer is None
-                       else args.shard_optimizer == "on")
+                       else args.shard_optimizer == "on", checkpoint=checkpoint)
     if under_torchrun():
         return 0
-    last = next(s for s in reversed(summaries) if s["losses"])  # a rank of the last stage
+    last = next((s for s in reversed(summaries) if s["losses"]), None)  # of the last stage
+    if last is None:  # resumed at or past --steps
+        print(f"nothing to train: the checkpoint is at or past --steps {args.steps}")
+        return 0
     mean_ms = sum(last["step_ms"]) / len(last["step_ms"])
-    print(f"trained {args.steps} steps on {len(summaries)} local ranks: loss "
+    first = last.get("first_step", 0)
+    done = f"steps {first}..{args.steps - 1}" if first else f"{args.steps} steps"
+    print(f"trained {done} on {len(summaries)} local ranks: loss "
           f"{last['losses'][0]:.5f} -> {last['losses'][-1]:.5f}, {mean_ms:.1f} ms per step")
     return 0
