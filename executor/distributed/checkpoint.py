@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
+from executor.distributed.transport import PeerError
 from partitioner.formats.plan import Plan, plan_to_dict
 
 __all__ = ["FORMAT", "MANIFEST", "CheckpointError", "check_checkpoint", "latest_checkpoint",
@@ -100,12 +101,18 @@ def save_checkpoint(root: str | os.PathLike[str], step: int, runner: Any, optimi
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # a save that died before
         tmp.mkdir()
-    dist.barrier()
-    dcp_save(_state_dict(runner, optimizer), checkpoint_id=str(tmp))
-    torch.save({"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-               tmp / f"rng-rank{rank}.pt")
-    dist.barrier()
+    try:
+        dist.barrier()
+        dcp_save(_state_dict(runner, optimizer), checkpoint_id=str(tmp))
+        torch.save({"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   tmp / f"rng-rank{rank}.pt")
+        dist.barrier()
+    except RuntimeError as exc:  # a rank died or hangs: the checkpoint stays uncommitted
+        raise PeerError(f"rank {rank}: saving the checkpoint of step {step} in {str(tmp)!r} "
+                        f"failed ({str(exc).splitlines()[0][:120] if str(exc) else type(exc)}); "
+                        f"another rank has probably failed, been killed or hung; the last "
+                        f"committed checkpoint under {str(root)!r} stays loadable") from exc
     if rank == 0:
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {"format": FORMAT, "step": step, "world_size": dist.get_world_size(),

@@ -69,8 +69,10 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable[..., Any],
         os.replace(out / f"{rank}.tmp", out / f"{rank}.ok")
     except BaseException as exc:  # report anything, then leave at once: peers see us go
         text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        notes = [str(n) for n in getattr(exc, "__notes__", ())]  # e.g. the action it ran
+        first = text.splitlines()[0] + (f" [{'; '.join(notes)}]" if notes else "")
         tb = "".join(traceback.format_tb(exc.__traceback__)[-3:])
-        (out / f"{rank}.err").write_text(f"{text}\n{tb}")
+        (out / f"{rank}.err").write_text(f"{first}\n{text}\n{tb}")
         os._exit(1)
     dist.destroy_process_group()
 

@@ -224,11 +224,17 @@ class Interpreter:
         if action.stage != self.stage.index:
             raise ValueError(f"action {action} belongs to stage {action.stage}, not to stage "
                              f"{self.stage.index}")
-        if self.recorder is None:
-            handler(action)
-        else:
-            with self.recorder.record(action):
+        try:
+            if self.recorder is None:
                 handler(action)
+            else:
+                with self.recorder.record(action):
+                    handler(action)
+        except Exception as exc:  # say where, keeping the error's type and message
+            if not any("in action" in note for note in getattr(exc, "__notes__", ())):
+                exc.add_note(f"in action {action} (stage {action.stage}, "
+                             f"micro-batch {action.microbatch})")
+            raise
 
     def end(self) -> StageResult:
         """Finish the step; every micro-batch must have gone through."""

@@ -94,3 +94,12 @@ def test_soak_short_keeps_each_ranks_memory() -> None:
     assert float(figures["rss_growth"]) <= 0.05, result.stdout
     assert float(figures["step_drift"]) >= 0.0
     assert result.stdout.count("median step ms per 20 steps") == 2
+
+
+@pytest.mark.timeout(300)
+def test_bench_faults_ends_names_and_resumes() -> None:
+    # two of the matrix's kinds (the whole matrix, hang included, is the tool's own run)
+    result = run_tool("bench_faults.py", "--kinds", "backward-kill,wrong-shape")
+    assert result.stdout.strip().splitlines()[-1] == (
+        "cases=2 ended_in_60s=2 named=2 resumed_equal=2"), result.stdout
+    assert "in action 1F0" in result.stdout  # the wrong shape's receiver says where
