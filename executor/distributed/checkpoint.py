@@ -121,9 +121,12 @@ def save_checkpoint(root: str | os.PathLike[str], step: int, runner: Any, optimi
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        old = root / f".step-{step:08d}.old"  # a checkpoint of this step saved before
         if final.exists():
-            shutil.rmtree(final)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)  # the commit: the folder appears whole or not at all
+        shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
 
@@ -172,12 +175,25 @@ def _manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_checkpoint(path: str | os.PathLike[str], runner: Any, optimizer: Any) -> int:
+def load_checkpoint(path: str | os.PathLike[str], runner: Any, optimizer: Any,
+                    verify: bool = True) -> int:
     """On every rank (a collective): load this rank's parameters and optimizer state from the
     checkpoint at ``path`` (see ``latest_checkpoint``), whatever plan wrote it, and its RNG
-    state when the world has the size it had; returns the step to continue from."""
+    state when the world has the size it had; returns the step to continue from. ``verify``:
+    rank 0 checks every file's sha256 first (once for all ranks; ``launch`` checks before it
+    spawns local ranks, and tells them not to again)."""
     folder = latest_checkpoint(path)
-    manifest = _manifest(folder)
+    problem: list[str | None] = [None]
+    if verify and dist.get_rank() == 0:
+        try:
+            _manifest(folder)
+        except CheckpointError as exc:
+            problem = [str(exc)]
+    if verify:
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        raise CheckpointError(problem[0])
+    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     params = runner.named_parameters()
     known = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
     missing = [name for name in params if f"model.{name}" not in known]

@@ -22,7 +22,7 @@ import contextlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -54,6 +54,7 @@ class Checkpointing:
     directory: str | None = None
     every: int = 1
     resume: str | None = None
+    verified: bool = False  # the resumed checkpoint's files were checked (by ``launch``)
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -88,7 +89,8 @@ def run_rank(job_spec: str, plan_path: str, steps: int, trace: str | None,
     last = plan.num_stages - 1 in runner.stage_indices
     speaks = last and runner.replica == 0  # one rank reports for all replicas
     ckpt = checkpoint or Checkpointing()
-    first = load_checkpoint(ckpt.resume, runner, optimizer) if ckpt.resume else 0
+    first = load_checkpoint(ckpt.resume, runner, optimizer, verify=not ckpt.verified) if (
+        ckpt.resume) else 0
     losses: list[float] = []
     step_ms: list[float] = []
     pipeline_ms: list[float] = []
@@ -165,8 +167,9 @@ def launch(job_spec: str, plan_path: str, steps: int = 10, *, trace: str | None 
     if not job.is_graph:  # a traced model's plan is checked by each rank, before any work
         assert job.num_layers is not None
         executable_ranges(plan, job.num_layers)
-    if checkpoint is not None and checkpoint.resume is not None:
+    if checkpoint is not None and checkpoint.resume is not None and not under_torchrun():
         check_checkpoint(checkpoint.resume)  # a missing or damaged one: before any rank starts
+        checkpoint = replace(checkpoint, verified=True)  # (under torchrun: rank 0, in load)
     chosen = choose_device(device)
     if under_torchrun():
         backend = "nccl" if chosen is not None and chosen.startswith("cuda") else "gloo"

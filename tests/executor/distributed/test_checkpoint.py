@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from executor.distributed.checkpoint import FORMAT, MANIFEST
+from executor.distributed.checkpoint import FORMAT, MANIFEST, load_checkpoint
+from executor.distributed.runner import DistributedRunner
+from executor.distributed.spawn import RankFailure, spawn_local
 from executor.runtime.pipeline import manual_plan
+from executor.workloads.jobs import demo
 from partitioner.cli.main import main
 from partitioner.formats.plan import Plan, save_plan
 
@@ -27,6 +30,15 @@ def _plan(tmp: Path, name: str, plan: Plan) -> str:
 
 def _losses(path: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in path.read_text().splitlines()]
+
+
+def _load_rank(plan: str, ckpt: str) -> int:
+    """On each spawned rank: the demo job's runner and optimizer, loaded from ``ckpt`` with
+    the ranks' own check (rank 0 hashes the files, every rank hears the verdict)."""
+    job = demo()
+    runner = DistributedRunner(job.layers, plan, num_layers=job.num_layers, timeout_s=30)
+    assert job.optimizer is not None
+    return load_checkpoint(ckpt, runner, runner.make_optimizer(job.optimizer))
 
 
 def _run(plan: str, steps: int, metrics: Path, *more: str) -> int:
@@ -84,12 +96,16 @@ def test_partial_and_damaged_checkpoints_are_refused(
     assert _run(plan, 4, tmp_path / "m.jsonl", "--resume", str(ckpt)) == 2
     assert "no checkpoint in" in capfd.readouterr().err
     assert _run(plan, 2, tmp_path / "m.jsonl", "--checkpoint-dir", str(ckpt)) == 0
+    assert spawn_local(_load_rank, 2, (plan, str(ckpt)), timeout_s=60) == [2, 2]
     data = next(p for p in (ckpt / "step-00000002").iterdir() if p.suffix == ".distcp")
     data.write_bytes(data.read_bytes()[:-1] + bytes([data.read_bytes()[-1] ^ 1]))
     capfd.readouterr()
     assert _run(plan, 4, tmp_path / "m.jsonl", "--resume", str(ckpt)) == 2
     err = capfd.readouterr().err
     assert f"is damaged: {data.name} does not match its sha256" in err
+    with pytest.raises(RankFailure) as info:  # checked inside the ranks too (torchrun's way)
+        spawn_local(_load_rank, 2, (plan, str(ckpt)), timeout_s=60)
+    assert str(info.value).count(f"is damaged: {data.name}") >= 2  # rank 0 checks, all say
     with pytest.raises(SystemExit) as info:
         main(["run", "--plan", plan, "--checkpoint-every", "2"])
     assert info.value.code == 2 and "needs --checkpoint-dir" in capfd.readouterr().err
