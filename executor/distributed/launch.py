@@ -48,8 +48,8 @@ TRACED_STEPS = 5
 
 @dataclass(frozen=True)
 class Checkpointing:
-    """Save a checkpoint under ``directory`` every ``every`` steps (None: never); ``resume``:
-    a checkpoint, or a folder of them (the newest committed one), to continue from."""
+    """Save a checkpoint under ``directory`` (None: none) after every ``every``-th step;
+    ``resume``: a checkpoint, or a folder of them (the newest committed one), to go on from."""
 
     directory: str | None = None
     every: int = 1
@@ -96,8 +96,8 @@ def run_rank(job_spec: str, plan_path: str, steps: int, trace: str | None,
     pipeline_ms: list[float] = []
     traced: list[Timeline] = []
     with contextlib.ExitStack() as closing:  # the log and the bar end with the run, or its error
-        bar = closing.enter_context(tqdm(total=steps, desc="training", unit="step")) if (
-            progress and speaks) else None
+        bar = closing.enter_context(tqdm(total=steps, initial=first, desc="training",
+                                         unit="step")) if progress and speaks else None
         log = closing.enter_context(open(metrics, "a" if first else "w", encoding="utf-8")) if (
             metrics is not None and speaks) else None
         for step in range(first, steps):
