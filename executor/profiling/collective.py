@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -77,18 +78,30 @@ def all_reduce_times(sizes_bytes: Sequence[int], repeats: int, device: str = "cp
     of leaving the barrier, no part of the sum)."""
     dev = torch.device(device)
     bufs = [torch.zeros(max(1, n // 4), dtype=torch.float32, device=dev) for n in sizes_bytes]
-    times = torch.zeros(len(bufs), repeats, dtype=torch.float64)
-    for r in range(repeats + 2):  # two warm-up rounds (connections, allocator)
-        for j, buf in enumerate(bufs):
+    times = _fastest_rank_ms([partial(dist.all_reduce, buf) for buf in bufs], repeats, dev)
+    return [float(row.quantile(0.25)) for row in times]
+
+
+def _fastest_rank_ms(calls: Sequence[Callable[[], object]], repeats: int,
+                     dev: torch.device, before: Callable[[int], object] | None = None
+                     ) -> torch.Tensor:
+    """[call, round]: each call timed from a barrier ``repeats`` rounds over all the calls in
+    turn (after two warm-up rounds: connections, allocator), ``before(j)`` run untimed ahead
+    of call j; per entry, the fastest rank's time (ms)."""
+    times = torch.zeros(len(calls), repeats, dtype=torch.float64)
+    for r in range(repeats + 2):
+        for j, call in enumerate(calls):
+            if before is not None:
+                before(j)
             dist.barrier()
             start = time.perf_counter()
-            dist.all_reduce(buf)
+            call()
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             if r >= 2:
                 times[j, r - 2] = (time.perf_counter() - start) * 1e3
     dist.all_reduce(times, op=dist.ReduceOp.MIN)
-    return [float(row.quantile(0.25)) for row in times]
+    return times
 
 
 def reducer_times(sizes_bytes: Sequence[int], repeats: int, device: str = "cpu",
@@ -115,22 +128,19 @@ def reducer_times(sizes_bytes: Sequence[int], repeats: int, device: str = "cpu",
             p.grad = g
         reducers.append(GradReducer(params, dist.group.WORLD, ranks))
     junk = torch.ones(FLUSH_BYTES // 4, device=dev)
-    times = torch.zeros(len(reducers), repeats, dtype=torch.float64)
-    for r in range(repeats + 2):  # two warm-up rounds (connections, allocator)
-        for j, reducer in enumerate(reducers):
-            for g in grads[j]:
-                g.fill_(1.0)  # sums of ones stay small
-            junk.add_(1.0)
-            dist.barrier()
-            start = time.perf_counter()
-            reducer.start()
-            reducer.finish()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            if r >= 2:
-                times[j, r - 2] = (time.perf_counter() - start) * 1e3
-    dist.all_reduce(times, op=dist.ReduceOp.MIN)
+
+    def fresh(j: int) -> None:
+        for g in grads[j]:
+            g.fill_(1.0)  # sums of ones stay small
+        junk.add_(1.0)  # the gradients leave the cache
+
+    times = _fastest_rank_ms([partial(_reduce, red) for red in reducers], repeats, dev, fresh)
     return [statistics.median(row.tolist()) for row in times]
+
+
+def _reduce(reducer: GradReducer) -> None:
+    reducer.start()
+    reducer.finish()
 
 
 def fit_all_reduce(ranks: int, sizes_bytes: Sequence[float], times_ms: Sequence[float]) -> Link:

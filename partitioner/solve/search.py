@@ -228,10 +228,7 @@ def search(
     base = CostModel(profile, global_batch, 1, link=link, optimizer=optimizer,
                      runtime=runtime or Runtime(), shard_optimizer=shard_optimizer,
                      allreduce=allreduce)  # every configuration shares its per-layer arrays
-    order = _configurations(per_d, recompute, schedules, keep is None,
-                            lambda d, big_k, m, rc, sched, v: base.like(
-                                microbatches=m, stages=big_k, recompute=rc, schedule=sched,
-                                stages_per_rank=v, replicas=d))
+    order = _configurations(base, per_d, recompute, schedules, by_flight=keep is None)
     if leaders is not None:  # best first: the table fills with fast steps, the bar drops soon
         bounds = [_work_bound(cm, places) for cm in order]
         ranked = sorted(range(len(order)), key=bounds.__getitem__)
@@ -317,11 +314,12 @@ def synth_key(cm: CostModel) -> tuple[object, ...]:
     return (cm.stages, cm.microbatches, cm.recompute, cm.stages_per_rank, cm.schedule == "zbv")
 
 
-def _configurations(per_d: list[tuple[int, list[int], list[tuple[int, str, int]]]],
-                    recompute: Sequence[str], schedules: Sequence[str], by_flight: bool,
-                    model: Callable[[int, int, int, str, str, int], CostModel]
+def _configurations(base: CostModel,
+                    per_d: list[tuple[int, list[int], list[tuple[int, str, int]]]],
+                    recompute: Sequence[str], schedules: Sequence[str], by_flight: bool
                     ) -> list[CostModel]:
-    """Every configuration's cost model, twins left out (K = 1 ``except_last`` is ``never``;
+    """Every configuration's cost model (``base`` with its D, K, M, recompute, schedule and
+    V, sharing base's per-layer arrays), twins left out (K = 1 ``except_last`` is ``never``;
     1F1B and ZB-H1 with K = 1 or M = 1 are GPipe, where GPipe is asked for); ``by_flight``:
     in each (D, K, M, recompute) the fewest micro-batches in flight first, since where they
     do not fit, more do not (``PartitionCache``; it generates each schedule to count them)."""
@@ -335,7 +333,9 @@ def _configurations(per_d: list[tuple[int, list[int], list[tuple[int, str, int]]
                 for rc in recompute:
                     if big_k == 1 and rc == "except_last" and "never" in recompute:
                         continue  # the only stage is the last: same as never
-                    group = [model(d, big_k, m, rc, sched, v) for sched, v in group_layouts
+                    group = [base.like(microbatches=m, stages=big_k, recompute=rc,
+                                       schedule=sched, stages_per_rank=v, replicas=d)
+                             for sched, v in group_layouts
                              if not (sched in ("1f1b", "zb-h1") and (big_k == 1 or m == 1)
                                      and "gpipe" in schedules)]
                     out += sorted(group, key=lambda cm: sum(map(cm.in_flight, range(big_k)))
@@ -387,9 +387,7 @@ def _evaluate_placed(cm: CostModel, limit: float, cache: PartitionCache,
 def _partitioned_bound(cm: CostModel, sol: Solution) -> float:
     """``stage_bound_ms`` of ``cm`` on the stages of ``sol``."""
     ranks = rank_of(cm)
-    stage_of = np.empty(cm.profile.num_layers, dtype=np.int64)
-    for k, nodes in enumerate(sol.nodes):
-        stage_of[list(nodes)] = k
+    stage_of = np.asarray(sol.stage_of, dtype=np.int64)
     return stage_bound_ms(cm, stage_durations(cm, stage_of, ranks), ranks)
 
 
