@@ -53,6 +53,19 @@ def make_profile(
                    tuple(sizes), layers, torch="none", created="2026-11-28T00:00:00Z")
 
 
+def with_saved_parts(prof: Profile, rng: random.Random) -> Profile:
+    """``prof`` with random ``saved_input_bytes`` and ``saved_output_bytes`` (each a share of
+    the layer's ``saved_bytes`` at every size, at most its input's or output's bytes), so the
+    cost model takes its exact activation terms (``cost.activations``)."""
+    def part(lay: LayerProfile, whole: tuple[float, ...]) -> tuple[float, ...]:
+        share = rng.choice([0.0, 0.5, 1.0])
+        return tuple(min(share * w, s) for w, s in zip(whole, lay.saved_bytes, strict=True))
+    return dataclasses.replace(prof, layers=tuple(
+        dataclasses.replace(lay, saved_input_bytes=part(lay, lay.in_bytes),
+                            saved_output_bytes=part(lay, lay.out_bytes))
+        for lay in prof.layers))
+
+
 def random_dag(rng: random.Random, n: int) -> Profile:
     """A layer DAG of n layers with random costs: each layer but the first feeds, with
     probability 0.85, from 1-3 earlier ones (skips of any length); the others are inputs."""

@@ -25,9 +25,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import numpy.typing as npt
 
+from partitioner.cost.activations import ActivationTerms, activation_terms
 from partitioner.cost.holding import SPLIT_SCHEDULES, Holding, holding
-from partitioner.formats.assumptions import LINKS, OPTIMIZERS, Link, Optimizer, Runtime
-from partitioner.formats.profile import DTYPE_BYTES, Profile
+from partitioner.cost.state import bytes_per_param, dtype_bytes
+from partitioner.formats.assumptions import LINKS, Link, Optimizer, Runtime
+from partitioner.formats.profile import Profile
 from partitioner.formats.topology import ALLREDUCE_MODES, AllReduce
 from partitioner.formats.values import ProfileValues, profile_values
 from partitioner.schedule.generators import (
@@ -68,38 +70,6 @@ def interpolate(table: FloatArray, sizes: tuple[int, ...], b: float) -> FloatArr
     y0, y1 = table[:, lo], table[:, lo + 1]
     out = np.maximum(y0 + (y1 - y0) * ((b - x0) / (x1 - x0)), 0.0)
     return out
-
-
-def bytes_per_param(dtype: str, optimizer: str) -> float:
-    """Training-state bytes per parameter: weight + gradient + optimizer state.
-
-    - ``none``: weight and gradient in the model's dtype (2 x dtype bytes).
-    - ``sgd``: plus one momentum buffer in the model's dtype (3 x).
-    - ``adam``: plus two fp32 moments, plus an fp32 master copy when the model's dtype is
-      narrower than fp32 (bf16: 2 + 2 + 4 + 4 + 4 = 16 bytes; fp32: 4 + 4 + 4 + 4 = 16 bytes).
-
-        >>> bytes_per_param("bfloat16", "adam"), bytes_per_param("float32", "sgd")
-        (16.0, 12.0)
-    """
-    width = float(dtype_bytes(dtype))
-    if optimizer == "none":
-        return 2 * width
-    if optimizer == "sgd":
-        return 3 * width
-    if optimizer == "adam":
-        master = 4.0 if width < 4 else 0.0
-        return 2 * width + 8.0 + master
-    raise ValueError(f"optimizer {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-
-
-def dtype_bytes(dtype: str) -> int:
-    """Bytes of one element of ``dtype`` (``'bfloat16'`` or ``'torch.bfloat16'``)."""
-    name = dtype.removeprefix("torch.")
-    if name not in DTYPE_BYTES:
-        raise ValueError(
-            f"dtype {dtype!r} is unknown; use one of {', '.join(sorted(DTYPE_BYTES))}"
-        )
-    return DTYPE_BYTES[name]
 
 
 def split_microbatches(global_batch: int, microbatches: int) -> list[int]:
@@ -159,6 +129,8 @@ class CostModel:
     # per-layer arrays that depend on the profile and the runtime alone: ``like`` shares them
     _layers: dict[tuple[str, float], FloatArray] = field(
         default_factory=dict, init=False, repr=False, compare=False)
+    _terms: dict[float, ActivationTerms] = field(  # ``activations`` per size, shared too
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         d = self.replicas
@@ -204,6 +176,7 @@ class CostModel:
         if new.profile is self.profile and new.runtime == self.runtime:
             object.__setattr__(new, "_layers", self._layers)
             object.__setattr__(new, "_values", self._values)
+            object.__setattr__(new, "_terms", self._terms)
         return new
 
     # -- per-layer arrays -----------------------------------------------------------------------
@@ -285,6 +258,30 @@ class CostModel:
             cached.setflags(write=False)
             self._layers[("split_backward_ms", b)] = cached
         return cached
+
+    def activations(self, b: float | None = None) -> ActivationTerms:
+        """What a chain stage holds per micro-batch of size b (default: the largest), term by
+        term (``cost.activations``: exact where the profile says what neighbouring layers
+        share, else the older per-layer sum)."""
+        b = self.microbatch_size if b is None else b
+        terms = self._terms.get(b)
+        if terms is None:
+            exact = self.profile.edges is None and all(
+                lay.saved_input_bytes is not None for lay in self.profile.layers)
+            saved_in, saved_out = ((self._interpolate_layers(k, b) if exact else None)
+                                   for k in ("saved_input_bytes", "saved_output_bytes"))
+            terms = self._terms[b] = activation_terms(
+                self.layer_array("saved_bytes", b), saved_in, saved_out,
+                self.layer_array("in_bytes", b))
+        return terms
+
+    def batch_bytes(self) -> float:
+        """What the first stage holds for the whole step besides its micro-batches: the
+        replica's share of the batch's inputs, once (exact activation terms only, else 0)."""
+        if not self.activations().exact:
+            return 0.0
+        sizes = split_microbatches(self.replica_batch, self.microbatches)
+        return float(sum(self.layer_array("in_bytes", b)[0] for b in sizes))
 
     @property
     def values(self) -> ProfileValues:
@@ -403,18 +400,17 @@ class CostModel:
 
     def stage_memory_bytes(self, start: int, end: int, stage: int) -> float:
         """Training state + activations of stage k at its peak, as the closed form gives it:
-        ``in_flight`` micro-batches' saved activations, or, when the stage recomputes, their
-        stashed inputs plus ``rebuilt`` micro-batches' saved activations (an upper bound of
-        the replayed peak, equal to it unless the two counts peak at different times)."""
+        ``in_flight`` micro-batches' held bytes, and when the stage recomputes ``rebuilt``
+        micro-batches' rebuilt ones on top (an upper bound of the replayed peak, equal to it
+        unless the two counts peak at different times), all at the largest micro-batch; the
+        first stage also holds the batch (``activations``, ``batch_bytes``)."""
         state = float(self.param_state_bytes()[start:end].sum())
         if self.profile.tied:
             state += self.range_tied_bytes(start, end)
-        saved = float(self.layer_array("saved_bytes")[start:end].sum())
-        held = self.in_flight(stage)
-        if self.recomputes(stage):
-            stash = float(self.layer_array("in_bytes")[start])
-            return state + held * stash + self.rebuilt(stage) * saved
-        return state + held * saved
+        terms, rc = self.activations(), self.recomputes(stage)
+        acts = self.in_flight(stage) * terms.held(start, end, rc) + (
+            self.rebuilt(stage) * terms.rebuilt(start, end) if rc else 0.0)
+        return state + acts + (self.batch_bytes() if start == 0 else 0.0)
 
     def rank_memory_bytes(self, ranges: Sequence[tuple[int, int]]) -> list[float]:
         """Per rank, the closed-form memory of the stages it runs (``ranges[k]`` = stage k's

@@ -23,7 +23,8 @@ Costs per micro-batch, the chain cost model of ``CostModel`` extended edge by ed
   is in another stage holds a copy (its training state); a recomputing stage stashes, per
   micro-batch in flight, every value it receives (once per value) plus the ``in_bytes`` of
   its layers that have no predecessor (the model's inputs), plus ``CostModel.rebuilt``
-  micro-batches' saved activations.
+  micro-batches' saved activations; a chain profile that says what its layers share takes
+  ``CostModel.activations``' exact terms instead (as ``stage_memory_bytes`` does).
 
 On a chain whose ``in_bytes[i] == out_bytes[i-1]`` (as the profilers write them) these are
 exactly ``CostModel.stage_compute_ms + stage_comm_ms`` and ``stage_memory_bytes``, which
@@ -214,11 +215,18 @@ def evaluate_assignment(cm: CostModel, stage_of: Sequence[int]) -> Solution:
                 comm[d] += transfer  # the gradient sent back
             sent_k[src] += n_bytes
             stash_k[d] += n_bytes
+    nodes = tuple(tuple(i for i, s in enumerate(stage_of) if s == k) for k in range(big_k))
+    terms = cm.activations()
     memory = []
     for k in range(big_k):
-        held = cm.in_flight(k)
-        acts = (held * stash_k[k] + cm.rebuilt(k) * saved_k[k] if cm.recomputes(k)
-                else held * saved_k[k])
+        held, rc = cm.in_flight(k), cm.recomputes(k)
+        if terms.exact:  # a chain: stage k is the range of its nodes (cost.activations)
+            start, end = nodes[k][0], nodes[k][-1] + 1
+            acts = held * terms.held(start, end, rc) + (
+                cm.rebuilt(k) * terms.rebuilt(start, end) if rc else 0.0) + (
+                cm.batch_bytes() if start == 0 else 0.0)
+        else:
+            acts = (held * stash_k[k] + cm.rebuilt(k) * saved_k[k] if rc
+                    else held * saved_k[k])
         memory.append(state_k[k] + acts)
-    nodes = tuple(tuple(i for i, s in enumerate(stage_of) if s == k) for k in range(big_k))
     return Solution(nodes, tuple(compute), tuple(comm), tuple(memory), tuple(sent_k))

@@ -13,7 +13,10 @@ gradient of the layer's input, sent upstream at once) with ``bwd_weight_ms`` (W:
 gradients of its parameters, which may wait). The two halves come as a pair, a layer with one
 and not the other is a problem; they may add up to a little more than ``bwd_ms`` (measured
 apart, small layers pay each half's fixed costs), which is accepted. Without them the cost
-model splits ``bwd_ms`` by its stated rule (``CostModel.layer_array``).
+model splits ``bwd_ms`` by its stated rule (``CostModel.layer_array``). Optional too, as a pair:
+``saved_input_bytes`` and ``saved_output_bytes``, the parts of ``saved_bytes`` that are the
+layer's own input and output (each at most ``saved_bytes``), which tell the memory model what
+neighbouring layers and a stage's stashed input share (``cost.activations``).
 """
 
 from __future__ import annotations
@@ -59,7 +62,12 @@ __all__ = [
 
 FORMAT = "gpipe-profile/1"
 _PER_SIZE = ("fwd_ms", "bwd_ms", "in_bytes", "out_bytes", "saved_bytes")
-_OPTIONAL_PER_SIZE = ("launch_ms", "peak_bytes", "bwd_input_ms", "bwd_weight_ms")
+_OPTIONAL_PER_SIZE = ("launch_ms", "peak_bytes", "bwd_input_ms", "bwd_weight_ms",
+                      "saved_input_bytes", "saved_output_bytes")
+#: Optional per-size fields that come in pairs.
+_PAIRS = (("bwd_input_ms", "bwd_weight_ms", "a split backward needs both halves (I and W)"),
+          ("saved_input_bytes", "saved_output_bytes",
+           "the memory model reads what a layer shares with both neighbours"))
 _LAYER_KEYS = {"name", "type", "param_bytes", *_PER_SIZE, *_OPTIONAL_PER_SIZE, "outputs",
                "extra"}
 _REQUIRED_TOP = ("format", "model", "device", "dtype", "microbatch_sizes", "layers")
@@ -122,6 +130,8 @@ class LayerProfile:
     peak_bytes: tuple[float, ...] | None = None
     bwd_input_ms: tuple[float, ...] | None = None  # split backward: the input gradient (I)
     bwd_weight_ms: tuple[float, ...] | None = None  # and the weight gradient (W), measured
+    saved_input_bytes: tuple[float, ...] | None = None  # of saved_bytes: its input's storages
+    saved_output_bytes: tuple[float, ...] | None = None  # and its output's
     extra: Mapping[str, Any] = field(default_factory=dict)
     outputs: tuple[OutputValue, ...] | None = None  # the values it passes on; None: one, whole
 
@@ -183,12 +193,20 @@ def _parse_layer(obj: object, i: int, n: int, problems: Problems) -> LayerProfil
     optional = {k: _parse_array(layer, k, path, n, problems, _HIGH[k])
                 if layer.get(k) is not None else None for k in _OPTIONAL_PER_SIZE}
     param = problems.number(layer.get("param_bytes", 0), f"{path}.param_bytes", integer=True)
-    halves = [k for k in ("bwd_input_ms", "bwd_weight_ms") if optional[k] is not None]
-    if len(halves) == 1:
-        other = "bwd_weight_ms" if halves[0] == "bwd_input_ms" else "bwd_input_ms"
-        problems.add(f"{path}.{other}", f"missing, but {halves[0]} is given: a split backward "
-                                        f"needs both halves (I and W), one per micro-batch "
-                                        f"size; give {other} too, or drop {halves[0]}")
+    for one, two, why in _PAIRS:
+        halves = [k for k in (one, two) if optional[k] is not None]
+        if len(halves) == 1:
+            other = two if halves[0] == one else one
+            problems.add(f"{path}.{other}", f"missing, but {halves[0]} is given: {why}, one "
+                                            f"per micro-batch size; give {other} too, or drop "
+                                            f"{halves[0]}")
+    for key in ("saved_input_bytes", "saved_output_bytes"):
+        part = optional[key]
+        for j, (x, whole) in enumerate(zip(part or (), arrays["saved_bytes"], strict=False)):
+            if x > whole:
+                problems.add(f"{path}.{key}[{j}]", f"is {x:g} bytes, more than saved_bytes "
+                                                   f"({whole:g}) of which it is a part; give "
+                                                   f"at most {whole:g}")
     extra = layer.get("extra", {})
     outputs = (parse_outputs(layer["outputs"], path, n, problems)
                if layer.get("outputs") is not None else None)
@@ -205,6 +223,8 @@ def _parse_layer(obj: object, i: int, n: int, problems: Problems) -> LayerProfil
         peak_bytes=optional["peak_bytes"],
         bwd_input_ms=optional["bwd_input_ms"],
         bwd_weight_ms=optional["bwd_weight_ms"],
+        saved_input_bytes=optional["saved_input_bytes"],
+        saved_output_bytes=optional["saved_output_bytes"],
         extra=problems.mapping(extra, f"{path}.extra", "free-form data"),
         outputs=outputs,
     )

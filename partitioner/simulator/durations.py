@@ -35,7 +35,10 @@ consumers its edges name; the chain i -> i+1 for a profile without edges).
   What a stage receives weighs the values' bytes on a graph profile (the evaluator's rule)
   and the receiving layer's ``in_bytes`` on a chain profile (``CostModel``'s rule, once per
   sending layer); the two agree wherever ``in_bytes[i]`` is what layer i-1 passes on, as the
-  profilers write them. The training state includes the copies of tied parameters.
+  profilers write them. A chain profile that says what its layers share
+  (``cost.activations``, exact) takes ``CostModel.activations``' held and rebuilt bytes
+  instead, and its first stage holds the batch from the step's start (``batch_bytes``). The
+  training state includes the copies of tied parameters.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ class Durations:
     size_index: list[int]  # micro-batch i -> s
     message_ms: float = 0.0  # a paid transfer reaches its receiver this long after its send
     allreduce_ms: tuple[float, ...] = ()  # per stage, its gradients' all-reduce (D > 1)
+    batch_bytes: float = 0.0  # held by the first stage for the whole step: the batch
 
 
 def stage_of_ranges(ranges: Sequence[tuple[int, int]]) -> IntArray:
@@ -174,7 +178,15 @@ def stage_durations(cm: CostModel, stage_of: IntArray, devices: Sequence[int]) -
         table["w"][:, s] = bwd_w + cm.runtime.action_ms
         table["sf"][:, s] = _per_stage(src, ms, big_k)
         table["sb"][:, s] = _per_stage(dst, np.where(grad, ms, 0.0), big_k)
-        table["hold"][:, s] = np.where(rc, stash, saved)
+        terms = cm.activations(b)
+        if terms.exact:  # a chain's stages are ranges: start = each stage's first layer
+            start = order[bounds[:-1]]
+            act = _stage_sums(terms.act, order, bounds)
+            stash, saved = terms.stash[start], act - terms.lead[start]
+            act = act + terms.keep[start]
+        else:
+            act = saved
+        table["hold"][:, s] = np.where(rc, stash, act)
         table["rebuild"][:, s] = np.where(rc, saved, 0.0)
     state = _stage_sums(cm.param_state_bytes(), order, bounds)
     if cm.profile.tied:
@@ -184,4 +196,5 @@ def stage_durations(cm: CostModel, stage_of: IntArray, devices: Sequence[int]) -
                                           .tolist())) if cm.replicas > 1 else ())
     return Durations(lists["f"], lists["b"], lists["i"], lists["w"], lists["sf"], lists["sb"],
                      lists["hold"], lists["rebuild"], state.tolist(),
-                     [distinct.index(b) for b in sizes], cm.runtime.message_ms, allreduce)
+                     [distinct.index(b) for b in sizes], cm.runtime.message_ms, allreduce,
+                     cm.batch_bytes())

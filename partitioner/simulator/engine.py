@@ -36,8 +36,10 @@ The model (the choices a reader needs to trust the numbers):
   parameters whose owner is in another stage), plus per micro-batch in flight (F to B, or to
   W when split) its saved activations, or, when the stage recomputes, its stashed inputs,
   with its saved activations on top while B rebuilds and consumes them (from I to W when
-  split). This is ``CostModel.stage_memory_bytes``'s (and the graph evaluator's) closed form
-  wherever both describe the same step (``cost.holding`` states the rules). A rank's memory
+  split), and on the first stage the batch from the step's start where the profile says what
+  layers share (``cost.activations``). This is ``CostModel.stage_memory_bytes``'s (and the
+  graph evaluator's) closed form wherever both describe the same step (``cost.holding``
+  states the rules). A rank's memory
   is its stages' together, replayed as they run (``rank_peak_bytes``).
 - Replicas (D > 1). Each of D copies of the pipeline runs the same schedule on its share of
   the batch (the cost model's micro-batches of B/(D M)), in lockstep, so one replays them
@@ -95,6 +97,7 @@ class SimResult:
     rank_peak_bytes: tuple[float, ...] = ()  # per rank, its stages' memory together, replayed
     allreduce_ms: tuple[float, ...] = ()  # per stage, its gradients' all-reduce (D > 1)
     allreduce: str = ""  # how it was placed: overlapped, after, or "" (one replica)
+    stage_activation_peak_bytes: tuple[float, ...] = ()  # per stage, the peak less the state
 
     @property
     def rank_busy_ms(self) -> tuple[float, ...]:
@@ -190,8 +193,10 @@ class _Replay:
         self.pos, self.ready = [0] * ranks, [0.0] * ranks
         self.busy, self.comm = [0.0] * big_k, [0.0] * big_k
         self.held, self.peak = [0.0] * big_k, [0.0] * big_k
+        self.held[0] = self.peak[0] = dur.batch_bytes  # the first stage holds the batch
         self.backward_end = [0.0] * big_k  # when each stage's last B or W ended
         self.rank_peak = [0.0] * ranks  # activations of the rank's stages together
+        self.rank_peak[self.rank_of[0]] = dur.batch_bytes
         self.events: list[Event] = []
 
     def run(self, programs: list[list[Op]]) -> None:
@@ -343,13 +348,14 @@ def _result(cm: CostModel, schedule: Schedule, dur: Durations, sim: _Replay,
         meta = {"schedule": schedule.name, "model": cm.profile.model,
                 "global_batch": cm.global_batch, "microbatches": cm.microbatches,
                 "recompute": cm.recompute, "devices": devs, "optimizer_ms": optimizer_ms,
-                "step_ms": step, "stage_peak_bytes": list(peak_bytes)}
+                "step_ms": step, "stage_peak_bytes": list(peak_bytes),
+                "stage_activation_peak_bytes": list(sim.peak)}
         if schedule.placement:
             meta["rank_peak_bytes"] = list(rank_peak)
         timeline = Timeline(big_k, tuple(sim.events), "predicted", meta, schedule.placement)
     return SimResult(step, max(bubble, 0.0), tuple(sim.busy), tuple(sim.comm), peak_bytes,
                      timeline, schedule.placement, rank_peak, dur.allreduce_ms,
-                     cm.allreduce if dur.allreduce_ms else "")
+                     cm.allreduce if dur.allreduce_ms else "", tuple(sim.peak))
 
 
 def _allreduce_ends(cm: CostModel, allreduce_ms: Sequence[float], sim: _Replay,

@@ -80,15 +80,16 @@ def _variant_arrays(cm: CostModel, stage: int, memory_objective: bool, held: int
     """(H, G, R, E) for stage k holding ``held`` micro-batches in flight (``rebuilt`` of them
     rebuilt when it recomputes); with ``memory_objective`` the objective is the memory."""
     fwd, bwd = cm.layer_array("fwd_ms"), cm.backward_ms()
-    saved, stash = cm.layer_array("saved_bytes"), cm.layer_array("in_bytes")
+    terms = cm.activations()  # a stage [i, j) holds E[j] - S[i] (cost.activations' terms)
     state = _prefix(cm.param_state_bytes())
     recompute = cm.recomputes(stage)
     if recompute:
-        mem_end = state + rebuilt * _prefix(saved)
-        mem_start = mem_end[:-1] - held * stash
+        mem_end = state + rebuilt * _prefix(terms.act)
+        mem_start = mem_end[:-1] + rebuilt * terms.lead - held * terms.stash
     else:
-        mem_end = state + held * _prefix(saved)
-        mem_start = mem_end[:-1].copy()
+        mem_end = state + held * _prefix(terms.act)
+        mem_start = mem_end[:-1] - held * terms.keep
+    mem_start[0] -= cm.batch_bytes()  # the first stage also holds the batch
     mem_start = np.append(mem_start, math.inf)  # no stage starts at L
     if memory_objective:
         return mem_end, mem_start, mem_end, mem_start

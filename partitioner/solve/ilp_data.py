@@ -7,7 +7,9 @@
 
 Times are integers in steps of ``unit_ms`` = (the largest possible stage time) / 2**24, each
 coefficient rounded to the nearest step; bytes in steps of ``unit_bytes`` >= 1 (limit / 2**32),
-terms rounded up and the limit down (``ilp``'s docstring says why both are safe).
+terms rounded up and the limit down (``ilp``'s docstring says why both are safe). Memory takes
+each layer's ``saved_bytes`` whole: on a chain profile that says what neighbouring layers share
+(``cost.activations``) that is an upper bound of the exact terms, which the chain DP uses.
 """
 
 from __future__ import annotations

@@ -199,3 +199,21 @@ def test_split_backward_comes_as_a_pair_and_may_exceed_bwd() -> None:
     assert profile_from_dict(profile_to_dict(prof)) == prof
     del data["layers"][0]["bwd_weight_ms"]
     assert [p.split(":")[0] for p in _problems(data)] == ["layers[0].bwd_weight_ms"]
+
+
+def test_saved_parts_come_as_a_pair_and_stay_within_saved_bytes() -> None:
+    data = _valid()
+    saved = data["layers"][0]["saved_bytes"]
+    data["layers"][0]["saved_input_bytes"] = [s / 2 for s in saved]
+    data["layers"][0]["saved_output_bytes"] = [0, 0]
+    prof = profile_from_dict(copy.deepcopy(data))
+    assert prof.layers[0].saved_input_bytes == tuple(s / 2 for s in saved)
+    assert profile_from_dict(profile_to_dict(prof)) == prof
+    data["layers"][1]["saved_output_bytes"] = [0, 0]  # no saved_input_bytes
+    data["layers"][0]["saved_output_bytes"] = [saved[0] + 1, 0]
+    problems = _problems(copy.deepcopy(data))
+    assert len(problems) == 2
+    assert any(p.startswith("layers[1].saved_input_bytes: missing, but saved_output_bytes is "
+                            "given") for p in problems)
+    assert any(p.startswith(f"layers[0].saved_output_bytes[0]: is {saved[0] + 1:g} bytes, more "
+                            f"than saved_bytes") for p in problems)

@@ -1,3 +1,4 @@
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,18 @@ def test_compare_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "-50.0%" in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "p.json"), str(tmp_path / "x.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_memory_rows_when_both_timelines_carry_it() -> None:
+    pred = replace(_tl(1.0), meta={"stage_activation_peak_bytes": [1000.0, 2000.0],
+                                   "stage_peak_bytes": [5000.0, 6000.0]})
+    meas = replace(_tl(1.0), kind="measured",
+                   meta={"stage_activation_peak_bytes": [1000, 2500]})
+    c = compare_timelines(pred, meas)
+    assert c.memory_errors == pytest.approx([0.0, -0.2])
+    text = c.report()
+    assert "stage 1 activations peak" in text and "-20.0%" in text
+    assert "allocated" not in text  # no CUDA figure measured
+    cuda = replace(meas, meta={**meas.meta, "rank_allocated_peak_bytes": [4000, 6000]})
+    assert "rank 0 allocated peak" in compare_timelines(pred, cuda).report()
+    assert compare_timelines(_tl(1.0), meas).memory_errors == []  # not predicted: no rows

@@ -3,6 +3,7 @@ per-stage time, hand-computed communication, shared devices and uneven micro-bat
 
 import itertools
 import math
+import random
 from dataclasses import replace
 
 import pytest
@@ -16,7 +17,7 @@ from partitioner.schedule.generators import gpipe, make_schedule
 from partitioner.schedule.ir import ScheduleError, lower
 from partitioner.simulator.engine import SimResult, ranges_from_boundaries, simulate
 from partitioner.solve.chain import partition_chain
-from tests.synthetic import make_profile, schedule_from_rows
+from tests.synthetic import make_profile, schedule_from_rows, with_saved_parts
 
 
 def _balanced(big_k: int, m: int, fwd_ms: float, bwd_ms: float, schedule: str = "gpipe",
@@ -82,12 +83,16 @@ def test_activations_held_per_schedule(big_k: int, m: int) -> None:
         assert list(peaks) == [h * saved for h in held]
 
 
-@pytest.mark.parametrize("schedule,recompute", list(itertools.product(
-    ["gpipe", "1f1b"], ["never", "always", "except_last"])))
-def test_peak_memory_equals_the_dp_closed_form(schedule: str, recompute: str) -> None:
+@pytest.mark.parametrize("schedule,recompute,exact", list(itertools.product(
+    ["gpipe", "1f1b"], ["never", "always", "except_last"], [False, True])))
+def test_peak_memory_equals_the_dp_closed_form(schedule: str, recompute: str,
+                                               exact: bool) -> None:
     """Weights + grads + optimizer state + held activations (or stashed inputs plus one
-    micro-batch's saved during recompute): CostModel.stage_memory_bytes, on even splits."""
+    micro-batch's saved during recompute): CostModel.stage_memory_bytes, on even splits; with
+    ``exact``, the terms of a profile that says what its layers share, and the batch."""
     prof = load_profile("h200/gpt2-medium")
+    if exact:
+        prof = with_saved_parts(prof, random.Random(len(schedule + recompute)))
     for big_k, m in [(4, 4), (3, 8), (2, 16)]:
         cm = CostModel(prof, 16, m, stages=big_k, schedule=schedule,  # type: ignore[arg-type]
                        recompute=recompute, link=LINKS["nvlink"])  # type: ignore[arg-type]

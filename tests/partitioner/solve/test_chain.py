@@ -17,7 +17,7 @@ from partitioner.formats.profile import load_profile
 from partitioner.solve import chain
 from partitioner.solve.chain import partition_chain
 from partitioner.solve.infeasible import InfeasibleError
-from tests.synthetic import chain_with_values, make_profile
+from tests.synthetic import chain_with_values, make_profile, with_saved_parts
 
 
 def brute_force(cm: CostModel, limit: float) -> float | None:
@@ -37,7 +37,8 @@ byte_values = st.integers(0, 1000)
 
 
 @st.composite
-def instances(draw: st.DrawFn, with_values: bool = False) -> tuple[CostModel, float]:
+def instances(draw: st.DrawFn, with_values: bool = False,
+              exact: bool = False) -> tuple[CostModel, float]:
     n = draw(st.integers(1, 9))
     k = draw(st.integers(1, min(n, 5)))
     fwd = draw(st.lists(values, min_size=n, max_size=n))
@@ -50,6 +51,8 @@ def instances(draw: st.DrawFn, with_values: bool = False) -> tuple[CostModel, fl
                         in_bytes=ins, sizes=(1, 2))
     if with_values:
         prof = chain_with_values(random.Random(draw(st.integers(0, 2**32))), prof)
+    if exact:
+        prof = with_saved_parts(prof, random.Random(draw(st.integers(0, 2**32))))
     m = draw(st.integers(1, 6))
     link = draw(st.sampled_from([Link(math.inf, 0.0), Link(1e-6, 0.0), Link(1e-6, 0.5)]))
     cm = CostModel(prof, draw(st.integers(m, 3 * m)), m, stages=k,
@@ -87,6 +90,15 @@ def test_values_and_ties_equal_brute_force(case: tuple[CostModel, float]) -> Non
     assert ranges.stage_ms == pytest.approx(graph.stage_ms, rel=1e-12)
     if cm.recompute == "never":  # (recompute: the chain stashes in_bytes, the graph values)
         assert ranges.stage_memory_bytes == pytest.approx(graph.stage_memory_bytes, rel=1e-12)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(instances(exact=True))
+def test_exact_activation_terms_equal_brute_force(case: tuple[CostModel, float]) -> None:
+    """A profile that says what its layers share: per-start terms and the batch on the first
+    stage (``cost.activations``), still exact."""
+    assert case[0].activations().exact
+    check_brute_force(case)
 
 
 def check_brute_force(case: tuple[CostModel, float]) -> None:

@@ -1,0 +1,88 @@
+"""What a chain stage holds for backward per micro-batch, from its layers' saved bytes.
+
+    >>> import numpy as np
+    >>> t = activation_terms(saved=np.array([8., 8., 8.]), saved_in=np.array([4., 4., 4.]),
+    ...                      saved_out=np.array([4., 4., 0.]), in_bytes=np.array([4., 4., 4.]))
+    >>> t.exact, t.act.tolist(), t.lead.tolist(), t.keep.tolist(), t.stash.tolist()
+    (True, [8.0, 4.0, 4.0], [4.0, 0.0, 0.0], [-4.0, 4.0, 4.0], [0.0, 4.0, 4.0])
+    >>> t.held(0, 3, recompute=False), t.held(1, 3, recompute=False)   # per micro-batch
+    (12.0, 12.0)
+    >>> t.held(1, 3, recompute=True), t.rebuilt(1, 3)                  # stash; rebuilt on top
+    (4.0, 8.0)
+
+Layers here save 8 bytes, 4 of them their input and (but the last) 4 their output. Layer 1
+saves the input layer 0 also saved as its output, so a stage holding both counts it once
+(``act[1] = 8 - 4``). A stage holds, per micro-batch in flight, the union of what its layers
+save and the input it was given (the runner keeps it for the input gradient): its first
+layer's saved input is that input, counted in the stash and not again (``lead``). The first
+stage's input is the step's batch, which the runner holds whole from the step's start to its
+end: it counts once per step (``CostModel.batch_bytes``), never per micro-batch (``stash[0] =
+0``). So, with ``act`` summed over the stage's layers [s, e):
+
+- without recompute: ``held = sum(act) + keep[s]``, ``keep[s] = stash[s] - lead[s]``;
+- recomputing: ``held = stash[s]`` from F to B, and ``rebuilt = sum(act) - lead[s]`` on top
+  while B (or I to W) rebuilds and consumes the saved tensors.
+
+This is what ``executor.runtime.memory`` measures while a stage runs. It needs each layer's
+``saved_input_bytes`` and ``saved_output_bytes`` (``exact``); a profile without them is read as
+before they existed (``exact`` False): a layer's saved bytes include its input and share
+nothing with its neighbours, a recomputing stage stashes its first layer's ``in_bytes``, the
+batch is not counted. That rule is an upper bound wherever layers do share (it double-counts
+what two neighbours save), so plans made from older profiles stay safe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = ["ActivationTerms", "activation_terms"]
+
+FloatArray = NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class ActivationTerms:
+    """Per layer (``act``) and per stage start (``lead``, ``keep``, ``stash``) byte terms of one
+    micro-batch size; see the module docstring."""
+
+    act: FloatArray
+    lead: FloatArray
+    keep: FloatArray
+    stash: FloatArray
+    exact: bool
+
+    def held(self, start: int, end: int, recompute: bool) -> float:
+        """Bytes one micro-batch holds on stage [start, end) from its F to its B."""
+        if recompute:
+            return float(self.stash[start])
+        return float(self.act[start:end].sum() + self.keep[start])
+
+    def rebuilt(self, start: int, end: int) -> float:
+        """Bytes a recomputing stage [start, end) rebuilds for one micro-batch's backward."""
+        return float(self.act[start:end].sum() - self.lead[start])
+
+
+def activation_terms(saved: FloatArray, saved_in: FloatArray | None,
+                     saved_out: FloatArray | None, in_bytes: FloatArray) -> ActivationTerms:
+    """The terms from per-layer ``saved_bytes``, ``saved_input_bytes``, ``saved_output_bytes``
+    and ``in_bytes`` at one micro-batch size (the two parts None: a profile without them)."""
+    saved = np.asarray(saved, dtype=np.float64)
+    in_bytes = np.asarray(in_bytes, dtype=np.float64)
+    if saved_in is None or saved_out is None:
+        zero = np.zeros_like(saved)
+        return ActivationTerms(saved, zero, zero, in_bytes, exact=False)
+    s_in = np.minimum(np.asarray(saved_in, dtype=np.float64), saved)
+    s_out = np.minimum(np.asarray(saved_out, dtype=np.float64), saved)
+    shared = np.zeros_like(saved)  # what layer i saves of its input that layer i-1 also saved
+    shared[1:] = np.minimum(s_in[1:], s_out[:-1])
+    act = saved - shared
+    lead = s_in - shared  # a stage's first layer: its saved input is the stash, counted there
+    stash = in_bytes.copy()
+    stash[:1] = 0.0  # the first stage's input is the batch, held whole for the step
+    keep = stash - lead
+    for arr in (act, lead, keep, stash):
+        arr.setflags(write=False)
+    return ActivationTerms(act, lead, keep, stash, exact=True)
