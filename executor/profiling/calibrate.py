@@ -145,6 +145,8 @@ class Trial:
     action_ms: dict[tuple[int, str, int], float]
     timeline_ms: list[float] = field(default_factory=list)
     allreduce_ms: list[float] = field(default_factory=list)  # replicas: each step's gradient sum
+    #: per stage of the rank, the most activation bytes it held in a timed step
+    activation_peak_bytes: dict[int, int] = field(default_factory=dict)
 
 
 def run_trials(job_spec: str, plan_paths: Sequence[str], warmup: int, steps: int,
@@ -168,6 +170,7 @@ def run_trials(job_spec: str, plan_paths: Sequence[str], warmup: int, steps: int
         spans: list[float] = []
         reduced: list[float] = []
         actions: dict[tuple[int, str, int], list[float]] = {}
+        peaks: dict[int, int] = {}
         for step in range(warmup + steps):
             inputs, targets = job.batch(step, runner.plan.global_batch)
             for p in params:
@@ -178,6 +181,9 @@ def run_trials(job_spec: str, plan_paths: Sequence[str], warmup: int, steps: int
             walls.append((time.perf_counter() - start) * 1e3)
             if runner.reducer is not None and runner.reducer.last_ms is not None:
                 reduced.append(runner.reducer.last_ms)
+            if step >= warmup:
+                for k, peak in result.activation_peak_bytes.items():
+                    peaks[k] = max(peaks.get(k, 0), peak)
             if result.timeline is not None and step >= warmup:
                 spans.append(result.timeline.step_ms)
                 for e in result.timeline.events:
@@ -185,7 +191,7 @@ def run_trials(job_spec: str, plan_paths: Sequence[str], warmup: int, steps: int
                         key = (e.action.stage, e.action.kind, e.action.microbatch)
                         actions.setdefault(key, []).append(e.duration_ms)
         out.append(Trial(walls[warmup:], {k: statistics.median(v) for k, v in actions.items()},
-                         spans, reduced[warmup:]))
+                         spans, reduced[warmup:], peaks))
     return out
 
 

@@ -72,7 +72,8 @@ def chain_how(dev: torch.device, used: str, clock: str, warmup: int, repeat: int
                   f"ms, bwd {overhead[1]:.4f} ms) and subtracted" if overhead is not None
                   else "per-call harness overhead not corrected")]
     parts.append("saved_bytes = unique storages autograd saves for backward, parameters "
-                 "excluded, measured on each layer alone")
+                 "excluded, measured on each layer alone; saved_input_bytes and "
+                 "saved_output_bytes = those of them that are the layer's input and output")
     if flush_bytes:
         parts.append(f"caches flushed with {flush_bytes} bytes before each timed region")
     if dev.type == "cuda":

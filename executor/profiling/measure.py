@@ -53,6 +53,8 @@ class Measurement:
     output: Batch
     bwd_input_ms: float | None = None
     bwd_weight_ms: float | None = None
+    saved_input_bytes: int = 0  # of saved_bytes: storages of the module's input
+    saved_output_bytes: int = 0  # and of its output
 
 
 def as_tensors(x: object, what: str) -> tuple[Tensor, ...]:
@@ -215,10 +217,11 @@ def measure(module: nn.Module, x: Batch, device: torch.device, *, input_grad: bo
             del out, outs, grads, xin, wrt
         i_ms, w_ms = (_time_split(step, timer, flush, warmup, repeat, name) if split
                       else (None, None))
-        saved, output = _saved_bytes(step, name)
+        saved, saved_in, saved_out, output = _saved_bytes(step, name)
         peak = _peak_bytes(step, name) if device.type == "cuda" else None
     return Measurement(statistics.median(fwd_ms), statistics.median(bwd_ms), has_backward,
-                       batch_nbytes(x), batch_nbytes(output), saved, peak, output, i_ms, w_ms)
+                       batch_nbytes(x), batch_nbytes(output), saved, peak, output, i_ms, w_ms,
+                       saved_in, saved_out)
 
 
 def _time_split(step: _Step, timer: Clock, flush: _Flusher, warmup: int, repeat: int,
@@ -267,9 +270,10 @@ def as_batch(out: object, name: str) -> Batch:
     return ts[0] if isinstance(out, Tensor) else ts
 
 
-def _saved_bytes(step: _Step, name: str) -> tuple[int, Batch]:
-    """Bytes of the unique storages autograd saves for backward, parameters excluded; also
-    returns the output (detached) of this forward."""
+def _saved_bytes(step: _Step, name: str) -> tuple[int, int, int, Batch]:
+    """Bytes of the unique storages autograd saves for backward, parameters excluded, and of
+    those the parts that are the input's and the output's storages; also returns the output
+    (detached) of this forward."""
     param_storages = {p.untyped_storage().data_ptr() for p in step.module.parameters()}
     seen: dict[int, int] = {}
 
@@ -283,8 +287,13 @@ def _saved_bytes(step: _Step, name: str) -> tuple[int, Batch]:
     xin, _ = step.inputs()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = as_batch(step.module(xin), name)
-    detached = like(out, [t.detach() for t in as_tensors(out, "output")])
-    return sum(seen.values()), detached
+    outs = as_tensors(out, "output")
+    detached = like(out, [t.detach() for t in outs])
+
+    def part(tensors: Sequence[Tensor]) -> int:
+        ptrs = {t.untyped_storage().data_ptr() for t in tensors}
+        return sum(size for ptr, size in seen.items() if ptr in ptrs)
+    return (sum(seen.values()), part(as_tensors(xin, "input")), part(outs), detached)
 
 
 def _peak_bytes(step: _Step, name: str) -> int:

@@ -290,6 +290,8 @@ def profile_model(
             in_bytes=tuple(float(m.in_bytes) for m in row),
             out_bytes=tuple(float(m.out_bytes) for m in row),
             saved_bytes=tuple(float(m.saved_bytes) for m in row),
+            saved_input_bytes=tuple(float(m.saved_input_bytes) for m in row),
+            saved_output_bytes=tuple(float(m.saved_output_bytes) for m in row),
             peak_bytes=(tuple(float(m.peak_bytes or 0) for m in row)
                         if dev.type == "cuda" else None),
             bwd_input_ms=i_ms, bwd_weight_ms=w_ms,
