@@ -38,9 +38,9 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -74,10 +74,22 @@ BACKWARD_KINDS = ("B", "I", "W")  # the actions that write gradients
 @dataclass
 class StepResult:
     """One rank's view of a step: the batch's loss on the rank of the last stage (else None),
-    the measured timeline of all stages on rank 0 when asked (else None)."""
+    the measured timeline of all stages on rank 0 when asked (else None), the peak bytes of
+    activations each of this rank's stages held (``executor.runtime.memory``; the timeline's
+    ``stage_activation_peak_bytes`` has every stage's) and, on CUDA, the device's
+    ``max_memory_allocated`` during the step (None elsewhere)."""
 
     loss: torch.Tensor | None
     timeline: Timeline | None
+    activation_peak_bytes: dict[int, int] = field(default_factory=dict)
+    allocated_peak_bytes: int | None = None
+
+
+class _Memory(NamedTuple):
+    """A rank's memory figures of its last step (``StepResult``)."""
+
+    activations: dict[int, int]  # per stage of the rank, its peak activation bytes
+    allocated: int | None  # CUDA: max_memory_allocated during the step
 
 
 _TRANSPORTS = ("auto", "ordered", "posted")
@@ -184,6 +196,7 @@ class DistributedRunner:
             self.parameters(), self.replicas.replica, self.replicas.copies(self.rank))
         self._last_backward = max((j for j, a in enumerate(self.actions)
                                    if a.kind in BACKWARD_KINDS), default=-1)
+        self.memory = _Memory({}, None)  # the last step's (StepResult)
 
     def _replica_stage_ranks(self) -> list[list[int]]:
         """The global rank of each stage, in every replica (one list per replica)."""
@@ -310,6 +323,9 @@ class DistributedRunner:
         recorders = [interp.recorder for interp in self.interpreters]
         if timeline:  # a common clock: every rank starts counting as it leaves the barrier
             dist.barrier(group=self.group)
+        cuda = self.stages[0].device if self.stages[0].device.type == "cuda" else None
+        if cuda is not None:
+            torch.cuda.reset_peak_memory_stats(cuda)
         t0 = time.perf_counter()
         for interp in self.interpreters:
             assert interp.recorder is not None
@@ -333,6 +349,9 @@ class DistributedRunner:
         last = results.get(self.plan.num_stages - 1)
         if self.replicas is not None and last is not None and last.loss is not None:
             last.loss = sum_loss(last.loss, self.replicas)
+        self.memory = _Memory({k: r.peak_activation_bytes for k, r in results.items()},
+                              torch.cuda.max_memory_allocated(cuda) if cuda is not None
+                              else None)
         events = [e for rec in recorders if rec is not None for e in rec.events()]
         return results, (self._gather_timeline(events, t0, training) if timeline else None)
 
@@ -340,22 +359,33 @@ class DistributedRunner:
                          training: bool) -> Timeline | None:
         """Every stage's events on rank 0, on rank 0's clock. Ranks on rank 0's host share
         its monotonic clock (perf_counter), so their events move by the difference of the
-        moments each left the barrier; ranks elsewhere count from their own barrier exit."""
+        moments each left the barrier; ranks elsewhere count from their own barrier exit.
+        The memory figures of every rank come along (``StepResult``)."""
         rows: list[Any] = [None] * len(self.ranks) if self.rank == 0 else []
-        dist.gather_object((socket.gethostname(), t0_s, events),
+        dist.gather_object((socket.gethostname(), t0_s, events, self.memory),
                            rows if self.rank == 0 else None, dst=self.ranks[0],
                            group=self.group)
         if self.rank != 0:
             return None
         host0, base = rows[0][0], rows[0][1]
         aligned = []
-        for host, t0, row in rows:
+        peaks = [0] * self.plan.num_stages
+        allocated: list[int | None] = []
+        for host, t0, row, memory in rows:
             shift = (t0 - base) * 1e3 if host == host0 else 0.0
             aligned += [replace(e, start_ms=e.start_ms + shift, end_ms=e.end_ms + shift)
                         for e in row]
-        return Timeline(self.plan.num_stages, tuple(aligned), "measured",
-                        {"schedule": self.schedule.name, "microbatches": self.plan.microbatches,
-                         "runner": "distributed", "training": training})
+            for k, peak in memory.activations.items():
+                peaks[k] = peak
+            allocated.append(memory.allocated)
+        meta: dict[str, Any] = {"schedule": self.schedule.name,
+                                "microbatches": self.plan.microbatches,
+                                "runner": "distributed", "training": training}
+        if training:
+            meta["stage_activation_peak_bytes"] = peaks
+        if training and all(a is not None for a in allocated):
+            meta["rank_allocated_peak_bytes"] = allocated
+        return Timeline(self.plan.num_stages, tuple(aligned), "measured", meta)
 
     def _data(self, inputs: Any, targets: Any, loss_fn: LossFn | None) -> StepData:
         """The step's micro-batches as this rank's stages take them: the inputs when it runs
@@ -395,7 +425,8 @@ class DistributedRunner:
         the global batch's."""
         results, tl = self._step(self._data(inputs, targets, loss_fn), True, timeline)
         last = self._last(results)
-        return StepResult(last.loss if last is not None else None, tl)
+        return StepResult(last.loss if last is not None else None, tl,
+                          dict(self.memory.activations), self.memory.allocated)
 
     def forward(self, inputs: Batch | None = None) -> Batch | None:
         """Forward only, without autograd: the whole batch's outputs on the last stage's

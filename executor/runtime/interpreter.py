@@ -41,6 +41,7 @@ from torch import nn
 
 from executor.runtime.batch import Batch, as_tuple, batch_size, check_batch, from_tuple, scatter
 from executor.runtime.batchnorm import DeferredBatchNorm
+from executor.runtime.memory import ActivationMeter
 from executor.runtime.recorder import Recorder
 from executor.runtime.splitgrad import WeightGrads, deferring
 from executor.runtime.stage import RngState, Stage  # noqa: F401 - Stage: for docs
@@ -137,10 +138,12 @@ class StepData:
 @dataclass
 class StageResult:
     """What a stage returns after a step: the summed weighted loss (last stage, training), the
-    outputs per micro-batch (last stage, forward only)."""
+    outputs per micro-batch (last stage, forward only), and the most bytes of activations it
+    held at once (training; ``executor.runtime.memory``: saved for backward and stashed)."""
 
     loss: torch.Tensor | None = None
     outputs: list[Batch] = field(default_factory=list)
+    peak_activation_bytes: int = 0
 
 
 @dataclass
@@ -175,6 +178,7 @@ class Interpreter:
         self.transport = transport
         self.recorder = recorder
         self.batchnorm = batchnorm
+        self.meter = ActivationMeter(stage.module)
         self.handlers: dict[str, Callable[[Action], None]] = {
             "F": self._forward, "B": self._backward,
             "I": self._input_grad, "W": self._weight_grad,
@@ -208,6 +212,8 @@ class Interpreter:
             raise ValueError(f"stage {self.stage.index} is the last stage: give it the targets "
                              f"and the loss function")
         self._clear()
+        self.meter.begin_step((data.inputs if self.first else None,
+                               data.targets if self.last and training else None))
         self._data, self._training = data, training
         if self.first:
             assert data.inputs is not None
@@ -248,7 +254,8 @@ class Interpreter:
                 f"{name}: micro-batches {mbs}" for name, mbs in left.items()))
         if self._training and self.batchnorm is not None:
             self.batchnorm.end_step()
-        result = StageResult(self._loss, [self._outputs[i] for i in sorted(self._outputs)])
+        result = StageResult(self._loss, [self._outputs[i] for i in sorted(self._outputs)],
+                             self.meter.peak_bytes if self._training else 0)
         self._clear()
         return result
 
@@ -284,9 +291,12 @@ class Interpreter:
         recompute = self.stage.recompute
         rng = self.stage.rng_state() if recompute else None
         store = WeightGrads() if i in self.split and not recompute else None
-        with torch.set_grad_enabled(not recompute), _deferring(store, self.stage.module):
+        meter = self.meter
+        with torch.set_grad_enabled(not recompute), _deferring(store, self.stage.module), \
+                meter.saving() as saved:
             y = self.stage(x)
             loss = self._weighted_loss(self._result(y), i) if self.last else None
+        meter.hold(i, meter.storages(x), saved)
         if loss is not None:
             self._loss = loss.detach() if self._loss is None else self._loss + loss.detach()
             self._saved[i] = _Saved(x, None if recompute else loss, rng, store)
@@ -311,6 +321,7 @@ class Interpreter:
         store = self._gradients(action)
         if store is not None:
             store.run()
+        self.meter.release(action.microbatch)
 
     def _input_grad(self, action: Action) -> None:
         i = action.microbatch
@@ -323,9 +334,11 @@ class Interpreter:
         store = self._gradients(action)
         assert store is not None  # the forward, or its re-materialisation, deferred into it
         self._weights[i] = store
+        self.meter.hold(i, self.meter.storages(store.tensors()))  # the graph is gone
 
     def _weight_grad(self, action: Action) -> None:
         self._take(self._weights, action, "the deferred weight-gradient work").run()
+        self.meter.release(action.microbatch)
 
     def _gradients(self, action: Action) -> WeightGrads | None:
         """Backward of micro-batch i through the stage: every gradient, or with a deferring
@@ -336,10 +349,12 @@ class Interpreter:
         if output is None:  # re-materialise from the stage input, replaying the random state
             assert saved.rng is not None
             store = WeightGrads() if i in self.split else None
-            with self.stage.replaying(saved.rng), torch.enable_grad(), _deferring(store, self.stage.module):
+            with self.stage.replaying(saved.rng), torch.enable_grad(), \
+                    _deferring(store, self.stage.module), self.meter.saving() as rebuilt:
                 output = self.stage(saved.inputs)
                 if self.last:
                     output = self._weighted_loss(self._result(output), i)
+            self.meter.rebuild(i, rebuilt)
         if self.last:
             assert isinstance(output, torch.Tensor)
             output.backward()  # type: ignore[no-untyped-call]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -179,15 +180,23 @@ class LocalRunner:
         """One step on micro-batches already cut (``data``): every stage's result and the
         measured timeline (training: F and B; else forward only)."""
         timeline = self._run(self.order if training else self.forward_order, data, training)
-        return [interp.end() for interp in self.interpreters], timeline
+        return self._end(timeline, training)
+
+    def _end(self, timeline: Timeline, training: bool) -> tuple[list[StageResult], Timeline]:
+        """End the step on every stage; a training step's timeline also gets each stage's
+        peak activation bytes (``stage_activation_peak_bytes``, ``executor.runtime.memory``)."""
+        results = [interp.end() for interp in self.interpreters]
+        if training:
+            timeline = replace(timeline, meta={**timeline.meta, "stage_activation_peak_bytes":
+                                               [r.peak_activation_bytes for r in results]})
+        return results, timeline
 
     def train_step(self, inputs: Batch, targets: Batch,
                    loss_fn: LossFn) -> tuple[torch.Tensor, Timeline]:
         """One step: the whole batch's loss (detached, on the last stage's device) and the
         measured timeline; gradients accumulate in the stages' parameters."""
         data = StepData.split(inputs, targets, self.microbatches, loss_fn)
-        timeline = self._run(self.order, data, training=True)
-        results = [interp.end() for interp in self.interpreters]
+        results, timeline = self._end(self._run(self.order, data, training=True), True)
         loss = results[-1].loss
         assert loss is not None
         return loss, timeline

@@ -91,6 +91,10 @@ class WeightGrads:
         """Bytes of the inputs and output gradients held for W."""
         return sum(t.numel() * t.element_size() for d in self._pending for t in (d.x, d.grad_out))
 
+    def tensors(self) -> list[Tensor]:
+        """The inputs and output gradients held for W."""
+        return [t for d in self._pending for t in (d.x, d.grad_out)]
+
     def _record(self, work: _Deferred) -> None:
         self._pending.append(work)
 

@@ -25,7 +25,9 @@ from executor.distributed.runner import DistributedRunner
 from executor.distributed.spawn import RankFailure, spawn_local
 from executor.distributed.transport import PeerError, decode_header, encode_header, pack, unpack
 from executor.runtime.interpreter import Packet
+from executor.runtime.local import LocalRunner
 from executor.runtime.pipeline import manual_plan
+from executor.runtime.stage import Stage, build_layers
 from partitioner.formats.plan import Plan, PlanError
 from tests import toy_models as em
 from tests.synthetic import listed_schedule
@@ -156,6 +158,19 @@ def _timeline(group: Any, late_ms: float = 0.0) -> Any:
         dist.barrier = barrier
 
 
+def _memory(group: Any) -> Any:
+    """The MLP on two ranks under 1F1B (M=4): this rank's step memory and rank 0's timeline,
+    with the same stages' figures in one process (LocalRunner) to match."""
+    plan = manual_plan([0, 3, em.MLP_LAYERS], 4, 8, "1f1b", "never")
+    x, y = em.mlp_batch(8)
+    runner = DistributedRunner(em.mlp_layer, plan, group=group)
+    result = runner.train_step(x, y, nn.functional.mse_loss, timeline=True)
+    stages = [Stage(k, build_layers(em.mlp_layer, *r), "cpu")
+              for k, r in enumerate(plan.layer_ranges())]
+    _, local = LocalRunner(stages, "1f1b", 4).train_step(x, y, nn.functional.mse_loss)
+    return result.activation_peak_bytes, result.allocated_peak_bytes, result.timeline, local
+
+
 VARYING = (8, 5, 8, 6)  # batch sizes of successive steps: micro-batches shrink, then grow
 
 
@@ -197,6 +212,7 @@ def _sweep_rank() -> dict[Any, Any]:
                 results["errors"] = _errors(group)
                 results["timeline"] = _timeline(group)
                 results["timeline_late"] = _timeline(group, late_ms=40.0)
+                results["memory"] = _memory(group)
                 for name in MODELS:
                     results["varying", name] = _varying(name, group)
     return results
@@ -339,6 +355,16 @@ def test_a_rank_leaving_the_barrier_late_stays_on_the_common_clock(
         assert ev[f"1F{i}"].start_ms >= ev[f"0F{i}"].end_ms
         assert ev[f"0B{i}"].start_ms >= ev[f"1B{i}"].end_ms
     assert ev["1F0"].start_ms >= 40.0  # rank 1 was asleep until then
+
+
+def test_step_reports_each_stage_activation_peak(sweep: list[dict[Any, Any]]) -> None:
+    """Each rank reports its stage's peak; rank 0's timeline has every stage's, equal to what
+    the same stages hold in one process (a chain stage's input is its own copy either way)."""
+    (peaks0, alloc0, tl, local), (peaks1, _, tl1, _) = sweep[0]["memory"], sweep[1]["memory"]
+    assert set(peaks0) == {0} and set(peaks1) == {1} and alloc0 is None and tl1 is None
+    assert min(peaks0[0], peaks1[1]) > 0
+    assert tl.meta["stage_activation_peak_bytes"] == [peaks0[0], peaks1[1]]
+    assert local.meta["stage_activation_peak_bytes"] == [peaks0[0], peaks1[1]]
 
 
 # -- the ordered transport (NCCL's), run on gloo with the tags dropped ------------------------------
