@@ -18,6 +18,12 @@ ZB-H1's placement; shown as ``synth: zb-h1`` where no synthesised schedule beat 
 one stage per rank, interleaved and zbv with two (K=4). The median over interleaved, zb-h1,
 zbv and synth is printed apart (goal: <= 5%): the calibration trial runs GPipe only.
 
+Memory: each configuration's predicted peak activations per stage (the simulator's replayed peak
+less the training state) against the most the executor's stages held in a timed step (tensors
+saved for backward and stashed inputs, ``executor.runtime.memory``); the worst stage's error is
+shown, and the median and worst over GPipe and 1F1B printed last (goal: median <= 5%, worst <=
+15%).
+
 ``--replicas`` adds, per model and M, the plan of two data-parallel replicas of the whole model
 (K=1, D=2) on the two ranks, its all-reduce priced over the ring fitted to all-reduces timed
 between them (``collective.measure_all_reduce``: through the executor's reducer), and
@@ -47,8 +53,10 @@ from partitioner.formats.assumptions import Link, Runtime
 from partitioner.formats.plan import Plan, save_plan
 from partitioner.formats.plan_schedule import PLAN_SCHEDULES, SYNTH
 from partitioner.formats.profile import Profile
+from partitioner.report.compare import relative_error
 from partitioner.report.tables import format_table
 from partitioner.simulator.engine import simulate
+from partitioner.simulator.plans import simulate_plan
 from partitioner.solve.planner import make_plan
 
 TRIAL_MS = (1, 4)  # the calibration trial's M (recompute never)
@@ -161,7 +169,7 @@ def main() -> None:
               f"{ring.latency_ms:.3f} ms per step of the ring")
     replica_rows: list[list[object]] = []
     replica_errors: list[float] = []
-    rows, errors, unseen, new = [], [], [], []
+    rows, errors, unseen, new, memory = [], [], [], [], []
     per_schedule: dict[str, list[float]] = {s: [] for s in schedules}
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
@@ -182,7 +190,7 @@ def main() -> None:
             print(f"{name}: runtime ({how}): actions take {runtime.compute_scale:.3f} x "
                   f"profiled + {runtime.action_ms:.3f} ms, messages arrive "
                   f"{runtime.message_ms:.3f} ms after their send", flush=True)
-            plans, predicted = [], []
+            plans, predicted, held = [], [], []
             paths = []
             for m, mode, sched in itertools.product(ms, modes, schedules):
                 plan = _plan_for(profile, batch, m, mode, sched, link, runtime)
@@ -191,6 +199,7 @@ def main() -> None:
                 assert plan.predicted is not None
                 plans.append((m, mode, sched, plan))
                 predicted.append(plan.predicted.step_ms)
+                held.append(simulate_plan(plan, profile)[0].stage_activation_peak_bytes)
             per_rank = spawn_local(run_trials, 2, (WORKLOADS[name], paths, args.warmup,
                                                    args.steps), threads=1, timeout_s=300.0)
             if ring is not None:
@@ -209,11 +218,18 @@ def main() -> None:
                 per_schedule[sched].append(abs(err))
                 if sched in NEW_SCHEDULES:
                     new.append(abs(err))
+                peaks = {k: v for r in per_rank for k, v in r[j].activation_peak_bytes.items()}
+                worst = max((relative_error(held[j][k], peaks[k]) for k in sorted(peaks)),
+                            key=abs)
+                if sched in ("gpipe", "1f1b"):
+                    memory.append(abs(worst))
                 shown = sched if sched == plan.schedule else f"{sched}: {plan.schedule}"
                 rows.append([name, m, mode, shown, f"{plan.boundaries}", f"{predicted[j]:.1f}",
-                             f"{measured:.1f}", f"{100 * err:+.1f}%", "yes" if trial else ""])
+                             f"{measured:.1f}", f"{100 * err:+.1f}%", "yes" if trial else "",
+                             " / ".join(f"{peaks[k] / 2**20:.2f}" for k in sorted(peaks)),
+                             f"{100 * worst:+.1f}%"])
     print(format_table(["model", "M", "recompute", "schedule", "cuts", "predicted_ms", "measured_ms",
-                        "error", "in trial"], rows))
+                        "error", "in trial", "held_MiB", "memory error"], rows))
     if unseen and len(unseen) < len(errors):
         print(f"\nmedian |error| over the {len(unseen)} configurations the calibration trial "
               f"did not run: {100 * statistics.median(unseen):.1f}%")
@@ -232,6 +248,10 @@ def main() -> None:
               f"{100 * statistics.median(new):.1f}% (goal <= 5%)")
     print(f"\nmedian |error| of the step time over {len(errors)} configurations: "
           f"{100 * statistics.median(errors):.1f}% (goal <= 10%)")
+    if memory:
+        print(f"memory (peak activations, the worst stage) over the {len(memory)} GPipe and "
+              f"1F1B configurations: median |error| {100 * statistics.median(memory):.1f}% "
+              f"(goal <= 5%), worst {100 * max(memory):.1f}% (goal <= 15%)")
 
 
 if __name__ == "__main__":
