@@ -15,6 +15,7 @@ from partitioner.formats.profile import (
     TiedParam,
     profile_from_dict,
 )
+from partitioner.formats.profile_loss import LossProfile
 from partitioner.schedule.generators import v_placement
 from partitioner.schedule.ir import Schedule
 from partitioner.schedule.listsched import Costs, list_schedule
@@ -56,11 +57,16 @@ def make_profile(
 def with_saved_parts(prof: Profile, rng: random.Random) -> Profile:
     """``prof`` with random ``saved_input_bytes`` and ``saved_output_bytes`` (each a share of
     the layer's ``saved_bytes`` at every size, at most its input's or output's bytes), so the
-    cost model takes its exact activation terms (``cost.activations``)."""
+    cost model takes its exact activation terms (``cost.activations``), and, half the time, a
+    loss that keeps some bytes and targets on the last stage."""
     def part(lay: LayerProfile, whole: tuple[float, ...]) -> tuple[float, ...]:
         share = rng.choice([0.0, 0.5, 1.0])
         return tuple(min(share * w, s) for w, s in zip(whole, lay.saved_bytes, strict=True))
-    return dataclasses.replace(prof, layers=tuple(
+    scale = [b / prof.microbatch_sizes[0] for b in prof.microbatch_sizes]
+    saved, target = rng.randint(0, 1000), rng.randint(0, 100)
+    loss = LossProfile(tuple(saved * f for f in scale), tuple(saved * f / 2 for f in scale),
+                       tuple(target * f for f in scale)) if rng.random() < 0.5 else None
+    return dataclasses.replace(prof, loss=loss, layers=tuple(
         dataclasses.replace(lay, saved_input_bytes=part(lay, lay.in_bytes),
                             saved_output_bytes=part(lay, lay.out_bytes))
         for lay in prof.layers))

@@ -47,6 +47,7 @@ from executor.profiling.calibrate import (
     run_trials,
 )
 from executor.profiling.profiler import profile_model
+from executor.runtime.job import load_job
 from executor.workloads.models import build_model
 from partitioner.cost.model import CostModel
 from partitioner.formats.assumptions import Link, Runtime
@@ -72,9 +73,10 @@ def _profile_on_rank(name: str, batch: int, sizes: list[int], clock: str,
     """Every rank profiles the same model at once, so each layer is timed while the other
     cores are busy too, as they are when the pipeline runs."""
     work = build_model(name, batch=batch)
+    loss = (load_job(WORKLOADS[name]).loss_fn, work.target)  # what the runs' last stage keeps
     return profile_model(work.model, work.sample, sizes, "cpu", threads=1, clock=clock,
                          flush_bytes=flush_bytes, name=name, input_info=work.input_info,
-                         keep_freed_memory=True)  # as the trial and the runs have it
+                         keep_freed_memory=True, loss=loss)  # as the trial and the runs have it
 
 
 def _plan_for(profile: Profile, batch: int, m: int, mode: str, sched: str, link: Link,

@@ -234,10 +234,12 @@ def time_graph_layers(graph: LayerGraph, inputs: Mapping[str, Any], clock: Clock
 
 def layer_bytes(graph: LayerGraph, inputs: Mapping[str, Any]) -> LayerBytes:
     """One forward with autograd on: each layer's saved bytes (unique storages autograd keeps
-    for its backward, parameters excluded), the bytes of its inputs and outputs, and of every
+    for its backward, parameters and buffers excluded), the bytes of its inputs and outputs, and of every
     value."""
-    params = {p.untyped_storage().data_ptr()
+    params = {p.untyped_storage().data_ptr()  # and buffers: the modules' state, not saved
               for p in graph.parameters_of(range(graph.num_layers)).values()}
+    params |= {b.untyped_storage().data_ptr() for layer in graph.layers
+               if layer.module is not None for b in layer.module.buffers()}
     env = _fresh(inputs)
     saved, ins, outs = [], [], []
     with torch.enable_grad():

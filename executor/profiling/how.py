@@ -72,7 +72,7 @@ def chain_how(dev: torch.device, used: str, clock: str, warmup: int, repeat: int
                   f"ms, bwd {overhead[1]:.4f} ms) and subtracted" if overhead is not None
                   else "per-call harness overhead not corrected")]
     parts.append("saved_bytes = unique storages autograd saves for backward, parameters "
-                 "excluded, measured on each layer alone; saved_input_bytes and "
+                 "and buffers excluded, measured on each layer alone; saved_input_bytes and "
                  "saved_output_bytes = those of them that are the layer's input and output")
     if flush_bytes:
         parts.append(f"caches flushed with {flush_bytes} bytes before each timed region")
@@ -98,5 +98,5 @@ def graph_how(graph: LayerGraph, dev: torch.device, clock: str, warmup: int, rep
             f"splits at the boundaries); {'training' if train else 'eval'} mode, {threads} "
             f"intra-op thread(s); the parameters' gradients accumulating as in a training "
             f"step; saved_bytes = unique storages autograd saves for backward in each layer's "
-            f"forward, parameters excluded; a tied parameter's bytes in its first layer only"
+            f"forward, parameters and buffers excluded; a tied parameter's bytes in its first layer only"
             + (f"; {split_how('model')}." if split else "."))

@@ -21,13 +21,14 @@ import gc
 import itertools
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 from executor.runtime.batch import Batch, like
 from executor.runtime.splitgrad import WeightGrads, deferring
@@ -271,10 +272,12 @@ def as_batch(out: object, name: str) -> Batch:
 
 
 def _saved_bytes(step: _Step, name: str) -> tuple[int, int, int, Batch]:
-    """Bytes of the unique storages autograd saves for backward, parameters excluded, and of
-    those the parts that are the input's and the output's storages; also returns the output
-    (detached) of this forward."""
-    param_storages = {p.untyped_storage().data_ptr() for p in step.module.parameters()}
+    """Bytes of the unique storages autograd saves for backward, parameters and buffers (a
+    BatchNorm's running statistics: the module's state, shared by every micro-batch)
+    excluded, and of those the parts that are the input's and the output's storages; also
+    returns the output (detached) of this forward."""
+    param_storages = {p.untyped_storage().data_ptr()
+                      for p in itertools.chain(step.module.parameters(), step.module.buffers())}
     seen: dict[int, int] = {}
 
     def pack(t: Tensor) -> Tensor:
@@ -294,6 +297,32 @@ def _saved_bytes(step: _Step, name: str) -> tuple[int, int, int, Batch]:
         ptrs = {t.untyped_storage().data_ptr() for t in tensors}
         return sum(size for ptr, size in seen.items() if ptr in ptrs)
     return (sum(seen.values()), part(as_tensors(xin, "input")), part(outs), detached)
+
+
+def loss_bytes(loss_fn: Callable[[Any, Any], Tensor], output: Batch,
+               target: Any) -> tuple[int, int, int]:
+    """What ``loss_fn(output, target)`` keeps for backward: the unique storages it saves (the
+    targets' excluded), those of them that are ``output``'s, and the targets' bytes.
+
+        >>> loss_bytes(torch.nn.functional.mse_loss, torch.zeros(4, 2), torch.ones(4, 2))
+        (32, 32, 32)
+    """
+    outs = [t.detach().requires_grad_(t.is_floating_point()) for t in as_tensors(output, "output")]
+    targets = [t for t in tree_leaves(target) if isinstance(t, Tensor)]
+    skip = {t.untyped_storage().data_ptr() for t in targets}
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_fn(like(output, outs), target)
+    own = {t.untyped_storage().data_ptr() for t in outs}
+    return (sum(seen.values()), sum(v for k, v in seen.items() if k in own),
+            sum(t.numel() * t.element_size() for t in targets))
 
 
 def _peak_bytes(step: _Step, name: str) -> int:

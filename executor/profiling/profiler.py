@@ -37,6 +37,7 @@ from executor.profiling.measure import (
     Measurement,
     as_tensors,
     harness_overhead_ms,
+    loss_bytes,
     measure,
     prepare_batch,
     slice_batch,
@@ -52,6 +53,7 @@ from executor.runtime.devices import (
     resolve_device,
 )
 from partitioner.formats.profile import LayerProfile, Profile
+from partitioner.formats.profile_loss import LossProfile
 
 __all__ = ["TIMINGS", "profile_model", "time_whole_model"]
 
@@ -198,6 +200,7 @@ def profile_model(
     leaves: Sequence[Leaf] = (),
     max_layers: int | None = None,
     split_backward: bool = True,
+    loss: tuple[Callable[[Any, Any], torch.Tensor], Any] | None = None,
 ) -> Profile:
     """Measure every child of ``model`` at each micro-batch size (the first rows of ``sample``);
     a model that is not an ``nn.Sequential`` goes to ``graph.profile_traced`` (``leaves`` and ``max_layers``
@@ -219,9 +222,14 @@ def profile_model(
     under the allocator the pipeline will run with. ``split_backward`` also measures each
     layer's I and W (``bwd_input_ms``, ``bwd_weight_ms``) in as many further passes (or
     repetitions, for layers timed alone); ``bwd_ms`` stays the fused backward either way.
+    ``loss=(loss_fn, target)`` (a target of at least the largest size's rows) also measures
+    what the loss keeps for backward on the last stage at each size (the profile's ``loss``).
     """
     if timing not in TIMINGS:
         raise ValueError(f"timing={timing!r} is not one of {', '.join(TIMINGS)}")
+    if loss is not None and not isinstance(model, nn.Sequential):
+        raise ValueError("loss= is measured for an nn.Sequential, profiled child by child; a "
+                         "traced model's profile does not take it: drop loss=")
     if not isinstance(model, nn.Sequential):
         return profile_traced(
             model, sample, microbatch_sizes, device, dtype=dtype, warmup=warmup, repeat=repeat,
@@ -296,6 +304,9 @@ def profile_model(
                         if dev.type == "cuda" else None),
             bwd_input_ms=i_ms, bwd_weight_ms=w_ms,
         ))
+    loss_rows = [] if loss is None else [
+        loss_bytes(loss[0], m.output, prepare_batch(slice_batch(loss[1], b), dev, cast))
+        for m, b in zip(per_size[-1], sizes, strict=True)]
     how = chain_how(dev, used, clock, warmup, repeat, train, used_threads,
                     overhead if correct_overhead else None, flush_bytes if used == "layer" else 0,
                     split_backward)
@@ -311,6 +322,8 @@ def profile_model(
         created=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         how=how,
         input=_describe_input(sample, input_info),
+        loss=LossProfile(*(tuple(float(r[j]) for r in loss_rows) for j in range(3)))
+        if loss_rows else None,
         extra={"harness": {"threads": used_threads, "warmup": warmup, "repeat": repeat,
                            "train": train, "timing": used,
                            "flush_bytes": flush_bytes if used == "layer" else 0,

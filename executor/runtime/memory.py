@@ -12,7 +12,8 @@
     (256, 0, 256)
 
 What counts: the storages of the tensors autograd saves for a micro-batch's backward (through
-``torch.autograd.graph.saved_tensors_hooks``; parameters excluded, a storage once however many
+``torch.autograd.graph.saved_tensors_hooks``; parameters and buffers (a BatchNorm's running
+statistics) excluded, a storage once however many
 views of it are saved, and once however many micro-batches hold it), together with the stage's
 stashed input, from the end of its F to the end of its B; a re-materialising stage holds only the stash and, while B (or I) rebuilds the forward,
 the rebuilt storages on top; a split backward's micro-batch holds, from I to W, what the deferred
@@ -27,6 +28,7 @@ and the allocator's caching are not in it; on CUDA the runner also reports
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -53,8 +55,8 @@ def _storage(t: torch.Tensor) -> tuple[int, int]:
 
 class ActivationMeter:
     """Counts what one stage holds for backward in a step, micro-batch by micro-batch (see the
-    module docstring); the parameters of ``module`` (the stage's, read at each step's start,
-    so weights loaded or moved later are known) never count."""
+    module docstring); the parameters and buffers of ``module`` (the stage's: its state, read
+    at each step's start, so weights loaded or moved later are known) never count."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -69,7 +71,8 @@ class ActivationMeter:
         the whole step (a batch may be a view of a larger dataset tensor) and whose storages
         do not count again when saved."""
         tensors = [t for t in tree_leaves(batch) if isinstance(t, torch.Tensor)]
-        self._skip = {_storage(p)[0] for p in self.module.parameters()}
+        self._skip = {_storage(p)[0] for p in itertools.chain(self.module.parameters(),
+                                                               self.module.buffers())}
         self._skip |= {_storage(t)[0] for t in tensors}
         self._held = {}
         self._count = {}

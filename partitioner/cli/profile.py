@@ -84,7 +84,7 @@ def main(argv: Sequence[str]) -> int:
     from executor.profiling.profiler import profile_model
     from executor.runtime.devices import resolve_device
     from executor.workloads.loading import is_chain, load_any_model, resolve_leaves
-    from executor.workloads.models import list_models
+    from executor.workloads.models import MODELS, build_model, list_models
 
     if args.list_models:
         width = max(len(name) for name, _ in list_models())
@@ -98,6 +98,10 @@ def main(argv: Sequence[str]) -> int:
         args.model, args.batch or max(args.microbatch_sizes), sample_spec=args.sample,
         seq_len=args.seq_len, input_shape=args.input_shape)
     chain = is_chain(model)
+    loss = None
+    if args.model in MODELS and args.sample is None:  # a built-in: its loss, on the last stage
+        work = build_model(args.model, batch=args.batch or max(args.microbatch_sizes))
+        loss = (work.loss_fn, work.target)
     graph_opts = {} if chain else {"leaves": resolve_leaves(args.leaf),
                                    "max_layers": args.max_layers}
     sizes = len(args.microbatch_sizes)
@@ -111,7 +115,7 @@ def main(argv: Sequence[str]) -> int:
             clock=args.clock, timing=args.timing, flush_bytes=args.flush,
             train=not args.eval, keep_freed_memory=args.keep_freed_memory == "on",
             name=args.model, input_info=info, progress=lambda name: bar.update(1),
-            split_backward=args.split_backward == "on", **graph_opts)
+            split_backward=args.split_backward == "on", loss=loss, **graph_opts)
     print(profile_summary(prof))
     if not chain:
         print(graph_summary(prof))

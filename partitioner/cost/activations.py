@@ -16,8 +16,10 @@ saves the input layer 0 also saved as its output, so a stage holding both counts
 save and the input it was given (the runner keeps it for the input gradient): its first
 layer's saved input is that input, counted in the stash and not again (``lead``). The first
 stage's input is the step's batch, which the runner holds whole from the step's start to its
-end: it counts once per step (``CostModel.batch_bytes``), never per micro-batch (``stash[0] =
-0``). So, with ``act`` summed over the stage's layers [s, e):
+end: it counts once per step (``CostModel.step_bytes``), never per micro-batch (``stash[0] =
+0``); likewise the last stage holds the step's targets (``CostModel.step_bytes``), and what the
+loss saves counts with the last layer's ``act``. So, with ``act`` summed over the stage's
+layers [s, e):
 
 - without recompute: ``held = sum(act) + keep[s]``, ``keep[s] = stash[s] - lead[s]``;
 - recomputing: ``held = stash[s]`` from F to B, and ``rebuilt = sum(act) - lead[s]`` on top
@@ -66,19 +68,28 @@ class ActivationTerms:
 
 
 def activation_terms(saved: FloatArray, saved_in: FloatArray | None,
-                     saved_out: FloatArray | None, in_bytes: FloatArray) -> ActivationTerms:
+                     saved_out: FloatArray | None, in_bytes: FloatArray,
+                     loss: tuple[float, float] = (0.0, 0.0)) -> ActivationTerms:
     """The terms from per-layer ``saved_bytes``, ``saved_input_bytes``, ``saved_output_bytes``
-    and ``in_bytes`` at one micro-batch size (the two parts None: a profile without them)."""
+    and ``in_bytes`` at one micro-batch size (the two parts None: a profile without them);
+    ``loss``: what the loss saves, and of that the model's output (``profile_loss``), which
+    the last layer's ``act`` takes on (less what that layer saves of its output already)."""
     saved = np.asarray(saved, dtype=np.float64)
     in_bytes = np.asarray(in_bytes, dtype=np.float64)
+    loss_saved, loss_in = loss
     if saved_in is None or saved_out is None:
-        zero = np.zeros_like(saved)
-        return ActivationTerms(saved, zero, zero, in_bytes, exact=False)
+        zero, act = np.zeros_like(saved), saved
+        if loss_saved:
+            act = saved.copy()
+            act[-1] += loss_saved
+            act.setflags(write=False)
+        return ActivationTerms(act, zero, zero, in_bytes, exact=False)
     s_in = np.minimum(np.asarray(saved_in, dtype=np.float64), saved)
     s_out = np.minimum(np.asarray(saved_out, dtype=np.float64), saved)
     shared = np.zeros_like(saved)  # what layer i saves of its input that layer i-1 also saved
     shared[1:] = np.minimum(s_in[1:], s_out[:-1])
     act = saved - shared
+    act[-1] += loss_saved - min(loss_in, loss_saved, float(s_out[-1]))
     lead = s_in - shared  # a stage's first layer: its saved input is the stash, counted there
     stash = in_bytes.copy()
     stash[:1] = 0.0  # the first stage's input is the batch, held whole for the step

@@ -23,17 +23,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-import numpy.typing as npt
 
 from partitioner.cost.activations import ActivationTerms, activation_terms
 from partitioner.cost.holding import SPLIT_SCHEDULES, Holding, holding
+from partitioner.cost.sizes import FloatArray, interpolate, split_microbatches
 from partitioner.cost.state import bytes_per_param, dtype_bytes
 from partitioner.formats.assumptions import LINKS, Link, Optimizer, Runtime
 from partitioner.formats.profile import Profile
 from partitioner.formats.topology import ALLREDUCE_MODES, AllReduce
 from partitioner.formats.values import ProfileValues, profile_values
 from partitioner.schedule.generators import (
-    MAX_MICROBATCHES,
     SCHEDULES,
     ScheduleName,
     stages_per_rank_of,
@@ -43,50 +42,12 @@ from partitioner.schedule.recompute import RECOMPUTE_MODES, Recompute, recompute
 __all__ = ["WEIGHT_GRAD_SHARE", "CostModel", "FloatArray", "bytes_per_param", "dtype_bytes",
            "interpolate", "split_microbatches"]
 
-FloatArray = npt.NDArray[np.float64]
-
 #: The share of a layer's backward that its weight gradient (W) takes when the profile does not
 #: measure the split, for a layer with parameters (one without has no W). Measured on this
 #: project: deferring the weight GEMMs of linear layers (``executor/runtime/splitgrad.py``)
 #: moved 35-41% of a GPT block's backward to W on CPU.
 WEIGHT_GRAD_SHARE = 0.4
 _SPLIT_KEYS = ("bwd_input_ms", "bwd_weight_ms")
-
-
-def interpolate(table: FloatArray, sizes: tuple[int, ...], b: float) -> FloatArray:
-    """Rows of ``table`` (one column per measured size) at micro-batch size b: piecewise
-    linear between the sizes, linear outside them, never below zero.
-
-        >>> interpolate(np.array([[1.0, 3.0]]), (1, 2), 4).tolist()
-        [7.0]
-    """
-    n_sizes = len(sizes)
-    table = table.reshape(-1, n_sizes)
-    if n_sizes == 1:
-        out: FloatArray = np.maximum(table[:, 0] * (b / sizes[0]), 0.0)
-        return out
-    lo = min(max(int(np.searchsorted(sizes, b)) - 1, 0), n_sizes - 2)
-    x0, x1 = sizes[lo], sizes[lo + 1]
-    y0, y1 = table[:, lo], table[:, lo + 1]
-    out = np.maximum(y0 + (y1 - y0) * ((b - x0) / (x1 - x0)), 0.0)
-    return out
-
-
-def split_microbatches(global_batch: int, microbatches: int) -> list[int]:
-    """Sizes of the M micro-batches of a batch of B samples: as equal as possible, larger first.
-
-        >>> split_microbatches(10, 4)
-        [3, 3, 2, 2]
-    """
-    if not 1 <= microbatches <= MAX_MICROBATCHES:
-        raise ValueError(f"microbatches M={microbatches} must be in 1..{MAX_MICROBATCHES}")
-    if global_batch < microbatches:
-        raise ValueError(
-            f"global batch B={global_batch} is smaller than M={microbatches} micro-batches; "
-            f"every micro-batch needs a sample: use M <= {global_batch} or a larger batch"
-        )
-    base, extra = divmod(global_batch, microbatches)
-    return [base + 1] * extra + [base] * (microbatches - extra)
 
 
 @dataclass(frozen=True)
@@ -262,7 +223,7 @@ class CostModel:
     def activations(self, b: float | None = None) -> ActivationTerms:
         """What a chain stage holds per micro-batch of size b (default: the largest), term by
         term (``cost.activations``: exact where the profile says what neighbouring layers
-        share, else the older per-layer sum)."""
+        share, else the older per-layer sum; the loss's with the last layer where given)."""
         b = self.microbatch_size if b is None else b
         terms = self._terms.get(b)
         if terms is None:
@@ -270,18 +231,28 @@ class CostModel:
                 lay.saved_input_bytes is not None for lay in self.profile.layers)
             saved_in, saved_out = ((self._interpolate_layers(k, b) if exact else None)
                                    for k in ("saved_input_bytes", "saved_output_bytes"))
+            loss_saved, loss_in = self._loss_at(b, "saved_bytes", "saved_input_bytes")
             terms = self._terms[b] = activation_terms(
                 self.layer_array("saved_bytes", b), saved_in, saved_out,
-                self.layer_array("in_bytes", b))
+                self.layer_array("in_bytes", b), (loss_saved, loss_in))
         return terms
 
-    def batch_bytes(self) -> float:
-        """What the first stage holds for the whole step besides its micro-batches: the
-        replica's share of the batch's inputs, once (exact activation terms only, else 0)."""
-        if not self.activations().exact:
-            return 0.0
+    def _loss_at(self, b: float, *keys: str) -> tuple[float, ...]:
+        """The profile's ``loss`` figures ``keys`` at size b (0 without them, or on a graph)."""
+        loss = self.profile.loss
+        if loss is None or self.profile.edges is not None:
+            return (0.0,) * len(keys)
+        table = np.array([getattr(loss, k) for k in keys], dtype=np.float64)
+        return tuple(float(x) for x in interpolate(table, self.profile.microbatch_sizes, b))
+
+    def step_bytes(self) -> tuple[float, float]:
+        """What the first and the last stage hold for the whole step besides their micro-
+        batches: the replica's share of the inputs (exact activation terms only, else 0) and
+        of the targets (where the profile has its loss's ``target_bytes``, else 0)."""
         sizes = split_microbatches(self.replica_batch, self.microbatches)
-        return float(sum(self.layer_array("in_bytes", b)[0] for b in sizes))
+        inputs = (sum(float(self.layer_array("in_bytes", b)[0]) for b in sizes)
+                  if self.activations().exact else 0.0)
+        return inputs, sum(self._loss_at(b, "target_bytes")[0] for b in sizes)
 
     @property
     def values(self) -> ProfileValues:
@@ -403,14 +374,16 @@ class CostModel:
         ``in_flight`` micro-batches' held bytes, and when the stage recomputes ``rebuilt``
         micro-batches' rebuilt ones on top (an upper bound of the replayed peak, equal to it
         unless the two counts peak at different times), all at the largest micro-batch; the
-        first stage also holds the batch (``activations``, ``batch_bytes``)."""
+        first stage also holds the batch's inputs, the last its targets (``step_bytes``)."""
         state = float(self.param_state_bytes()[start:end].sum())
         if self.profile.tied:
             state += self.range_tied_bytes(start, end)
         terms, rc = self.activations(), self.recomputes(stage)
         acts = self.in_flight(stage) * terms.held(start, end, rc) + (
             self.rebuilt(stage) * terms.rebuilt(start, end) if rc else 0.0)
-        return state + acts + (self.batch_bytes() if start == 0 else 0.0)
+        inputs, targets = self.step_bytes()
+        return state + acts + (inputs if start == 0 else 0.0) + (
+            targets if end == self.profile.num_layers else 0.0)
 
     def rank_memory_bytes(self, ranges: Sequence[tuple[int, int]]) -> list[float]:
         """Per rank, the closed-form memory of the stages it runs (``ranges[k]`` = stage k's

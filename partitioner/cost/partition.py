@@ -216,7 +216,7 @@ def evaluate_assignment(cm: CostModel, stage_of: Sequence[int]) -> Solution:
             sent_k[src] += n_bytes
             stash_k[d] += n_bytes
     nodes = tuple(tuple(i for i, s in enumerate(stage_of) if s == k) for k in range(big_k))
-    terms = cm.activations()
+    terms, step = cm.activations(), cm.step_bytes()
     memory = []
     for k in range(big_k):
         held, rc = cm.in_flight(k), cm.recomputes(k)
@@ -224,7 +224,7 @@ def evaluate_assignment(cm: CostModel, stage_of: Sequence[int]) -> Solution:
             start, end = nodes[k][0], nodes[k][-1] + 1
             acts = held * terms.held(start, end, rc) + (
                 cm.rebuilt(k) * terms.rebuilt(start, end) if rc else 0.0) + (
-                cm.batch_bytes() if start == 0 else 0.0)
+                step[0] if start == 0 else 0.0) + (step[1] if end == prof.num_layers else 0.0)
         else:
             acts = (held * stash_k[k] + cm.rebuilt(k) * saved_k[k] if rc
                     else held * saved_k[k])

@@ -16,7 +16,8 @@ apart, small layers pay each half's fixed costs), which is accepted. Without the
 model splits ``bwd_ms`` by its stated rule (``CostModel.layer_array``). Optional too, as a pair:
 ``saved_input_bytes`` and ``saved_output_bytes``, the parts of ``saved_bytes`` that are the
 layer's own input and output (each at most ``saved_bytes``), which tell the memory model what
-neighbouring layers and a stage's stashed input share (``cost.activations``).
+neighbouring layers and a stage's stashed input share (``cost.activations``). At the top, an
+optional ``loss`` says what the loss function keeps on the last stage (``profile_loss``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from partitioner.formats.profile_graph import (
     tied_to_json,
     unique_names,
 )
+from partitioner.formats.profile_loss import LossProfile, loss_to_json, parse_loss
 from partitioner.formats.units import MAX_BYTES, MAX_MS
 
 __all__ = [
@@ -71,7 +73,7 @@ _PAIRS = (("bwd_input_ms", "bwd_weight_ms", "a split backward needs both halves 
 _LAYER_KEYS = {"name", "type", "param_bytes", *_PER_SIZE, *_OPTIONAL_PER_SIZE, "outputs",
                "extra"}
 _REQUIRED_TOP = ("format", "model", "device", "dtype", "microbatch_sizes", "layers")
-_TOP_KEYS = {*_REQUIRED_TOP, "torch", "created", "how", "input", "edges", "tied", "extra",
+_TOP_KEYS = {*_REQUIRED_TOP, "torch", "created", "how", "input", "edges", "tied", "loss", "extra",
              "harness"}  # harness: the profiler's settings, written on top before 'extra'
 _HIGH = {key: MAX_MS if key.endswith("_ms") else MAX_BYTES
          for key in (*_PER_SIZE, *_OPTIONAL_PER_SIZE)}
@@ -155,6 +157,7 @@ class Profile:
     extra: Mapping[str, Any] = field(default_factory=dict)
     edge_values: tuple[tuple[int, ...] | None, ...] | None = None
     tied: tuple[TiedParam, ...] = ()
+    loss: LossProfile | None = None  # what the loss keeps on the last stage (profile_loss)
 
     @property
     def num_layers(self) -> int:
@@ -293,6 +296,7 @@ def profile_from_dict(data: object, source: str = "profile") -> Profile:
             edge_values = tuple(reads for _, _, reads in parsed)
     tied = (parse_tied(data["tied"], len(layers), problems) if data.get("tied") is not None
             else ())
+    loss = parse_loss(data["loss"], n, problems) if data.get("loss") is not None else None
     extra = dict(problems.mapping(data.get("extra", {}), "extra", "free-form data"))
     if "harness" in data:  # profiles written before 'extra' had the profiler's settings on top
         extra.setdefault("harness", data["harness"])
@@ -317,6 +321,7 @@ def profile_from_dict(data: object, source: str = "profile") -> Profile:
         extra=extra,
         edge_values=edge_values,
         tied=tied,
+        loss=loss,
     )
 
 
@@ -358,6 +363,8 @@ def profile_to_dict(prof: Profile) -> dict[str, Any]:
         out["edges"] = [edge_to_json(e, r) for e, r in zip(prof.edges, reads, strict=True)]
     if prof.tied:
         out["tied"] = [tied_to_json(t) for t in prof.tied]
+    if prof.loss is not None:
+        out["loss"] = loss_to_json(prof.loss)
     if prof.extra:
         out["extra"] = dict(prof.extra)
     return out

@@ -37,7 +37,8 @@ consumers its edges name; the chain i -> i+1 for a profile without edges).
   sending layer); the two agree wherever ``in_bytes[i]`` is what layer i-1 passes on, as the
   profilers write them. A chain profile that says what its layers share
   (``cost.activations``, exact) takes ``CostModel.activations``' held and rebuilt bytes
-  instead, and its first stage holds the batch from the step's start (``batch_bytes``). The
+  instead, and its first stage holds the batch's inputs, its last the targets, for the whole
+  step (``step_bytes``). The
   training state includes the copies of tied parameters.
 """
 
@@ -74,7 +75,7 @@ class Durations:
     size_index: list[int]  # micro-batch i -> s
     message_ms: float = 0.0  # a paid transfer reaches its receiver this long after its send
     allreduce_ms: tuple[float, ...] = ()  # per stage, its gradients' all-reduce (D > 1)
-    batch_bytes: float = 0.0  # held by the first stage for the whole step: the batch
+    step_bytes: tuple[float, float] = (0.0, 0.0)  # held all step: inputs (first), targets (last)
 
 
 def stage_of_ranges(ranges: Sequence[tuple[int, int]]) -> IntArray:
@@ -197,4 +198,4 @@ def stage_durations(cm: CostModel, stage_of: IntArray, devices: Sequence[int]) -
     return Durations(lists["f"], lists["b"], lists["i"], lists["w"], lists["sf"], lists["sb"],
                      lists["hold"], lists["rebuild"], state.tolist(),
                      [distinct.index(b) for b in sizes], cm.runtime.message_ms, allreduce,
-                     cm.batch_bytes())
+                     cm.step_bytes())

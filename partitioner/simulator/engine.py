@@ -36,8 +36,8 @@ The model (the choices a reader needs to trust the numbers):
   parameters whose owner is in another stage), plus per micro-batch in flight (F to B, or to
   W when split) its saved activations, or, when the stage recomputes, its stashed inputs,
   with its saved activations on top while B rebuilds and consumes them (from I to W when
-  split), and on the first stage the batch from the step's start where the profile says what
-  layers share (``cost.activations``). This is ``CostModel.stage_memory_bytes``'s (and the
+  split), and on the first stage the batch's inputs and on the last its targets from the
+  step's start, where the profile has them (``cost.activations``). This is ``CostModel.stage_memory_bytes``'s (and the
   graph evaluator's) closed form wherever both describe the same step (``cost.holding``
   states the rules). A rank's memory
   is its stages' together, replayed as they run (``rank_peak_bytes``).
@@ -193,10 +193,11 @@ class _Replay:
         self.pos, self.ready = [0] * ranks, [0.0] * ranks
         self.busy, self.comm = [0.0] * big_k, [0.0] * big_k
         self.held, self.peak = [0.0] * big_k, [0.0] * big_k
-        self.held[0] = self.peak[0] = dur.batch_bytes  # the first stage holds the batch
+        self.held[0] = self.peak[0] = dur.step_bytes[0]  # the batch's inputs, all step
+        self.held[-1] = self.peak[-1] = self.held[-1] + dur.step_bytes[1]  # and its targets
         self.backward_end = [0.0] * big_k  # when each stage's last B or W ended
-        self.rank_peak = [0.0] * ranks  # activations of the rank's stages together
-        self.rank_peak[self.rank_of[0]] = dur.batch_bytes
+        # activations of the rank's stages together
+        self.rank_peak = [sum(self.held[k] for k in stages) for stages in self.stages_of]
         self.events: list[Event] = []
 
     def run(self, programs: list[list[Op]]) -> None:

@@ -89,7 +89,9 @@ def _variant_arrays(cm: CostModel, stage: int, memory_objective: bool, held: int
     else:
         mem_end = state + held * _prefix(terms.act)
         mem_start = mem_end[:-1] - held * terms.keep
-    mem_start[0] -= cm.batch_bytes()  # the first stage also holds the batch
+    inputs, targets = cm.step_bytes()  # the first stage holds these all step, the last those
+    mem_start[0] -= inputs
+    mem_end[-1] += targets
     mem_start = np.append(mem_start, math.inf)  # no stage starts at L
     if memory_objective:
         return mem_end, mem_start, mem_end, mem_start

@@ -54,39 +54,52 @@ def test_rebuild_adds_only_what_is_not_held_and_parameters_never_count() -> None
     assert meter.peak_bytes == 32 + 32 and meter.live_bytes == 32
 
 
-def _model() -> nn.Sequential:
+def _plain() -> nn.Sequential:
     torch.manual_seed(0)  # ReLU and Tanh save their outputs, which the next Linear saves too
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.GELU(),
                          nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
 
 
-@pytest.fixture(scope="module")
-def measured_profile() -> object:
-    x = torch.randn(8, 16)
-    return profile_model(_model(), x, [2, 4, 8], "cpu", warmup=0, repeat=1)
+def _model() -> nn.Sequential:
+    """The plain MLP with a BatchNorm, whose backward saves its running statistics too (the
+    module's buffers, which every micro-batch shares: state, not activations)."""
+    model = _plain()
+    return nn.Sequential(model[0], nn.BatchNorm1d(32), *model[1:])
+
+
+LOSSES = {"mse": (nn.functional.mse_loss, lambda b: torch.randn(b, 4)),
+          "cross_entropy": (nn.functional.cross_entropy, lambda b: torch.randint(4, (b,)))}
+
+
+@pytest.fixture(scope="module", params=list(LOSSES))
+def measured(request: pytest.FixtureRequest) -> tuple[object, str]:
+    loss_fn, target = LOSSES[request.param]
+    prof = profile_model(_model(), torch.randn(8, 16), [2, 4, 8], "cpu", warmup=0, repeat=1,
+                         loss=(loss_fn, target(8)))
+    return prof, request.param
 
 
 @pytest.mark.parametrize(("schedule", "recompute", "m"),
                          list(itertools.product(("gpipe", "1f1b"), ("never", "always"),
                                                 (1, 2, 4))))
-def test_predicted_peak_is_what_the_stages_hold(measured_profile: object, schedule: str,
+def test_predicted_peak_is_what_the_stages_hold(measured: tuple[object, str], schedule: str,
                                                 recompute: str, m: int) -> None:
     """The simulator's replayed activation peak and the closed form, from a profile of this
-    very model, equal the bytes each stage held (the last also holds the targets, which a
-    profile does not know; the loss here saves nothing)."""
-    model, batch = _model(), 8
-    x, y = torch.randn(batch, 16), torch.randn(batch, 4)
-    cm = CostModel(measured_profile, batch, m, stages=2, recompute=recompute,  # type: ignore[arg-type]
+    very model and its loss, equal the bytes each stage held, to the byte."""
+    (prof, loss_name), model, batch = measured, _model(), 8
+    loss_fn, target = LOSSES[loss_name]
+    x, y = torch.randn(batch, 16), target(batch)
+    cm = CostModel(prof, batch, m, stages=2, recompute=recompute,  # type: ignore[arg-type]
                    schedule=schedule)  # type: ignore[arg-type]
-    assert cm.activations().exact
+    assert cm.activations().exact and cm.step_bytes() == (x.numel() * 4, y.numel() *
+                                                          y.element_size())
     ranges = make_plan(cm, devices=["cpu"] * 2).layer_ranges()
     stages = [Stage(k, build_layers(model, *ranges[k]), "cpu", recompute=cm.recomputes(k))
               for k in range(2)]
     results, timeline = LocalRunner(stages, schedule, m).run_data(
-        StepData.split(x, y, m, lambda out, t: (out - t).mean()), True)
+        StepData.split(x, y, m, loss_fn), True)
     held = [r.peak_activation_bytes for r in results]
     assert held == timeline.meta["stage_activation_peak_bytes"]
-    held[-1] -= y.numel() * y.element_size()
     predicted = simulate(cm, ranges, record=False).stage_activation_peak_bytes
     assert list(predicted) == held
     state = cm.param_state_bytes()
@@ -95,13 +108,13 @@ def test_predicted_peak_is_what_the_stages_hold(measured_profile: object, schedu
     assert closed == pytest.approx(held, rel=1e-12)
 
 
-def test_split_backward_holds_the_deferred_work_until_w(measured_profile: object) -> None:
+def test_split_backward_holds_the_deferred_work_until_w() -> None:
     """Under ZB-H1 a micro-batch holds, from I to W, its deferred linears' inputs and output
     gradients instead of its graph: on this first stage (Linear, ReLU, Linear, GELU; 8 x 32
     floats = 1 KiB per activation) the graph held ReLU's output and GELU's input, W's work
     holds ReLU's output (the second linear's input; the first's is the batch) and both
     linears' output gradients."""
-    model, batch = _model(), 8
+    model, batch = _plain(), 8
     x, y = torch.randn(batch, 16), torch.randn(batch, 4)
     stages = [Stage(k, build_layers(model, *r), "cpu") for k, r in enumerate([(0, 4), (4, 7)])]
     plain = LocalRunner(stages, "1f1b", 1).run_data(

@@ -13,7 +13,8 @@ from tests.synthetic import make_profile
 
 def _random_chain(rng: random.Random, n: int) -> tuple[list[set[str]], dict[str, int]]:
     """Layer i reads storage out{i-1} (the batch for i = 0), writes out{i}, has internals;
-    it saves a random subset of the three kinds. Returns what each layer saves and sizes."""
+    it saves a random subset of the three kinds; then what the loss saves (entry n). Returns
+    what each saves, and the sizes."""
     size = {"batch": rng.randint(1, 50)}
     saves = []
     for i in range(n):
@@ -23,6 +24,8 @@ def _random_chain(rng: random.Random, n: int) -> tuple[list[set[str]], dict[str,
             size[name] = rng.randint(1, 50)
         own = [f"out{i - 1}" if i else "batch", f"out{i}", *inner]
         saves.append({s for s in own if rng.random() < 0.5})
+    size["loss.inner"] = rng.randint(1, 50)  # the loss: the model's output, an internal
+    saves.append({s for s in (f"out{n - 1}", "loss.inner") if rng.random() < 0.5})
     return saves, size
 
 
@@ -31,6 +34,7 @@ def test_terms_equal_the_union_of_what_a_stage_holds() -> None:
     for _ in range(300):
         n = rng.randint(1, 7)
         saves, size = _random_chain(rng, n)
+        loss = saves.pop()
 
         def in_of(i: int) -> str:
             return f"out{i - 1}" if i else "batch"
@@ -43,10 +47,13 @@ def test_terms_equal_the_union_of_what_a_stage_holds() -> None:
             np.array([sum(size[s] for s in saves[i]) for i in range(n)], dtype=float),
             np.array([part(i, in_of(i)) for i in range(n)]),
             np.array([part(i, f"out{i}") for i in range(n)]),
-            np.array([float(size[in_of(i)]) for i in range(n)]))
+            np.array([float(size[in_of(i)]) for i in range(n)]),
+            (float(sum(size[x] for x in loss)), float(size[f"out{n - 1}"]) if f"out{n - 1}"
+             in loss else 0.0))
         for s in range(n):
             for e in range(s + 1, n + 1):
-                saved = set().union(*saves[s:e]) - {"batch"}  # the batch counts per step
+                saved = set().union(*saves[s:e], loss if e == n else set())
+                saved -= {"batch"}  # the batch counts per step
                 stash = {in_of(s)} - {"batch"}
                 union = sum(size[x] for x in saved | stash)
                 assert terms.held(s, e, recompute=False) == union
@@ -59,7 +66,7 @@ def test_profile_without_the_parts_keeps_the_older_rule() -> None:
                         in_bytes=[5.0, 6.0, 7.0])
     cm = CostModel(prof, 2, 2, stages=2, recompute="always")  # b = 1, as profiled
     terms = cm.activations()
-    assert not terms.exact and cm.batch_bytes() == 0.0
+    assert not terms.exact and cm.step_bytes() == (0.0, 0.0)
     assert terms.held(1, 3, recompute=False) == 50.0  # the per-layer sum
     assert terms.held(0, 2, recompute=True) == 5.0 and terms.rebuilt(0, 2) == 30.0
 
@@ -72,7 +79,7 @@ def test_exact_profile_counts_the_batch_once_on_the_first_stage() -> None:
                    for i, lay in enumerate(prof.layers))
     cm = CostModel(dataclasses.replace(prof, layers=layers), 5, 3, stages=2)  # b = 2, 2, 1
     assert cm.activations().exact
-    assert cm.batch_bytes() == 4.0 * 5  # the whole batch's inputs, once
+    assert cm.step_bytes() == (4.0 * 5, 0.0)  # the whole batch's inputs, once; no loss figures
     state = float(cm.param_state_bytes()[:1].sum())
     # GPipe holds all M = 3 in flight, each (20 saved - 8 of them the batch's) at the largest
     # b = 2, plus the batch

@@ -217,3 +217,17 @@ def test_saved_parts_come_as_a_pair_and_stay_within_saved_bytes() -> None:
                             "given") for p in problems)
     assert any(p.startswith(f"layers[0].saved_output_bytes[0]: is {saved[0] + 1:g} bytes, more "
                             f"than saved_bytes") for p in problems)
+
+
+def test_loss_figures_load_round_trip_and_are_checked() -> None:
+    data = _valid()
+    data["loss"] = {"saved_bytes": [40, 80], "saved_input_bytes": [0, 8],
+                    "target_bytes": [8, 16]}
+    prof = profile_from_dict(copy.deepcopy(data))
+    assert prof.loss is not None and prof.loss.target_bytes == (8.0, 16.0)
+    assert profile_from_dict(profile_to_dict(prof)) == prof
+    data["loss"] = {"saved_bytes": [40], "saved_input_bytes": [50, 8], "target": [8, 16]}
+    problems = _problems(copy.deepcopy(data))
+    assert any(p.startswith("loss.saved_bytes: [40] is not a list of 2 numbers") for p in problems)
+    assert any(p.startswith("loss: unknown key 'target'") for p in problems)
+    assert any("missing" in p and "target_bytes" in p for p in problems)
