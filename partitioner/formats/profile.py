@@ -297,6 +297,13 @@ def profile_from_dict(data: object, source: str = "profile") -> Profile:
     tied = (parse_tied(data["tied"], len(layers), problems) if data.get("tied") is not None
             else ())
     loss = parse_loss(data["loss"], n, problems) if data.get("loss") is not None else None
+    if edges is not None:  # the exact activation terms are a chain's (cost.activations)
+        chain_only = (["loss"] if loss is not None else []) + [
+            f"layers[{i}].saved_input_bytes" for i, lay in enumerate(layers)
+            if lay.saved_input_bytes is not None][:1]
+        for path in chain_only:
+            problems.add(path, "the memory model reads it on a chain profile only (without "
+                               "edges), and this profile has edges; drop it, or the edges")
     extra = dict(problems.mapping(data.get("extra", {}), "extra", "free-form data"))
     if "harness" in data:  # profiles written before 'extra' had the profiler's settings on top
         extra.setdefault("harness", data["harness"])

@@ -46,7 +46,8 @@ def profile_in_model(name: str, sizes: tuple[int, ...], check: Check,
     work = build_model(name, batch=max(sizes))
     return profile_model(work.model, work.sample, list(sizes), check.device, dtype=s.dtype,
                          warmup=s.warmup, repeat=s.repeat, timing="model", name=name,
-                         input_info=work.input_info, split_backward=split_backward)
+                         input_info=work.input_info, split_backward=split_backward,
+                         loss=(work.loss_fn, work.target))
 
 
 def has_profile(check: Check, sizes: tuple[int, ...]) -> bool:
@@ -78,7 +79,7 @@ def run(sec: Section, check: Check) -> None:
             work = build_model(name, batch=max(sizes))  # the profiler never changes it
             prof = profile_model(work.model, work.sample, list(sizes), dev, dtype=s.dtype,
                                  warmup=s.warmup, repeat=s.repeat, timing="model", name=name,
-                                 input_info=work.input_info)
+                                 input_info=work.input_info, loss=(work.loss_fn, work.target))
             profiles[name] = prof
             path = check.out / f"profile-{name}.json"
             save_profile(prof, path)

@@ -8,7 +8,8 @@ counts (cut after layer round(L k / 4)), all on ONE device, GPipe fill-drain, B=
 2, 4, 8, 16 micro-batches, without and with recompute (every segment keeps only its input and
 reruns its forward in the backward); no optimizer step, gradients set to None before each step.
 Each step is timed whole (``record.time_steps``: median and fastest of the repeats), with
-the allocator's peak above what was allocated before the step; the steps are also written in
+the allocator's peak above what was allocated before the step and each segment's peak
+activations as the executor counts them (against the simulator's); the steps are also written in
 the reference's own format (``gpipe-steps/0``) as ``DIR/steps-NAME.json``.
 
 Predicted: ``simulate`` on the profile section (b) just took (or, if it did not, one taken
@@ -145,7 +146,11 @@ def run(sec: Section, check: Check) -> None:
                     "predicted_ms": res.step_ms,
                     "error": (res.step_ms - measured["median_ms"]) / measured["median_ms"],
                     "peak_bytes_above_params": peak,
-                    "predicted_stage_peak_bytes": list(res.stage_peak_bytes)})
+                    "predicted_stage_peak_bytes": list(res.stage_peak_bytes),
+                    # what each segment held for backward (executor.runtime.memory), predicted
+                    "held_activation_peak_bytes": (pipe.last_timeline.meta.get(
+                        "stage_activation_peak_bytes") if pipe.last_timeline else None),
+                    "predicted_activation_peak_bytes": list(res.stage_activation_peak_bytes)})
     model.zero_grad(set_to_none=True)
     if configs:
         path = check.out / f"steps-{s.steps_model}.json"

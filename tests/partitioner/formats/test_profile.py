@@ -231,3 +231,14 @@ def test_loss_figures_load_round_trip_and_are_checked() -> None:
     assert any(p.startswith("loss.saved_bytes: [40] is not a list of 2 numbers") for p in problems)
     assert any(p.startswith("loss: unknown key 'target'") for p in problems)
     assert any("missing" in p and "target_bytes" in p for p in problems)
+
+
+def test_chain_only_memory_figures_are_refused_on_a_graph() -> None:
+    data = _valid()
+    data["edges"] = [[0, 1]]
+    data["loss"] = {"saved_bytes": [4, 8], "saved_input_bytes": [0, 0], "target_bytes": [1, 2]}
+    data["layers"][1]["saved_input_bytes"] = [0, 0]
+    data["layers"][1]["saved_output_bytes"] = [0, 0]
+    problems = _problems(data)
+    assert sorted(p.split(":")[0] for p in problems) == ["layers[1].saved_input_bytes", "loss"]
+    assert all("chain profile only" in p and "drop it, or the edges" in p for p in problems)
