@@ -230,6 +230,12 @@ def profile_model(
     if loss is not None and not isinstance(model, nn.Sequential):
         raise ValueError("loss= is measured for an nn.Sequential, profiled child by child; a "
                          "traced model's profile does not take it: drop loss=")
+    if loss is not None:
+        rows = min(t.shape[0] if t.dim() else 0 for t in as_tensors(loss[1], "the loss target"))
+        if rows < max(microbatch_sizes):
+            raise ValueError(f"loss= has a target of {rows} rows, but the largest micro-batch "
+                             f"size is {max(microbatch_sizes)}; give a target with at least "
+                             f"that many rows (one per sample)")
     if not isinstance(model, nn.Sequential):
         return profile_traced(
             model, sample, microbatch_sizes, device, dtype=dtype, warmup=warmup, repeat=repeat,

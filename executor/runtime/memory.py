@@ -12,18 +12,19 @@
     (256, 0, 256)
 
 What counts: the storages of the tensors autograd saves for a micro-batch's backward (through
-``torch.autograd.graph.saved_tensors_hooks``; parameters and buffers (a BatchNorm's running
-statistics) excluded, a storage once however many
-views of it are saved, and once however many micro-batches hold it), together with the stage's
-stashed input, from the end of its F to the end of its B; a re-materialising stage holds only the stash and, while B (or I) rebuilds the forward,
-the rebuilt storages on top; a split backward's micro-batch holds, from I to W, what the deferred
-weight gradients keep (``splitgrad.WeightGrads``: each deferred linear's input and output
-gradient). The first stage holds the step's inputs, and the last its targets, from the step's
-start to its end (their tensors' bytes, once). The peak is the most held at once in the step, so it is the measured counterpart of
-the simulator's replayed activation peak (``SimResult.stage_peak_bytes`` less the training
-state). Transient tensors (a backward's gradients, a forward's intermediates that are not saved)
-and the allocator's caching are not in it; on CUDA the runner also reports
-``torch.cuda.max_memory_allocated``, which includes them.
+``torch.autograd.graph.saved_tensors_hooks``; parameters and buffers, such as a BatchNorm's
+running statistics, excluded; a storage once however many views of it are saved, and once
+however many micro-batches hold it), together with the stage's stashed input, from the end of
+its F to the end of its B. A re-materialising stage holds only the stash and, while B (or I)
+rebuilds the forward, the rebuilt storages on top; a split backward's micro-batch holds, from
+I to W, what the deferred weight gradients keep (``splitgrad.WeightGrads``: each deferred
+linear's input and output gradient). The first stage holds the step's inputs, and the last
+its targets, from the step's start to its end (their tensors' bytes, once). The peak is the
+most held at once in the step: the measured counterpart of the simulator's replayed
+activation peak (``SimResult.stage_activation_peak_bytes``). Transient tensors (a backward's
+gradients, a forward's intermediates that are not saved) and the allocator's caching are not
+in it; on CUDA the distributed runner also reports ``torch.cuda.max_memory_allocated``, which
+includes them.
 """
 
 from __future__ import annotations

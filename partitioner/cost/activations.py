@@ -55,6 +55,10 @@ class ActivationTerms:
     keep: FloatArray
     stash: FloatArray
     exact: bool
+    #: per layer, an upper bound of what it adds to any stage holding it without recompute
+    #: (its saved bytes, the part of its input it does not save, the loss on the last): the
+    #: CP-SAT model's per-layer figure (``solve.ilp_data``); ``act`` where not exact
+    bound: FloatArray | None = None
 
     def held(self, start: int, end: int, recompute: bool) -> float:
         """Bytes one micro-batch holds on stage [start, end) from its F to its B."""
@@ -83,17 +87,20 @@ def activation_terms(saved: FloatArray, saved_in: FloatArray | None,
             act = saved.copy()
             act[-1] += loss_saved
             act.setflags(write=False)
-        return ActivationTerms(act, zero, zero, in_bytes, exact=False)
+        return ActivationTerms(act, zero, zero, in_bytes, exact=False, bound=act)
     s_in = np.minimum(np.asarray(saved_in, dtype=np.float64), saved)
     s_out = np.minimum(np.asarray(saved_out, dtype=np.float64), saved)
     shared = np.zeros_like(saved)  # what layer i saves of its input that layer i-1 also saved
     shared[1:] = np.minimum(s_in[1:], s_out[:-1])
     act = saved - shared
-    act[-1] += loss_saved - min(loss_in, loss_saved, float(s_out[-1]))
+    extra = loss_saved - min(loss_in, loss_saved, float(s_out[-1]))
+    act[-1] += extra
+    bound = saved + np.maximum(in_bytes - s_in, 0.0)
+    bound[-1] += extra
     lead = s_in - shared  # a stage's first layer: its saved input is the stash, counted there
     stash = in_bytes.copy()
     stash[:1] = 0.0  # the first stage's input is the batch, held whole for the step
     keep = stash - lead
-    for arr in (act, lead, keep, stash):
+    for arr in (act, lead, keep, stash, bound):
         arr.setflags(write=False)
-    return ActivationTerms(act, lead, keep, stash, exact=True)
+    return ActivationTerms(act, lead, keep, stash, exact=True, bound=bound)

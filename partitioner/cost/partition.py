@@ -184,7 +184,7 @@ def evaluate_assignment(cm: CostModel, stage_of: Sequence[int]) -> Solution:
         raise ValueError("not a convex partition into K=" + str(big_k) + " stages:\n  "
                          + "\n  ".join(problems))
     fwd, bwd = cm.layer_array("fwd_ms"), cm.backward_ms()
-    saved, inputs = cm.layer_array("saved_bytes"), cm.layer_array("in_bytes")
+    saved, inputs = cm.activations().act, cm.layer_array("in_bytes")  # (+ the loss's)
     state = cm.param_state_bytes()
     vals, size, ms = cm.values, cm.value_bytes(), cm.value_transfer_ms()
     compute = [cm.compute_actions * cm.runtime.action_ms] * big_k  # each action's fixed cost

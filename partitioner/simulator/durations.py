@@ -168,7 +168,6 @@ def stage_durations(cm: CostModel, stage_of: IntArray, devices: Sequence[int]) -
         bwd = _stage_sums(cm.layer_array("bwd_ms", b), order, bounds)
         bwd_i = _stage_sums(cm.layer_array("bwd_input_ms", b), order, bounds)
         bwd_w = _stage_sums(cm.layer_array("bwd_weight_ms", b), order, bounds)
-        saved = _stage_sums(cm.layer_array("saved_bytes", b), order, bounds)
         ms = np.where(paid, cm.value_transfer_ms(b)[x], 0.0)
         received = (_per_stage(recv_stage, cm.layer_array("in_bytes", b)[recv_layer], big_k)
                     if chain else _per_stage(dst, cm.value_bytes(b)[x], big_k))
@@ -179,14 +178,12 @@ def stage_durations(cm: CostModel, stage_of: IntArray, devices: Sequence[int]) -
         table["w"][:, s] = bwd_w + cm.runtime.action_ms
         table["sf"][:, s] = _per_stage(src, ms, big_k)
         table["sb"][:, s] = _per_stage(dst, np.where(grad, ms, 0.0), big_k)
-        terms = cm.activations(b)
+        terms = cm.activations(b)  # not exact: act is the saved bytes (and the loss's)
+        act = saved = _stage_sums(terms.act, order, bounds)
         if terms.exact:  # a chain's stages are ranges: start = each stage's first layer
             start = order[bounds[:-1]]
-            act = _stage_sums(terms.act, order, bounds)
             stash, saved = terms.stash[start], act - terms.lead[start]
             act = act + terms.keep[start]
-        else:
-            act = saved
         table["hold"][:, s] = np.where(rc, stash, act)
         table["rebuild"][:, s] = np.where(rc, saved, 0.0)
     state = _stage_sums(cm.param_state_bytes(), order, bounds)

@@ -8,8 +8,10 @@
 Times are integers in steps of ``unit_ms`` = (the largest possible stage time) / 2**24, each
 coefficient rounded to the nearest step; bytes in steps of ``unit_bytes`` >= 1 (limit / 2**32),
 terms rounded up and the limit down (``ilp``'s docstring says why both are safe). Memory takes
-each layer's ``saved_bytes`` whole: on a chain profile that says what neighbouring layers share
-(``cost.activations``) that is an upper bound of the exact terms, which the chain DP uses.
+each layer's saved bytes whole (with the loss's on the last layer, the batch on the first and
+the targets on the last); on a chain profile that says what neighbouring layers share, each
+layer's ``ActivationTerms.bound`` (also the part of its input it does not save, which a stage
+it starts holds): an upper bound of the exact terms (``cost.activations``) the chain DP uses.
 """
 
 from __future__ import annotations
@@ -75,7 +77,9 @@ def scale(cm: CostModel, limit: float, memory_objective: bool = False) -> Data:
 
     fwd, bwd = cm.layer_array("fwd_ms"), cm.backward_ms()
     inputs = cm.layer_array("in_bytes")
-    saved, state = cm.layer_array("saved_bytes"), cm.param_state_bytes()
+    terms, state = cm.activations(), cm.param_state_bytes()
+    saved = terms.bound if terms.bound is not None else terms.act
+    step = cm.step_bytes()  # the batch on the first layer's stage, the targets on the last's
     vals = [(x, val) for x, val in enumerate(cm.values.values) if val.consumers]
     size, ms = cm.value_bytes(), cm.value_transfer_ms()
     work_ms = [[float(fwd[i] + bwd[i] + (fwd[i] if cm.recomputes(k) else 0.0)) for i in range(n)]
@@ -96,15 +100,17 @@ def scale(cm: CostModel, limit: float, memory_objective: bool = False) -> Data:
     err += sum(abs(c - unit_ms * q) * f for c, q, f in zip(comm_ms, comm, fanout, strict=True))
 
     area_b, stash_b = [], []
+    fixed = [step[0] if i == 0 else 0.0 for i in range(n)]
+    fixed[-1] += step[1]
     for k in range(big_k):
         held = cm.in_flight(k)
         if cm.recomputes(k):
             rebuilt = cm.rebuilt(k)
-            area_b.append([float(state[i] + rebuilt * saved[i])
+            area_b.append([float(state[i] + rebuilt * saved[i]) + fixed[i]
                            + (0.0 if has_pred[i] else held * float(inputs[i])) for i in range(n)])
             stash_b.append([held * float(size[x]) for x, _ in vals])
         else:
-            area_b.append([float(state[i] + held * saved[i]) for i in range(n)])
+            area_b.append([float(state[i] + held * saved[i]) + fixed[i] for i in range(n)])
             stash_b.append([0.0] * len(vals))
     tied_b = [float(b) for b in cm.tied_state_bytes()]
     finite = math.isfinite(limit)

@@ -124,3 +124,10 @@ def test_split_backward_holds_the_deferred_work_until_w() -> None:
     batch_bytes, act = x.numel() * 4, 8 * 32 * 4
     assert plain[0].peak_activation_bytes == batch_bytes + 2 * act
     assert split[0].peak_activation_bytes == batch_bytes + 3 * act
+
+
+def test_profile_loss_needs_a_target_row_per_sample() -> None:
+    with pytest.raises(ValueError, match="target of 3 rows, but the largest micro-batch size "
+                                         "is 4"):
+        profile_model(_plain(), torch.randn(4, 16), [2, 4], "cpu", warmup=0, repeat=1,
+                      loss=(nn.functional.mse_loss, torch.randn(3, 4)))

@@ -18,7 +18,7 @@ from partitioner.solve import ilp
 from partitioner.solve.chain import partition_chain
 from partitioner.solve.ilp import SolveTimeoutError, min_memory_graph, partition_graph
 from partitioner.solve.infeasible import InfeasibleError
-from tests.synthetic import llama_like, make_profile, with_values
+from tests.synthetic import llama_like, make_profile, with_saved_parts, with_values
 
 LINKS = [Link(math.inf, 0.0), Link(1e-6, 0.0), Link(1e-6, 0.5)]
 values = st.floats(0.0, 10.0, allow_nan=False).map(lambda x: round(x, 3))
@@ -105,6 +105,23 @@ def test_chains_equal_the_dp(case: tuple[CostModel, float]) -> None:
         expected = None
     sol = check_against(cm, limit, expected)
     assert sol is None or sol.is_ranges
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(instances(graph=False), st.integers(0, 2**32))
+def test_exact_chain_terms_keep_the_ilp_safe(case: tuple[CostModel, float], seed: int) -> None:
+    """On a chain profile that says what its layers share, the CP-SAT model's per-layer
+    memory is an upper bound of the exact terms (ActivationTerms.bound): every partition it
+    returns fits, by the exact rule, and none beats the exact DP."""
+    cm, limit = case
+    cm = dataclasses.replace(cm, profile=with_saved_parts(cm.profile, random.Random(seed)))
+    assert cm.activations().exact
+    try:
+        sol = partition_graph(cm, limit, time_limit_s=30, workers=1, explain=False)
+    except InfeasibleError:
+        return
+    assert max(sol.stage_memory_bytes) <= limit * (1 + 1e-9)  # evaluated exactly
+    assert sol.bottleneck_ms >= partition_chain(cm, limit).bottleneck_ms - 1e-9
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
