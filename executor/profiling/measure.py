@@ -28,9 +28,9 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves
 
 from executor.runtime.batch import Batch, like
+from executor.runtime.memory import ActivationMeter
 from executor.runtime.splitgrad import WeightGrads, deferring
 
 __all__ = ["CLOCKS", "Clock", "Measurement", "as_batch", "as_tensors", "batch_nbytes",
@@ -274,28 +274,18 @@ def as_batch(out: object, name: str) -> Batch:
 def _saved_bytes(step: _Step, name: str) -> tuple[int, int, int, Batch]:
     """Bytes of the unique storages autograd saves for backward, parameters and buffers (a
     BatchNorm's running statistics: the module's state, shared by every micro-batch)
-    excluded, and of those the parts that are the input's and the output's storages; also
-    returns the output (detached) of this forward."""
-    param_storages = {p.untyped_storage().data_ptr()
-                      for p in itertools.chain(step.module.parameters(), step.module.buffers())}
-    seen: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in param_storages:
-            seen[ptr] = max(seen.get(ptr, 0), storage.nbytes())
-        return t
-
+    excluded, as the executor counts them (``memory.ActivationMeter``), and of those the parts
+    that are the input's and the output's storages; also returns the output (detached)."""
+    meter = ActivationMeter(step.module)
+    meter.begin_step()
     xin, _ = step.inputs()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with meter.saving() as seen:
         out = as_batch(step.module(xin), name)
     outs = as_tensors(out, "output")
     detached = like(out, [t.detach() for t in outs])
 
     def part(tensors: Sequence[Tensor]) -> int:
-        ptrs = {t.untyped_storage().data_ptr() for t in tensors}
-        return sum(size for ptr, size in seen.items() if ptr in ptrs)
+        return sum(size for ptr, size in seen.items() if ptr in meter.storages(tensors))
     return (sum(seen.values()), part(as_tensors(xin, "input")), part(outs), detached)
 
 
@@ -308,21 +298,12 @@ def loss_bytes(loss_fn: Callable[[Any, Any], Tensor], output: Batch,
         (32, 32, 32)
     """
     outs = [t.detach().requires_grad_(t.is_floating_point()) for t in as_tensors(output, "output")]
-    targets = [t for t in tree_leaves(target) if isinstance(t, Tensor)]
-    skip = {t.untyped_storage().data_ptr() for t in targets}
-    seen: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip:
-            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
-        return t
-
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    meter = ActivationMeter(nn.Module())
+    meter.begin_step(target)  # the targets: their own bytes, never among the saved ones
+    with torch.enable_grad(), meter.saving() as seen:
         loss_fn(like(output, outs), target)
-    own = {t.untyped_storage().data_ptr() for t in outs}
-    return (sum(seen.values()), sum(v for k, v in seen.items() if k in own),
-            sum(t.numel() * t.element_size() for t in targets))
+    own = meter.storages(outs)
+    return (sum(seen.values()), sum(v for k, v in seen.items() if k in own), meter.batch_bytes)
 
 
 def _peak_bytes(step: _Step, name: str) -> int:
