@@ -100,7 +100,7 @@ def main(argv: Sequence[str]) -> int:
     chain = is_chain(model)
     loss = None
     if args.model in MODELS and args.sample is None:  # a built-in: its loss, on the last stage
-        work = build_model(args.model, batch=args.batch or max(args.microbatch_sizes))
+        work = build_model(args.model, batch=max(args.microbatch_sizes))  # a row per sample
         loss = (work.loss_fn, work.target)
     graph_opts = {} if chain else {"leaves": resolve_leaves(args.leaf),
                                    "max_layers": args.max_layers}
