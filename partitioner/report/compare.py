@@ -16,6 +16,7 @@ predicted peak of its stages, training state included.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from partitioner.formats.timeline import Timeline
@@ -66,17 +67,19 @@ class Comparison:
     def memory(self) -> list[tuple[str, float, float]]:
         """(row name, predicted, measured) of every memory figure both timelines have: each
         stage's peak activations, and on CUDA each rank's allocated peak."""
-        p, m = self.predicted.meta, self.measured.meta
         out = []
-        pa, ma = p.get("stage_activation_peak_bytes"), m.get("stage_activation_peak_bytes")
-        if isinstance(pa, list) and isinstance(ma, list) and len(pa) == len(ma):
-            out += [(f"stage {k} activations peak", float(x), float(y))
-                    for k, (x, y) in enumerate(zip(pa, ma, strict=True))]
-        pr = p.get("rank_peak_bytes", p.get("stage_peak_bytes"))
-        mr = m.get("rank_allocated_peak_bytes")
-        if isinstance(pr, list) and isinstance(mr, list) and len(pr) == len(mr):
-            out += [(f"rank {r} allocated peak", float(x), float(y))
-                    for r, (x, y) in enumerate(zip(pr, mr, strict=True))]
+        pairs = (("stage {} activations peak", "stage_activation_peak_bytes", None,
+                  "stage_activation_peak_bytes"),
+                 ("rank {} allocated peak", "rank_peak_bytes", "stage_peak_bytes",
+                  "rank_allocated_peak_bytes"))
+        for name, key, fallback, measured_key in pairs:
+            mv = _bytes(self.measured, measured_key)
+            if mv is None:  # not measured: nothing to compare, whatever was predicted
+                continue
+            pv = _bytes(self.predicted, key if key in self.predicted.meta else fallback)
+            if pv is not None and len(pv) == len(mv):
+                out += [(name.format(k), x, y) for k, (x, y) in enumerate(zip(pv, mv,
+                                                                             strict=True))]
         return out
 
     @property
@@ -84,6 +87,22 @@ class Comparison:
         """Relative error of each stage's predicted peak activations (empty: not in both)."""
         return [relative_error(pv, mv) for name, pv, mv in self.memory()
                 if name.endswith("activations peak")]
+
+
+def _bytes(timeline: Timeline, key: str | None) -> list[float] | None:
+    """``timeline.meta[key]`` as byte counts (None when absent); a list with anything but
+    finite numbers >= 0 is an error that names the entry."""
+    values = timeline.meta.get(key) if key is not None else None
+    if values is None:
+        return None
+    if not isinstance(values, list):
+        raise ValueError(f"the {timeline.kind} trace's {key} is {values!r}, not a list of byte "
+                         f"counts (one per stage or rank); fix or drop it")
+    for i, x in enumerate(values):
+        if isinstance(x, bool) or not isinstance(x, int | float) or not 0 <= x < math.inf:
+            raise ValueError(f"the {timeline.kind} trace's {key}[{i}] is {x!r}; a byte count "
+                             f"must be a finite number >= 0: fix the entry or drop {key}")
+    return [float(x) for x in values]
 
 
 def compare_timelines(predicted: Timeline, measured: Timeline) -> Comparison:

@@ -59,3 +59,16 @@ def test_memory_rows_when_both_timelines_carry_it() -> None:
     cuda = replace(meas, meta={**meas.meta, "rank_allocated_peak_bytes": [4000, 6000]})
     assert "rank 0 allocated peak" in compare_timelines(pred, cuda).report()
     assert compare_timelines(_tl(1.0), meas).memory_errors == []  # not predicted: no rows
+
+
+def test_memory_figures_that_are_not_byte_counts_are_named() -> None:
+    pred = replace(_tl(1.0), meta={"stage_activation_peak_bytes": [1000.0, float("nan")]})
+    meas = replace(_tl(1.0), kind="measured", meta={"stage_activation_peak_bytes": [1, 2]})
+    with pytest.raises(ValueError, match=r"predicted trace's stage_activation_peak_bytes\[1\] "
+                                         r"is nan; a byte count must be a finite number >= 0"):
+        compare_timelines(pred, meas).report()
+    bad = replace(meas, meta={"stage_activation_peak_bytes": "big"})
+    with pytest.raises(ValueError, match="measured trace's stage_activation_peak_bytes is 'big'"):
+        compare_timelines(pred, bad).memory()
+    odd = replace(pred, meta={"stage_peak_bytes": [float("inf")]})
+    assert compare_timelines(odd, _tl(1.0)).memory() == []  # nothing measured: not read
