@@ -26,6 +26,7 @@ from executor.distributed.launch import run_rank
 from executor.distributed.spawn import spawn_local
 from executor.profiling.calibrate import measure_link, measure_runtime
 from executor.profiling.profiler import profile_model
+from executor.runtime.job import load_job
 from executor.workloads.models import DEFAULT_MODEL, build_model
 from partitioner.formats.plan import save_plan
 from partitioner.formats.profile import save_profile
@@ -70,7 +71,8 @@ def main() -> int:
     sizes = [b for b in (1, 2, 4, 8, 16, 32) if b <= batch]
     profile = profile_model(work.model, work.sample, sizes, "cpu", threads=1, clock="thread",
                             name=model_name, input_info=work.input_info,
-                            keep_freed_memory=True)  # as the ranks will run (run_rank)
+                            keep_freed_memory=True,  # as the ranks will run (run_rank)
+                            loss=(load_job(job).loss_fn, work.target))  # the last stage's
     save_profile(profile, out / "profile.json")
     print(f"{profile.num_layers} layers at micro-batch sizes {sizes}: {out / 'profile.json'}")
 
