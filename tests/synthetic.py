@@ -58,7 +58,8 @@ def with_saved_parts(prof: Profile, rng: random.Random) -> Profile:
     """``prof`` with random ``saved_input_bytes`` and ``saved_output_bytes`` (each a share of
     the layer's ``saved_bytes`` at every size, at most its input's or output's bytes), so the
     cost model takes its exact activation terms (``cost.activations``), and, half the time, a
-    loss that keeps some bytes and targets on the last stage."""
+    loss that keeps some bytes and targets on the last stage, and (independently) what each
+    layer keeps from I until W (``held_for_w_bytes``: some of its input, some more)."""
     def part(lay: LayerProfile, whole: tuple[float, ...]) -> tuple[float, ...]:
         share = rng.choice([0.0, 0.5, 1.0])
         return tuple(min(share * w, s) for w, s in zip(whole, lay.saved_bytes, strict=True))
@@ -66,9 +67,19 @@ def with_saved_parts(prof: Profile, rng: random.Random) -> Profile:
     saved, target = rng.randint(0, 1000), rng.randint(0, 100)
     loss = LossProfile(tuple(saved * f for f in scale), tuple(saved * f / 2 for f in scale),
                        tuple(target * f for f in scale)) if rng.random() < 0.5 else None
+    keeps_w = rng.random() < 0.5
+
+    def held_w(lay: LayerProfile) -> dict[str, tuple[float, ...] | None]:
+        if not keeps_w:
+            return {}
+        share, own = rng.choice([0.0, 0.5, 1.0]), rng.choice([0.0, 0.5, 2.0])
+        ins = tuple(share * x for x in lay.in_bytes)
+        return {"held_for_w_input_bytes": ins, "held_for_w_bytes": tuple(
+            i + own * (o + s) for i, o, s in zip(ins, lay.out_bytes, lay.saved_bytes,
+                                                  strict=True))}
     return dataclasses.replace(prof, loss=loss, layers=tuple(
         dataclasses.replace(lay, saved_input_bytes=part(lay, lay.in_bytes),
-                            saved_output_bytes=part(lay, lay.out_bytes))
+                            saved_output_bytes=part(lay, lay.out_bytes), **held_w(lay))
         for lay in prof.layers))
 
 

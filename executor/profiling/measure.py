@@ -56,6 +56,8 @@ class Measurement:
     bwd_weight_ms: float | None = None
     saved_input_bytes: int = 0  # of saved_bytes: storages of the module's input
     saved_output_bytes: int = 0  # and of its output
+    held_for_w_bytes: int | None = None  # split: what the deferred weight gradients keep
+    held_for_w_input_bytes: int | None = None  # of that: storages of the module's input
 
 
 def as_tensors(x: object, what: str) -> tuple[Tensor, ...]:
@@ -175,7 +177,8 @@ class _Flusher:
 
 def measure(module: nn.Module, x: Batch, device: torch.device, *, input_grad: bool = True,
             warmup: int = 2, repeat: int = 5, clock: str = "wall",
-            flush_bytes: int = 0, name: str = "module", split: bool = False) -> Measurement:
+            flush_bytes: int = 0, name: str = "module", split: bool = False,
+            held_for_w: bool | None = None) -> Measurement:
     """Median forward and backward time of ``module`` on ``x`` (already on ``device``), with
     in/out/saved bytes and, on CUDA, the allocator peak of one forward+backward.
 
@@ -186,6 +189,7 @@ def measure(module: nn.Module, x: Batch, device: torch.device, *, input_grad: bo
     L2 size to time a layer whose weights come from memory); the input and the output
     gradient are made after it, so they are cached as if just made by the neighbouring layer.
     ``split``: also time I and W (``_time_split``), in as many further repetitions.
+    ``held_for_w`` (default: ``split``): also count what a split backward keeps until W.
     """
     step = _Step(module, x, input_grad)
     timer = Clock(device, clock)
@@ -219,10 +223,12 @@ def measure(module: nn.Module, x: Batch, device: torch.device, *, input_grad: bo
         i_ms, w_ms = (_time_split(step, timer, flush, warmup, repeat, name) if split
                       else (None, None))
         saved, saved_in, saved_out, output = _saved_bytes(step, name)
+        held_w, held_w_in = (_held_for_w(step, name) if (split if held_for_w is None
+                                                          else held_for_w) else (None, None))
         peak = _peak_bytes(step, name) if device.type == "cuda" else None
     return Measurement(statistics.median(fwd_ms), statistics.median(bwd_ms), has_backward,
                        batch_nbytes(x), batch_nbytes(output), saved, peak, output, i_ms, w_ms,
-                       saved_in, saved_out)
+                       saved_in, saved_out, held_w, held_w_in)
 
 
 def _time_split(step: _Step, timer: Clock, flush: _Flusher, warmup: int, repeat: int,
@@ -241,8 +247,8 @@ def _time_split(step: _Step, timer: Clock, flush: _Flusher, warmup: int, repeat:
         flush()
         grads = [torch.ones_like(t) for t in outs]
         t0 = timer.mark()
-        if outs and wrt:
-            torch.autograd.backward(outs, grads, inputs=wrt)
+        if outs and wrt:  # every leaf: a deferred weight is not one, and inputs=[its
+            torch.autograd.backward(outs, grads)  # parameters] would skip the deferral
         t1 = timer.mark()
         deferred = len(store) > 0
         flush()
@@ -287,6 +293,24 @@ def _saved_bytes(step: _Step, name: str) -> tuple[int, int, int, Batch]:
     def part(tensors: Sequence[Tensor]) -> int:
         return sum(size for ptr, size in seen.items() if ptr in meter.storages(tensors))
     return (sum(seen.values()), part(as_tensors(xin, "input")), part(outs), detached)
+
+
+def _held_for_w(step: _Step, name: str) -> tuple[int, int]:
+    """Bytes of the unique storages a split backward keeps from I until W (``WeightGrads``:
+    each deferred linear's input and output gradient; parameters and buffers excluded, as the
+    executor counts them), and of those the input's."""
+    meter = ActivationMeter(step.module)
+    meter.begin_step()
+    xin, wrt = step.inputs()
+    store = WeightGrads()
+    with deferring(store):
+        outs = step.differentiable(as_batch(step.module(xin), name))
+    if outs and wrt:  # every leaf, as in _time_split
+        torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+    held = meter.storages(store.tensors())
+    own = meter.storages(as_tensors(xin, "input"))
+    store.clear()
+    return sum(held.values()), sum(size for ptr, size in held.items() if ptr in own)
 
 
 def loss_bytes(loss_fn: Callable[[Any, Any], Tensor], output: Batch,

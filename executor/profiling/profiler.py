@@ -260,7 +260,8 @@ def profile_model(
         alone_reps = {**reps, "split": split_backward}
         per_size, param_bytes = _layer_pass(
             model, sample, sizes, dev, cast, train, progress,
-            alone_reps if alone else {"warmup": 0, "repeat": 1, "clock": clock},
+            alone_reps if alone else {"warmup": 0, "repeat": 1, "clock": clock,
+                                      "held_for_w": split_backward},
             flush_bytes if alone else 0)
         if not alone:
             timed = _try_in_model(model, sample, sizes, dev, cast, train, reps, timing,
@@ -306,6 +307,8 @@ def profile_model(
             saved_bytes=tuple(float(m.saved_bytes) for m in row),
             saved_input_bytes=tuple(float(m.saved_input_bytes) for m in row),
             saved_output_bytes=tuple(float(m.saved_output_bytes) for m in row),
+            held_for_w_bytes=_column(row, "held_for_w_bytes"),
+            held_for_w_input_bytes=_column(row, "held_for_w_input_bytes"),
             peak_bytes=(tuple(float(m.peak_bytes or 0) for m in row)
                         if dev.type == "cuda" else None),
             bwd_input_ms=i_ms, bwd_weight_ms=w_ms,
@@ -338,6 +341,12 @@ def profile_model(
                            "overhead_bwd_ms": round(bwd_over, 6),
                            "split_backward": split_method(used) if split_backward else None}},
     )
+
+
+def _column(row: Sequence[Measurement], key: str) -> tuple[float, ...] | None:
+    """One optional figure of a layer per size, or None where it was not measured."""
+    values = [getattr(m, key) for m in row]
+    return None if any(v is None for v in values) else tuple(float(v) for v in values)
 
 
 def _layer_pass(model: nn.Sequential, sample: Batch, sizes: list[int], dev: torch.device,

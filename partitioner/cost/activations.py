@@ -25,6 +25,15 @@ layers [s, e):
 - recomputing: ``held = stash[s]`` from F to B, and ``rebuilt = sum(act) - lead[s]`` on top
   while B (or I to W) rebuilds and consumes the saved tensors.
 
+A split backward (ZB-H1, ZB-V) holds a micro-batch's graph only until its I: from I until W
+it holds what the deferred weight gradients keep, each split linear's input and output
+gradient, the layers' ``held_for_w_bytes`` (``w``): ``held_for_w = sum(w)``, less on the first
+stage the part that is the batch (``w_first``, held all step). Without those figures the
+graph's held (and rebuilt) bytes stay until W instead, as before they were measured.
+
+Each figure is a difference ``E[end] - S[start]`` of arrays over the layer boundaries
+(``forms``): how the chain DP weighs every stage at once.
+
 This is what ``executor.runtime.memory`` measures while a stage runs. It needs each layer's
 ``saved_input_bytes`` and ``saved_output_bytes`` (``exact``); a profile without them is read as
 before they existed (``exact`` False): a layer's saved bytes include its input and share
@@ -35,7 +44,7 @@ what two neighbours save), so plans made from older profiles stay safe.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
@@ -59,6 +68,12 @@ class ActivationTerms:
     #: (its saved bytes, the part of its input it does not save, the loss on the last): the
     #: CP-SAT model's per-layer figure (``solve.ilp_data``); ``act`` where not exact
     bound: FloatArray | None = None
+    #: per layer, what a split backward keeps from I to W (``held_for_w_bytes``); None: unknown
+    w: FloatArray | None = None
+    #: of the first layer's ``w``, the batch's part: the first stage counts it all step
+    w_first: float = 0.0
+    _forms: dict[bool, tuple[tuple[FloatArray, FloatArray], ...]] = field(
+        default_factory=dict, compare=False, repr=False)  # ``forms``, made once per kind
 
     def held(self, start: int, end: int, recompute: bool) -> float:
         """Bytes one micro-batch holds on stage [start, end) from its F to its B."""
@@ -70,14 +85,48 @@ class ActivationTerms:
         """Bytes a recomputing stage [start, end) rebuilds for one micro-batch's backward."""
         return float(self.act[start:end].sum() - self.lead[start])
 
+    def held_for_w(self, start: int, end: int, recompute: bool) -> float:
+        """Bytes one micro-batch holds on stage [start, end) from its I until its W: what the
+        weight gradients keep or, without those figures, what it held (and rebuilt) before."""
+        if self.w is None:
+            return self.held(start, end, recompute) + (
+                self.rebuilt(start, end) if recompute else 0.0)
+        return float(self.w[start:end].sum() - (self.w_first if start == 0 else 0.0))
+
+    def forms(self, recompute: bool) -> tuple[tuple[FloatArray, FloatArray], ...]:
+        """``(E, S)`` of ``held``, ``held_for_w`` and ``rebuilt`` (zero without recompute): each
+        is ``E[end] - S[start]`` for the stage [start, end); E has one entry per layer
+        boundary (L + 1), S one per layer (L)."""
+        made = self._forms.get(recompute)
+        if made is None:
+            made = self._forms[recompute] = self._make_forms(recompute)
+        return made
+
+    def _make_forms(self, recompute: bool) -> tuple[tuple[FloatArray, FloatArray], ...]:
+        n = len(self.act)
+        prefix = np.concatenate(([0.0], np.cumsum(self.act)))
+        zero_e, zero_s = np.zeros(n + 1), np.zeros(n)
+        rebuilt = (prefix, prefix[:-1] + self.lead) if recompute else (zero_e, zero_s)
+        held = (zero_e, -self.stash) if recompute else (prefix, prefix[:-1] - self.keep)
+        if self.w is None:
+            w = (held[0] + rebuilt[0], held[1] + rebuilt[1])
+        else:
+            w_prefix = np.concatenate(([0.0], np.cumsum(self.w)))
+            w_start = w_prefix[:-1].copy()
+            w_start[0] += self.w_first
+            w = (w_prefix, w_start)
+        return held, w, rebuilt
+
 
 def activation_terms(saved: FloatArray, saved_in: FloatArray | None,
                      saved_out: FloatArray | None, in_bytes: FloatArray,
-                     loss: tuple[float, float] = (0.0, 0.0)) -> ActivationTerms:
+                     loss: tuple[float, float] = (0.0, 0.0),
+                     held_w: tuple[FloatArray, FloatArray] | None = None) -> ActivationTerms:
     """The terms from per-layer ``saved_bytes``, ``saved_input_bytes``, ``saved_output_bytes``
     and ``in_bytes`` at one micro-batch size (the two parts None: a profile without them);
     ``loss``: what the loss saves, and of that the model's output (``profile_loss``), which
-    the last layer's ``act`` takes on (less what that layer saves of its output already)."""
+    the last layer's ``act`` takes on (less what that layer saves of its output already);
+    ``held_w``: per-layer ``held_for_w_bytes`` and their input parts (exact profiles only)."""
     saved = np.asarray(saved, dtype=np.float64)
     in_bytes = np.asarray(in_bytes, dtype=np.float64)
     loss_saved, loss_in = loss
@@ -101,6 +150,11 @@ def activation_terms(saved: FloatArray, saved_in: FloatArray | None,
     stash = in_bytes.copy()
     stash[:1] = 0.0  # the first stage's input is the batch, held whole for the step
     keep = stash - lead
-    for arr in (act, lead, keep, stash, bound):
+    w, w_first = None, 0.0
+    if held_w is not None:
+        w = np.asarray(held_w[0], dtype=np.float64).copy()
+        w_first = float(min(held_w[1][0], w[0])) if len(w) else 0.0
+    for arr in (act, lead, keep, stash, bound, *([] if w is None else [w])):
         arr.setflags(write=False)
-    return ActivationTerms(act, lead, keep, stash, exact=True, bound=bound)
+    return ActivationTerms(act, lead, keep, stash, exact=True, bound=bound, w=w,
+                           w_first=w_first)

@@ -3,19 +3,27 @@
     >>> h = holding("zb-h1", stages=3, microbatches=8)
     >>> h.splits, h.in_flight, h.rebuilt, h.rank_of
     (True, (3, 3, 3), (1, 2, 3), (0, 1, 2))
+    >>> h.states[1]                  # (before I, between I and W, one rebuilding)
+    ((1, 2, 0), (2, 1, 1))
+    >>> h.activation_bytes(1, held=10.0, held_for_w=4.0, rebuilt=30.0)
+    54.0
 
 The memory rules these counts feed (``CostModel.stage_memory_bytes``; the simulator replays
 the same rules action by action):
 
-- A micro-batch holds its activations on stage k from its F until its B or, when its backward
-  is split, until its W: the weight gradient needs the layer inputs the forward saved, so
-  they all stay until W runs (conservative: an input gradient may free some of them early,
-  the model does not count on it). ``in_flight`` is the most micro-batches held at once
-  (``generators.in_flight``).
+- A micro-batch holds its activations on stage k (``held``) from its F until its B or, when
+  its backward is split, until its I; from I until W it holds what the weight gradient needs
+  (``held_for_w``: ``cost.activations``). ``in_flight`` is the most micro-batches between F
+  and W (or B) at once (``generators.in_flight``).
 - A recomputing stage holds only its stash from F on, and rebuilds the saved activations at
-  the start of B (or I, where the recomputation happens); they stay until B ends (or until W).
-  ``rebuilt`` is the most micro-batches held rebuilt at once: 1 without a split (one B at a
-  time), and under ZB-H1 or ZB-V as many as have run I but not yet W.
+  the start of B (or I, where the recomputation happens), for that action (``rebuilt`` bytes
+  on top). ``rebuilt`` (the count) is the most micro-batches at once that are being rebuilt or
+  wait between I and W: 1 without a split (one B at a time), and under ZB-H1 or ZB-V as many
+  as have run I but not yet W, and one more rebuilding.
+- ``states[k]``: the counts (before I or B, between I and W, rebuilding now: 0 or 1) at each
+  moment stage k's memory may peak, those no other state exceeds in all three; the stage's
+  peak is the largest ``a held + b held_for_w + t rebuilt`` over them (``activation_bytes``),
+  what the simulator's replay of the schedule reaches.
 """
 
 from __future__ import annotations
@@ -26,7 +34,10 @@ from functools import lru_cache
 from partitioner.schedule.generators import in_flight, make_schedule, peak_in_flight
 from partitioner.schedule.ir import Schedule
 
-__all__ = ["SPLIT_SCHEDULES", "Holding", "holding", "peak_rebuilt"]
+__all__ = ["SPLIT_SCHEDULES", "Holding", "holding", "peak_rebuilt", "peak_states"]
+
+#: (before I or B, between I and W, rebuilding now) micro-batch counts of one stage.
+State = tuple[int, int, int]
 
 #: The named schedules that split every backward into I and W.
 SPLIT_SCHEDULES: frozenset[str] = frozenset({"zb-h1", "zbv"})
@@ -41,6 +52,17 @@ class Holding:
     in_flight: tuple[int, ...]
     rebuilt: tuple[int, ...]
     rank_of: tuple[int, ...]
+    states: tuple[tuple[State, ...], ...] = ()
+
+    def activation_bytes(self, stage: int, held: float, held_for_w: float,
+                         rebuilt: float) -> float:
+        """Stage k's peak activations when one micro-batch holds ``held`` bytes until its I
+        (or B), ``held_for_w`` from I until W, and a rebuild adds ``rebuilt`` on top."""
+        states = self.states[stage]
+        if len(states) == 1:  # GPipe's and 1F1B's: no generator for the common case
+            a, b, t = states[0]
+            return a * held + b * held_for_w + t * rebuilt
+        return max(a * held + b * held_for_w + t * rebuilt for a, b, t in states)
 
     @property
     def ranks(self) -> int:
@@ -71,6 +93,39 @@ def peak_rebuilt(sched: Schedule) -> tuple[int, ...]:
     return tuple(peak)
 
 
+def _frontier(found: set[State]) -> tuple[State, ...]:
+    """The states of ``found`` that no other one exceeds (or equals) in every count."""
+    return tuple(sorted(s for s in found if not any(
+        o != s and o[0] >= s[0] and o[1] >= s[1] and o[2] >= s[2] for o in found)))
+
+
+def peak_states(sched: Schedule) -> tuple[tuple[State, ...], ...]:
+    """Per stage, the states (see module docstring) at which its memory may peak in ``sched``,
+    replayed action by action.
+
+        >>> from partitioner.schedule.generators import one_f_one_b, zb_h1
+        >>> peak_states(one_f_one_b(2, 4)), peak_states(zb_h1(2, 4))[1]
+        ((((2, 0, 1),), ((1, 0, 1),)), ((0, 2, 0), (1, 1, 1)))
+    """
+    before, after = [0] * sched.stages, [0] * sched.stages
+    found: list[set[State]] = [set() for _ in range(sched.stages)]
+    for row in sched.actions:
+        for act in row:
+            k = act.stage
+            if act.kind == "F":
+                before[k] += 1
+                found[k].add((before[k], after[k], 0))
+            elif act.kind in ("B", "I"):
+                found[k].add((before[k], after[k], 1))
+                before[k] -= 1
+                if act.kind == "I":
+                    after[k] += 1
+                    found[k].add((before[k], after[k], 0))
+            elif act.kind == "W":
+                after[k] -= 1
+    return tuple(_frontier(f) if f else ((0, 0, 0),) for f in found)
+
+
 @lru_cache(maxsize=1024)
 def holding(name: str, stages: int, microbatches: int, stages_per_rank: int = 1) -> Holding:
     """The counts of schedule ``name`` for K stages, M micro-batches, V stages per rank: the
@@ -78,12 +133,15 @@ def holding(name: str, stages: int, microbatches: int, stages_per_rank: int = 1)
     max(1, min(K, M) - (K-1-k))), the replay of the generated schedule for the others (as
     ``generators.in_flight`` replays it)."""
     big_k, m, v = stages, microbatches, stages_per_rank
-    if name in ("gpipe", "1f1b"):
+    if name in ("gpipe", "1f1b"):  # the peak: the first B, every F so far still held
         flight = tuple(in_flight(name, k, big_k, m, v) for k in range(big_k))
-        return Holding(False, flight, (1,) * big_k, tuple(range(big_k)))
+        return Holding(False, flight, (1,) * big_k, tuple(range(big_k)),
+                       tuple(((f, 0, 1),) for f in flight))
     if name == "zb-h1":  # closed forms, tested against the generator's replay
         most = min(big_k, m)  # the drain's waiting W keep every stage at min(K, M)
         rebuilt = tuple(max(1, most - (big_k - 1 - k)) for k in range(big_k))
-        return Holding(True, (most,) * big_k, rebuilt, tuple(range(big_k)))
-    sched = make_schedule(name, big_k, m, v)  # generated once for all three counts
-    return Holding(bool(sched.split), peak_in_flight(sched), peak_rebuilt(sched), sched.rank_of)
+        states = tuple(((most - q, q, 0), (most - q + 1, q - 1, 1)) for q in rebuilt)
+        return Holding(True, (most,) * big_k, rebuilt, tuple(range(big_k)), states)
+    sched = make_schedule(name, big_k, m, v)  # generated once for all the counts
+    return Holding(bool(sched.split), peak_in_flight(sched), peak_rebuilt(sched), sched.rank_of,
+                   peak_states(sched))

@@ -232,9 +232,13 @@ class CostModel:
             saved_in, saved_out = ((self._interpolate_layers(k, b) if exact else None)
                                    for k in ("saved_input_bytes", "saved_output_bytes"))
             loss_saved, loss_in = self._loss_at(b, "saved_bytes", "saved_input_bytes")
+            held_w = None  # what a split backward keeps until W, where every layer says
+            if exact and all(lay.held_for_w_bytes is not None for lay in self.profile.layers):
+                held_w = (self._interpolate_layers("held_for_w_bytes", b),
+                          self._interpolate_layers("held_for_w_input_bytes", b))
             terms = self._terms[b] = activation_terms(
                 self.layer_array("saved_bytes", b), saved_in, saved_out,
-                self.layer_array("in_bytes", b), (loss_saved, loss_in))
+                self.layer_array("in_bytes", b), (loss_saved, loss_in), held_w)
         return terms
 
     def _loss_at(self, b: float, *keys: str) -> tuple[float, ...]:
@@ -370,20 +374,26 @@ class CostModel:
         return float(self.cut_grad_ms()[start] + self.cut_send_ms()[end])
 
     def stage_memory_bytes(self, start: int, end: int, stage: int) -> float:
-        """Training state + activations of stage k at its peak, as the closed form gives it:
-        ``in_flight`` micro-batches' held bytes, and when the stage recomputes ``rebuilt``
-        micro-batches' rebuilt ones on top (an upper bound of the replayed peak, equal to it
-        unless the two counts peak at different times), all at the largest micro-batch; the
-        first stage also holds the batch's inputs, the last its targets (``step_bytes``)."""
+        """Training state + activations of stage k at its peak, as the closed form gives it
+        (``stage_activation_bytes``); the first stage also holds the batch's inputs, the last
+        its targets (``step_bytes``)."""
         state = float(self.param_state_bytes()[start:end].sum())
         if self.profile.tied:
             state += self.range_tied_bytes(start, end)
-        terms, rc = self.activations(), self.recomputes(stage)
-        acts = self.in_flight(stage) * terms.held(start, end, rc) + (
-            self.rebuilt(stage) * terms.rebuilt(start, end) if rc else 0.0)
+        acts = self.stage_activation_bytes(start, end, stage)
         inputs, targets = self.step_bytes()
         return state + acts + (inputs if start == 0 else 0.0) + (
             targets if end == self.profile.num_layers else 0.0)
+
+    def stage_activation_bytes(self, start: int, end: int, stage: int) -> float:
+        """Stage k's activations at their peak, all at the largest micro-batch: the largest
+        over the schedule's states (``Holding.activation_bytes``) of the micro-batches held
+        until I or B, those between I and W, and one being rebuilt, each with its bytes
+        (``cost.activations``): the peak the simulator's replay reaches."""
+        terms, rc = self.activations(), self.recomputes(stage)
+        return self.holding.activation_bytes(
+            stage, terms.held(start, end, rc), terms.held_for_w(start, end, rc),
+            terms.rebuilt(start, end) if rc else 0.0)
 
     def rank_memory_bytes(self, ranges: Sequence[tuple[int, int]]) -> list[float]:
         """Per rank, the closed-form memory of the stages it runs (``ranges[k]`` = stage k's

@@ -22,8 +22,9 @@ Costs per micro-batch, the chain cost model of ``CostModel`` extended edge by ed
 - memory: training state + activations; a stage that uses a tied parameter whose owner layer
   is in another stage holds a copy (its training state); a recomputing stage stashes, per
   micro-batch in flight, every value it receives (once per value) plus the ``in_bytes`` of
-  its layers that have no predecessor (the model's inputs), plus ``CostModel.rebuilt``
-  micro-batches' saved activations; a chain profile that says what its layers share takes
+  its layers that have no predecessor (the model's inputs), with its saved activations on top
+  while rebuilt, from I until W when split; the peak is the largest over the schedule's
+  states (``cost.holding``); a chain profile that says what its layers share takes
   ``CostModel.activations``' exact terms instead (as ``stage_memory_bytes`` does).
 
 On a chain whose ``in_bytes[i] == out_bytes[i-1]`` (as the profilers write them) these are
@@ -219,14 +220,13 @@ def evaluate_assignment(cm: CostModel, stage_of: Sequence[int]) -> Solution:
     terms, step = cm.activations(), cm.step_bytes()
     memory = []
     for k in range(big_k):
-        held, rc = cm.in_flight(k), cm.recomputes(k)
+        rc = cm.recomputes(k)
         if terms.exact:  # a chain: stage k is the range of its nodes (cost.activations)
             start, end = nodes[k][0], nodes[k][-1] + 1
-            acts = held * terms.held(start, end, rc) + (
-                cm.rebuilt(k) * terms.rebuilt(start, end) if rc else 0.0) + (
+            acts = cm.stage_activation_bytes(start, end, k) + (
                 step[0] if start == 0 else 0.0) + (step[1] if end == prof.num_layers else 0.0)
-        else:
-            acts = (held * stash_k[k] + cm.rebuilt(k) * saved_k[k] if rc
-                    else held * saved_k[k])
+        else:  # held until W when split (the graph's rule: no figures of what W keeps)
+            held, rebuilt = (stash_k[k], saved_k[k]) if rc else (saved_k[k], 0.0)
+            acts = cm.holding.activation_bytes(k, held, held + rebuilt, rebuilt)
         memory.append(state_k[k] + acts)
     return Solution(nodes, tuple(compute), tuple(comm), tuple(memory), tuple(sent_k))

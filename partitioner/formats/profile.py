@@ -16,8 +16,11 @@ apart, small layers pay each half's fixed costs), which is accepted. Without the
 model splits ``bwd_ms`` by its stated rule (``CostModel.layer_array``). Optional too, as a pair:
 ``saved_input_bytes`` and ``saved_output_bytes``, the parts of ``saved_bytes`` that are the
 layer's own input and output (each at most ``saved_bytes``), which tell the memory model what
-neighbouring layers and a stage's stashed input share (``cost.activations``). At the top, an
-optional ``loss`` says what the loss function keeps on the last stage (``profile_loss``).
+neighbouring layers and a stage's stashed input share (``cost.activations``). And a pair for
+the split backward: ``held_for_w_bytes``, what the layer keeps from its I until its W (each
+deferred linear's input and output gradient), and ``held_for_w_input_bytes``, the part of it
+that is the layer's own input. At the top, an optional ``loss`` says what the loss function
+keeps on the last stage (``profile_loss``).
 """
 
 from __future__ import annotations
@@ -65,11 +68,18 @@ __all__ = [
 FORMAT = "gpipe-profile/1"
 _PER_SIZE = ("fwd_ms", "bwd_ms", "in_bytes", "out_bytes", "saved_bytes")
 _OPTIONAL_PER_SIZE = ("launch_ms", "peak_bytes", "bwd_input_ms", "bwd_weight_ms",
-                      "saved_input_bytes", "saved_output_bytes")
+                      "saved_input_bytes", "saved_output_bytes", "held_for_w_bytes",
+                      "held_for_w_input_bytes")
 #: Optional per-size fields that come in pairs.
 _PAIRS = (("bwd_input_ms", "bwd_weight_ms", "a split backward needs both halves (I and W)"),
           ("saved_input_bytes", "saved_output_bytes",
-           "the memory model reads what a layer shares with both neighbours"))
+           "the memory model reads what a layer shares with both neighbours"),
+          ("held_for_w_bytes", "held_for_w_input_bytes",
+           "the memory model reads what a split layer keeps until W and how much of it is "
+           "its input"))
+#: Optional per-size parts, each at most the whole it is a part of.
+_PARTS = (("saved_input_bytes", "saved_bytes"), ("saved_output_bytes", "saved_bytes"),
+          ("held_for_w_input_bytes", "held_for_w_bytes"))
 _LAYER_KEYS = {"name", "type", "param_bytes", *_PER_SIZE, *_OPTIONAL_PER_SIZE, "outputs",
                "extra"}
 _REQUIRED_TOP = ("format", "model", "device", "dtype", "microbatch_sizes", "layers")
@@ -134,6 +144,8 @@ class LayerProfile:
     bwd_weight_ms: tuple[float, ...] | None = None  # and the weight gradient (W), measured
     saved_input_bytes: tuple[float, ...] | None = None  # of saved_bytes: its input's storages
     saved_output_bytes: tuple[float, ...] | None = None  # and its output's
+    held_for_w_bytes: tuple[float, ...] | None = None  # split: kept from I until W
+    held_for_w_input_bytes: tuple[float, ...] | None = None  # of that: its input's storages
     extra: Mapping[str, Any] = field(default_factory=dict)
     outputs: tuple[OutputValue, ...] | None = None  # the values it passes on; None: one, whole
 
@@ -203,11 +215,11 @@ def _parse_layer(obj: object, i: int, n: int, problems: Problems) -> LayerProfil
             problems.add(f"{path}.{other}", f"missing, but {halves[0]} is given: {why}, one "
                                             f"per micro-batch size; give {other} too, or drop "
                                             f"{halves[0]}")
-    for key in ("saved_input_bytes", "saved_output_bytes"):
-        part = optional[key]
-        for j, (x, whole) in enumerate(zip(part or (), arrays["saved_bytes"], strict=False)):
+    for key, of in _PARTS:
+        part, wholes = optional[key], arrays.get(of) or optional.get(of)
+        for j, (x, whole) in enumerate(zip(part or (), wholes or (), strict=False)):
             if x > whole:
-                problems.add(f"{path}.{key}[{j}]", f"is {x:g} bytes, more than saved_bytes "
+                problems.add(f"{path}.{key}[{j}]", f"is {x:g} bytes, more than {of} "
                                                    f"({whole:g}) of which it is a part; give "
                                                    f"at most {whole:g}")
     extra = layer.get("extra", {})
@@ -228,6 +240,8 @@ def _parse_layer(obj: object, i: int, n: int, problems: Problems) -> LayerProfil
         bwd_weight_ms=optional["bwd_weight_ms"],
         saved_input_bytes=optional["saved_input_bytes"],
         saved_output_bytes=optional["saved_output_bytes"],
+        held_for_w_bytes=optional["held_for_w_bytes"],
+        held_for_w_input_bytes=optional["held_for_w_input_bytes"],
         extra=problems.mapping(extra, f"{path}.extra", "free-form data"),
         outputs=outputs,
     )
@@ -299,8 +313,10 @@ def profile_from_dict(data: object, source: str = "profile") -> Profile:
     loss = parse_loss(data["loss"], n, problems) if data.get("loss") is not None else None
     if edges is not None:  # the exact activation terms are a chain's (cost.activations)
         chain_only = (["loss"] if loss is not None else []) + [
-            f"layers[{i}].saved_input_bytes" for i, lay in enumerate(layers)
-            if lay.saved_input_bytes is not None][:1]
+            next(f"layers[{i}].{key}" for i, lay in enumerate(layers)
+                 if getattr(lay, key) is not None)
+            for key in ("saved_input_bytes", "held_for_w_bytes")
+            if any(getattr(lay, key) is not None for lay in layers)]
         for path in chain_only:
             problems.add(path, "the memory model reads it on a chain profile only (without "
                                "edges), and this profile has edges; drop it, or the edges")

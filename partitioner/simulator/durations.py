@@ -28,10 +28,12 @@ consumers its edges name; the chain i -> i+1 for a profile without edges).
   receives from d-1 only after d-1 received from d-2 ... after k's send had finished, so it
   has arrived; likewise its gradient is back before stage k's B (k waits for k+1's SB, which
   follows d's). So per micro-batch a stage is occupied exactly the evaluator's stage time.
-- Memory held from F to B (to W when split): the stage's ``saved_bytes``; or, when it
+- Memory held from F to B (to I when split): the stage's ``saved_bytes``; or, when it
   recomputes, its stash: the values it received (once per value) plus the ``in_bytes`` of
   its layers that have no predecessor (the model's inputs), with the saved bytes on top
-  while B rebuilds them (from I to W when split; ``cost.holding`` states the rules).
+  while B (or I) rebuilds them; from I to W, what W needs (``w_hold_bytes``: the held and
+  rebuilt bytes, or what the layers' ``held_for_w_bytes`` say W keeps; ``cost.holding``
+  states the rules).
   What a stage receives weighs the values' bytes on a graph profile (the evaluator's rule)
   and the receiving layer's ``in_bytes`` on a chain profile (``CostModel``'s rule, once per
   sending layer); the two agree wherever ``in_bytes[i]`` is what layer i-1 passes on, as the
@@ -69,13 +71,14 @@ class Durations:
     weight_ms: list[list[float]]  # W
     send_f_ms: list[list[float]]  # every forward transfer of stage k's outputs
     send_b_ms: list[list[float]]  # the gradient of everything stage k received
-    hold_bytes: list[list[float]]  # held from F to B (or W): saved activations, or the stash
-    rebuild_bytes: list[list[float]]  # extra during B (I to W): saved, when recomputing
+    hold_bytes: list[list[float]]  # held from F to B (or I): saved activations, or the stash
+    rebuild_bytes: list[list[float]]  # extra during B (or I): saved, when recomputing
     state_bytes: list[float]  # weights + gradients + optimizer state
     size_index: list[int]  # micro-batch i -> s
     message_ms: float = 0.0  # a paid transfer reaches its receiver this long after its send
     allreduce_ms: tuple[float, ...] = ()  # per stage, its gradients' all-reduce (D > 1)
     step_bytes: tuple[float, float] = (0.0, 0.0)  # held all step: inputs (first), targets (last)
+    w_hold_bytes: list[list[float]] | None = None  # from I to W (None: hold + rebuild)
 
 
 def stage_of_ranges(ranges: Sequence[tuple[int, int]]) -> IntArray:
@@ -162,7 +165,7 @@ def stage_durations(cm: CostModel, stage_of: IntArray, devices: Sequence[int]) -
         recv_stage, recv_layer = dst[once], v[once]
     rc = np.array([cm.recomputes(k) for k in range(big_k)])
     table = {key: np.zeros((big_k, n_sizes))
-             for key in ("f", "b", "i", "w", "sf", "sb", "hold", "rebuild")}
+             for key in ("f", "b", "i", "w", "sf", "sb", "hold", "rebuild", "w_hold")}
     for s, b in enumerate(distinct):
         fwd = _stage_sums(cm.layer_array("fwd_ms", b), order, bounds)
         bwd = _stage_sums(cm.layer_array("bwd_ms", b), order, bounds)
@@ -186,6 +189,10 @@ def stage_durations(cm: CostModel, stage_of: IntArray, devices: Sequence[int]) -
             act = act + terms.keep[start]
         table["hold"][:, s] = np.where(rc, stash, act)
         table["rebuild"][:, s] = np.where(rc, saved, 0.0)
+        table["w_hold"][:, s] = table["hold"][:, s] + table["rebuild"][:, s]
+        if terms.exact and terms.w is not None:  # what W keeps, measured
+            table["w_hold"][:, s] = _stage_sums(terms.w, order, bounds) - np.where(
+                order[bounds[:-1]] == 0, terms.w_first, 0.0)
     state = _stage_sums(cm.param_state_bytes(), order, bounds)
     if cm.profile.tied:
         state = state + tied_copies(cm, stage_of.tolist(), big_k)
@@ -195,4 +202,4 @@ def stage_durations(cm: CostModel, stage_of: IntArray, devices: Sequence[int]) -
     return Durations(lists["f"], lists["b"], lists["i"], lists["w"], lists["sf"], lists["sb"],
                      lists["hold"], lists["rebuild"], state.tolist(),
                      [distinct.index(b) for b in sizes], cm.runtime.message_ms, allreduce,
-                     cm.step_bytes())
+                     cm.step_bytes(), lists["w_hold"])

@@ -34,12 +34,13 @@ The model (the choices a reader needs to trust the numbers):
   GPipe step).
 - Memory, replayed per stage: weights + gradients + optimizer state (with the copies of tied
   parameters whose owner is in another stage), plus per micro-batch in flight (F to B, or to
-  W when split) its saved activations, or, when the stage recomputes, its stashed inputs,
-  with its saved activations on top while B rebuilds and consumes them (from I to W when
-  split), and on the first stage the batch's inputs and on the last its targets from the
-  step's start, where the profile has them (``cost.activations``). This is ``CostModel.stage_memory_bytes``'s (and the
-  graph evaluator's) closed form wherever both describe the same step (``cost.holding``
-  states the rules). A rank's memory
+  I when split) its saved activations, or, when the stage recomputes, its stashed inputs,
+  with its saved activations on top while B (or I) rebuilds and consumes them, from I to W
+  what W needs (``Durations.w_hold_bytes``), and on the first stage the batch's inputs and on
+  the last its targets from the step's start, where the profile has them
+  (``cost.activations``). This is ``CostModel.stage_memory_bytes``'s (and the graph
+  evaluator's) closed form wherever both describe the same step (``cost.holding`` states the
+  rules). A rank's memory
   is its stages' together, replayed as they run (``rank_peak_bytes``).
 - Replicas (D > 1). Each of D copies of the pipeline runs the same schedule on its share of
   the batch (the cost model's micro-batches of B/(D M)), in lockstep, so one replays them
@@ -216,9 +217,12 @@ class _Replay:
         delay = dur.message_ms
         # the receive a rank waits for: k * m + i for RF(k, i), -(k * m + i) - 1 for RB(k, i)
         blocked: list[int | None] = [None] * len(stages_of)
+        whold = dur.w_hold_bytes or [[h + r for h, r in zip(hs, rs, strict=True)]
+                                     for hs, rs in zip(dur.hold_bytes, dur.rebuild_bytes,
+                                                       strict=True)]
         # per stage k, what its actions read: durations, memory, where its messages go
         fixed = [(dur.fwd_ms[k], dur.bwd_ms[k], dur.input_ms[k], dur.weight_ms[k],
-                  dur.hold_bytes[k], dur.rebuild_bytes[k], dur.state_bytes[k],
+                  dur.hold_bytes[k], dur.rebuild_bytes[k], whold[k], dur.state_bytes[k],
                   dur.send_f_ms[k], dur.send_b_ms[k], arrived_f[k], arrived_b[k],
                   arrived_f[k - 1], arrived_b[min(k + 1, last)],
                   rank_of[min(k + 1, last)], (k + 1) * m, rank_of[k - 1], -(k - 1) * m - 1,
@@ -237,7 +241,8 @@ class _Replay:
                     if cur >= 0:
                         held_bytes[cur], peak_bytes[cur] = held, peak
                     cur = k
-                    (f_ms, b_ms, i_ms, w_ms, hold, rebuild, state, sf_ms, sb_ms, out_f, out_b,
+                    (f_ms, b_ms, i_ms, w_ms, hold, rebuild, w_hold, state, sf_ms, sb_ms, out_f,
+                     out_b,
                      in_f, in_b, dst_f, wake_f, dst_b, wake_b, mates) = fixed[k]
                     held, peak = held_bytes[k], peak_bytes[k]
                     if multi:  # what the rank's other stages hold meanwhile
@@ -277,15 +282,16 @@ class _Replay:
                     held -= hold[s]
                     backward_end[k] = end
                 elif work == INPUT:  # a recomputing stage rebuilds its activations here
-                    end = t + i_ms[s]
-                    held += rebuild[s]
-                    if held > peak:
-                        peak = held
-                    if multi and held + other > rpeak:
-                        rpeak = held + other
+                    end = t + i_ms[s]  # and from its end holds what W needs instead
+                    top = max(held + rebuild[s], held - hold[s] + w_hold[s])
+                    if top > peak:
+                        peak = top
+                    if multi and top + other > rpeak:
+                        rpeak = top + other
+                    held += w_hold[s] - hold[s]
                 elif work == WEIGHT:  # what W needed goes
                     end = t + w_ms[s]
-                    held -= hold[s] + rebuild[s]
+                    held -= w_hold[s]
                     backward_end[k] = end
                 if work:
                     busy_ms[k] += end - t

@@ -8,16 +8,18 @@
 
 Stage k's time per micro-batch is  g(start) + P_k[end] - P_k[start] + t(end)  with P_k the
 prefix sum of its layers' compute, t(c) the forward transfers of the values crossing the cut
-before layer c and g(c) their gradients; its memory is  R_k[end] - E_k[start]  (prefix sums of
-state and activations, E_k less the stashed input when the stage recomputes), plus the copies
-of tied parameters it holds (``_last_ends``: they keep the memory non-decreasing in the end).
+before layer c and g(c) their gradients; its memory is the largest of  R_k[end] - E_k[start]
+over the schedule's states (``cost.holding``: micro-batches before I, between I and W, being
+rebuilt; prefix sums of state and activations, ``ActivationTerms.forms``), plus the copies of
+tied parameters it holds (``_last_ends``: they keep the memory non-decreasing in the end).
 Both are "a value of the end minus a value of the start", which is what makes an exact
 parametric search fast:
 
   feasible(T): stage k may end at j iff some reachable start i < j with memory
                R_k[j] - E_k[i] <= limit has G_k[i] >= H_k[j] - T   (G = P - t, H = P + t).
 
-For fixed i the memory rule holds for j in (i, J_i] (R_k is non-decreasing), so the best start
+For fixed i the memory rule holds for j in (i, J_i] (each R_k is non-decreasing; J_i is the
+smallest over the states), so the best start
 for every j is a maximum over the intervals that cover j: one vectorised pass per stage.
 Bisection over T, each feasible answer tightened to the bottleneck it achieves, stops at a
 relative gap of 1e-9: the result is optimal to that precision (tests check it against brute
@@ -75,28 +77,39 @@ def _prefix(x: FloatArray) -> FloatArray:
     return np.concatenate(([0.0], np.cumsum(x)))
 
 
-def _variant_arrays(cm: CostModel, stage: int, memory_objective: bool, held: int,
-                    rebuilt: int) -> tuple[FloatArray, ...]:
-    """(H, G, R, E) for stage k holding ``held`` micro-batches in flight (``rebuilt`` of them
-    rebuilt when it recomputes); with ``memory_objective`` the objective is the memory."""
-    fwd, bwd = cm.layer_array("fwd_ms"), cm.backward_ms()
-    terms = cm.activations()  # a stage [i, j) holds E[j] - S[i] (cost.activations' terms)
+def _memory_forms(cm: CostModel, stage: int,
+                  states: tuple[tuple[int, int, int], ...]) -> list[tuple[FloatArray, FloatArray]]:
+    """(R, E) for stage k in each of the schedule's ``states`` (``cost.holding``): a stage
+    [i, j) holds R[j] - E[i] in that state (``ActivationTerms.forms``), its memory the
+    largest over them."""
     state = _prefix(cm.param_state_bytes())
-    recompute = cm.recomputes(stage)
-    if recompute:
-        mem_end = state + rebuilt * _prefix(terms.act)
-        mem_start = mem_end[:-1] + rebuilt * terms.lead - held * terms.stash
-    else:
-        mem_end = state + held * _prefix(terms.act)
-        mem_start = mem_end[:-1] - held * terms.keep
+    held, w, rebuilt = cm.activations().forms(cm.recomputes(stage))
     inputs, targets = cm.step_bytes()  # the first stage holds these all step, the last those
-    mem_start[0] -= inputs
-    mem_end[-1] += targets
-    mem_start = np.append(mem_start, math.inf)  # no stage starts at L
+    out: list[tuple[FloatArray, FloatArray]] = []
+    for a, b, t in states:
+        mem_end = state + a * held[0] + b * w[0] + t * rebuilt[0]
+        mem_start = state[:-1] + a * held[1] + b * w[1] + t * rebuilt[1]
+        mem_start[0] -= inputs
+        mem_end[-1] += targets
+        ends: FloatArray = np.append(mem_start, math.inf)  # no stage starts at L
+        out.append((mem_end, ends))
+    return out
+
+
+def _variant_arrays(cm: CostModel, stage: int, memory_objective: bool,
+                    states: tuple[tuple[int, int, int], ...],
+                    free: bool = False) -> tuple[FloatArray, ...]:
+    """(H, G) and, per state, (R, E) for stage k holding micro-batches as ``states`` say
+    (``free``: none, no memory rule to state); with ``memory_objective`` the objective is the
+    memory of the state that holds the most on the whole chain (the others only bound it: a
+    good split, not always the best)."""
+    forms = [] if free else _memory_forms(cm, stage, states)
     if memory_objective:
-        return mem_end, mem_start, mem_end, mem_start
-    work = _prefix(fwd + bwd + (fwd if recompute else 0.0))
-    return work + cm.cut_send_ms(), work - cm.cut_grad_ms(), mem_end, mem_start
+        top = max(forms, key=lambda f: f[0][-1] - f[1][0])
+        return (top[0], top[1], *(x for f in forms for x in f))
+    fwd, bwd = cm.layer_array("fwd_ms"), cm.backward_ms()
+    work = _prefix(fwd + bwd + (fwd if cm.recomputes(stage) else 0.0))
+    return (work + cm.cut_send_ms(), work - cm.cut_grad_ms(), *(x for f in forms for x in f))
 
 
 def _last_ends(cm: CostModel, mem_end: FloatArray, cap: FloatArray) -> IntArray:
@@ -171,19 +184,19 @@ class _Search:
         work = cm.layer_array("fwd_ms") + cm.backward_ms()
         self.lower_bound = 0.0 if memory_objective else max(work.sum() / cm.stages, work.max())
         tol = _MEM_RTOL * max(1.0, abs(limit)) if math.isfinite(limit) else 0.0
-        cache: dict[tuple[bool, int, int], _StageArrays] = {}
+        cache: dict[tuple[bool, tuple[tuple[int, int, int], ...]], _StageArrays] = {}
         self.arrays: list[_StageArrays] = []
         free = math.isinf(limit) and not memory_objective  # no memory rule to state
         for k in range(self.stages):
             # (without a limit the memory arrays go unused: no schedule is generated to count
             # what the stage holds)
-            key = (cm.recomputes(k), 1, 1) if free else (
-                cm.recomputes(k), cm.in_flight(k), cm.rebuilt(k))
+            key = (cm.recomputes(k), () if free else cm.holding.states[k])
             if key not in cache:
-                head, tail, mem_end, mem_start = _variant_arrays(cm, k, memory_objective,
-                                                                 *key[1:])
-                last_end = _last_ends(cm, mem_end, mem_start + limit + tol)
-                last_end = np.minimum(last_end, self.num_layers)
+                head, tail, *forms = _variant_arrays(cm, k, memory_objective, key[1], free)
+                last_end = np.full(self.num_layers + 1, self.num_layers, dtype=np.int64)
+                for mem_end, mem_start in zip(forms[::2], forms[1::2], strict=True):
+                    last_end = np.minimum(last_end, _last_ends(cm, mem_end,
+                                                               mem_start + limit + tol))
                 cache[key] = _StageArrays.build(head, tail, last_end)
             self.arrays.append(cache[key])
 

@@ -11,13 +11,17 @@ terms rounded up and the limit down (``ilp``'s docstring says why both are safe)
 each layer's saved bytes whole (with the loss's on the last layer, the batch on the first and
 the targets on the last); on a chain profile that says what neighbouring layers share, each
 layer's ``ActivationTerms.bound`` (also the part of its input it does not save, which a stage
-it starts holds): an upper bound of the exact terms (``cost.activations``) the chain DP uses.
+it starts holds): an upper bound of the exact terms (``cost.activations``) the chain DP uses;
+under a split schedule, the larger of that and what the layer keeps from I until W (a
+micro-batch is in one state or the other, and ``in_flight`` counts both).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from partitioner.cost.model import CostModel
 from partitioner.formats.layers import layer_edges, reach_counts
@@ -79,6 +83,8 @@ def scale(cm: CostModel, limit: float, memory_objective: bool = False) -> Data:
     inputs = cm.layer_array("in_bytes")
     terms, state = cm.activations(), cm.param_state_bytes()
     saved = terms.bound if terms.bound is not None else terms.act
+    if terms.w is not None and cm.holding.splits:  # from I to W a layer may hold more: W's
+        saved = np.maximum(saved, terms.w)  # (a micro-batch holds one of the two at a time)
     step = cm.step_bytes()  # the batch on the first layer's stage, the targets on the last's
     vals = [(x, val) for x, val in enumerate(cm.values.values) if val.consumers]
     size, ms = cm.value_bytes(), cm.value_transfer_ms()

@@ -74,6 +74,22 @@ class Leaders:
         return bound > bar * (1 + SLACK) + 1e-12
 
 
+#: What a schedule holds, as the memory rules read it: per stage its states, the counts of
+#: micro-batches in flight and rebuilt with V, and whether it splits (``cost.holding``).
+_Held = tuple[tuple[tuple[tuple[int, int, int], ...], ...], tuple[int, ...], bool]
+
+
+def _holds_more(held: _Held, fewer: _Held) -> bool:
+    """Whether ``held`` holds at least what ``fewer`` does, everywhere: each of its counts as
+    large, each stage's every state of ``fewer`` matched by one as large in all three counts
+    (so every memory figure of a partition is as large under ``held``)."""
+    states, counts, splits = held
+    f_states, f_counts, f_splits = fewer
+    return splits == f_splits and all(h >= f for h, f in zip(counts, f_counts, strict=True)) \
+        and all(all(any(all(x >= y for x, y in zip(s, t, strict=True)) for s in mine)
+                    for t in theirs) for mine, theirs in zip(states, f_states, strict=True))
+
+
 class PartitionCache:
     """Partitions solved so far (see the module docstring): without a memory limit by (K, b,
     recompute); with it by (K, b, recompute, micro-batches in flight per stage), and where
@@ -85,7 +101,7 @@ class PartitionCache:
         self.partition, self.solves = partition, 0
         self.relaxed: dict[tuple[object, ...], Solution] = {}
         self.limited: dict[tuple[object, ...], Solution | str] = {}
-        self.infeasible: dict[tuple[object, ...], list[tuple[int, ...]]] = {}
+        self.infeasible: dict[tuple[object, ...], list[_Held]] = {}
 
     def solve(self, cm: CostModel, limit: float) -> Solution | str:
         """A partition fitting ``limit``, or ``infeasible`` / ``timeout``."""
@@ -98,10 +114,9 @@ class PartitionCache:
         sol = recost(cm, self.relaxed[key])  # this M's memory on those stages
         if max(sol.stage_memory_bytes) <= limit:
             return sol
-        held = tuple(cm.in_flight(k) for k in range(cm.stages)) + tuple(
-            cm.rebuilt(k) for k in range(cm.stages)) + (cm.stages_per_rank,)
-        if any(all(h >= f for h, f in zip(held, fewer, strict=True))
-               for fewer in self.infeasible.get(key, ())):
+        hold = cm.holding
+        held = (hold.states, hold.in_flight + hold.rebuilt + (cm.stages_per_rank,), hold.splits)
+        if any(_holds_more(held, fewer) for fewer in self.infeasible.get(key, ())):
             return "infeasible"  # memory only grows with the micro-batches held
         if (*key, held) not in self.limited:
             self.solves += 1

@@ -79,24 +79,32 @@ def measured(request: pytest.FixtureRequest) -> tuple[object, str]:
     return prof, request.param
 
 
+#: (schedule, K, V): every schedule, the split ones (ZB-H1, ZB-V) on stages whose first layer
+#: is a linear (the batch, or the stash, kept for W) and not.
+SCHEDULES = [("gpipe", 2, 1), ("1f1b", 2, 1), ("zb-h1", 2, 1), ("zb-h1", 3, 1), ("zbv", 2, 2),
+             ("interleaved", 2, 2)]
+
+
 @pytest.mark.parametrize(("schedule", "recompute", "m"),
-                         list(itertools.product(("gpipe", "1f1b"), ("never", "always"),
-                                                (1, 2, 4))))
-def test_predicted_peak_is_what_the_stages_hold(measured: tuple[object, str], schedule: str,
+                         list(itertools.product(SCHEDULES, ("never", "always"), (1, 2, 4))))
+def test_predicted_peak_is_what_the_stages_hold(measured: tuple[object, str],
+                                                schedule: tuple[str, int, int],
                                                 recompute: str, m: int) -> None:
     """The simulator's replayed activation peak and the closed form, from a profile of this
-    very model and its loss, equal the bytes each stage held, to the byte."""
+    very model and its loss, equal the bytes each stage held, to the byte: under a split
+    backward also what the deferred weight gradients keep from I to W."""
     (prof, loss_name), model, batch = measured, _model(), 8
-    loss_fn, target = LOSSES[loss_name]
+    (name, big_k, v), loss_fn, target = schedule, *LOSSES[loss_name]
     x, y = torch.randn(batch, 16), target(batch)
-    cm = CostModel(prof, batch, m, stages=2, recompute=recompute,  # type: ignore[arg-type]
-                   schedule=schedule)  # type: ignore[arg-type]
+    cm = CostModel(prof, batch, m, stages=big_k, recompute=recompute,  # type: ignore[arg-type]
+                   schedule=name, stages_per_rank=v)  # type: ignore[arg-type]
     assert cm.activations().exact and cm.step_bytes() == (x.numel() * 4, y.numel() *
                                                           y.element_size())
-    ranges = make_plan(cm, devices=["cpu"] * 2).layer_ranges()
+    assert cm.activations().w is not None  # the profiler measured what W keeps
+    ranges = make_plan(cm, devices=["cpu"] * big_k).layer_ranges()
     stages = [Stage(k, build_layers(model, *ranges[k]), "cpu", recompute=cm.recomputes(k))
-              for k in range(2)]
-    results, timeline = LocalRunner(stages, schedule, m).run_data(
+              for k in range(big_k)]
+    results, timeline = LocalRunner(stages, name, m, stages_per_rank=v).run_data(
         StepData.split(x, y, m, loss_fn), True)
     held = [r.peak_activation_bytes for r in results]
     assert held == timeline.meta["stage_activation_peak_bytes"]
@@ -104,7 +112,7 @@ def test_predicted_peak_is_what_the_stages_hold(measured: tuple[object, str], sc
     assert list(predicted) == held
     state = cm.param_state_bytes()
     closed = [cm.stage_memory_bytes(*ranges[k], k) - state[slice(*ranges[k])].sum()
-              for k in range(2)]
+              for k in range(big_k)]
     assert closed == pytest.approx(held, rel=1e-12)
 
 
@@ -131,3 +139,20 @@ def test_profile_loss_needs_a_target_row_per_sample() -> None:
                                          "is 4"):
         profile_model(_plain(), torch.randn(4, 16), [2, 4], "cpu", warmup=0, repeat=1,
                       loss=(nn.functional.mse_loss, torch.randn(3, 4)))
+
+
+@pytest.mark.parametrize("timing", ["model", "layer"])
+def test_profiler_counts_what_w_keeps(timing: str) -> None:
+    """Per layer, a deferred linear's input and output gradient (the first layer's input is
+    the batch: its part is said, so the first stage counts it once, all step); alone, the
+    first layer's split backward is timed too (its input needs no gradient, yet I and W run)."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    prof = profile_model(model, torch.randn(8, 16), [2, 8], "cpu", warmup=0, repeat=1,
+                         timing=timing)
+    first, relu, last = prof.layers
+    assert first.held_for_w_bytes == (2 * (16 + 32) * 4, 8 * (16 + 32) * 4)
+    assert first.held_for_w_input_bytes == (2 * 16 * 4, 8 * 16 * 4)
+    assert relu.held_for_w_bytes == relu.held_for_w_input_bytes == (0.0, 0.0)
+    assert last.held_for_w_bytes == (2 * (32 + 4) * 4, 8 * (32 + 4) * 4)
+    if timing == "layer":
+        assert first.bwd_weight_ms is not None and min(first.bwd_weight_ms) > 0

@@ -61,6 +61,50 @@ def test_terms_equal_the_union_of_what_a_stage_holds() -> None:
                 assert terms.rebuilt(s, e) == sum(size[x] for x in saved - stash)
 
 
+def test_held_for_w_is_the_union_of_what_the_weight_gradients_keep() -> None:
+    """Layer i's deferred linears keep some of its input (the stash, the batch on the first
+    stage), internals of its own and output gradients; a stage holds their union from I to W,
+    and every figure is its ``forms``' E[end] - S[start]."""
+    rng = random.Random(1)
+    for _ in range(300):
+        n = rng.randint(1, 7)
+        saves, size = _random_chain(rng, n)
+        keeps = []
+        for i in range(n):
+            size[f"grad{i}"] = rng.randint(1, 50)
+            own = [f"out{i - 1}" if i else "batch", f"grad{i}", *(x for x in saves[i]
+                                                                  if x.startswith("in"))]
+            keeps.append({x for x in own if rng.random() < 0.6})
+        saved = np.array([sum(size[s] for s in saves[i]) for i in range(n)], dtype=float)
+        ins = [f"out{i - 1}" if i else "batch" for i in range(n)]
+        terms = activation_terms(
+            saved, np.zeros(n), np.zeros(n), np.array([float(size[x]) for x in ins]),
+            held_w=(np.array([float(sum(size[x] for x in keeps[i])) for i in range(n)]),
+                    np.array([float(size[ins[i]]) if ins[i] in keeps[i] else 0.0
+                              for i in range(n)])))
+        for rc in (False, True):
+            (he, hs), (we, ws), (re, rs) = terms.forms(rc)
+            for s in range(n):
+                for e in range(s + 1, n + 1):
+                    union = set().union(*keeps[s:e]) - {"batch"}
+                    assert terms.held_for_w(s, e, rc) == sum(size[x] for x in union)
+                    assert we[e] - ws[s] == pytest.approx(terms.held_for_w(s, e, rc))
+                    assert he[e] - hs[s] == pytest.approx(terms.held(s, e, rc))
+                    assert re[e] - rs[s] == pytest.approx(terms.rebuilt(s, e) if rc else 0.0)
+
+
+def test_without_what_w_keeps_a_split_stage_holds_its_graph_until_w() -> None:
+    prof = make_profile([1.0, 1.0, 1.0], saved_bytes=[10.0, 20.0, 30.0],
+                        in_bytes=[5.0, 6.0, 7.0])
+    terms = CostModel(prof, 2, 2, stages=2, recompute="always").activations()
+    assert terms.w is None
+    assert terms.held_for_w(1, 3, recompute=False) == 50.0
+    assert terms.held_for_w(1, 3, recompute=True) == 6.0 + 50.0  # the stash and the rebuilt
+    for rc in (False, True):
+        w = terms.forms(rc)[1]
+        assert w[0][3] - w[1][1] == terms.held_for_w(1, 3, rc)
+
+
 def test_profile_without_the_parts_keeps_the_older_rule() -> None:
     prof = make_profile([1.0, 1.0, 1.0], saved_bytes=[10.0, 20.0, 30.0],
                         in_bytes=[5.0, 6.0, 7.0])

@@ -1,9 +1,12 @@
 """What schedules hold: the rebuilt count against a brute-force scan, the shortcuts of the fixed
-schedules against their generators' replay, and which schedules split the backward."""
+schedules against their generators' replay, the peak over the states against a byte-by-byte
+replay, and which schedules split the backward."""
+
+import random
 
 import pytest
 
-from partitioner.cost.holding import SPLIT_SCHEDULES, holding, peak_rebuilt
+from partitioner.cost.holding import SPLIT_SCHEDULES, holding, peak_rebuilt, peak_states
 from partitioner.schedule.generators import SCHEDULES, in_flight, make_schedule, peak_in_flight
 from partitioner.schedule.ir import Schedule
 
@@ -45,6 +48,33 @@ def test_counts_equal_the_replay_of_the_generated_schedule(name: str, big_k: int
                                                            for k in range(big_k))
     assert got.rank_of == sched.rank_of and got.ranks == sched.ranks
     assert got.splits == bool(sched.split) == (name in SPLIT_SCHEDULES)
+    assert got.states == peak_states(sched)
+    rng = random.Random(hash((name, big_k, m, v)))
+    for _ in range(20):  # any bytes: the states' peak is the replayed one
+        held, held_w, rebuilt = (rng.choice([0.0, 1.0, rng.uniform(0, 10)]) for _ in range(3))
+        assert [got.activation_bytes(k, held, held_w, rebuilt) for k in range(big_k)] == \
+            pytest.approx(brute_peak(sched, held, held_w, rebuilt))
+
+
+def brute_peak(sched: Schedule, held: float, held_w: float, rebuilt: float) -> list[float]:
+    """Per stage, the most bytes at once, action by action: ``held`` per micro-batch from F to
+    B or I, ``held_w`` from I to W, ``rebuilt`` on top during a B or I."""
+    out = []
+    for k in range(sched.stages):
+        live = best = 0.0
+        for a in sched.actions[sched.rank_of[k]]:
+            if a.stage != k:
+                continue
+            if a.kind == "F":
+                live += held
+            elif a.kind in ("B", "I"):
+                best = max(best, live + rebuilt)
+                live += (held_w if a.kind == "I" else 0.0) - held
+            else:
+                live -= held_w
+            best = max(best, live)
+        out.append(best)
+    return out
 
 
 def test_every_named_schedule_is_known_to_split_or_not() -> None:
@@ -62,3 +92,4 @@ def test_zb_h1_closed_forms_equal_the_replay_of_its_schedule() -> None:
             got = holding("zb-h1", big_k, m)
             assert got.in_flight == peak_in_flight(sched), (big_k, m)
             assert got.rebuilt == peak_rebuilt(sched), (big_k, m)
+            assert got.states == peak_states(sched), (big_k, m)

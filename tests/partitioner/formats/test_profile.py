@@ -219,6 +219,24 @@ def test_saved_parts_come_as_a_pair_and_stay_within_saved_bytes() -> None:
                             f"than saved_bytes") for p in problems)
 
 
+def test_what_w_keeps_comes_as_a_pair_and_its_input_part_stays_within_it() -> None:
+    data = _valid()
+    data["layers"][0]["held_for_w_bytes"] = [64, 128]
+    data["layers"][0]["held_for_w_input_bytes"] = [32, 64]
+    prof = profile_from_dict(copy.deepcopy(data))
+    assert prof.layers[0].held_for_w_bytes == (64.0, 128.0)
+    assert prof.layers[0].held_for_w_input_bytes == (32.0, 64.0)
+    assert profile_from_dict(profile_to_dict(prof)) == prof
+    data["layers"][1]["held_for_w_bytes"] = [0, 0]  # no input part
+    data["layers"][0]["held_for_w_input_bytes"] = [65, 64]
+    problems = _problems(copy.deepcopy(data))
+    assert len(problems) == 2
+    assert any(p.startswith("layers[1].held_for_w_input_bytes: missing, but held_for_w_bytes "
+                            "is given") for p in problems)
+    assert any(p.startswith("layers[0].held_for_w_input_bytes[0]: is 65 bytes, more than "
+                            "held_for_w_bytes (64)") for p in problems)
+
+
 def test_loss_figures_load_round_trip_and_are_checked() -> None:
     data = _valid()
     data["loss"] = {"saved_bytes": [40, 80], "saved_input_bytes": [0, 8],
@@ -239,6 +257,8 @@ def test_chain_only_memory_figures_are_refused_on_a_graph() -> None:
     data["loss"] = {"saved_bytes": [4, 8], "saved_input_bytes": [0, 0], "target_bytes": [1, 2]}
     data["layers"][1]["saved_input_bytes"] = [0, 0]
     data["layers"][1]["saved_output_bytes"] = [0, 0]
+    data["layers"][0]["held_for_w_bytes"] = data["layers"][0]["held_for_w_input_bytes"] = [0, 0]
     problems = _problems(data)
-    assert sorted(p.split(":")[0] for p in problems) == ["layers[1].saved_input_bytes", "loss"]
+    assert sorted(p.split(":")[0] for p in problems) == [
+        "layers[0].held_for_w_bytes", "layers[1].saved_input_bytes", "loss"]
     assert all("chain profile only" in p and "drop it, or the edges" in p for p in problems)

@@ -84,16 +84,17 @@ def test_activations_held_per_schedule(big_k: int, m: int) -> None:
 
 
 @pytest.mark.parametrize("schedule,recompute,exact", list(itertools.product(
-    ["gpipe", "1f1b"], ["never", "always", "except_last"], [False, True])))
+    ["gpipe", "1f1b", "zb-h1"], ["never", "always", "except_last"], [False, True])))
 def test_peak_memory_equals_the_dp_closed_form(schedule: str, recompute: str,
                                                exact: bool) -> None:
     """Weights + grads + optimizer state + held activations (or stashed inputs plus one
     micro-batch's saved during recompute): CostModel.stage_memory_bytes, on even splits; with
     ``exact``, the terms of a profile that says what its layers share, and the batch."""
-    prof = load_profile("h200/gpt2-medium")
-    if exact:
-        prof = with_saved_parts(prof, random.Random(len(schedule + recompute)))
-    for big_k, m in [(4, 4), (3, 8), (2, 16)]:
+    base = load_profile("h200/gpt2-medium")
+    profiles = [with_saved_parts(base, random.Random(seed)) for seed in range(4)] if exact \
+        else [base]  # the seeds: with and without what W keeps (held_for_w_bytes)
+    assert not exact or {p.layers[0].held_for_w_bytes is None for p in profiles} == {True, False}
+    for prof, (big_k, m) in itertools.product(profiles, [(4, 4), (3, 8), (2, 16)]):
         cm = CostModel(prof, 16, m, stages=big_k, schedule=schedule,  # type: ignore[arg-type]
                        recompute=recompute, link=LINKS["nvlink"])  # type: ignore[arg-type]
         sol = partition_chain(cm)

@@ -57,7 +57,8 @@ def instances(draw: st.DrawFn, with_values: bool = False,
     link = draw(st.sampled_from([Link(math.inf, 0.0), Link(1e-6, 0.0), Link(1e-6, 0.5)]))
     cm = CostModel(prof, draw(st.integers(m, 3 * m)), m, stages=k,
                    recompute=draw(st.sampled_from(["never", "always", "except_last"])),
-                   schedule=draw(st.sampled_from(["gpipe", "1f1b"])), link=link,
+                   schedule=draw(st.sampled_from(["gpipe", "1f1b", "zb-h1"] if exact
+                                                 else ["gpipe", "1f1b"])), link=link,
                    optimizer=draw(st.sampled_from(["none", "sgd", "adam"])),
                    runtime=draw(st.sampled_from([Runtime(), Runtime(1.4, 0.3)])))
     limit_kind = draw(st.sampled_from(["none", "tight", "random"]))

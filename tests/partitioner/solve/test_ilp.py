@@ -57,7 +57,7 @@ def instances(draw: st.DrawFn, graph: bool) -> tuple[CostModel, float]:
     m = draw(st.integers(1, 6))
     cm = CostModel(prof, draw(st.integers(m, 3 * m)), m, stages=k,
                    recompute=draw(st.sampled_from(["never", "always", "except_last"])),
-                   schedule=draw(st.sampled_from(["gpipe", "1f1b"])),
+                   schedule=draw(st.sampled_from(["gpipe", "1f1b", "zb-h1"])),
                    link=draw(st.sampled_from(LINKS)),
                    optimizer=draw(st.sampled_from(["none", "sgd", "adam"])))
     limit_kind = draw(st.sampled_from(["none", "tight", "random"]))
