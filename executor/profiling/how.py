@@ -81,6 +81,9 @@ def chain_how(dev: torch.device, used: str, clock: str, warmup: int, repeat: int
                      "allocated before it")
     if split:
         parts.append(split_how(used))
+        parts.append("held_for_w_bytes = unique storages the deferred weight gradients keep "
+                     "from I until W (each split linear's input and output gradient), on each "
+                     "layer alone; held_for_w_input_bytes = those of them that are its input")
     return "; ".join(parts) + "."
 
 
