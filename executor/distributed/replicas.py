@@ -11,9 +11,14 @@ global batch, so that summing a stage's gradients over its D copies gives the gr
 whole batch. Two kinds of group carry that, made by every rank in the same order (as
 torch.distributed requires of ``new_group``): one per replica (its pipeline, for the messages
 between its stages) and one per pipeline rank r (the D copies of r's stages, for the gradients'
-all-reduce and a sharded optimizer's state). ``GradReducer`` flattens the gradients into
-buckets of about ``BUCKET_BYTES``, all-reduces each (SUM, asynchronously, so that a rank's
-reduction runs while its last messages go out) and copies the sums back.
+all-reduce and a sharded optimizer's state). ``GradReducer`` keeps the gradients in buckets of
+about ``BUCKET_BYTES`` and all-reduces each (SUM, asynchronously, so that a rank's reduction
+runs while its last messages go out). At a step's start (``attach``) every gradient of a bucket
+of several becomes a view into the bucket's one buffer (zeroed where the optimizer cleared it),
+so backward accumulates into the buffer and the sum needs no packing and no copies back: a
+model of many small tensors (a ResNet's BatchNorms) paid one of each per tensor, time the
+ring model of bytes alone did not see. A gradient put in place of a view between
+``attach`` and the sum (by the user) is packed and copied back as before.
 
 ``sharded`` turns an optimizer into a ZeRO-1 one over the replica group: each copy keeps the
 state of about 1/D of the stage's parameters, steps those, and broadcasts them to the others.
@@ -171,30 +176,67 @@ class GradReducer:
             bucket.append(p)
             open_[key] = (bucket, used + size)
         self.buckets += [bucket for bucket, _ in open_.values() if bucket]
-        self._pending: list[tuple[Any, torch.Tensor, list[torch.nn.Parameter]]] = []
+        self._flats: dict[int, torch.Tensor] = {}  # bucket -> its buffer (buckets of several)
+        self._cut: dict[int, list[torch.Tensor]] = {}  # bucket -> the buffer's views
+        self._pending: list[tuple[Any, torch.Tensor, list[torch.nn.Parameter], bool]] = []
         self._started = 0.0
         self.last_ms: float | None = None  # the last step's, from start() to finish()'s end
+
+    def _views(self, b: int) -> list[torch.Tensor]:
+        """Bucket b's buffer (made once) cut into one view per parameter, in its order."""
+        views = self._cut.get(b)
+        if views is None:
+            bucket = self.buckets[b]
+            flat = self._flats[b] = torch.empty(sum(p.numel() for p in bucket),
+                                                dtype=bucket[0].dtype, device=bucket[0].device)
+            views, offset = [], 0
+            for p in bucket:
+                views.append(flat[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+            self._cut[b] = views
+        return views
+
+    def attach(self) -> None:
+        """Make every gradient of a bucket of several a view into the bucket's buffer (a step's
+        start, before any backward): zeros where it is None, its values where it is a tensor
+        of its own (of the parameter's dtype and device; others stay as they are)."""
+        for b, bucket in enumerate(self.buckets):
+            if len(bucket) < 2:
+                continue
+            for p, view in zip(bucket, self._views(b), strict=True):
+                g = p.grad
+                if g is None:
+                    p.grad = view.zero_()
+                elif not _same(g, view) and g.dtype == p.dtype and g.device == p.device \
+                        and g.layout == torch.strided:
+                    p.grad = view.copy_(g)
 
     def start(self) -> None:
         """Start the all-reduce of every bucket (after the step's last backward here)."""
         self._started = time.perf_counter()
-        for bucket in self.buckets:
+        for b, bucket in enumerate(self.buckets):
             for p in bucket:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             grads = [p.grad for p in bucket if p.grad is not None]
-            alone = len(grads) == 1 and grads[0].is_contiguous()  # summed in place
-            flat = grads[0] if alone else torch.cat([g.reshape(-1) for g in grads])
+            flat, packed = grads[0], False
+            if len(grads) == 1 and grads[0].is_contiguous():
+                pass  # summed in place
+            elif b in self._flats and all(_same(g, v) for g, v in zip(grads, self._views(b),
+                                                                       strict=True)):
+                flat = self._flats[b]  # the gradients are views into it: summed in place
+            else:
+                flat, packed = torch.cat([g.reshape(-1) for g in grads]), True
             work = self._guard(lambda f=flat: dist.all_reduce(
                 f, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
-            self._pending.append((work, flat, bucket))
+            self._pending.append((work, flat, bucket, packed))
 
     def finish(self) -> None:
-        """Wait for the all-reduces and put the sums back into the gradients."""
+        """Wait for the all-reduces and put the sums back into the gradients that were packed."""
         pending, self._pending = self._pending, []
-        for work, flat, bucket in pending:
+        for work, flat, bucket, packed in pending:
             self._guard(work.wait)
-            if len(bucket) == 1 and flat is bucket[0].grad:
+            if not packed:
                 continue  # summed in place
             offset = 0
             for p in bucket:
@@ -213,6 +255,12 @@ class GradReducer:
                             f"{self.ranks} failed: a copy failed, was killed or hangs "
                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
                             ) from exc
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` is the very view ``b`` (same memory, shape and strides)."""
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype)
 
 
 def sharded(optimizer: torch.optim.Optimizer, group: Any) -> ZeroRedundancyOptimizer:

@@ -333,6 +333,8 @@ class DistributedRunner:
             interp.begin(data, training)
         self.transport.begin_step(self.plan.microbatches, training)
         reducer = self.reducer if training else None
+        if reducer is not None:
+            reducer.attach()  # backward accumulates into the buckets: no packing to sum them
         for j, action in enumerate(self.actions):
             if training or action.kind in FORWARD_KINDS:
                 self._by_stage[action.stage].run(action)

@@ -326,3 +326,35 @@ def test_buckets_hold_one_dtype_and_stay_near_their_size() -> None:
         assert torch.equal(wide.grad, torch.arange(12.0).reshape(3, 4).t())
     finally:
         dist.destroy_process_group()
+
+
+def test_attached_gradients_are_summed_in_their_bucket_without_copies() -> None:
+    """After ``attach`` a bucket's gradients are views into its buffer: backward accumulates
+    there and the sum is taken in place (no packing, no copies back); a gradient the user put
+    in place of a view is packed and summed as before."""
+    layer = nn.Linear(4, 3)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        reducer = GradReducer(list(layer.parameters()), None, [0])
+        for step in range(2):
+            layer.zero_grad()  # set_to_none, as optimizers do
+            reducer.attach()
+            weight, bias = layer.weight.grad, layer.bias.grad
+            assert weight is not None and bias is not None
+            assert bias.data_ptr() == weight.data_ptr() + 12 * 4  # one buffer
+            for _ in range(2):  # two micro-batches accumulate into it
+                layer(torch.ones(2, 4)).sum().backward()
+            reducer.start()
+            assert reducer._pending[0][3] is False  # nothing packed
+            reducer.finish()
+            assert layer.weight.grad is weight and torch.equal(weight, torch.full((3, 4), 4.0))
+            assert torch.equal(bias, torch.full((3,), 4.0)), step
+        reducer.attach()
+        layer.bias.grad = torch.full((3,), 7.0)  # the user's own tensor, after attach
+        reducer.start()
+        assert reducer._pending[0][3] is True
+        reducer.finish()
+        assert torch.equal(layer.bias.grad, torch.full((3,), 7.0))
+        assert torch.equal(layer.weight.grad, torch.full((3, 4), 4.0))  # kept, attached
+    finally:
+        dist.destroy_process_group()
