@@ -23,7 +23,7 @@ layers [s, e):
 
 - without recompute: ``held = sum(act) + keep[s]``, ``keep[s] = stash[s] - lead[s]``;
 - recomputing: ``held = stash[s]`` from F to B, and ``rebuilt = sum(act) - lead[s]`` on top
-  while B (or I to W) rebuilds and consumes the saved tensors.
+  while B (or I) rebuilds and consumes the saved tensors.
 
 A split backward (ZB-H1, ZB-V) holds a micro-batch's graph only until its I: from I until W
 it holds what the deferred weight gradients keep, each split linear's input and output
@@ -115,6 +115,8 @@ class ActivationTerms:
             w_start = w_prefix[:-1].copy()
             w_start[0] += self.w_first
             w = (w_prefix, w_start)
+        for arr in (*held, *w, *rebuilt):
+            arr.setflags(write=False)  # shared by every caller (the cache)
         return held, w, rebuilt
 
 

@@ -52,7 +52,7 @@ class Holding:
     in_flight: tuple[int, ...]
     rebuilt: tuple[int, ...]
     rank_of: tuple[int, ...]
-    states: tuple[tuple[State, ...], ...] = ()
+    states: tuple[tuple[State, ...], ...]
 
     def activation_bytes(self, stage: int, held: float, held_for_w: float,
                          rebuilt: float) -> float:
