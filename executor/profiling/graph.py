@@ -179,7 +179,7 @@ def profile_graph(model: nn.Module, sample: Any, microbatch_sizes: Sequence[int]
         for b in sizes:
             args, kwargs = as_call(resize_sample(sample, b))
             env = graph.inputs_of(args, kwargs)
-            per_size.append((layer_bytes(graph, env),
+            per_size.append((layer_bytes(graph, env, split=split_backward),
                              time_graph_layers(graph, env, timer, warmup=warmup,
                                                repeat=repeats, split=split_backward)))
             if progress is not None:
@@ -201,6 +201,7 @@ def profile_graph(model: nn.Module, sample: Any, microbatch_sizes: Sequence[int]
             saved_bytes=tuple(float(m.saved_bytes[i]) for m, _ in per_size),
             bwd_input_ms=_split(per_size, i, "bwd_input_ms"),
             bwd_weight_ms=_split(per_size, i, "bwd_weight_ms"),
+            held_for_w_bytes=_held(per_size, i, 0), held_for_w_input_bytes=_held(per_size, i, 1),
             outputs=outputs))
     edges = tuple((u, v) for u, v, _ in graph.edges)
     reads = tuple(tuple(graph.layers[u].outputs.index(n) for n in names)
@@ -234,6 +235,14 @@ def _split(per_size: Sequence[tuple[LayerBytes, GraphTimes]], i: int, key: str
     """Layer i's ``key`` (``bwd_input_ms`` or ``bwd_weight_ms``) per size; None if not measured."""
     got = [getattr(t, key) for _, t in per_size]
     return None if any(g is None for g in got) else tuple(round(g[i], 5) for g in got)
+
+
+def _held(per_size: Sequence[tuple[LayerBytes, GraphTimes]], i: int, part: int
+          ) -> tuple[float, ...] | None:
+    """Layer i's ``held_for_w_bytes`` (part 0) or their input part (1) per size, if measured."""
+    got = [m.held_for_w for m, _ in per_size]
+    return None if any(g is None for g in got) else tuple(
+        float(g[part][i]) for g in got if g is not None)
 
 
 def profile_traced(model: nn.Module, sample: Any, sizes: Sequence[int], device: str | torch.device,

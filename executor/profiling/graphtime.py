@@ -52,12 +52,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from executor.graphs.layers import LayerGraph
 from executor.profiling.inmodel import Mark, marked_aliases, weight_passes
 from executor.profiling.measure import Clock, quiet_gc
+from executor.runtime.memory import ActivationMeter
 from executor.runtime.splitgrad import WeightGrads, deferring
 
 __all__ = ["Clock", "GraphTimes", "LayerBytes", "layer_bytes", "time_graph_layers",
@@ -88,6 +89,7 @@ class LayerBytes:
     in_bytes: list[int]
     out_bytes: list[int]
     values: dict[str, int]
+    held_for_w: tuple[list[int], list[int]] | None = None  # split: kept until W, its inputs'
 
 
 def _tensors(value: Any) -> list[Tensor]:
@@ -232,30 +234,58 @@ def time_graph_layers(graph: LayerGraph, inputs: Mapping[str, Any], clock: Clock
                                                                     for r in split_rows))
 
 
-def layer_bytes(graph: LayerGraph, inputs: Mapping[str, Any]) -> LayerBytes:
+def layer_bytes(graph: LayerGraph, inputs: Mapping[str, Any], split: bool = False) -> LayerBytes:
     """One forward with autograd on: each layer's saved bytes (unique storages autograd keeps
-    for its backward, parameters and buffers excluded), the bytes of its inputs and outputs, and of every
-    value."""
-    params = {p.untyped_storage().data_ptr()  # and buffers: the modules' state, not saved
-              for p in graph.parameters_of(range(graph.num_layers)).values()}
-    params |= {b.untyped_storage().data_ptr() for layer in graph.layers
-               if layer.module is not None for b in layer.module.buffers()}
+    for its backward, parameters and buffers excluded, as the executor counts them:
+    ``memory.ActivationMeter``), the bytes of its inputs and outputs, and of every value; with
+    ``split``, also what each layer's deferred weight gradients keep from I until W
+    (``held_for_w``)."""
+    meter = ActivationMeter(nn.ModuleList([layer.module for layer in graph.layers
+                                           if layer.module is not None]))
+    meter.begin_step()
     env = _fresh(inputs)
     saved, ins, outs = [], [], []
     with torch.enable_grad():
         for layer in graph.layers:
-            seen: dict[int, int] = {}
-
-            def pack(t: Tensor, seen: dict[int, int] = seen) -> Tensor:
-                storage = t.untyped_storage()
-                ptr = storage.data_ptr()
-                if ptr not in params:
-                    seen[ptr] = max(seen.get(ptr, 0), storage.nbytes())
-                return t
             ins.append(sum(value_bytes(env[name]) for name in layer.inputs))
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with meter.saving() as seen:
                 result = _run(graph, env, layer.index)
             saved.append(sum(seen.values()))
             outs.append(sum(value_bytes(env[name]) for name in layer.outputs)
                         + value_bytes(result))
-    return LayerBytes(saved, ins, outs, {name: value_bytes(v) for name, v in env.items()})
+    values = {name: value_bytes(v) for name, v in env.items()}
+    del env, result
+    held = _held_for_w(graph, inputs, meter) if split else None
+    return LayerBytes(saved, ins, outs, values, held)
+
+
+def _held_for_w(graph: LayerGraph, inputs: Mapping[str, Any],
+                meter: ActivationMeter) -> tuple[list[int], list[int]]:
+    """Per layer, the unique storages its deferred linears keep from I until W (inputs and
+    output gradients: ``WeightGrads``) after one forward under ``deferring`` and its backward
+    (I), and of those the layer's inputs'. The parameters' ``.grad`` are put back."""
+    params = [p for p in graph.parameters_of(range(graph.num_layers)).values()
+              if p.requires_grad]
+    own_grads = [p.grad for p in params]
+    stores = [WeightGrads() for _ in graph.layers]
+    env = _fresh(inputs)
+    own: list[dict[int, int]] = []
+    try:
+        with torch.enable_grad():
+            out: list[Tensor] = []
+            for layer in graph.layers:
+                own.append(meter.storages([env[name] for name in layer.inputs]))
+                with deferring(stores[layer.index], layer.module):
+                    out = _run(graph, env, layer.index)
+            roots = [t for t in out if t.requires_grad]
+            if roots:
+                torch.autograd.backward(roots, [torch.ones_like(t) for t in roots])
+        kept = [meter.storages(store.tensors()) for store in stores]
+    finally:
+        for store in stores:
+            store.clear()
+        for p, g in zip(params, own_grads, strict=True):
+            p.grad = g
+    return ([sum(k.values()) for k in kept],
+            [sum(size for ptr, size in k.items() if ptr in mine) for k, mine in zip(
+                kept, own, strict=True)])

@@ -102,4 +102,7 @@ def graph_how(graph: LayerGraph, dev: torch.device, clock: str, warmup: int, rep
             f"intra-op thread(s); the parameters' gradients accumulating as in a training "
             f"step; saved_bytes = unique storages autograd saves for backward in each layer's "
             f"forward, parameters and buffers excluded; a tied parameter's bytes in its first layer only"
-            + (f"; {split_how('model')}." if split else "."))
+            + (f"; {split_how('model')}; held_for_w_bytes = unique storages each layer's "
+               f"deferred weight gradients keep from I until W, after one forward and "
+               f"backward of the whole model (held_for_w_input_bytes: of its inputs)."
+               if split else "."))

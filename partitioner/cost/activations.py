@@ -28,8 +28,10 @@ layers [s, e):
 A split backward (ZB-H1, ZB-V) holds a micro-batch's graph only until its I: from I until W
 it holds what the deferred weight gradients keep, each split linear's input and output
 gradient, the layers' ``held_for_w_bytes`` (``w``): ``held_for_w = sum(w)``, less on the first
-stage the part that is the batch (``w_first``, held all step). Without those figures the
-graph's held (and rebuilt) bytes stay until W instead, as before they were measured.
+stage the part that is the batch (``w_first``, held all step; on a profile that is not exact,
+or a graph's stage, the plain sum, which counts a value two layers' linears read twice).
+Without those figures the graph's held (and rebuilt) bytes stay until W instead, as before
+they were measured.
 
 Each figure is a difference ``E[end] - S[start]`` of arrays over the layer boundaries
 (``forms``): how the chain DP weighs every stage at once.
@@ -128,7 +130,8 @@ def activation_terms(saved: FloatArray, saved_in: FloatArray | None,
     and ``in_bytes`` at one micro-batch size (the two parts None: a profile without them);
     ``loss``: what the loss saves, and of that the model's output (``profile_loss``), which
     the last layer's ``act`` takes on (less what that layer saves of its output already);
-    ``held_w``: per-layer ``held_for_w_bytes`` and their input parts (exact profiles only)."""
+    ``held_w``: per-layer ``held_for_w_bytes`` and their input parts (the parts read on
+    exact profiles only: elsewhere the batch is not apart, and the sum an upper bound)."""
     saved = np.asarray(saved, dtype=np.float64)
     in_bytes = np.asarray(in_bytes, dtype=np.float64)
     loss_saved, loss_in = loss
@@ -138,7 +141,10 @@ def activation_terms(saved: FloatArray, saved_in: FloatArray | None,
             act = saved.copy()
             act[-1] += loss_saved
             act.setflags(write=False)
-        return ActivationTerms(act, zero, zero, in_bytes, exact=False, bound=act)
+        w = None if held_w is None else np.asarray(held_w[0], dtype=np.float64).copy()
+        if w is not None:
+            w.setflags(write=False)
+        return ActivationTerms(act, zero, zero, in_bytes, exact=False, bound=act, w=w)
     s_in = np.minimum(np.asarray(saved_in, dtype=np.float64), saved)
     s_out = np.minimum(np.asarray(saved_out, dtype=np.float64), saved)
     shared = np.zeros_like(saved)  # what layer i saves of its input that layer i-1 also saved

@@ -233,7 +233,7 @@ class CostModel:
                                    for k in ("saved_input_bytes", "saved_output_bytes"))
             loss_saved, loss_in = self._loss_at(b, "saved_bytes", "saved_input_bytes")
             held_w = None  # what a split backward keeps until W, where every layer says
-            if exact and all(lay.held_for_w_bytes is not None for lay in self.profile.layers):
+            if all(lay.held_for_w_bytes is not None for lay in self.profile.layers):
                 held_w = (self._interpolate_layers("held_for_w_bytes", b),
                           self._interpolate_layers("held_for_w_input_bytes", b))
             terms = self._terms[b] = activation_terms(

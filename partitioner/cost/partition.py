@@ -225,8 +225,10 @@ def evaluate_assignment(cm: CostModel, stage_of: Sequence[int]) -> Solution:
             start, end = nodes[k][0], nodes[k][-1] + 1
             acts = cm.stage_activation_bytes(start, end, k) + (
                 step[0] if start == 0 else 0.0) + (step[1] if end == prof.num_layers else 0.0)
-        else:  # held until W when split (the graph's rule: no figures of what W keeps)
+        else:  # from I to W: what the layers say W keeps, summed; or the graph until W
             held, rebuilt = (stash_k[k], saved_k[k]) if rc else (saved_k[k], 0.0)
-            acts = cm.holding.activation_bytes(k, held, held + rebuilt, rebuilt)
+            held_w = (held + rebuilt if terms.w is None
+                      else float(terms.w[list(nodes[k])].sum()))
+            acts = cm.holding.activation_bytes(k, held, held_w, rebuilt)
         memory.append(state_k[k] + acts)
     return Solution(nodes, tuple(compute), tuple(comm), tuple(memory), tuple(sent_k))

@@ -315,7 +315,7 @@ def profile_from_dict(data: object, source: str = "profile") -> Profile:
         chain_only = (["loss"] if loss is not None else []) + [
             next(f"layers[{i}].{key}" for i, lay in enumerate(layers)
                  if getattr(lay, key) is not None)
-            for key in ("saved_input_bytes", "held_for_w_bytes")
+            for key in ("saved_input_bytes",)
             if any(getattr(lay, key) is not None for lay in layers)]
         for path in chain_only:
             problems.add(path, "the memory model reads it on a chain profile only (without "

@@ -190,9 +190,9 @@ def stage_durations(cm: CostModel, stage_of: IntArray, devices: Sequence[int]) -
         table["hold"][:, s] = np.where(rc, stash, act)
         table["rebuild"][:, s] = np.where(rc, saved, 0.0)
         table["w_hold"][:, s] = table["hold"][:, s] + table["rebuild"][:, s]
-        if terms.exact and terms.w is not None:  # what W keeps, measured
-            table["w_hold"][:, s] = _stage_sums(terms.w, order, bounds) - np.where(
-                order[bounds[:-1]] == 0, terms.w_first, 0.0)
+        if terms.w is not None:  # what W keeps, measured (the batch's part apart if exact)
+            table["w_hold"][:, s] = _stage_sums(terms.w, order, bounds) - (np.where(
+                order[bounds[:-1]] == 0, terms.w_first, 0.0) if terms.exact else 0.0)
     state = _stage_sums(cm.param_state_bytes(), order, bounds)
     if cm.profile.tied:
         state = state + tied_copies(cm, stage_of.tolist(), big_k)

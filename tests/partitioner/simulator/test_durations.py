@@ -86,6 +86,27 @@ def test_memory_peaks_equal_the_evaluators(values: bool) -> None:
         assert res.stage_peak_bytes == pytest.approx(sol.stage_memory_bytes, rel=1e-12)
 
 
+def test_split_memory_peaks_equal_the_evaluators() -> None:
+    """ZB-H1 on random DAGs whose layers say what W keeps (``held_for_w_bytes``, summed over
+    a stage's layers from I to W) or not (the graph held until W): the replay's peaks are the
+    evaluator's closed form over the schedule's states."""
+    rng = random.Random(7)
+    kept = 0
+    for cm, stage_of in instances(150, seed=2):
+        if rng.random() < 0.7:
+            kept += 1
+            cm = dataclasses.replace(cm, profile=dataclasses.replace(cm.profile, layers=tuple(
+                dataclasses.replace(lay, held_for_w_bytes=(w := tuple(
+                    rng.choice([0.0, 0.5, 3.0]) * (s + 1.0) for s in lay.saved_bytes)),
+                    held_for_w_input_bytes=tuple(0.0 for _ in w))
+                for lay in cm.profile.layers)))
+        cm = dataclasses.replace(cm, schedule="zb-h1")
+        sol = evaluate_assignment(cm, stage_of)
+        res = simulate(cm, nodes=nodes_of(stage_of, cm.stages))
+        assert res.stage_peak_bytes == pytest.approx(sol.stage_memory_bytes, rel=1e-12)
+    assert kept > 50
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_a_graph_plan_of_ranges_simulates_as_the_chain_plan(seed: int) -> None:
     """The chain i -> i+1 given as edges, stages given as node sets that happen to be ranges:
