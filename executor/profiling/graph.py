@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from executor.graphs.blocks import Leaf
 from executor.graphs.layers import LayerGraph, as_call, trace_model
@@ -50,11 +51,12 @@ from executor.profiling.graphtime import (
     time_graph_layers,
 )
 from executor.profiling.how import graph_how, split_method
-from executor.profiling.measure import timing_problems
+from executor.profiling.measure import loss_bytes, timing_problems
 from executor.profiling.samples import describe_sample, move_sample, resize_sample
 from executor.runtime.allocator import keep_freed_memory as keep_memory
 from executor.runtime.devices import device_info, parse_dtype, resolve_device
 from partitioner.formats.profile import LayerProfile, OutputValue, Profile, TiedParam
+from partitioner.formats.profile_loss import LossProfile
 
 __all__ = ["leaf_names", "profile_graph", "profile_traced"]
 
@@ -156,7 +158,8 @@ def profile_graph(model: nn.Module, sample: Any, microbatch_sizes: Sequence[int]
                   threads: int | None = None, clock: str = "wall", train: bool = True,
                   input_info: Mapping[str, Any] | None = None,
                   progress: Callable[[str], None] | None = None,
-                  split_backward: bool = True) -> Profile:
+                  split_backward: bool = True,
+                  loss: tuple[Callable[[Any, Any], torch.Tensor], Any] | None = None) -> Profile:
     """A ``gpipe-profile/1`` Profile of ``model``'s traced layer graph on ``sample`` (a tensor,
     a tuple of positional tensors or a dict of keyword tensors; any batch), one column per
     micro-batch size (see the module docstring).
@@ -164,7 +167,9 @@ def profile_graph(model: nn.Module, sample: Any, microbatch_sizes: Sequence[int]
     ``device`` (default: where the model is) and ``dtype`` (default: the model's) profile a
     copy moved there when they differ; ``clock`` on the CPU is ``"wall"`` or ``"thread"``
     (needs threads=1); ``train`` profiles in training mode; ``progress(text)`` is called
-    after each size; ``split_backward`` also measures each layer's I and W."""
+    after each size; ``split_backward`` also measures each layer's I and W; ``loss=(loss_fn,
+    target)`` (a target of at least the largest size's rows) what the loss keeps on the last
+    stage at each size, from the model's output there (the profile's ``loss``)."""
     sizes = _check(microbatch_sizes, repeats, warmup, threads, clock)
     cast = parse_dtype(dtype)
     work, dev = _where(model, device, cast)
@@ -172,6 +177,7 @@ def profile_graph(model: nn.Module, sample: Any, microbatch_sizes: Sequence[int]
     gc.collect()
     timer = Clock(dev, clock)
     per_size = []
+    loss_rows: list[tuple[int, int, int]] = []
     with _kept(work, threads):
         used_threads = torch.get_num_threads()
         work.train(train)
@@ -182,6 +188,13 @@ def profile_graph(model: nn.Module, sample: Any, microbatch_sizes: Sequence[int]
             per_size.append((layer_bytes(graph, env, split=split_backward),
                              time_graph_layers(graph, env, timer, warmup=warmup,
                                                repeat=repeats, split=split_backward)))
+            if loss is not None:
+                with torch.no_grad():
+                    output = graph.run_layers(graph.inputs_of(args, kwargs),
+                                              range(graph.num_layers))
+                loss_rows.append(loss_bytes(loss[0], output, pytree.tree_map(
+                    lambda t, b=b: t[:b].to(dev) if isinstance(t, torch.Tensor) else t,
+                    loss[1])))
             if progress is not None:
                 progress(f"b={b}")
     owned, tied = _params(graph)
@@ -227,6 +240,8 @@ def profile_graph(model: nn.Module, sample: Any, microbatch_sizes: Sequence[int]
         created=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         how=graph_how(graph, dev, clock, warmup, repeats, train, used_threads, split_backward),
         input=describe_sample(sample, input_info), edges=edges, edge_values=reads, tied=tied,
+        loss=LossProfile(*(tuple(float(r[j]) for r in loss_rows) for j in range(3)))
+        if loss_rows else None,
         extra={"trace": trace, "harness": harness})
 
 

@@ -28,6 +28,7 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from executor.runtime.batch import Batch, like
 from executor.runtime.memory import ActivationMeter
@@ -313,7 +314,7 @@ def _held_for_w(step: _Step, name: str) -> tuple[int, int]:
     return sum(held.values()), sum(size for ptr, size in held.items() if ptr in own)
 
 
-def loss_bytes(loss_fn: Callable[[Any, Any], Tensor], output: Batch,
+def loss_bytes(loss_fn: Callable[[Any, Any], Tensor], output: Any,
                target: Any) -> tuple[int, int, int]:
     """What ``loss_fn(output, target)`` keeps for backward: the unique storages it saves (the
     targets' excluded), those of them that are ``output``'s, and the targets' bytes.
@@ -321,12 +322,14 @@ def loss_bytes(loss_fn: Callable[[Any, Any], Tensor], output: Batch,
         >>> loss_bytes(torch.nn.functional.mse_loss, torch.zeros(4, 2), torch.ones(4, 2))
         (32, 32, 32)
     """
-    outs = [t.detach().requires_grad_(t.is_floating_point()) for t in as_tensors(output, "output")]
+    leaves, spec = tree_flatten(output)  # a tensor, a tuple, or a model's output object
+    outs = [t.detach().requires_grad_(t.is_floating_point()) if isinstance(t, Tensor) else t
+            for t in leaves]
     meter = ActivationMeter(nn.Module())
     meter.begin_step(target)  # the targets: their own bytes, never among the saved ones
     with torch.enable_grad(), meter.saving() as seen:
-        loss_fn(like(output, outs), target)
-    own = meter.storages(outs)
+        loss_fn(tree_unflatten(outs, spec), target)
+    own = meter.storages([t for t in outs if isinstance(t, Tensor)])
     return (sum(seen.values()), sum(v for k, v in seen.items() if k in own), meter.batch_bytes)
 
 

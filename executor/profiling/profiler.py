@@ -227,9 +227,6 @@ def profile_model(
     """
     if timing not in TIMINGS:
         raise ValueError(f"timing={timing!r} is not one of {', '.join(TIMINGS)}")
-    if loss is not None and not isinstance(model, nn.Sequential):
-        raise ValueError("loss= is measured for an nn.Sequential, profiled child by child; a "
-                         "traced model's profile does not take it: drop loss=")
     if loss is not None:
         rows = min(t.shape[0] if t.dim() else 0 for t in as_tensors(loss[1], "the loss target"))
         if rows < max(microbatch_sizes):
@@ -242,7 +239,7 @@ def profile_model(
             threads=threads, clock=clock, timing=timing, flush_bytes=flush_bytes, train=train,
             keep_freed_memory=keep_freed_memory, name=name, input_info=input_info,
             progress=progress, leaves=leaves, max_layers=max_layers,
-            split_backward=split_backward)
+            split_backward=split_backward, loss=loss)
     if leaves or max_layers is not None:
         raise ValueError(f"leaves={list(leaves)!r} and max_layers={max_layers!r} say how to "
                          f"trace a graph; an nn.Sequential is profiled child by child: drop "

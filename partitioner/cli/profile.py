@@ -83,6 +83,7 @@ def main(argv: Sequence[str]) -> int:
 
     from executor.profiling.profiler import profile_model
     from executor.runtime.devices import resolve_device
+    from executor.workloads.graphmodels import GRAPH_MODELS, build_graph_model
     from executor.workloads.loading import is_chain, load_any_model, resolve_leaves
     from executor.workloads.models import MODELS, build_model, list_models
 
@@ -102,6 +103,9 @@ def main(argv: Sequence[str]) -> int:
     if args.model in MODELS and args.sample is None:  # a built-in: its loss, on the last stage
         work = build_model(args.model, batch=max(args.microbatch_sizes))  # a row per sample
         loss = (work.loss_fn, work.target)
+    elif args.model in GRAPH_MODELS and args.sample is None:  # a built-in graph model's too
+        graph_work = build_graph_model(args.model, batch=max(args.microbatch_sizes))
+        loss = (graph_work.loss_fn, graph_work.target)
     graph_opts = {} if chain else {"leaves": resolve_leaves(args.leaf),
                                    "max_layers": args.max_layers}
     sizes = len(args.microbatch_sizes)

@@ -242,9 +242,9 @@ class CostModel:
         return terms
 
     def _loss_at(self, b: float, *keys: str) -> tuple[float, ...]:
-        """The profile's ``loss`` figures ``keys`` at size b (0 without them, or on a graph)."""
+        """The profile's ``loss`` figures ``keys`` at size b (0 without them)."""
         loss = self.profile.loss
-        if loss is None or self.profile.edges is not None:
+        if loss is None:
             return (0.0,) * len(keys)
         table = np.array([getattr(loss, k) for k in keys], dtype=np.float64)
         return tuple(float(x) for x in interpolate(table, self.profile.microbatch_sizes, b))

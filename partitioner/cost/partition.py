@@ -229,6 +229,7 @@ def evaluate_assignment(cm: CostModel, stage_of: Sequence[int]) -> Solution:
             held, rebuilt = (stash_k[k], saved_k[k]) if rc else (saved_k[k], 0.0)
             held_w = (held + rebuilt if terms.w is None
                       else float(terms.w[list(nodes[k])].sum()))
-            acts = cm.holding.activation_bytes(k, held, held_w, rebuilt)
+            acts = cm.holding.activation_bytes(k, held, held_w, rebuilt) + (
+                step[1] if k == big_k - 1 else 0.0)  # the targets, where the loss is
         memory.append(state_k[k] + acts)
     return Solution(nodes, tuple(compute), tuple(comm), tuple(memory), tuple(sent_k))

@@ -312,11 +312,8 @@ def profile_from_dict(data: object, source: str = "profile") -> Profile:
             else ())
     loss = parse_loss(data["loss"], n, problems) if data.get("loss") is not None else None
     if edges is not None:  # the exact activation terms are a chain's (cost.activations)
-        chain_only = (["loss"] if loss is not None else []) + [
-            next(f"layers[{i}].{key}" for i, lay in enumerate(layers)
-                 if getattr(lay, key) is not None)
-            for key in ("saved_input_bytes",)
-            if any(getattr(lay, key) is not None for lay in layers)]
+        chain_only = [f"layers[{i}].saved_input_bytes" for i, lay in enumerate(layers)
+                      if lay.saved_input_bytes is not None][:1]
         for path in chain_only:
             problems.add(path, "the memory model reads it on a chain profile only (without "
                                "edges), and this profile has edges; drop it, or the edges")
