@@ -35,7 +35,8 @@ def test_a_holding_that_holds_more_weighs_more_for_any_bytes() -> None:
     assert pairs > 20
 
 
-def test_more_micro_batches_of_one_schedule_hold_more() -> None:
+def test_more_micro_batches_of_one_schedule_hold_at_least_as_much() -> None:
     for name, v in (("gpipe", 1), ("1f1b", 1), ("zb-h1", 1), ("zbv", 2), ("interleaved", 2)):
         a, b = _held(name, 4, 8, v), _held(name, 4, 2, v)
-        assert _holds_more(a, b) and not _holds_more(b, a), name  # type: ignore[arg-type]
+        assert _holds_more(a, b), name  # type: ignore[arg-type]
+        assert a == b or not _holds_more(b, a), name  # type: ignore[arg-type]  (ZB-V: R at most)
