@@ -39,7 +39,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from executor.graphs.blocks import Leaf
 from executor.graphs.layers import LayerGraph, as_call, trace_model
@@ -192,9 +191,8 @@ def profile_graph(model: nn.Module, sample: Any, microbatch_sizes: Sequence[int]
                 with torch.no_grad():
                     output = graph.run_layers(graph.inputs_of(args, kwargs),
                                               range(graph.num_layers))
-                loss_rows.append(loss_bytes(loss[0], output, pytree.tree_map(
-                    lambda t, b=b: t[:b].to(dev) if isinstance(t, torch.Tensor) else t,
-                    loss[1])))
+                target = move_sample(resize_sample(loss[1], b), dev, None)  # the sample's rows
+                loss_rows.append(loss_bytes(loss[0], output, target))
             if progress is not None:
                 progress(f"b={b}")
     owned, tied = _params(graph)

@@ -73,12 +73,12 @@ class Durations:
     send_b_ms: list[list[float]]  # the gradient of everything stage k received
     hold_bytes: list[list[float]]  # held from F to B (or I): saved activations, or the stash
     rebuild_bytes: list[list[float]]  # extra during B (or I): saved, when recomputing
+    w_hold_bytes: list[list[float]]  # from I to W: what W needs (or hold + rebuild)
     state_bytes: list[float]  # weights + gradients + optimizer state
     size_index: list[int]  # micro-batch i -> s
     message_ms: float = 0.0  # a paid transfer reaches its receiver this long after its send
     allreduce_ms: tuple[float, ...] = ()  # per stage, its gradients' all-reduce (D > 1)
     step_bytes: tuple[float, float] = (0.0, 0.0)  # held all step: inputs (first), targets (last)
-    w_hold_bytes: list[list[float]] | None = None  # from I to W (None: hold + rebuild)
 
 
 def stage_of_ranges(ranges: Sequence[tuple[int, int]]) -> IntArray:
@@ -200,6 +200,6 @@ def stage_durations(cm: CostModel, stage_of: IntArray, devices: Sequence[int]) -
     allreduce = (tuple(stage_allreduce_ms(cm, _stage_sums(grad_bytes(cm), order, bounds)
                                           .tolist())) if cm.replicas > 1 else ())
     return Durations(lists["f"], lists["b"], lists["i"], lists["w"], lists["sf"], lists["sb"],
-                     lists["hold"], lists["rebuild"], state.tolist(),
+                     lists["hold"], lists["rebuild"], lists["w_hold"], state.tolist(),
                      [distinct.index(b) for b in sizes], cm.runtime.message_ms, allreduce,
-                     cm.step_bytes(), lists["w_hold"])
+                     cm.step_bytes())

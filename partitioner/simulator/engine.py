@@ -217,12 +217,9 @@ class _Replay:
         delay = dur.message_ms
         # the receive a rank waits for: k * m + i for RF(k, i), -(k * m + i) - 1 for RB(k, i)
         blocked: list[int | None] = [None] * len(stages_of)
-        whold = dur.w_hold_bytes or [[h + r for h, r in zip(hs, rs, strict=True)]
-                                     for hs, rs in zip(dur.hold_bytes, dur.rebuild_bytes,
-                                                       strict=True)]
         # per stage k, what its actions read: durations, memory, where its messages go
         fixed = [(dur.fwd_ms[k], dur.bwd_ms[k], dur.input_ms[k], dur.weight_ms[k],
-                  dur.hold_bytes[k], dur.rebuild_bytes[k], whold[k], dur.state_bytes[k],
+                  dur.hold_bytes[k], dur.rebuild_bytes[k], dur.w_hold_bytes[k], dur.state_bytes[k],
                   dur.send_f_ms[k], dur.send_b_ms[k], arrived_f[k], arrived_b[k],
                   arrived_f[k - 1], arrived_b[min(k + 1, last)],
                   rank_of[min(k + 1, last)], (k + 1) * m, rank_of[k - 1], -(k - 1) * m - 1,

@@ -97,19 +97,19 @@ def _memory_forms(cm: CostModel, stage: int,
 
 
 def _variant_arrays(cm: CostModel, stage: int, memory_objective: bool,
-                    states: tuple[tuple[int, int, int], ...],
-                    free: bool = False) -> tuple[FloatArray, ...]:
+                    states: tuple[tuple[int, int, int], ...]
+                    ) -> tuple[FloatArray, FloatArray, list[tuple[FloatArray, FloatArray]]]:
     """(H, G) and, per state, (R, E) for stage k holding micro-batches as ``states`` say
-    (``free``: none, no memory rule to state); with ``memory_objective`` the objective is the
-    memory of the state that holds the most on the whole chain (the others only bound it: a
-    good split, not always the best)."""
-    forms = [] if free else _memory_forms(cm, stage, states)
+    (none: no memory rule to state); with ``memory_objective`` the objective is the memory of
+    the state that holds the most on the whole chain (the others only bound it: a good split,
+    not always the best)."""
+    forms = _memory_forms(cm, stage, states)
     if memory_objective:
         top = max(forms, key=lambda f: f[0][-1] - f[1][0])
-        return (top[0], top[1], *(x for f in forms for x in f))
+        return top[0], top[1], forms
     fwd, bwd = cm.layer_array("fwd_ms"), cm.backward_ms()
     work = _prefix(fwd + bwd + (fwd if cm.recomputes(stage) else 0.0))
-    return (work + cm.cut_send_ms(), work - cm.cut_grad_ms(), *(x for f in forms for x in f))
+    return work + cm.cut_send_ms(), work - cm.cut_grad_ms(), forms
 
 
 def _last_ends(cm: CostModel, mem_end: FloatArray, cap: FloatArray) -> IntArray:
@@ -192,9 +192,9 @@ class _Search:
             # what the stage holds)
             key = (cm.recomputes(k), () if free else cm.holding.states[k])
             if key not in cache:
-                head, tail, *forms = _variant_arrays(cm, k, memory_objective, key[1], free)
+                head, tail, forms = _variant_arrays(cm, k, memory_objective, key[1])
                 last_end = np.full(self.num_layers + 1, self.num_layers, dtype=np.int64)
-                for mem_end, mem_start in zip(forms[::2], forms[1::2], strict=True):
+                for mem_end, mem_start in forms:
                     last_end = np.minimum(last_end, _last_ends(cm, mem_end,
                                                                mem_start + limit + tol))
                 cache[key] = _StageArrays.build(head, tail, last_end)
