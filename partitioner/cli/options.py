@@ -19,6 +19,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 
+from partitioner.cli.main import CliError
 from partitioner.cost.model import CostModel
 from partitioner.formats.assumptions import (
     LINKS,
@@ -28,6 +29,7 @@ from partitioner.formats.assumptions import (
     Runtime,
     default_link,
 )
+from partitioner.formats.device import device_model_for, load_device_model, shipped_device_models
 from partitioner.formats.plan import MAX_GLOBAL_BATCH
 from partitioner.formats.plan_schedule import PLAN_SCHEDULES, SYNTH
 from partitioner.formats.profile import Profile, load_profile
@@ -157,14 +159,35 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--message-ms", type=milliseconds("--message-ms"), default=None,
                    metavar="MS", help="a message between devices reaches its receiver this "
                                       "long after its send ends (default 0)")
+    p.add_argument("--device-model", default=None, metavar="auto|none|NAME|PATH",
+                   help="how a GPU runs the profile's alone-timed layers inside a step (a host "
+                        "that runs ahead of the device): a shipped model ("
+                        f"{', '.join(shipped_device_models())}), a gpipe-device/1 file "
+                        "(partition-model calibrate --steps writes one), none, or auto (the "
+                        "default; a plan's own when simulating one): the shipped model of the "
+                        "profile's GPU where its layers were timed alone, else none")
 
 
-def runtime_from_args(args: argparse.Namespace, base: Runtime | None = None) -> Runtime:
-    """The runtime the options give, each unset one taken from ``base`` (default: Runtime())."""
+def runtime_from_args(args: argparse.Namespace, base: Runtime | None = None,
+                      profile: Profile | None = None) -> Runtime:
+    """The runtime the options give, each unset one taken from ``base`` (a plan's; default:
+    Runtime() with the ``--device-model auto`` choice for ``profile``)."""
+    choice = getattr(args, "device_model", None) or ("plan" if base is not None else "auto")
     base = base or Runtime()
+    device = base.device
+    if choice == "none":
+        device = None
+    elif choice == "auto":
+        device = device_model_for(profile.device.name, profile.device.kind, profile.how
+                                  ) if profile is not None else None
+    elif choice != "plan":
+        try:
+            device = load_device_model(choice)
+        except (OSError, ValueError) as exc:
+            raise CliError(f"--device-model: {exc}") from None
     return Runtime(base.compute_scale if args.compute_scale is None else args.compute_scale,
                    base.action_ms if args.action_ms is None else args.action_ms,
-                   base.message_ms if args.message_ms is None else args.message_ms)
+                   base.message_ms if args.message_ms is None else args.message_ms, device)
 
 
 def add_link_arguments(p: argparse.ArgumentParser) -> None:
@@ -276,7 +299,7 @@ def cost_model_from_args(args: argparse.Namespace, profile: Profile,
     return CostModel(profile, args.global_batch, args.microbatches, stages=args.stages,
                      recompute=args.recompute, schedule=name,  # type: ignore[arg-type]
                      link=link_from_args(args, profile), optimizer=args.optimizer,
-                     runtime=runtime_from_args(args),
+                     runtime=runtime_from_args(args, profile=profile),
                      stages_per_rank=(2 if name == "zbv" else 1) if v is None else v)
 
 

@@ -60,7 +60,7 @@ def main(argv: Sequence[str]) -> int:
                     schedules=args.schedules, recompute=args.recompute,
                     link=link_from_args(args, profile), optimizer=args.optimizer,
                     microbatches=args.microbatches, solver=args.solver,
-                    time_limit_s=args.time_limit, runtime=runtime_from_args(args),
+                    time_limit_s=args.time_limit, runtime=runtime_from_args(args, profile=profile),
                     topology=topology, replicas=args.replicas,
                     shard_optimizer=args.shard_optimizer, allreduce=args.allreduce,
                     keep=args.top)

@@ -26,6 +26,7 @@ import numpy as np
 
 from partitioner.cost.activations import ActivationTerms, activation_terms
 from partitioner.cost.holding import SPLIT_SCHEDULES, Holding, holding
+from partitioner.cost.instep import layer_instep_ms, pooled_layers
 from partitioner.cost.sizes import FloatArray, interpolate, split_microbatches
 from partitioner.cost.state import bytes_per_param, dtype_bytes
 from partitioner.formats.assumptions import LINKS, Link, Optimizer, Runtime
@@ -48,6 +49,7 @@ __all__ = ["WEIGHT_GRAD_SHARE", "CostModel", "FloatArray", "bytes_per_param", "d
 #: moved 35-41% of a GPT block's backward to W on CPU.
 WEIGHT_GRAD_SHARE = 0.4
 _SPLIT_KEYS = ("bwd_input_ms", "bwd_weight_ms")
+_TIMED_KEYS = ("fwd_ms", "bwd_ms", *_SPLIT_KEYS, "recompute_ms")
 
 
 @dataclass(frozen=True)
@@ -159,23 +161,42 @@ class CostModel:
         bwd; one with parameters W = bwd x ``WEIGHT_GRAD_SHARE`` and I = the rest. Like
         ``fwd_ms`` and ``bwd_ms`` they take the runtime's ``compute_scale`` and the layer's
         ``launch_ms`` as a floor (W only where it has work: a layer without a weight gradient
-        launches nothing in W)."""
+        launches nothing in W). ``recompute_ms`` is the forward a recomputing stage runs again
+        in its backward: ``fwd_ms``, or the device model's (its host issues it through
+        activation checkpointing's hooks). With the runtime's device model (a GPU) every time is
+        the layer's in a step instead (``cost.instep``), the ``launch_ms`` its host's floor."""
         b = self.microbatch_size if b is None else b
         cached = self._layers.get((key, b))
         if cached is not None:
             return cached
-        timed = key in ("fwd_ms", "bwd_ms", *_SPLIT_KEYS)
-        out = self._split_layers(key, b) if key in _SPLIT_KEYS else self._interpolate_layers(
-            key, b)
-        if timed and any(lay.launch_ms for lay in self.profile.layers):
-            floor = self._interpolate_layers("launch_ms", b)
-            out = np.maximum(out, floor if key != "bwd_weight_ms" else np.where(out > 0, floor,
-                                                                                 0.0))
+        timed, device = key in _TIMED_KEYS, self.runtime.device
+        if key == "recompute_ms" and device is None:  # the same forward again
+            out = self.layer_array("fwd_ms", b)
+            self._layers[(key, b)] = out
+            return out
+        if timed and device is not None:
+            out = layer_instep_ms(self.profile, key, b, device, self._alone_table)
+        else:
+            out = self._split_layers(key, b) if key in _SPLIT_KEYS else self._interpolate_layers(
+                key, b)
+            if timed and any(lay.launch_ms for lay in self.profile.layers):
+                floor = self._interpolate_layers("launch_ms", b)
+                out = np.maximum(out, floor if key != "bwd_weight_ms" else np.where(
+                    out > 0, floor, 0.0))
         if timed and self.runtime.compute_scale != 1.0:
             out = out * self.runtime.compute_scale
         out.setflags(write=False)
         self._layers[(key, b)] = out
         return out
+
+    def _alone_table(self, key: str) -> FloatArray:
+        """``key``'s alone times, a column per measured size, pooled (``cost.instep``)."""
+        table = self._layers.get((f"pooled:{key}", 0))
+        if table is None:
+            table = self._layers[(f"pooled:{key}", 0)] = pooled_layers(self.profile, np.stack(
+                [self._split_layers(key, s) if key in _SPLIT_KEYS else
+                 self._interpolate_layers(key, s) for s in self.profile.microbatch_sizes], axis=1))
+        return table
 
     def _interpolate_layers(self, key: str, b: float) -> FloatArray:
         """``interpolate`` for every layer at once (absent optional figures count as 0)."""
@@ -366,7 +387,8 @@ class CostModel:
         with the runtime's fixed cost of each of its actions (F and B, or F, I and W)."""
         fwd = float(self.layer_array("fwd_ms")[start:end].sum())
         bwd = float(self.backward_ms()[start:end].sum())
-        return fwd + bwd + (fwd if self.recomputes(stage) else 0.0) + (
+        again = float(self.layer_array("recompute_ms")[start:end].sum())
+        return fwd + bwd + (again if self.recomputes(stage) else 0.0) + (
             self.compute_actions * self.runtime.action_ms)
 
     def stage_comm_ms(self, start: int, end: int) -> float:

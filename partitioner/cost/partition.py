@@ -184,7 +184,7 @@ def evaluate_assignment(cm: CostModel, stage_of: Sequence[int]) -> Solution:
     if problems:
         raise ValueError("not a convex partition into K=" + str(big_k) + " stages:\n  "
                          + "\n  ".join(problems))
-    fwd, bwd = cm.layer_array("fwd_ms"), cm.backward_ms()
+    fwd, bwd, again = cm.layer_array("fwd_ms"), cm.backward_ms(), cm.layer_array("recompute_ms")
     saved, inputs = cm.activations().act, cm.layer_array("in_bytes")  # (+ the loss's)
     state = cm.param_state_bytes()
     vals, size, ms = cm.values, cm.value_bytes(), cm.value_transfer_ms()
@@ -192,7 +192,7 @@ def evaluate_assignment(cm: CostModel, stage_of: Sequence[int]) -> Solution:
     comm = [0.0] * big_k
     state_k, saved_k, stash_k, sent_k = [0.0] * big_k, [0.0] * big_k, [0.0] * big_k, [0.0] * big_k
     for i, k in enumerate(stage_of):
-        compute[k] += float(fwd[i] + bwd[i]) + (float(fwd[i]) if cm.recomputes(k) else 0.0)
+        compute[k] += float(fwd[i] + bwd[i]) + (float(again[i]) if cm.recomputes(k) else 0.0)
         state_k[k] += float(state[i])
         saved_k[k] += float(saved[i])
     if prof.tied:

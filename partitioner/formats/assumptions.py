@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from partitioner.formats.checks import Problems
+from partitioner.formats.device import DeviceModel, DeviceModelError, device_model_from_dict
 from partitioner.formats.units import MAX_MS, MIN_BANDWIDTH_GBPS
 
 __all__ = ["LINKS", "OPTIMIZERS", "Link", "Optimizer", "Runtime", "default_link",
@@ -105,17 +106,22 @@ class Runtime:
     that does not occupy the sender: waking a waiting rank, the backend's own threads).
 
         >>> Runtime(compute_scale=1.2, action_ms=0.05)   # a 10 ms action takes 12.05 ms
-        Runtime(compute_scale=1.2, action_ms=0.05, message_ms=0.0)
+        Runtime(compute_scale=1.2, action_ms=0.05, message_ms=0.0, device=None)
 
     Inside a pipeline a stage's layers run back to back and the stage waits between its
     actions, so its caches go cold in between, and each action pays the runtime's own
     dispatch. ``executor.profiling.calibrate.measure_runtime`` fits all three from a short
     trial run; the default, Runtime(), takes the profile as it is.
+
+    ``device``: on a GPU, the device model (``formats.device``) that turns each layer's time
+    alone into its time in a step (a host that runs ahead of the device) before the three
+    figures above apply; None (a CPU, or a profile already timed in a step): as profiled.
     """
 
     compute_scale: float = 1.0
     action_ms: float = 0.0
     message_ms: float = 0.0
+    device: DeviceModel | None = None
 
     def __post_init__(self) -> None:
         scale, action, message = (_number(self.compute_scale), _number(self.action_ms),
@@ -143,6 +149,12 @@ def parse_assumptions(cost: Mapping[str, Any], p: Problems) -> tuple[Link, Runti
     scale = p.number(cost.get("compute_scale", 1.0), "cost_model.compute_scale", default=1.0)
     action = p.number(cost.get("action_ms", 0.0), "cost_model.action_ms", high=MAX_MS)
     message = p.number(cost.get("message_ms", 0.0), "cost_model.message_ms", high=MAX_MS)
+    device = None
+    if cost.get("device_model") is not None:
+        try:
+            device = device_model_from_dict(cost["device_model"], "cost_model.device_model")
+        except DeviceModelError as exc:
+            p.add("cost_model.device_model", str(exc))
     link, runtime = Link(math.inf, 0.0), Runtime()
     if len(p) == before:
         try:
@@ -150,7 +162,7 @@ def parse_assumptions(cost: Mapping[str, Any], p: Problems) -> tuple[Link, Runti
         except ValueError as exc:
             p.add("cost_model", str(exc))
         try:
-            runtime = Runtime(scale, action, message)
+            runtime = Runtime(scale, action, message, device)
         except ValueError as exc:
             p.add("cost_model", str(exc))
     return link, runtime

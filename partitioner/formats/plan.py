@@ -22,6 +22,7 @@ from typing import Any
 
 from partitioner.formats.assumptions import OPTIMIZERS, Link, Runtime, parse_assumptions
 from partitioner.formats.checks import Problems, show
+from partitioner.formats.device import device_model_to_dict
 from partitioner.formats.jsonfile import read_json
 from partitioner.formats.layers import (
     assignment_problems,
@@ -70,7 +71,7 @@ _REQUIRED = ("format", "global_batch", "microbatches", "schedule", "recompute", 
 _PROFILE_KEYS = ("model", "device", "sha256", "layers")
 _STAGE_KEYS = ("layers", "device", "nodes")
 _COST_KEYS = ("optimizer", "bandwidth_gbps", "latency_ms", "memory_limit_bytes",
-              "compute_scale", "action_ms", "message_ms")
+              "compute_scale", "action_ms", "message_ms", "device_model")
 _PREDICTED_KEYS = ("step_ms", "bubble_fraction", "stage_compute_ms", "stage_peak_bytes",
                    "stage_comm_ms", "method")
 
@@ -258,7 +259,9 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
                        "memory_limit_bytes": _json_float(plan.memory_limit_bytes),
                        "compute_scale": plan.runtime.compute_scale,
                        "action_ms": plan.runtime.action_ms,
-                       "message_ms": plan.runtime.message_ms},
+                       "message_ms": plan.runtime.message_ms,
+                       **({"device_model": device_model_to_dict(plan.runtime.device, fit=False)}
+                          if plan.runtime.device else {})},
     }
     if plan.predicted is not None:
         pred = asdict(plan.predicted)

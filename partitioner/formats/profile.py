@@ -395,7 +395,7 @@ def shipped_profiles() -> list[str]:
     root = resources.files("profiles")
     names = []
     for folder in root.iterdir():
-        if folder.is_dir() and not folder.name.startswith(("_", ".")):
+        if folder.is_dir() and not folder.name.startswith(("_", ".")) and folder.name != "devices":
             names += [f"{folder.name}/{f.name[:-5]}" for f in folder.iterdir()
                       if f.name.endswith(".json")]
     return sorted(names)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from partitioner.cost.model import CostModel, bytes_per_param, split_microbatches
 from partitioner.cost.partition import evaluate_assignment
-from partitioner.formats.assumptions import Runtime
 from partitioner.formats.layers import stage_of_nodes
 from partitioner.formats.plan import Plan
 from partitioner.formats.units import format_bytes
@@ -72,10 +71,13 @@ def plan_report(plan: Plan, cm: CostModel) -> str:
                    f"); link {plan.link.describe()}; times per micro-batch of {b}")
     if plan.topology is not None:
         assumptions += f"\ntopology {plan.topology.describe()}"
-    if plan.runtime != Runtime():
-        assumptions += (f"; runtime: actions take {plan.runtime.compute_scale:g} x profiled + "
-                        f"{plan.runtime.action_ms:g} ms, messages arrive "
-                        f"{plan.runtime.message_ms:g} ms after their send")
+    rt = plan.runtime
+    if (rt.compute_scale, rt.action_ms, rt.message_ms) != (1.0, 0.0, 0.0):
+        assumptions += (f"; runtime: actions take {rt.compute_scale:g} x profiled + "
+                        f"{rt.action_ms:g} ms, messages arrive {rt.message_ms:g} ms after "
+                        f"their send")
+    if rt.device is not None:
+        assumptions += f"\n{rt.device.describe()} (--device-model none: as profiled)"
     summary = (f"predicted step {pred.step_ms:.3f} ms ({pred.method}), bubble "
                f"{100 * pred.bubble_fraction:.1f}% (balanced ideal (K-1)/(M+K-1) = "
                f"{100 * _ideal(big_k, m):.1f}%)\nbottleneck stage {bottleneck:.3f} ms per "

@@ -171,13 +171,14 @@ def stage_durations(cm: CostModel, stage_of: IntArray, devices: Sequence[int]) -
         bwd = _stage_sums(cm.layer_array("bwd_ms", b), order, bounds)
         bwd_i = _stage_sums(cm.layer_array("bwd_input_ms", b), order, bounds)
         bwd_w = _stage_sums(cm.layer_array("bwd_weight_ms", b), order, bounds)
+        again = _stage_sums(cm.layer_array("recompute_ms", b), order, bounds)
         ms = np.where(paid, cm.value_transfer_ms(b)[x], 0.0)
         received = (_per_stage(recv_stage, cm.layer_array("in_bytes", b)[recv_layer], big_k)
                     if chain else _per_stage(dst, cm.value_bytes(b)[x], big_k))
         stash = received + _per_stage(root_stage, cm.layer_array("in_bytes", b)[roots], big_k)
         table["f"][:, s] = fwd + cm.runtime.action_ms  # fwd, bwd: scaled by the runtime
-        table["b"][:, s] = bwd + np.where(rc, fwd, 0.0) + cm.runtime.action_ms
-        table["i"][:, s] = bwd_i + np.where(rc, fwd, 0.0) + cm.runtime.action_ms
+        table["b"][:, s] = bwd + np.where(rc, again, 0.0) + cm.runtime.action_ms
+        table["i"][:, s] = bwd_i + np.where(rc, again, 0.0) + cm.runtime.action_ms
         table["w"][:, s] = bwd_w + cm.runtime.action_ms
         table["sf"][:, s] = _per_stage(src, ms, big_k)
         table["sb"][:, s] = _per_stage(dst, np.where(grad, ms, 0.0), big_k)

@@ -70,7 +70,8 @@ def work_bound_ms(cm: CostModel, allreduce_links: Sequence[Link] = ()) -> float:
     sizes = split_microbatches(cm.replica_batch, cm.microbatches)
     for b in set(sizes):
         fwd = cm.layer_array("fwd_ms", b)
-        per = float(fwd.sum()) + float(cm.backward_ms(b).sum()) + float(fwd[:forced].sum())
+        again = cm.layer_array("recompute_ms", b)
+        per = float(fwd.sum()) + float(cm.backward_ms(b).sum()) + float(again[:forced].sum())
         compute += sizes.count(b) * per
     compute += cm.microbatches * big_k * cm.compute_actions * cm.runtime.action_ms
     ring = 0.0

@@ -108,7 +108,7 @@ def _variant_arrays(cm: CostModel, stage: int, memory_objective: bool,
         top = max(forms, key=lambda f: f[0][-1] - f[1][0])
         return top[0], top[1], forms
     fwd, bwd = cm.layer_array("fwd_ms"), cm.backward_ms()
-    work = _prefix(fwd + bwd + (fwd if cm.recomputes(stage) else 0.0))
+    work = _prefix(fwd + bwd + (cm.layer_array("recompute_ms") if cm.recomputes(stage) else 0.0))
     return work + cm.cut_send_ms(), work - cm.cut_grad_ms(), forms
 
 

@@ -79,7 +79,7 @@ def scale(cm: CostModel, limit: float, memory_objective: bool = False) -> Data:
     # are neither ancestors of u nor descendants of v: at most this many stages lie between.
     gap = {(u, v): n - 2 - anc[u] - desc[v] for u in range(n) for v in succ[u]}
 
-    fwd, bwd = cm.layer_array("fwd_ms"), cm.backward_ms()
+    fwd, bwd, again = cm.layer_array("fwd_ms"), cm.backward_ms(), cm.layer_array("recompute_ms")
     inputs = cm.layer_array("in_bytes")
     terms, state = cm.activations(), cm.param_state_bytes()
     saved = terms.bound if terms.bound is not None else terms.act
@@ -88,7 +88,7 @@ def scale(cm: CostModel, limit: float, memory_objective: bool = False) -> Data:
     step = cm.step_bytes()  # the batch on the first layer's stage, the targets on the last's
     vals = [(x, val) for x, val in enumerate(cm.values.values) if val.consumers]
     size, ms = cm.value_bytes(), cm.value_transfer_ms()
-    work_ms = [[float(fwd[i] + bwd[i] + (fwd[i] if cm.recomputes(k) else 0.0)) for i in range(n)]
+    work_ms = [[float(fwd[i] + bwd[i] + (again[i] if cm.recomputes(k) else 0.0)) for i in range(n)]
                for k in range(big_k)]
     fanout = [min(len(val.consumers), big_k - 1) for _, val in vals]
     comm_ms = [float(ms[x]) if f else 0.0 for (x, _), f in zip(vals, fanout, strict=True)]

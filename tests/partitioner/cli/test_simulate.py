@@ -9,6 +9,7 @@ import pytest
 from partitioner.cli.main import main
 from partitioner.cost.model import CostModel
 from partitioner.formats.assumptions import Runtime
+from partitioner.formats.device import load_device_model
 from partitioner.formats.plan import PlanError, load_plan, save_plan
 from partitioner.formats.profile import load_profile
 from partitioner.formats.timeline import load_chrome_trace
@@ -63,7 +64,7 @@ def test_what_if_overrides(plan_path: Path, capsys: pytest.CaptureFixture[str]) 
                           "--schedule", "1f1b"])
     profile = load_profile("h200/gpt2-medium")
     cm = CostModel(profile, 16, 8, stages=4, schedule="1f1b", recompute="except_last",
-                   link=load_plan(plan_path).link)
+                   link=load_plan(plan_path).link, runtime=load_plan(plan_path).runtime)
     expect = simulate(cm, ranges_from_boundaries(load_plan(plan_path).boundaries))
     assert more["step_ms"] == pytest.approx(expect.step_ms)
 
@@ -173,7 +174,7 @@ def test_runtime_options_scale_the_prediction(plan_path: Path,
                  "-o", str(out)]) == 0
     assert "runtime: actions take 1.5 x profiled + 0.1 ms" in capsys.readouterr().out
     plan = load_plan(out)
-    assert plan.runtime == Runtime(1.5, 0.1, 0.2)
+    assert plan.runtime == Runtime(1.5, 0.1, 0.2, load_device_model("h200"))  # auto: an H200
     again = _json(capsys, ["simulate", str(out), "--json"])  # the plan's own runtime
     assert plan.predicted is not None
     assert float(again["step_ms"]) == pytest.approx(plan.predicted.step_ms)  # type: ignore[arg-type]
