@@ -22,10 +22,12 @@ from torch import Tensor, nn
 
 from executor.runtime.batch import Batch
 from executor.workloads.graphmodels import GRAPH_MODELS
+from executor.workloads.llama import llama
 from partitioner.formats.specs import is_spec, load_spec
 
 __all__ = [
     "DEFAULT_MODEL",
+    "META_ONLY",
     "MODELS",
     "Workload",
     "build_model",
@@ -198,6 +200,16 @@ def _resnet_workload(name: str, batch: int, *, blocks: tuple[int, ...], width: i
                     torch.randint(classes, (batch,)), F.cross_entropy, info)
 
 
+def _llama_workload(name: str, batch: int, *, vocab: int, seq: int, d_model: int, heads: int,
+                    kv_heads: int, ffn: int, layers: int) -> Workload:
+    model = llama(vocab, seq, d_model, heads, kv_heads, ffn, layers)
+    stream = torch.randint(vocab, (batch, seq + 1))
+    info = {"kind": "tokens", "vocab": vocab, "seq": seq, "d_model": d_model, "heads": heads,
+            "kv_heads": kv_heads, "ffn": ffn, "blocks": layers}
+    return Workload(name, model, stream[:, :-1].contiguous(), stream[:, 1:].contiguous(),
+                    lm_loss, info)
+
+
 # -- registry ----------------------------------------------------------------------------------
 
 #: name -> (builder taking (name, batch), one-line description)
@@ -218,6 +230,21 @@ MODELS: dict[str, tuple[Callable[[str, int], Workload], str]] = {
     "gpt-1.3b": (partial(_gpt_workload, vocab=50304, seq=1024, d_model=2048, heads=16,
                          layers=24),
                  "GPT 1.3B shape: 24 blocks, d=2048, 1024 tokens, vocab 50304"),
+    "llama-tiny": (partial(_llama_workload, vocab=256, seq=32, d_model=64, heads=4, kv_heads=2,
+                           ffn=160, layers=4),
+                   "Llama, 4 blocks, d=64, GQA 4/2 heads, SwiGLU 160, 32 tokens, vocab 256"),
+    "llama2-7b": (partial(_llama_workload, vocab=32000, seq=4096, d_model=4096, heads=32,
+                          kv_heads=32, ffn=11008, layers=32),
+                  "Llama 2 7B shape: 32 blocks, d=4096, 32 heads, SwiGLU 11008, 4096 tokens, "
+                  "vocab 32000 (6.7B; meta device only)"),
+    "llama2-70b": (partial(_llama_workload, vocab=32000, seq=4096, d_model=8192, heads=64,
+                           kv_heads=8, ffn=28672, layers=80),
+                   "Llama 2 70B shape: 80 blocks, d=8192, GQA 64/8 heads, SwiGLU 28672, 4096 "
+                   "tokens, vocab 32000 (69B; meta device only)"),
+    "gpt3-175b": (partial(_gpt_workload, vocab=50257, seq=2048, d_model=12288, heads=96,
+                          layers=96),
+                  "GPT-3 175B shape: 96 blocks, d=12288, 96 heads, 2048 tokens, vocab 50257 "
+                  "(175B; meta device only)"),
     "resnet-tiny": (partial(_resnet_workload, blocks=(1, 1, 1, 1), width=8, classes=10,
                             image=64),
                     "ResNet, 4 bottlenecks, width 8, 64x64 images, 10 classes (0.1M params)"),
@@ -230,28 +257,44 @@ MODELS: dict[str, tuple[Callable[[str, int], Workload], str]] = {
 }
 
 
+#: The shapes too large to build anywhere but on the meta device.
+META_ONLY = frozenset({"llama2-7b", "llama2-70b", "gpt3-175b"})
+
+
 def list_models() -> list[tuple[str, str]]:
     """(name, description) of every built-in model, e.g. ``('gpt-tiny', 'GPT, 4 blocks, ...')``,
     the chains then the example graph models (``executor.workloads.graphmodels``)."""
     return [(name, desc) for name, (_, desc) in (*MODELS.items(), *GRAPH_MODELS.items())]
 
 
-def build_model(name: str, batch: int = 8, seed: int = 0) -> Workload:
+def build_model(name: str, batch: int = 8, seed: int = 0,
+                device: str | torch.device | None = None) -> Workload:
     """Build a built-in model with a sample batch of ``batch`` rows, deterministically from
-    ``seed`` and without touching the global random state.
+    ``seed`` and without touching the global random state; on ``device`` when given (``meta``:
+    shapes only, no memory, which the largest shapes require).
 
         >>> build_model("resnet-tiny", batch=3).sample.shape
         torch.Size([3, 3, 64, 64])
+        >>> build_model("gpt3-175b", batch=1, device="meta").model[1].attn.qkv.weight.shape
+        torch.Size([36864, 12288])
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; built-in models are: {', '.join(MODELS)} "
                          f"(or give module:function returning (nn.Sequential, sample_batch))")
     if not (isinstance(batch, int) and batch >= 1):
         raise ValueError(f"batch={batch!r} must be a whole number >= 1")
+    if name in META_ONLY and torch.device(device or "cpu").type != "meta":
+        raise ValueError(f"{name} is a shape for planning ({MODELS[name][1].split('(')[-1][:-1]}"
+                         f"): its weights fit no machine here; build it on the meta device "
+                         f"(build_model(..., device='meta'), or partition-model profile "
+                         f"--device meta --target h200)")
     builder, _ = MODELS[name]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return builder(name, batch)
+        if device is None:
+            return builder(name, batch)
+        with torch.device(device):
+            return builder(name, batch)
 
 
 def load_model(spec: str, batch: int) -> tuple[nn.Sequential, Batch, dict[str, Any]]:
