@@ -12,6 +12,7 @@ returns one tensor, so a pipeline may cut between any two layers.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -236,12 +237,16 @@ def list_models() -> list[tuple[str, str]]:
     return [(name, desc) for name, (_, desc) in (*MODELS.items(), *GRAPH_MODELS.items())]
 
 
-def build_model(name: str, batch: int = 8, seed: int = 0) -> Workload:
+def build_model(name: str, batch: int = 8, seed: int = 0, *, meta: bool = False) -> Workload:
     """Build a built-in model with a sample batch of ``batch`` rows, deterministically from
-    ``seed`` and without touching the global random state.
+    ``seed`` and without touching the global random state. ``meta=True`` builds the model,
+    sample and target on the meta device: their shapes without memory or values, whatever
+    the model's size (what ``executor.profiling.meta.count_layers`` needs).
 
         >>> build_model("resnet-tiny", batch=3).sample.shape
         torch.Size([3, 3, 64, 64])
+        >>> build_model("gpt-1.3b", batch=1, meta=True).model[1].mlp[0].weight.shape
+        torch.Size([8192, 2048])
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; built-in models are: {', '.join(MODELS)} "
@@ -249,7 +254,7 @@ def build_model(name: str, batch: int = 8, seed: int = 0) -> Workload:
     if not (isinstance(batch, int) and batch >= 1):
         raise ValueError(f"batch={batch!r} must be a whole number >= 1")
     builder, _ = MODELS[name]
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device("meta") if meta else nullcontext():
         torch.manual_seed(seed)
         return builder(name, batch)
 
