@@ -9,11 +9,14 @@
 For models too large for any machine, or profiles for hardware one does not have: every layer
 runs its forward and backward on the meta device, where tensors have shapes and no memory, so
 nothing is computed and nothing allocated, whatever the model's size. The byte figures are
-those ``profile_model`` writes, counted by the profiler's own code (``measure.measure`` on a
-meta copy of each layer; ``memory.ActivationMeter`` tells meta storages apart by their
-storage objects, as meta tensors have no addresses); the work of each pass is counted by the
-rules of ``executor.profiling.metaops`` (FLOPs, bytes moved, kernels). Times are not: they
-need a device or a model of one.
+those ``profile_model`` writes, counted as ``measure.measure`` counts them: the same harness
+(a fresh input per pass, layer 0's not differentiated), the same ``memory.ActivationMeter``
+(which tells meta storages apart by their storage objects, as meta tensors have no
+addresses), ``loss_bytes`` itself for the loss; the tests hold them equal to a real profile.
+They are read inside the passes that count each pass's work by the rules of
+``executor.profiling.metaops`` (FLOPs, bytes moved, kernels): per layer and size, a forward,
+its backward, and a forward under ``splitgrad.deferring`` with its I and W. Times are not
+counted: they need a device, or a model of one.
 """
 
 from __future__ import annotations
@@ -28,17 +31,17 @@ import torch
 from torch import Tensor, nn
 
 from executor.profiling.measure import (
-    Measurement,
     as_batch,
     as_tensors,
+    batch_nbytes,
     loss_bytes,
-    measure,
     prepare_batch,
     slice_batch,
 )
 from executor.profiling.metaops import ATTENTION, Watch, Work, attention_as, counting
 from executor.runtime.batch import Batch, like
 from executor.runtime.devices import parse_dtype
+from executor.runtime.memory import ActivationMeter, Storages
 from executor.runtime.splitgrad import WeightGrads, deferring
 from partitioner.formats.profile_loss import LossProfile
 
@@ -56,8 +59,7 @@ class LayerCounts:
     ``saved_input_bytes`` are its input's and ``saved_output_bytes`` its output's;
     ``held_for_w_bytes`` what a split backward keeps from I until W (each deferred linear's
     input and output gradient), of which ``held_for_w_input_bytes`` is its input.
-    ``peak_bytes`` is None: the profiler reads it from the CUDA allocator (transient tensors,
-    its rounding and caching), which the meta device does not have.
+    ``peak_bytes`` is None (see there).
 
     Work per pass (``metaops.Work``): ``fwd``; ``bwd``, the fused backward as the profiler
     runs it (into the input's gradient, except for layer 0, and accumulating into the
@@ -80,7 +82,12 @@ class LayerCounts:
     bwd: tuple[Work, ...]
     bwd_input: tuple[Work, ...]
     bwd_weight: tuple[Work, ...]
-    peak_bytes: None = None
+
+    @property
+    def peak_bytes(self) -> None:
+        """None: the transient peak of forward+backward, which the profiler reads from the CUDA
+        allocator (with its rounding and caching) and the meta device does not have."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -127,9 +134,11 @@ def count_layers(
     (a target of at least the largest size's rows); ``train`` counts in training mode;
     ``attention`` says which kernels ``scaled_dot_product_attention`` takes (``ATTENTION``).
 
-    A layer that cannot run on meta (an output shape that depends on values: ``.item()``,
-    ``nonzero``, boolean indexing; an op without a meta kernel) is a ValueError naming the
-    layer, the op and the fix.
+    Where devices' kernels differ, the meta kernels mostly follow CUDA's: a bfloat16 or
+    float16 LayerNorm keeps its mean and rstd in float32 (the CPU in the input's dtype: 4
+    bytes a row less); attention alone follows ``attention``. A layer that cannot run on meta
+    (an output shape that depends on values: ``.item()``, ``nonzero``, boolean indexing; an op
+    without a meta kernel) is a ValueError naming the layer, the op and the fix.
     """
     seq, batch, sizes = _check(model, sample, microbatch_sizes, loss, attention)
     cast = parse_dtype(dtype)
@@ -139,18 +148,10 @@ def count_layers(
         for i, (name, layer) in enumerate(seq.named_children()):
             twin = _meta_copy(layer, cast, train)
             rows = [_count(twin, xs[b], i, name, b) for b in sizes]
-            m = [r[0] for r in rows]
             layers.append(LayerCounts(
                 name=name, type=type(layer).__name__, param_bytes=_param_bytes(twin),
-                in_bytes=tuple(r.in_bytes for r in m), out_bytes=tuple(r.out_bytes for r in m),
-                saved_bytes=tuple(r.saved_bytes for r in m),
-                saved_input_bytes=tuple(r.saved_input_bytes for r in m),
-                saved_output_bytes=tuple(r.saved_output_bytes for r in m),
-                held_for_w_bytes=tuple(r.held_for_w_bytes or 0 for r in m),
-                held_for_w_input_bytes=tuple(r.held_for_w_input_bytes or 0 for r in m),
-                fwd=tuple(r[1] for r in rows), bwd=tuple(r[2] for r in rows),
-                bwd_input=tuple(r[3] for r in rows), bwd_weight=tuple(r[4] for r in rows)))
-            xs = {b: r.output for b, r in zip(sizes, m, strict=True)}
+                **{key: tuple(getattr(r, key) for r in rows) for key in _PER_SIZE}))
+            xs = {b: r.output for b, r in zip(sizes, rows, strict=True)}
         lost = None if loss is None else _loss(loss, xs, sizes, cast)
     model_dtype = next((p.dtype for p in seq.parameters() if p.is_floating_point()),
                        torch.float32)
@@ -229,16 +230,33 @@ def _inputs(x: Batch, input_grad: bool) -> tuple[Batch, list[Tensor]]:
     return like(x, fresh), leaves
 
 
-def _count(layer: nn.Module, x: Batch, i: int, name: str, b: int
-           ) -> tuple[Measurement, Work, Work, Work, Work]:
-    """The profiler's figures of ``layer`` at input ``x`` and the work of its passes; a failure
-    is a ValueError naming the layer, the op and the fix."""
+@dataclass(frozen=True)
+class _Row:
+    """One layer at one size: ``LayerCounts``' figures, and its output (detached)."""
+
+    in_bytes: int
+    out_bytes: int
+    saved_bytes: int
+    saved_input_bytes: int
+    saved_output_bytes: int
+    held_for_w_bytes: int
+    held_for_w_input_bytes: int
+    fwd: Work
+    bwd: Work
+    bwd_input: Work
+    bwd_weight: Work
+    output: Batch
+
+
+#: The fields of ``LayerCounts`` after its name, type and parameter bytes, in order.
+_PER_SIZE = tuple(f for f in _Row.__dataclass_fields__ if f != "output")
+
+
+def _count(layer: nn.Module, x: Batch, i: int, name: str, b: int) -> _Row:
+    """``layer`` at input ``x``; a failure is a ValueError naming the layer, the op, the fix."""
     watch = Watch()
     try:
-        with counting(watch):
-            m = measure(layer, x, META, input_grad=i > 0, warmup=0, repeat=1,
-                        held_for_w=True, name=name)
-        return (m, *_work(layer, x, i > 0, name, watch))
+        return _passes(layer, x, i > 0, name, watch)
     except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
         raise ValueError(f"layer {i} ({name!r}, {type(layer).__name__}) cannot run on the meta "
                          f"device at micro-batch size {b}: {_why(exc, watch)}") from exc
@@ -270,40 +288,57 @@ def _why(exc: BaseException, watch: Watch) -> str:
     return f"{op} failed ({reason}); {fix}"
 
 
-def _work(layer: nn.Module, x: Batch, input_grad: bool, name: str, watch: Watch
-          ) -> tuple[Work, Work, Work, Work]:
-    """(F, B, I, W) work of ``layer`` on ``x``, each pass counted alone as ``measure`` runs it:
-    B, I and W accumulate into parameter gradients that exist, as every micro-batch after a
-    step's first does; the input's gradient is passed on, as inside a whole model's backward
-    (its accumulation into the harness's input leaf is not counted)."""
+def _passes(layer: nn.Module, x: Batch, input_grad: bool, name: str, watch: Watch) -> _Row:
+    """F, B, then a split forward with its I and W, each counted alone, with the bytes read
+    on the way as ``measure`` reads them: what F saves (``_saved_bytes``) and what I leaves
+    for W (``_held_for_w``). B, I and W accumulate into parameter gradients that exist, as
+    every micro-batch after a step's first does; the input's gradient is passed on, as inside
+    a whole model's backward (its accumulation into the harness's input leaf is not counted).
+    """
     params = [p for p in layer.parameters() if p.requires_grad]
+    meter = ActivationMeter(layer)
+    meter.begin_step()  # parameters and buffers never count
     for p in params:
         p.grad = torch.zeros_like(p)
     try:
         with torch.enable_grad():
             xin, leaves = _inputs(x, input_grad)
-            with counting(watch) as fwd:
-                outs = [t for t in as_tensors(as_batch(layer(xin), name), "output")
-                        if t.requires_grad]
-            if not (outs and (leaves or params)):
-                return fwd.work(), _NO_WORK, _NO_WORK, _NO_WORK
-            grads = [torch.ones_like(t) for t in outs]
-            with counting(watch) as bwd, bwd.skipping_leaf_grads(leaves):
-                torch.autograd.backward(outs, grads, inputs=[*leaves, *params])
-            del outs
-            xin, leaves = _inputs(x, input_grad)
-            store = WeightGrads()
-            with deferring(store):
-                outs = [t for t in as_tensors(as_batch(layer(xin), name), "output")
-                        if t.requires_grad]
-            with counting(watch) as i_pass, i_pass.skipping_leaf_grads(leaves):
-                torch.autograd.backward(outs, grads)  # every leaf, as measure's split does
-            with counting(watch) as w_pass:
-                store.run()
+            with counting(watch) as fwd, meter.saving() as seen:
+                out = as_batch(layer(xin), name)
+            outs = [t for t in as_tensors(out, "output") if t.requires_grad]
+            output = like(out, [t.detach() for t in as_tensors(out, "output")])
+            saved = (sum(seen.values()), _part(seen, meter.storages(as_tensors(xin, "input"))),
+                     _part(seen, meter.storages(as_tensors(out, "output"))))
+            del out, seen
+            works, held = [fwd.work(), _NO_WORK, _NO_WORK, _NO_WORK], (0, 0)
+            if outs and (leaves or params):
+                grads = [torch.ones_like(t) for t in outs]
+                with counting(watch) as bwd, bwd.skipping_leaf_grads(leaves):
+                    torch.autograd.backward(outs, grads, inputs=[*leaves, *params])
+                del outs
+                xin, leaves = _inputs(x, input_grad)
+                store = WeightGrads()
+                with deferring(store):
+                    outs = [t for t in as_tensors(as_batch(layer(xin), name), "output")
+                            if t.requires_grad]
+                with counting(watch) as i_pass, i_pass.skipping_leaf_grads(leaves):
+                    torch.autograd.backward(outs, grads)  # every leaf, as measure's split does
+                kept = meter.storages(store.tensors())
+                held = (sum(kept.values()),
+                        _part(kept, meter.storages(as_tensors(xin, "input"))))
+                with counting(watch) as w_pass:
+                    store.run()
+                works[1:] = [bwd.work(), i_pass.work(), w_pass.work()]
     finally:
         for p in params:
             p.grad = None
-    return fwd.work(), bwd.work(), i_pass.work(), w_pass.work()
+    return _Row(batch_nbytes(x), batch_nbytes(output), *saved, *held, fwd=works[0],
+                bwd=works[1], bwd_input=works[2], bwd_weight=works[3], output=output)
+
+
+def _part(storages: Storages, of: Storages) -> int:
+    """Bytes of ``storages`` that are among ``of``."""
+    return sum(size for key, size in storages.items() if key in of)
 
 
 def _loss(loss: tuple[Callable[[Any, Any], Tensor], Any], outputs: dict[int, Batch],
