@@ -19,8 +19,8 @@ or ``matmul`` have decomposed, so ``x.t()`` then ``mm``), forward or backward al
   among the op's arguments and of every tensor it returns; an in-place op's tensor counts as
   read and as written. No cache is modelled: what one op writes and the next reads counts twice.
 * ``flops``: over those kernels, ``torch.utils.flop_counter.FlopCounterMode``'s formulas
-  (matmuls, convolutions, attention; pointwise ops and reductions count 0), called as it
-  calls them, with the CPU's flash attention kernels counted as their CUDA twins are
+  (matmuls, convolutions, attention, a causal one counted whole; pointwise ops and
+  reductions count 0), called as it calls them, with the CPU's flash attention kernels counted as their CUDA twins are
   (FlopCounterMode has no formula of its own for them: ``CPU_FLASH_FLOPS`` gives it one).
 
 ``Watch`` remembers the op that last raised, so that a layer that cannot run on meta is
