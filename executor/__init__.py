@@ -9,7 +9,7 @@
 
 The front door: running (``Pipeline`` in one process, ``DistributedRunner`` one rank per
 stage, ``spawn_local`` and ``launch`` for local ranks, ``Job``), profiling (``profile_model``,
-``profile_graph``), calibrating (``measure_link``, ``measure_runtime``) and the built-in
+``profile_graph``; ``count_layers`` on the meta device), calibrating (``measure_link``, ``measure_runtime``) and the built-in
 workloads (``build_model``). Sub-packages, in import order: ``runtime``, ``graphs``,
 ``distributed``, ``profiling``, ``workloads``.
 """
@@ -21,6 +21,7 @@ from executor.distributed.transport import PeerError
 from executor.graphs.pipeline import Pipeline
 from executor.profiling.calibrate import measure_link, measure_runtime
 from executor.profiling.graph import profile_graph
+from executor.profiling.meta import count_layers
 from executor.profiling.profiler import profile_model
 from executor.runtime.allocator import keep_freed_memory
 from executor.runtime.job import Job, load_job
@@ -35,6 +36,7 @@ __all__ = [
     "RankFailure",
     "StepResult",
     "build_model",
+    "count_layers",
     "keep_freed_memory",
     "launch",
     "load_job",

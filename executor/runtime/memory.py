@@ -46,10 +46,14 @@ Storages = dict[int, int]
 
 def _storage(t: torch.Tensor) -> tuple[int, int]:
     """(address, bytes) of the memory ``t`` keeps alive: its whole storage (a view keeps all of
-    it); a tensor without one (sparse, nested) counts its own elements at its own id."""
+    it); a tensor without one (sparse, nested) counts its own elements at its own id. A meta
+    tensor's storage has no memory (its address is 0 for all): it is told apart by the
+    address of its storage object instead, which views share and which is unique while the
+    storage lives (``executor.profiling.meta`` counts on this)."""
     try:
         storage = t.untyped_storage()
-        return storage.data_ptr(), storage.nbytes()
+        key = storage._cdata if storage.device.type == "meta" else storage.data_ptr()
+        return key, storage.nbytes()
     except (RuntimeError, NotImplementedError):
         return id(t), t.numel() * t.element_size()
 

@@ -12,6 +12,7 @@ returns one tensor, so a pipeline may cut between any two layers.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -289,12 +290,10 @@ def build_model(name: str, batch: int = 8, seed: int = 0,
                          f"(build_model(..., device='meta'), or partition-model profile "
                          f"--device meta --target h200)")
     builder, _ = MODELS[name]
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), (
+            torch.device(device) if device is not None else nullcontext()):
         torch.manual_seed(seed)
-        if device is None:
-            return builder(name, batch)
-        with torch.device(device):
-            return builder(name, batch)
+        return builder(name, batch)
 
 
 def load_model(spec: str, batch: int) -> tuple[nn.Sequential, Batch, dict[str, Any]]:

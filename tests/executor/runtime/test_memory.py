@@ -156,3 +156,17 @@ def test_profiler_counts_what_w_keeps(timing: str) -> None:
     assert last.held_for_w_bytes == (2 * (32 + 4) * 4, 8 * (32 + 4) * 4)
     if timing == "layer":
         assert first.bwd_weight_ms is not None and min(first.bwd_weight_ms) > 0
+
+
+def test_meta_storages_are_told_apart_by_their_storage_objects() -> None:
+    """On meta every address is 0; the meter counts storages as on a real device."""
+    layer = nn.Linear(4, 4, device="meta")
+    meter = ActivationMeter(layer)
+    meter.begin_step()
+    x = torch.empty(8, 4, device="meta")  # 128 bytes
+    assert x.data_ptr() == 0 and torch.empty(2, device="meta").data_ptr() == 0
+    with meter.saving() as saved:
+        y = torch.relu(layer(x))  # the linear saves x (the weight not), relu its output y
+    assert sorted(saved.values()) == [128, 128]
+    assert meter.storages((x[:4], x.t(), y)) == {**meter.storages(x), **meter.storages(y)}
+    assert meter.hold(0, saved, meter.storages(x[2:])) == 256  # x once, whatever the view
