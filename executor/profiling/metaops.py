@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -61,11 +61,15 @@ _NO_KERNEL = frozenset({
 
 @dataclass(frozen=True)
 class Work:
-    """The work of one pass: FLOPs, bytes its kernels read and write, and its kernels."""
+    """The work of one pass: FLOPs, bytes its kernels read and write, and its kernels; ``ops``
+    the (FLOPs, moved bytes, 1 for a convolution else 0) of each kernel, in order (what a
+    roofline per kernel needs: convolutions run far from the matrix products' rate)."""
 
     flops: int
     moved_bytes: int
     kernels: int
+    ops: tuple[tuple[int, int, int], ...] = field(default=(), repr=False, compare=False)
+    views: int = field(default=0, repr=False, compare=False)  # ops dispatched, no kernel
 
 
 class Watch:
@@ -91,6 +95,8 @@ class Tally(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch's own,
         self.flops = 0
         self.kernels = 0
         self.moved_bytes = 0
+        self.ops: list[tuple[int, int, int]] = []
+        self.views = 0
         self.paused = False  # while True, ops run uncounted (a harness's own work)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
@@ -102,7 +108,10 @@ class Tally(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch's own,
             self.watch.failed_op = str(func)
             raise
         self.watch.failed_op = None
-        if self.paused or func.is_view or func in _NO_KERNEL:
+        if self.paused:
+            return out
+        if func.is_view or func in _NO_KERNEL:
+            self.views += 1
             return out
         in_bytes, in_numel = _nbytes((args, kwargs))
         out_bytes, out_numel = _nbytes(out)
@@ -110,8 +119,12 @@ class Tally(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch's own,
             self.kernels += 1
             self.moved_bytes += in_bytes + out_bytes
             formula = _FLOP_FORMULAS.get(func._overloadpacket)
+            flops = 0
             if formula is not None:  # as FlopCounterMode calls its formulas
-                self.flops += int(formula(*args, **kwargs, out_val=out))
+                flops = int(formula(*args, **kwargs, out_val=out))
+                self.flops += flops
+            conv = int("convolution" in func._overloadpacket.__name__)
+            self.ops.append((flops, in_bytes + out_bytes, conv))
         return out
 
     @contextmanager
@@ -138,7 +151,7 @@ class Tally(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch's own,
                 h.remove()
 
     def work(self) -> Work:
-        return Work(self.flops, self.moved_bytes, self.kernels)
+        return Work(self.flops, self.moved_bytes, self.kernels, tuple(self.ops), self.views)
 
 
 def _cpu_flash_flop(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any,

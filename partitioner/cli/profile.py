@@ -3,6 +3,8 @@
     $ partition-model profile --model gpt-tiny --microbatch-sizes 1,2,4 --device cpu \\
           -o gpt-tiny.json
     $ partition-model profile --model mypkg.models:make --microbatch-sizes 8,16 --device cuda
+    $ partition-model profile --model llama2-70b --microbatch-sizes 1,2,4 --device meta \\
+          --target h200 -o llama2-70b.json      # no GPU, no memory: bytes exact, times modelled
 
 ``module:function`` names a function taking no arguments and returning an ``nn.Module`` or
 ``(nn.Module, sample_batch)``. An ``nn.Sequential`` is profiled child by child; any other
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from partitioner.cli.options import count, count_list, size
 from partitioner.cli.profile_graph import add_graph_arguments, graph_summary
@@ -43,7 +46,12 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--microbatch-sizes", type=count_list("--microbatch-sizes", high=2**20),
                    default=[1, 2, 4], metavar="1,2,4",
                    help="micro-batch sizes to measure (default: 1,2,4)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda[:N], or meta: no device at all (with --target; bytes "
+                        "counted exactly, times from the target's device model) (default: cpu)")
+    p.add_argument("--target", default=None, metavar="NAME|SPEC.json",
+                   help="with --device meta: the device to profile for, a shipped device "
+                        "model (h200, h100, a100, mi300x) or a gpipe-device/1 file")
     p.add_argument("--dtype", default=None,
                    help="float32, bfloat16 or float16: cast parameters and floating inputs "
                         "(default: the model's own)")
@@ -94,6 +102,8 @@ def main(argv: Sequence[str]) -> int:
         return 0
     if not args.model:
         raise ValueError("give --model NAME|module:function (or --list-models)")
+    if args.device == "meta" or args.target is not None:
+        return _meta(args)
     resolve_device(args.device)  # missing CUDA is an error before the model is built
     model, sample, info = load_any_model(
         args.model, args.batch or max(args.microbatch_sizes), sample_spec=args.sample,
@@ -123,6 +133,50 @@ def main(argv: Sequence[str]) -> int:
     print(profile_summary(prof))
     if not chain:
         print(graph_summary(prof))
+    if args.output:
+        save_profile(prof, args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _meta(args: argparse.Namespace) -> int:
+    """``--device meta --target T``: a profile made without the device."""
+    from executor.profiling.metaprofile import meta_profile
+    from executor.workloads.loading import is_chain, load_any_model
+    from executor.workloads.models import MODELS, build_model
+    from partitioner.cli.main import CliError
+    from partitioner.formats.device import load_device_model
+
+    if args.target is None:
+        raise CliError("--device meta profiles for a device one does not have: name it with "
+                       "--target (h200, h100, a100, mi300x, or a gpipe-device/1 file)")
+    if args.device != "meta":
+        raise CliError(f"--target {args.target} profiles without the device: give --device "
+                       f"meta with it (got --device {args.device}; on a real device, time it "
+                       f"there without --target)")
+    try:
+        target = load_device_model(args.target)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"--target: {exc}") from None
+    batch = args.batch or max(args.microbatch_sizes)
+    loss = None
+    model: Any
+    if args.model in MODELS:
+        work = build_model(args.model, batch=batch, device="meta")
+        model, sample, info = work.model, work.sample, dict(work.input_info)
+        if args.sample is None:
+            loss = (work.loss_fn, work.target)
+    else:
+        model, sample, info = load_any_model(args.model, batch, sample_spec=args.sample,
+                                             seq_len=args.seq_len,
+                                             input_shape=args.input_shape)
+        if not is_chain(model):
+            raise CliError(f"--device meta profiles nn.Sequential models; {args.model!r} is "
+                           f"a {type(model).__name__} (profile it on a device, or pass a "
+                           f"Sequential of its layers)")
+    prof = meta_profile(model, sample, args.microbatch_sizes, target, args.model,
+                        dtype=args.dtype or "bfloat16", loss=loss, input_info=info)
+    print(profile_summary(prof))
     if args.output:
         save_profile(prof, args.output)
         print(f"wrote {args.output}")

@@ -29,9 +29,11 @@ device model says, in a few fitted figures, how to get both from the alone times
 The work figures describe the device for profiles made without it (``cost.worktime``: a
 layer's time alone from its FLOPs, bytes moved and kernels): ``peak_tflops`` per dtype,
 ``memory_gbps``, and, fitted to measured profiles, ``half_work_gflop`` (the work at which a
-layer's compute reaches half the peak rate), ``memory_efficiency`` (the share of
-``memory_gbps`` its memory traffic achieves), ``layer_launch_ms`` and ``kernel_launch_ms``
-(what a layer and each of its kernels cost to launch when timed alone). ``source`` says
+kernel's compute reaches half the peak rate), ``memory_efficiency`` (the share of
+``memory_gbps`` memory traffic achieves), ``conv_efficiency`` (the share of the peak that
+convolutions reach), ``layer_launch_ms``, ``kernel_launch_ms`` and
+``backward_kernel_launch_ms`` (what a layer and each of its forward or backward kernels cost
+to launch when timed alone) and ``view_launch_ms`` (each op that launches no kernel). ``source`` says
 whether the figures were fitted to measurements (``fitted``) or taken from a vendor's
 published figures (``published``, the fitted ones then borrowed from a fitted model, as
 ``how`` says).
@@ -57,9 +59,10 @@ DEVICE_FORMAT = "gpipe-device/1"
 _FOLDER = "devices"  # under the ``profiles`` package
 _HOST = ("host_forward", "host_backward", "host_recompute")
 _FITTED = (*_HOST, "device_scale", "small_work_exponent")
-_WORK = ("memory_gbps", "half_work_gflop", "memory_efficiency", "layer_launch_ms",
-         "kernel_launch_ms")
-_KEYS = ("format", "name", "device_names", "kind", "source", *_FITTED, "peak_tflops", *_WORK,
+_WORK = ("memory_gbps", "half_work_gflop", "memory_efficiency", "conv_efficiency",
+         "layer_launch_ms", "kernel_launch_ms", "backward_kernel_launch_ms", "view_launch_ms")
+_UNIT = ("memory_efficiency", "conv_efficiency")  # shares, default 1
+_KEYS = ("format", "name", "device_names", "kind", "memory_bytes", "source", *_FITTED, "peak_tflops", *_WORK,
          "how", "fit", "extra")
 MAX_FACTOR = 100.0
 #: How a profile's ``how`` opens when its layers were timed inside whole-model passes.
@@ -82,13 +85,17 @@ class DeviceModel:
     small_work_exponent: float = 1.0
     device_names: tuple[str, ...] = ()
     kind: str = "cuda"
+    memory_bytes: int = 0
     source: str = "fitted"
     peak_tflops: tuple[tuple[str, float], ...] = ()
     memory_gbps: float = 0.0
     half_work_gflop: float = 0.0
     memory_efficiency: float = 1.0
+    conv_efficiency: float = 1.0
     layer_launch_ms: float = 0.0
     kernel_launch_ms: float = 0.0
+    backward_kernel_launch_ms: float = 0.0
+    view_launch_ms: float = 0.0
     how: str = ""
     fit: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
 
@@ -134,20 +141,22 @@ def device_model_from_dict(data: object, source: str) -> DeviceModel:
         names = []
     peaks = p.mapping(obj.get("peak_tflops", {}), "$.peak_tflops", "an object dtype -> TFLOP/s")
     peak = tuple((str(k), p.number(v, f"$.peak_tflops.{k}", high=1e6)) for k, v in peaks.items())
-    work = {k: p.number(obj.get(k, 1.0 if k == "memory_efficiency" else 0.0), f"$.{k}",
-                        high=1e6) for k in _WORK}
-    if not 0 < work["memory_efficiency"] <= 1:
-        p.add("$.memory_efficiency", f"{obj.get('memory_efficiency')!r} must be in (0, 1]: the "
-                                     f"share of memory_gbps achieved")
+    work = {k: p.number(obj.get(k, 1.0 if k in _UNIT else 0.0), f"$.{k}", high=1e6)
+            for k in _WORK}
+    for key in _UNIT:
+        if not 0 < work[key] <= 1:
+            p.add(f"$.{key}", f"{obj.get(key)!r} must be in (0, 1]: a share of the peak")
     source_kind = p.text(obj.get("source", "fitted"), "$.source", "fitted")
     if source_kind not in ("fitted", "published"):
         p.add("$.source", f"{source_kind!r} must be 'fitted' or 'published'")
     fit = p.mapping(obj.get("fit", {}), "$.fit", "an object")
+    memory_bytes = p.whole(obj.get("memory_bytes", 0), "$.memory_bytes")
     if p:
         raise DeviceModelError(f"{source}: not a valid {DEVICE_FORMAT} device model:\n  "
                                + "\n  ".join(p))
     return DeviceModel(str(obj["name"]), **figures, device_names=tuple(names),
-                       kind=str(obj.get("kind", "cuda")), source=source_kind, peak_tflops=peak,
+                       kind=str(obj.get("kind", "cuda")), memory_bytes=memory_bytes,
+                       source=source_kind, peak_tflops=peak,
                        **work,
                        how=str(obj.get("how", "")), fit=tuple(fit.items()))
 
@@ -157,11 +166,12 @@ def device_model_to_dict(dm: DeviceModel, *, fit: bool = True) -> dict[str, Any]
     with the record of how well it fitted its measurements (a plan leaves it out)."""
     out: dict[str, Any] = {"format": DEVICE_FORMAT, "name": dm.name,
                            "device_names": list(dm.device_names), "kind": dm.kind,
+                           "memory_bytes": dm.memory_bytes,
                            "source": dm.source, **{k: getattr(dm, k) for k in _FITTED}}
     if dm.peak_tflops:
         out["peak_tflops"] = dict(dm.peak_tflops)
     for key in _WORK:
-        if getattr(dm, key) != (1.0 if key == "memory_efficiency" else 0.0):
+        if getattr(dm, key) != (1.0 if key in _UNIT else 0.0):
             out[key] = getattr(dm, key)
     if dm.how:
         out["how"] = dm.how
