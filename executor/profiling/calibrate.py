@@ -121,7 +121,7 @@ def fit_runtime(profiled_ms: Sequence[float], measured_ms: Sequence[float]) -> R
     kept >= 0 (else the line is refitted through the origin).
 
         >>> fit_runtime([1.0, 2.0, 4.0], [1.3, 2.5, 4.9])
-        Runtime(compute_scale=1.2, action_ms=0.1, message_ms=0.0)
+        Runtime(compute_scale=1.2, action_ms=0.1, message_ms=0.0, device=None)
     """
     if len(profiled_ms) != len(measured_ms) or len(profiled_ms) < 2:
         raise ValueError(f"need at least two (profiled, measured) pairs of equal count, got "

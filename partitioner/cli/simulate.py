@@ -2,12 +2,18 @@
 
     $ partition-model simulate plan.json --devices 1 --png step.png
     $ partition-model simulate plan.json --bandwidth 25 --microbatches 8 --json
+    $ partition-model simulate --steps h200/steps/gpt-1.3b --profile h200/gpt-1.3b
+
+With ``--steps`` (measured whole steps, ``gpipe-steps/0``) and no plan it replays each step as
+it ran (equal segments on one device, GPipe; ``simulator.devicefit``) under the profile's
+device model (``--device-model``) and prints the predicted against the measured step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from collections.abc import Sequence
 
@@ -37,7 +43,10 @@ def main(argv: Sequence[str]) -> int:
         prog="partition-model simulate",
         description="Replay a plan's schedule in the simulator and print step time, bubble, "
                     "per-stage busy time and peak memory; options override the plan (what-if).")
-    p.add_argument("plan", metavar="PLAN.json")
+    p.add_argument("plan", metavar="PLAN.json", nargs="?", default=None)
+    p.add_argument("--steps", default=None, metavar="PATH|NAME",
+                   help="instead of a plan: replay these measured whole steps (gpipe-steps/0) "
+                        "from --profile and print each against its measurement")
     p.add_argument("--profile", default=None, metavar="PATH|NAME",
                    help="the profile the plan was made from (default: the shipped profile "
                         "of the plan's model, checked by sha256)")
@@ -62,6 +71,10 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--png", default=None, metavar="OUT.png", help="write a Gantt chart")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args(argv)
+    if args.steps is not None:
+        return _steps(args)
+    if args.plan is None:
+        raise CliError("give the plan to replay (PLAN.json), or --steps FILE with --profile")
     plan = load_plan(args.plan)
     profile = find_profile(plan, args.profile)
     res, cm, devices = simulate_plan(
@@ -89,4 +102,39 @@ def main(argv: Sequence[str]) -> int:
     for what, path in (("trace", args.trace), ("Gantt chart", args.png)):
         if path:
             print(f"wrote {what} {path}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _steps(args: argparse.Namespace) -> int:
+    """``--steps``: every measured step against its replay."""
+    from partitioner.formats.profile import load_profile
+    from partitioner.formats.steps import load_steps
+    from partitioner.simulator.devicefit import predict_steps
+
+    if args.plan is not None or args.profile is None:
+        raise CliError("--steps replays measured steps from a profile: give --profile, and "
+                       "no plan")
+    profile = load_profile(args.profile)
+    try:
+        steps = load_steps(args.steps)
+    except (OSError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    runtime = runtime_from_args(args, profile=profile)
+    fits = predict_steps(profile, steps, runtime.device, runtime)
+    if args.json:
+        print(json.dumps([{"microbatches": f.step.microbatches, "segments": f.step.segments,
+                           "recompute": f.step.recompute, "measured_ms": f.step.step_ms,
+                           "predicted_ms": f.predicted_ms, "error": f.error} for f in fits]))
+        return 0
+    print(f"{steps.model}: {len(fits)} measured steps, B={steps.global_batch}, replayed from "
+          f"{args.profile} with " + (runtime.device.describe() if runtime.device else
+                                     "no device model (the profile as it is)"))
+    print(f"{'M':>4} {'seg':>4} {'rc':>3} {'measured':>9} {'predicted':>9} {'error':>7}")
+    for f in fits:
+        print(f"{f.step.microbatches:>4} {f.step.segments:>4} "
+              f"{'on' if f.step.recompute else '-':>3} {f.step.step_ms:>9.1f} "
+              f"{f.predicted_ms:>9.1f} {100 * f.error:>+6.1f}%")
+    errors = [abs(f.error) for f in fits]
+    print(f"median |error| {100 * statistics.median(errors):.1f}%, largest "
+          f"{100 * max(errors):.1f}%")
     return 0

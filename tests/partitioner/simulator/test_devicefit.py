@@ -128,3 +128,16 @@ def test_bad_device_model_options_are_refused(capsys: pytest.CaptureFixture[str]
            "model" in capsys.readouterr().err
     assert main(["calibrate", "--steps", "nowhere.json", "--profile", PROFILE]) == 2
     assert "steps 'nowhere.json' is neither a file nor shipped" in capsys.readouterr().err
+
+
+def test_simulate_steps_prints_each_measured_step(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "--steps", STEPS, "--profile", PROFILE, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    want = predict_steps(load_profile(PROFILE), load_steps(STEPS), load_device_model("h200"))
+    assert [r["predicted_ms"] for r in rows] == pytest.approx([f.predicted_ms for f in want])
+    assert main(["simulate", "--steps", STEPS, "--profile", PROFILE, "--device-model",
+                 "none"]) == 0
+    text = capsys.readouterr().out
+    assert "no device model" in text and "largest 36.2%" in text
+    assert main(["simulate", "--steps", STEPS]) == 2
+    assert "give --profile" in capsys.readouterr().err
