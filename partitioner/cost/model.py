@@ -274,10 +274,16 @@ class CostModel:
         """What the first and the last stage hold for the whole step besides their micro-
         batches: the replica's share of the inputs (exact activation terms only, else 0) and
         of the targets (where the profile has its loss's ``target_bytes``, else 0)."""
-        sizes = split_microbatches(self.replica_batch, self.microbatches)
-        inputs = (sum(float(self.layer_array("in_bytes", b)[0]) for b in sizes)
-                  if self.activations().exact else 0.0)
-        return inputs, sum(self._loss_at(b, "target_bytes")[0] for b in sizes)
+        key = (f"step_bytes:{self.microbatches}", float(self.replica_batch))
+        cached = self._layers.get(key)  # shared by ``like``: a search asks it per partition
+        if cached is None:
+            sizes = split_microbatches(self.replica_batch, self.microbatches)
+            counts = {b: sizes.count(b) for b in set(sizes)}  # at most two sizes
+            inputs = (sum(n * float(self.layer_array("in_bytes", b)[0])
+                          for b, n in counts.items()) if self.activations().exact else 0.0)
+            targets = sum(n * self._loss_at(b, "target_bytes")[0] for b, n in counts.items())
+            cached = self._layers[key] = np.array([inputs, targets])
+        return float(cached[0]), float(cached[1])
 
     @property
     def values(self) -> ProfileValues:
