@@ -82,7 +82,7 @@ def main(argv: Sequence[str]) -> int:
         microbatches=args.microbatches, schedule=args.schedule, recompute=args.recompute,
         stages_per_rank=args.stages_per_rank,
         link=link_from_args(args, base=plan.link), optimizer=args.optimizer,
-        optimizer_ms=args.optimizer_ms, runtime=runtime_from_args(args, plan.runtime))
+        optimizer_ms=args.optimizer_ms, runtime=runtime_from_args(args, plan.runtime, profile))
     assert res.timeline is not None
     if args.trace:
         save_chrome_trace(res.timeline, args.trace)

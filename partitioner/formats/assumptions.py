@@ -135,6 +135,9 @@ class Runtime:
         if not 0 <= message <= MAX_MS:
             raise ValueError(f"message_ms={self.message_ms!r} must be a number of milliseconds "
                              f"in 0..{MAX_MS:g} (0: a message is there when its send ends)")
+        if self.device is not None and not isinstance(self.device, DeviceModel):
+            raise ValueError(f"device={self.device!r} must be a DeviceModel "
+                             f"(formats.device.load_device_model) or None (as profiled)")
         object.__setattr__(self, "compute_scale", scale)
         object.__setattr__(self, "action_ms", action)
         object.__setattr__(self, "message_ms", message)

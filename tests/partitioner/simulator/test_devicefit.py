@@ -119,6 +119,13 @@ def test_calibrate_steps_writes_a_model_that_simulate_uses(tmp_path: Path,
     assert simulated == pytest.approx(expect.step_ms)
     main(["simulate", str(plan), "--devices", "1", "--json", "--device-model", "none"])
     assert json.loads(capsys.readouterr().out)["step_ms"] != pytest.approx(simulated)
+    main(["simulate", str(plan), "--devices", "1", "--json", "--device-model", "auto"])
+    auto = json.loads(capsys.readouterr().out)["step_ms"]  # the shipped h200, not this fit
+    cm_auto = CostModel(load_profile(PROFILE), 16, 8, stages=4, link=LINKS["free"],
+                        recompute=made.recompute, schedule=made.schedule,  # type: ignore[arg-type]
+                        optimizer="none", runtime=Runtime(device=load_device_model("h200")))
+    assert auto == pytest.approx(simulate(cm_auto, ranges_from_boundaries(made.boundaries),
+                                          devices=[0] * 4).step_ms)
 
 
 def test_bad_device_model_options_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
