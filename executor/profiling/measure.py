@@ -73,6 +73,26 @@ def as_tensors(x: object, what: str) -> tuple[Tensor, ...]:
                     f"tensors (each child of the nn.Sequential must take and return one)")
 
 
+def chain_problems(model: object, sample: object, who: str
+                   ) -> tuple[nn.Sequential, tuple[Tensor, ...], list[str], int]:
+    """What the profilers check first: ``model`` an ``nn.Sequential`` (TypeError, naming
+    ``who`` needs it), its sample's tensors; returns them with the problems found so far
+    (no layers, tensors of different batch sizes) and the sample's rows."""
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(f"the model is a {type(model).__name__}; {who} needs an "
+                        f"nn.Sequential whose children are the pipeline's layers "
+                        f"(wrap or flatten the model into one)")
+    tensors = as_tensors(sample, "the sample batch")
+    problems = []
+    if len(model) == 0:
+        problems.append("the nn.Sequential has no layers")
+    rows = {t.shape[0] if t.dim() else 0 for t in tensors}
+    if len(rows) != 1 or 0 in rows:
+        problems.append(f"the sample's tensors have first dimensions {sorted(rows)}; give a "
+                        f"batch whose tensors all share one first (batch) dimension >= 1")
+    return model, tensors, problems, max(rows)
+
+
 def batch_nbytes(x: Batch) -> int:
     return sum(t.numel() * t.element_size() for t in as_tensors(x, "batch"))
 

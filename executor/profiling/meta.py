@@ -34,6 +34,7 @@ from executor.profiling.measure import (
     as_batch,
     as_tensors,
     batch_nbytes,
+    chain_problems,
     loss_bytes,
     prepare_batch,
     slice_batch,
@@ -162,25 +163,14 @@ def count_layers(
 def _check(model: object, sample: object, sizes: Sequence[int], loss: object,
            attention: str) -> tuple[nn.Sequential, Batch, list[int]]:
     """Validate at the boundary; collect every problem before raising."""
-    if not isinstance(model, nn.Sequential):
-        raise TypeError(f"the model is a {type(model).__name__}; count_layers needs an "
-                        f"nn.Sequential whose children are the pipeline's layers (wrap or "
-                        f"flatten the model into one)")
-    tensors = as_tensors(sample, "the sample batch")
-    problems = []
-    if len(model) == 0:
-        problems.append("the nn.Sequential has no layers")
-    rows = {t.shape[0] if t.dim() else 0 for t in tensors}
-    if len(rows) != 1 or 0 in rows:
-        problems.append(f"the sample's tensors have first dimensions {sorted(rows)}; give a "
-                        f"batch whose tensors all share one first (batch) dimension >= 1")
+    model, tensors, problems, batch = chain_problems(model, sample, "count_layers")
     good = [b for b in sizes if isinstance(b, int) and not isinstance(b, bool) and b >= 1]
     if not sizes or len(good) != len(sizes):
         problems.append(f"micro-batch sizes {list(sizes)!r} must be whole numbers >= 1")
     need = max(good, default=0)
-    if need > max(rows):
+    if need > batch:
         problems.append(f"micro-batch size {need} is larger than the sample batch of "
-                        f"{max(rows)}; give a sample of at least {need} rows or drop it")
+                        f"{batch}; give a sample of at least {need} rows or drop it")
     if loss is not None:
         if not (isinstance(loss, tuple) and len(loss) == 2 and callable(loss[0])):
             problems.append(f"loss={loss!r} must be a pair (loss_fn, target)")

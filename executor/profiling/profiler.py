@@ -36,6 +36,7 @@ from executor.profiling.inmodel import time_layers_in_model, time_split_in_model
 from executor.profiling.measure import (
     Measurement,
     as_tensors,
+    chain_problems,
     harness_overhead_ms,
     loss_bytes,
     measure,
@@ -87,19 +88,7 @@ def _preserved_state(device: torch.device, threads: int | None) -> Iterator[None
 def _check_args(model: object, sample: object, sizes: Sequence[int], warmup: int, repeat: int,
                 threads: int | None, clock: str) -> tuple[nn.Sequential, Batch, list[int]]:
     """Validate at the boundary; collect every problem before raising."""
-    if not isinstance(model, nn.Sequential):
-        raise TypeError(f"the model is a {type(model).__name__}; the profiler needs an "
-                        f"nn.Sequential whose children are the pipeline's layers "
-                        f"(wrap or flatten the model into one)")
-    tensors = as_tensors(sample, "the sample batch")
-    problems = []
-    if len(model) == 0:
-        problems.append("the nn.Sequential has no layers")
-    rows = {t.shape[0] if t.dim() else 0 for t in tensors}
-    if len(rows) != 1 or 0 in rows:
-        problems.append(f"the sample's tensors have first dimensions {sorted(rows)}; give a "
-                        f"batch whose tensors all share one first (batch) dimension >= 1")
-    batch = max(rows)
+    model, tensors, problems, batch = chain_problems(model, sample, "the profiler")
     clean = sorted({int(b) for b in sizes if isinstance(b, int) and not isinstance(b, bool)})
     bad = [b for b in sizes if not (isinstance(b, int) and not isinstance(b, bool) and b >= 1)]
     if not sizes or bad:

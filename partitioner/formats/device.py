@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from partitioner.formats.checks import Problems
-from partitioner.formats.jsonfile import decode_json, read_json
+from partitioner.formats.jsonfile import decode_json, is_file, read_json
 
 __all__ = ["DEVICE_FORMAT", "IN_STEP_HOW", "DeviceModel", "DeviceModelError", "device_model_for",
            "device_model_from_dict", "device_model_to_dict", "load_device_model",
@@ -188,14 +188,9 @@ def shipped_device_models() -> list[str]:
 
 def load_device_model(path_or_name: str | Path) -> DeviceModel:
     """A device model from a ``gpipe-device/1`` file or a shipped name such as ``h200``."""
-    path = Path(path_or_name)
-    try:
-        is_file = path.is_file()
-    except (OSError, ValueError):
-        is_file = False
-    if is_file:
-        return device_model_from_dict(read_json(path, "device model", DeviceModelError),
-                                      str(path))
+    if is_file(path_or_name):
+        return device_model_from_dict(read_json(path_or_name, "device model",
+                                                DeviceModelError), str(path_or_name))
     name = str(path_or_name).removesuffix(".json")
     if name in shipped_device_models():
         res = resources.files("profiles").joinpath(_FOLDER, f"{name}.json")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["decode_json", "read_json"]
+__all__ = ["decode_json", "is_file", "read_json"]
 
 
 def decode_json(read: Callable[[], bytes], source: str, error: type[Exception]) -> Any:
@@ -36,6 +36,15 @@ def decode_json(read: Callable[[], bytes], source: str, error: type[Exception]) 
         raise error(f"{source} is not JSON: {exc}") from None
     except RecursionError:
         raise error(f"{source} nests JSON arrays or objects too deeply to read") from None
+
+
+def is_file(path: str | Path) -> bool:
+    """Whether ``path`` names an existing file (False for names no file system takes, such as
+    one with a NUL byte: a loader then tries the name as a shipped one)."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def read_json(path: str | Path, what: str, error: type[Exception] = ValueError) -> Any:

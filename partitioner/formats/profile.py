@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from partitioner.formats.checks import Problems, is_number, show
-from partitioner.formats.jsonfile import decode_json, read_json
+from partitioner.formats.jsonfile import decode_json, is_file, read_json
 from partitioner.formats.profile_graph import (
     OutputValue,
     TiedParam,
@@ -403,14 +403,9 @@ def shipped_profiles() -> list[str]:
 
 def load_profile(path_or_name: str | Path) -> Profile:
     """Load and validate a profile from a file path or a shipped name such as ``h200/resnet50``."""
-    path = Path(path_or_name)
-    try:
-        is_file = path.is_file()
-    except (OSError, ValueError):
-        is_file = False
-    if is_file:
-        data = read_json(path, "profile", ProfileError)
-        return profile_from_dict(data, str(path))
+    if is_file(path_or_name):
+        data = read_json(path_or_name, "profile", ProfileError)
+        return profile_from_dict(data, str(path_or_name))
     name = str(path_or_name).removesuffix(".json")
     if name in shipped_profiles():
         res = resources.files("profiles").joinpath(*f"{name}.json".split("/"))

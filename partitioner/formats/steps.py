@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 from partitioner.formats.checks import Problems
-from partitioner.formats.jsonfile import decode_json, read_json
+from partitioner.formats.jsonfile import decode_json, is_file, read_json
 
 __all__ = ["REFERENCE_STEPS", "STEPS_FORMAT", "MeasuredStep", "Steps", "StepsError", "load_steps",
            "steps_from_dict"]
@@ -90,9 +90,8 @@ def steps_from_dict(data: object, source: str) -> Steps:
 
 def load_steps(path_or_name: str | Path) -> Steps:
     """Measured steps from a file, or the shipped ``h200/steps/gpt-1.3b``."""
-    path = Path(path_or_name)
-    if path.is_file():
-        return steps_from_dict(read_json(path, "steps", StepsError), str(path))
+    if is_file(path_or_name):
+        return steps_from_dict(read_json(path_or_name, "steps", StepsError), str(path_or_name))
     name = str(path_or_name).removesuffix(".json")
     res = resources.files("profiles").joinpath(*f"{name}.json".split("/"))
     if "/steps/" in f"/{name}" and res.is_file():
