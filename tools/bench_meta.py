@@ -35,7 +35,7 @@ import numpy as np
 from executor.profiling.meta import MetaCounts, count_layers
 from executor.profiling.metaprofile import meta_profile, pass_work
 from executor.workloads.models import build_model
-from partitioner.cost.worktime import WORK_BOUNDS, fit_work_figures
+from partitioner.cost.worktime import WORK_BOUNDS, alone_ms, fit_work_figures
 from partitioner.formats.device import DeviceModel, load_device_model, save_device_model
 from partitioner.formats.profile import Profile, load_profile, save_profile
 from partitioner.formats.steps import load_steps
@@ -83,7 +83,6 @@ def _fit(data: dict[str, tuple], names: list[str], base: DeviceModel, dtype: str
 
 
 def _errors(data: tuple, dm: DeviceModel, dtype: str) -> dict[int, float]:
-    from partitioner.cost.worktime import alone_ms
     works, backward, measured, tags = data
     pred = alone_ms(pass_work(works, backward), dm, dtype)
     by: dict[int, list[float]] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from executor.graphs.layers import LayerGraph
+from partitioner.formats.device import IN_STEP_HOW
 
 __all__ = ["chain_how", "graph_how", "split_how", "split_method"]
 
@@ -59,7 +60,7 @@ def chain_how(dev: torch.device, used: str, clock: str, warmup: int, repeat: int
                f"median of {repeat} after {warmup} warm-up")
     mode = f"{'training' if train else 'eval'} mode, {threads} intra-op thread(s)"
     if used == "model":
-        parts = [f"Each layer timed inside forward+backward passes of the whole model on a copy "
+        parts = [f"Each layer {IN_STEP_HOW} on a copy "
                  f"({clocked}): marks between layers in the forward, hooks at each layer's "
                  f"inputs in the backward; {mode}",
                  "the parameters' gradients accumulating as in a training step"]
@@ -94,7 +95,7 @@ def graph_how(graph: LayerGraph, dev: torch.device, clock: str, warmup: int, rep
     timer = {"wall": "time.perf_counter", "thread": "time.thread_time, the thread's CPU time"}
     clocked = f"{'CUDA events' if dev.type == 'cuda' else timer[clock]}"
     return (f"Traced with {graph.capture.tracer} into {graph.num_layers} layers; each layer "
-            f"timed inside forward+backward passes of the whole model run layer by layer "
+            f"{IN_STEP_HOW} run layer by layer "
             f"({clocked}; median of {repeat} after {warmup} warm-up): marks between layers in "
             f"the forward, in the backward one alias node per layer boundary over the values "
             f"crossing it (autograd runs nodes in reverse creation order, so the backward "

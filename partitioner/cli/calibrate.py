@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from partitioner.cli.main import CliError
-from partitioner.cli.options import count, count_list, number
+from partitioner.cli.options import count, count_list, load_steps_arg, number
 from partitioner.formats.plan import MAX_GLOBAL_BATCH
 from partitioner.formats.profile import load_profile
 from partitioner.schedule.generators import MAX_MICROBATCHES
@@ -117,17 +117,12 @@ def main(argv: Sequence[str]) -> int:
 def _fit_steps(args: argparse.Namespace) -> int:
     """``--steps``: fit, print the replays against the measurements, write the model."""
     from partitioner.formats.device import device_model_for, save_device_model
-    from partitioner.formats.steps import load_steps
     from partitioner.simulator.devicefit import fit_device_model, predict_steps
 
     if args.job is not None:
         raise CliError("--steps fits a device model from measurements; it runs no --job (give "
                        "one or the other)")
-    profile = load_profile(args.profile)
-    try:
-        steps = load_steps(args.steps)
-    except (OSError, ValueError) as exc:
-        raise CliError(str(exc)) from None
+    profile, steps = load_profile(args.profile), load_steps_arg(args.steps)
     start = device_model_for(profile.device.name, profile.device.kind)  # its peaks and names
     name = args.name or (start.name if start else profile.device.name.lower().replace(" ", "-"))
     dm = fit_device_model(profile, steps, start, name=name)

@@ -33,6 +33,7 @@ from partitioner.formats.device import device_model_for, load_device_model, ship
 from partitioner.formats.plan import MAX_GLOBAL_BATCH
 from partitioner.formats.plan_schedule import PLAN_SCHEDULES, SYNTH
 from partitioner.formats.profile import Profile, load_profile
+from partitioner.formats.steps import Steps, load_steps
 from partitioner.formats.units import MAX_MS, NO_LIMIT_BYTES, parse_bandwidth_gbps, parse_bytes
 from partitioner.schedule.generators import MAX_MICROBATCHES
 from partitioner.schedule.recompute import RECOMPUTE_MODES
@@ -41,7 +42,7 @@ from partitioner.solve.planner import SOLVERS
 __all__ = ["add_cost_arguments", "add_link_arguments", "add_runtime_arguments",
            "add_solver_arguments", "bandwidth",
            "choices", "cost_model_from_args", "count", "count_list", "link_from_args",
-           "load_profile_arg", "memory_limit_from_args", "milliseconds", "number",
+           "load_profile_arg", "load_steps_arg", "memory_limit_from_args", "milliseconds", "number",
            "runtime_from_args", "shape", "size"]
 
 
@@ -188,6 +189,14 @@ def runtime_from_args(args: argparse.Namespace, base: Runtime | None = None,
     return Runtime(base.compute_scale if args.compute_scale is None else args.compute_scale,
                    base.action_ms if args.action_ms is None else args.action_ms,
                    base.message_ms if args.message_ms is None else args.message_ms, device)
+
+
+def load_steps_arg(spec: str) -> Steps:
+    """``--steps FILE|NAME``: measured whole steps, or a CliError saying what is wrong."""
+    try:
+        return load_steps(spec)
+    except (OSError, ValueError) as exc:
+        raise CliError(str(exc)) from None
 
 
 def add_link_arguments(p: argparse.ArgumentParser) -> None:

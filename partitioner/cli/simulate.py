@@ -23,6 +23,7 @@ from partitioner.cli.options import (
     add_runtime_arguments,
     count,
     link_from_args,
+    load_steps_arg,
     milliseconds,
     runtime_from_args,
 )
@@ -108,17 +109,12 @@ def main(argv: Sequence[str]) -> int:
 def _steps(args: argparse.Namespace) -> int:
     """``--steps``: every measured step against its replay."""
     from partitioner.formats.profile import load_profile
-    from partitioner.formats.steps import load_steps
     from partitioner.simulator.devicefit import predict_steps
 
     if args.plan is not None or args.profile is None:
         raise CliError("--steps replays measured steps from a profile: give --profile, and "
                        "no plan")
-    profile = load_profile(args.profile)
-    try:
-        steps = load_steps(args.steps)
-    except (OSError, ValueError) as exc:
-        raise CliError(str(exc)) from None
+    profile, steps = load_profile(args.profile), load_steps_arg(args.steps)
     runtime = runtime_from_args(args, profile=profile)
     fits = predict_steps(profile, steps, runtime.device, runtime)
     if args.json:

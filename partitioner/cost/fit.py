@@ -8,13 +8,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from partitioner.cost.sizes import FloatArray
 
-__all__ = ["nelder_mead"]
+__all__ = ["minimise_within", "nelder_mead"]
 
 def nelder_mead(f: Callable[[FloatArray], float], x0: FloatArray, step: FloatArray,
                  evals: int) -> FloatArray:
@@ -52,3 +52,29 @@ def nelder_mead(f: Callable[[FloatArray], float], x0: FloatArray, step: FloatArr
                 used += n
     out: FloatArray = pts[int(np.argmin(vals))]
     return out
+
+
+def minimise_within(f: Callable[[FloatArray], float], lo: FloatArray, hi: FloatArray,
+                    starts: Sequence[Sequence[float]], evals: int) -> FloatArray:
+    """The best point found for f within [lo, hi] (f sees points clipped into the box): from
+    each start, ``nelder_mead`` with ``evals // 2`` evaluations, then again from its result
+    with a finer simplex (a collapsed simplex stops short); the best over the starts.
+
+        >>> x = minimise_within(lambda v: float(((v - 3.0) ** 2).sum()), np.zeros(2),
+        ...                     np.full(2, 2.0), [[0.5, 0.5]], 200)
+        >>> np.round(x, 3).tolist()                  # the box's corner nearest the minimum
+        [2.0, 2.0]
+    """
+    def g(x: FloatArray) -> float:
+        return f(np.clip(x, lo, hi))
+
+    best_x, best = None, np.inf
+    for start in starts:
+        x = np.clip(np.array(start, dtype=np.float64), lo, hi)
+        for scale in (0.1, 0.02):
+            x = np.clip(nelder_mead(g, x, scale * (hi - lo), evals // 2), lo, hi)
+        value = f(x)
+        if best_x is None or value < best:
+            best_x, best = x, value
+    assert best_x is not None, "give at least one start"
+    return best_x

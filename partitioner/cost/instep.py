@@ -65,7 +65,7 @@ def device_ms(alone: FloatArray, sizes: tuple[int, ...], dm: DeviceModel, b: flo
         >>> device_ms(np.array([[1.0, 1.0, 4.0]]), (1, 4, 16), dm, 4).tolist()   # 4 x (1/4)^0.5
         [2.0]
     """
-    floor = alone.min(axis=1, initial=np.inf) if alone.shape[1] else np.zeros(len(alone))
+    floor = alone.min(axis=1)
     bound = alone > LAUNCH_BAND * floor[:, None]
     n_sizes = len(sizes)
     first = np.where(bound.any(axis=1), bound.argmax(axis=1), n_sizes - 1)
@@ -100,17 +100,14 @@ def pooled_layers(profile: Profile, table: FloatArray) -> FloatArray:
                           for lay in profile.layers])
 
 
-def layer_instep_ms(profile: Profile, key: str, b: float, dm: DeviceModel,
-                    alone: Callable[[str], FloatArray]) -> FloatArray:
+def layer_instep_ms(sizes: tuple[int, ...], key: str, b: float, dm: DeviceModel,
+                    alone: Callable[[str], FloatArray],
+                    launch: FloatArray | None) -> FloatArray:
     """Every layer's ``key`` (``fwd_ms``, ``bwd_ms``, ``bwd_input_ms``, ``bwd_weight_ms``, or
     ``recompute_ms``: the forward again, issued by a recomputing backward) in a step at size b;
-    ``alone(pass_key)`` gives that pass's pooled alone times (``pooled_layers``)."""
+    ``alone(pass_key)`` gives that pass's pooled alone times (``pooled_layers``) at the
+    profile's ``sizes``, ``launch`` its ``launch_ms`` at b where it has them."""
     pass_key = "fwd_ms" if key == "recompute_ms" else key
     factor = (dm.host_recompute if key == "recompute_ms" else dm.host_forward
               if key == "fwd_ms" else dm.host_backward)
-    launch = None
-    if any(lay.launch_ms for lay in profile.layers):
-        rows = np.array([lay.launch_ms or (0.0,) * len(profile.microbatch_sizes)
-                         for lay in profile.layers], dtype=np.float64)
-        launch = interpolate(rows, profile.microbatch_sizes, b)
-    return instep_ms(alone(pass_key), profile.microbatch_sizes, factor, dm, b, launch)
+    return instep_ms(alone(pass_key), sizes, factor, dm, b, launch)

@@ -174,15 +174,17 @@ class CostModel:
             out = self.layer_array("fwd_ms", b)
             self._layers[(key, b)] = out
             return out
+        launch = (self._interpolate_layers("launch_ms", b) if timed and any(
+            lay.launch_ms for lay in self.profile.layers) else None)
         if timed and device is not None:
-            out = layer_instep_ms(self.profile, key, b, device, self._alone_table)
+            out = layer_instep_ms(self.profile.microbatch_sizes, key, b, device,
+                                  self._alone_table, launch)
         else:
             out = self._split_layers(key, b) if key in _SPLIT_KEYS else self._interpolate_layers(
                 key, b)
-            if timed and any(lay.launch_ms for lay in self.profile.layers):
-                floor = self._interpolate_layers("launch_ms", b)
-                out = np.maximum(out, floor if key != "bwd_weight_ms" else np.where(
-                    out > 0, floor, 0.0))
+            if launch is not None:
+                out = np.maximum(out, launch if key != "bwd_weight_ms" else np.where(
+                    out > 0, launch, 0.0))
         if timed and self.runtime.compute_scale != 1.0:
             out = out * self.runtime.compute_scale
         out.setflags(write=False)

@@ -27,20 +27,21 @@ costs its launches. The fitted figures come from measured profiles of the same d
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from partitioner.cost.fit import nelder_mead
+from partitioner.cost.fit import minimise_within
 from partitioner.cost.sizes import FloatArray
 from partitioner.formats.device import DeviceModel
 
 __all__ = ["WORK_BOUNDS", "PassWork", "alone_ms", "fit_work_figures", "peak_tflops"]
 
 #: The range each fitted work figure is searched in.
+#: A second start for the fit (figures in ``WORK_BOUNDS``' order): launches weigh much.
+_LAUNCH_HEAVY = (1.0, 0.7, 0.1, 0.05, 0.05, 0.03, 0.01)
 WORK_BOUNDS = {"half_work_gflop": (0.0, 100.0), "memory_efficiency": (0.05, 1.0),
                "conv_efficiency": (0.005, 1.0), "layer_launch_ms": (0.0, 1.0),
                "kernel_launch_ms": (0.0, 0.2), "backward_kernel_launch_ms": (0.0, 0.2),
@@ -120,18 +121,11 @@ def fit_work_figures(work: PassWork, measured_ms: FloatArray, dm: DeviceModel, d
     logs = np.log(measured_ms[timed])
 
     def model_at(x: FloatArray) -> DeviceModel:
-        return dm.with_figures(**dict(zip(keys, np.clip(x, lo, hi).tolist(), strict=True)))
+        return dm.with_figures(**dict(zip(keys, x.tolist(), strict=True)))
 
     def f(x: FloatArray) -> float:
         pred = alone_ms(work, model_at(x), dtype)[timed]
         return float(np.mean((np.log(np.maximum(pred, 1e-9)) - logs) ** 2))
 
-    best_x, best = None, math.inf
-    for start in (np.array([getattr(dm, k) for k in keys]), np.array([1.0, 0.7, 0.1, 0.05, 0.05, 0.03, 0.01])):
-        x = start
-        for scale in (0.1, 0.02):
-            x = nelder_mead(f, np.clip(x, lo, hi), scale * (hi - lo), evals // 2)
-        if f(x) < best:
-            best_x, best = x, f(x)
-    assert best_x is not None
-    return model_at(best_x)
+    starts = ([getattr(dm, k) for k in keys], _LAUNCH_HEAVY)
+    return model_at(minimise_within(f, lo, hi, starts, evals))

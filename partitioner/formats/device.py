@@ -65,8 +65,9 @@ _UNIT = ("memory_efficiency", "conv_efficiency")  # shares, default 1
 _KEYS = ("format", "name", "device_names", "kind", "memory_bytes", "source", *_FITTED, "peak_tflops", *_WORK,
          "how", "fit", "extra")
 MAX_FACTOR = 100.0
-#: How a profile's ``how`` opens when its layers were timed inside whole-model passes.
-IN_STEP_HOW = "Each layer timed inside"
+#: What a profile's ``how`` says (chain or graph) when its layers were timed inside passes of
+#: the whole model (``executor.profiling.how`` writes it from this constant).
+IN_STEP_HOW = "timed inside forward+backward passes of the whole model"
 
 
 class DeviceModelError(ValueError):
@@ -210,10 +211,10 @@ def device_model_for(device_name: str, kind: str, how: str = "") -> DeviceModel 
 
         >>> device_model_for("NVIDIA H200", "cuda").name, device_model_for("cpu", "cpu")
         ('h200', None)
-        >>> print(device_model_for("NVIDIA H200", "cuda", "Each layer timed inside ..."))
+        >>> print(device_model_for("NVIDIA H200", "cuda", f"Each layer {IN_STEP_HOW} ..."))
         None
     """
-    if kind not in ("cuda", "rocm") or how.startswith(IN_STEP_HOW):
+    if kind not in ("cuda", "rocm") or IN_STEP_HOW in how:
         return None
     for name in shipped_device_models():
         dm = load_device_model(name)

@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from partitioner.cost.fit import nelder_mead
+from partitioner.cost.fit import minimise_within
 from partitioner.cost.model import CostModel
 from partitioner.cost.sizes import FloatArray
 from partitioner.formats.assumptions import LINKS, Runtime
@@ -83,42 +82,23 @@ def predict_steps(profile: Profile, steps: Steps, device: DeviceModel | None,
     return [StepFit(s, _predict(profile, steps.global_batch, s, rt)) for s in steps.steps]
 
 
-def _objective(profile: Profile, steps: Steps, device: DeviceModel) -> float:
-    logs = [math.log(f.predicted_ms / f.step.step_ms) if f.predicted_ms > 0 else 10.0
-            for f in predict_steps(profile, steps, device)]
-    return float((sum(abs(x) ** _NORM for x in logs) / len(logs)) ** (1 / _NORM))
-
-
-def fit_device_model(profile: Profile, steps: Steps | Sequence[tuple[Profile, Steps]],
-                     start: DeviceModel | None = None, name: str = "fitted",
-                     evals: int = 400) -> DeviceModel:
+def fit_device_model(profile: Profile, steps: Steps, start: DeviceModel | None = None,
+                     name: str = "fitted", evals: int = 400) -> DeviceModel:
     """The device model whose replays of ``steps`` come closest to them (see the module
-    docstring), starting from ``start`` (default: every figure 1, the profile as it is).
-    ``steps`` may also be several (profile, steps) pairs, fitted together."""
-    pairs = [(profile, steps)] if isinstance(steps, Steps) else list(steps)
+    docstring), starting from ``start`` (default: every figure 1, the profile as it is)."""
     dm = start or DeviceModel(name)
-    dm = dm.with_figures(**{k: min(max(getattr(dm, k), lo), hi)
-                            for k, (lo, hi) in BOUNDS.items()})
-
-    def total(model: DeviceModel) -> float:
-        return max(_objective(p, s, model) for p, s in pairs)
-
     keys = list(BOUNDS)
     lo = np.array([BOUNDS[k][0] for k in keys])
     hi = np.array([BOUNDS[k][1] for k in keys])
 
-    def f(x: FloatArray) -> float:
-        return total(dm.with_figures(**dict(zip(keys, np.clip(x, lo, hi).tolist(),
-                                                strict=True))))
+    def model_at(x: FloatArray) -> DeviceModel:
+        return dm.with_figures(**dict(zip(keys, x.tolist(), strict=True)))
 
-    best_x, best = np.array([getattr(dm, k) for k in keys]), math.inf
-    for start_x in (best_x, *STARTS):
-        x = np.array(start_x, dtype=np.float64)
-        for scale in (0.1, 0.02):  # a restart from the best point: the simplex may collapse
-            x = nelder_mead(f, np.clip(x, lo, hi), scale * (hi - lo), evals // 2)
-        if f(x) < best:
-            best_x, best = x, f(x)
-    x = best_x
-    dm = dm.with_figures(**dict(zip(keys, np.clip(x, lo, hi).tolist(), strict=True)))
-    return replace(dm, name=name, source="fitted", fit=())
+    def f(x: FloatArray) -> float:
+        logs = [math.log(s.predicted_ms / s.step.step_ms) if s.predicted_ms > 0 else 10.0
+                for s in predict_steps(profile, steps, model_at(x))]
+        return float((sum(abs(v) ** _NORM for v in logs) / len(logs)) ** (1 / _NORM))
+
+    best = minimise_within(f, lo, hi, ([getattr(dm, k) for k in keys], *STARTS), evals)
+    return replace(model_at(best), name=name, source="fitted", fit=())
 
