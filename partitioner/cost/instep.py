@@ -7,8 +7,12 @@
     [0.5, 1.0, 4.0]
 
 Alone, a layer takes the larger of the host's time to issue its kernels and the device's time
-to run them, plus the timing harness's own cost; inside a step the host runs ahead of the
-device, so the layer costs ``max(host, device)`` with both as a step sees them:
+to run them, plus the timing harness's own cost. Inside a step the host runs ahead of the
+device: this module gives each layer's two times as a step sees them, and the simulator runs
+them as two clocks (``span_ms`` here: a sequence of layers issued by a host that starts at h
+on a device free at t ends at ``max(t + device, h + span)``), so a launch-bound layer hides
+behind the device work queued before it. Taken alone (a partitioner's stage sum), a layer
+costs ``max(host, device)``:
 
 - *launch floor*: the least time the layer took alone at any size (a launch-bound layer sits
   on it), or its profiled ``launch_ms`` at that size where the profile has it; the host's time
@@ -30,13 +34,16 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from partitioner.cost.sizes import FloatArray, interpolate
 from partitioner.formats.device import DeviceModel
 from partitioner.formats.profile import Profile
 
-__all__ = ["LAUNCH_BAND", "device_ms", "instep_ms", "layer_instep_ms", "pooled",
-           "pooled_layers"]
+IntArray = npt.NDArray[np.int64]
+
+__all__ = ["LAUNCH_BAND", "device_ms", "host_device_ms", "instep_ms", "layer_host_device_ms",
+           "pooled", "pooled_layers", "span_ms"]
 
 #: A size at which a layer took at most this multiple of its least time counts as launch-bound.
 LAUNCH_BAND = 1.25
@@ -81,15 +88,57 @@ def device_ms(alone: FloatArray, sizes: tuple[int, ...], dm: DeviceModel, b: flo
     return result
 
 
-def instep_ms(alone: FloatArray, sizes: tuple[int, ...], host_factor: float, dm: DeviceModel,
-              b: float, launch: FloatArray | None = None) -> FloatArray:
-    """Every row's time in a step at size b: max(host, device), 0 where it took no time alone.
-    ``alone`` has one row per layer, one column per size (pool it first: ``pooled``);
+def host_device_ms(alone: FloatArray, sizes: tuple[int, ...], host_factor: float,
+                   dm: DeviceModel, b: float,
+                   launch: FloatArray | None = None) -> tuple[FloatArray, FloatArray]:
+    """Every row's (host, device) time in a step at size b, both 0 where it took no time
+    alone. ``alone`` has one row per layer, one column per size (pool it first: ``pooled``);
     ``launch``: the profile's ``launch_ms`` of every layer at size b, where it has them."""
     floor = alone.min(axis=1) if launch is None else launch
-    host = host_factor * floor
-    out: FloatArray = np.where(alone.max(axis=1) > 0, np.maximum(host, device_ms(
-        alone, sizes, dm, b)), 0.0)
+    active = alone.max(axis=1) > 0
+    host: FloatArray = np.where(active, host_factor * floor, 0.0)
+    device: FloatArray = np.where(active, device_ms(alone, sizes, dm, b), 0.0)
+    return host, device
+
+
+def instep_ms(alone: FloatArray, sizes: tuple[int, ...], host_factor: float, dm: DeviceModel,
+              b: float, launch: FloatArray | None = None) -> FloatArray:
+    """Every row's time in a step at size b taken alone: max(host, device) of
+    ``host_device_ms``."""
+    out: FloatArray = np.maximum(*host_device_ms(alone, sizes, host_factor, dm, b, launch))
+    return out
+
+
+def span_ms(host: FloatArray, device: FloatArray,
+            bounds: IntArray | None = None) -> FloatArray:
+    """How long after its host starts a sequence of layers (in issue order) ends on a device
+    that is free: ``max over j of (host before j + max(host_j, device_j) + device after
+    j)``, each layer's kernels issued and run as a stream (a kernel runs once issued and once
+    the device is free). At least ``max(sum(host), sum(device))``, at most the sum of the
+    layers' maxima. ``bounds`` cuts the arrays into sequences (``bounds[k]:bounds[k+1]``;
+    default: one), one span each (0 for an empty one).
+
+        >>> span_ms(np.array([3.0, 1.0]), np.array([1.0, 3.0])).tolist()  # issue, then run
+        [6.0]
+        >>> span_ms(np.array([1.0, 3.0]), np.array([3.0, 1.0])).tolist()  # overlapped
+        [4.0]
+        >>> span_ms(np.array([1.0, 3.0, 2.0]), np.array([3.0, 1.0, 1.0]), np.array([0, 2, 3])
+        ...         ).tolist()
+        [4.0, 2.0]
+    """
+    if bounds is None:
+        bounds = np.array([0, len(host)])
+    out = np.zeros(len(bounds) - 1)
+    if not len(host):
+        return out
+    issued = np.concatenate(([0.0], np.cumsum(host)))
+    ran = np.concatenate(([0.0], np.cumsum(device)))
+    seg = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
+    start, end = bounds[:-1][seg], bounds[1:][seg]
+    j = np.arange(len(host))
+    value = (issued[j] - issued[start]) + np.maximum(host, device) + (ran[end] - ran[j + 1])
+    full = np.flatnonzero(np.diff(bounds) > 0)
+    out[full] = np.maximum.reduceat(value, bounds[:-1][full])
     return out
 
 
@@ -100,14 +149,15 @@ def pooled_layers(profile: Profile, table: FloatArray) -> FloatArray:
                           for lay in profile.layers])
 
 
-def layer_instep_ms(sizes: tuple[int, ...], key: str, b: float, dm: DeviceModel,
-                    alone: Callable[[str], FloatArray],
-                    launch: FloatArray | None) -> FloatArray:
-    """Every layer's ``key`` (``fwd_ms``, ``bwd_ms``, ``bwd_input_ms``, ``bwd_weight_ms``, or
-    ``recompute_ms``: the forward again, issued by a recomputing backward) in a step at size b;
-    ``alone(pass_key)`` gives that pass's pooled alone times (``pooled_layers``) at the
-    profile's ``sizes``, ``launch`` its ``launch_ms`` at b where it has them."""
+def layer_host_device_ms(sizes: tuple[int, ...], key: str, b: float, dm: DeviceModel,
+                         alone: Callable[[str], FloatArray],
+                         launch: FloatArray | None) -> tuple[FloatArray, FloatArray]:
+    """Every layer's (host, device) time of ``key`` (``fwd_ms``, ``bwd_ms``,
+    ``bwd_input_ms``, ``bwd_weight_ms``, or ``recompute_ms``: the forward again, issued by a
+    recomputing backward) in a step at size b; ``alone(pass_key)`` gives that pass's pooled
+    alone times (``pooled_layers``) at the profile's ``sizes``, ``launch`` its ``launch_ms``
+    at b where it has them."""
     pass_key = "fwd_ms" if key == "recompute_ms" else key
     factor = (dm.host_recompute if key == "recompute_ms" else dm.host_forward
               if key == "fwd_ms" else dm.host_backward)
-    return instep_ms(alone(pass_key), sizes, factor, dm, b, launch)
+    return host_device_ms(alone(pass_key), sizes, factor, dm, b, launch)

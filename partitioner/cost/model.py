@@ -26,8 +26,14 @@ import numpy as np
 
 from partitioner.cost.activations import ActivationTerms, activation_terms
 from partitioner.cost.holding import SPLIT_SCHEDULES, Holding, holding
-from partitioner.cost.instep import layer_instep_ms, pooled_layers
-from partitioner.cost.sizes import FloatArray, interpolate, split_microbatches
+from partitioner.cost.instep import layer_host_device_ms, pooled_layers
+from partitioner.cost.sizes import (
+    WEIGHT_GRAD_SHARE,
+    FloatArray,
+    interpolate,
+    split_backward,
+    split_microbatches,
+)
 from partitioner.cost.state import bytes_per_param, dtype_bytes
 from partitioner.formats.assumptions import LINKS, Link, Optimizer, Runtime
 from partitioner.formats.profile import Profile
@@ -43,11 +49,6 @@ from partitioner.schedule.recompute import RECOMPUTE_MODES, Recompute, recompute
 __all__ = ["WEIGHT_GRAD_SHARE", "CostModel", "FloatArray", "bytes_per_param", "dtype_bytes",
            "interpolate", "split_microbatches"]
 
-#: The share of a layer's backward that its weight gradient (W) takes when the profile does not
-#: measure the split, for a layer with parameters (one without has no W). Measured on this
-#: project: deferring the weight GEMMs of linear layers (``executor/runtime/splitgrad.py``)
-#: moved 35-41% of a GPT block's backward to W on CPU.
-WEIGHT_GRAD_SHARE = 0.4
 _SPLIT_KEYS = ("bwd_input_ms", "bwd_weight_ms")
 _TIMED_KEYS = ("fwd_ms", "bwd_ms", *_SPLIT_KEYS, "recompute_ms")
 
@@ -164,28 +165,36 @@ class CostModel:
         launches nothing in W). ``recompute_ms`` is the forward a recomputing stage runs again
         in its backward: ``fwd_ms``, or the device model's (its host issues it through
         activation checkpointing's hooks). With the runtime's device model (a GPU) every time is
-        the layer's in a step instead (``cost.instep``), the ``launch_ms`` its host's floor."""
+        the layer's in a step instead (``cost.instep``), the ``launch_ms`` its host's floor:
+        ``max(host, device)``, or one of the two by ``host:`` or ``device:`` before the key
+        (without a device model: no host time, the device's the time itself)."""
         b = self.microbatch_size if b is None else b
         cached = self._layers.get((key, b))
         if cached is not None:
             return cached
-        timed, device = key in _TIMED_KEYS, self.runtime.device
-        if key == "recompute_ms" and device is None:  # the same forward again
-            out = self.layer_array("fwd_ms", b)
-            self._layers[(key, b)] = out
-            return out
+        side, _, name = key.rpartition(":")
+        timed, device = name in _TIMED_KEYS, self.runtime.device
+        if side not in ("", "host", "device") or (side and not timed):
+            raise ValueError(f"layer key {key!r}: host: and device: go before a time key, "
+                             f"one of {', '.join(_TIMED_KEYS)}")
         launch = (self._interpolate_layers("launch_ms", b) if timed and any(
             lay.launch_ms for lay in self.profile.layers) else None)
-        if timed and device is not None:
-            out = layer_instep_ms(self.profile.microbatch_sizes, key, b, device,
-                                  self._alone_table, launch)
+        if name == "recompute_ms" and device is None:  # the same forward again
+            out = self.layer_array(key.replace("recompute_ms", "fwd_ms"), b)
+        elif timed and device is not None:
+            host, dev = layer_host_device_ms(self.profile.microbatch_sizes, name, b, device,
+                                             self._alone_table, launch)
+            out = host if side == "host" else dev if side == "device" else np.maximum(host, dev)
+        elif side == "host":
+            out = np.zeros(self.profile.num_layers)
         else:
-            out = self._split_layers(key, b) if key in _SPLIT_KEYS else self._interpolate_layers(
-                key, b)
+            out = self._split_layers(name, b) if name in _SPLIT_KEYS else (
+                self._interpolate_layers(name, b))
             if launch is not None:
-                out = np.maximum(out, launch if key != "bwd_weight_ms" else np.where(
+                out = np.maximum(out, launch if name != "bwd_weight_ms" else np.where(
                     out > 0, launch, 0.0))
-        if timed and self.runtime.compute_scale != 1.0:
+        if timed and self.runtime.compute_scale != 1.0 and not (
+                name == "recompute_ms" and device is None):
             out = out * self.runtime.compute_scale
         out.setflags(write=False)
         self._layers[(key, b)] = out
@@ -208,17 +217,8 @@ class CostModel:
         return interpolate(table, self.profile.microbatch_sizes, b)
 
     def _split_layers(self, key: str, b: float) -> FloatArray:
-        """I or W of every layer before the runtime: measured, or ``layer_array``'s rule (a
-        share of each measured ``bwd_ms``, so of its interpolation too)."""
-        weight = key == "bwd_weight_ms"
-        rows = []
-        for lay in self.profile.layers:
-            if lay.bwd_input_ms is not None and lay.bwd_weight_ms is not None:
-                rows.append(getattr(lay, key))
-                continue
-            share = WEIGHT_GRAD_SHARE if lay.param_bytes > 0 else 0.0
-            rows.append(tuple(x * (share if weight else 1.0 - share) for x in lay.bwd_ms))
-        return interpolate(np.array(rows, dtype=np.float64), self.profile.microbatch_sizes, b)
+        """I or W of every layer before the runtime (``sizes.split_backward``)."""
+        return interpolate(split_backward(self.profile, key), self.profile.microbatch_sizes, b)
 
     @property
     def splits_backward(self) -> bool:

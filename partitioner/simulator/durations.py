@@ -53,6 +53,7 @@ import numpy as np
 import numpy.typing as npt
 
 from partitioner.cost.allreduce import grad_bytes, stage_allreduce_ms
+from partitioner.cost.instep import span_ms
 from partitioner.cost.model import CostModel, FloatArray, split_microbatches
 from partitioner.cost.partition import tied_copies
 
@@ -79,6 +80,11 @@ class Durations:
     message_ms: float = 0.0  # a paid transfer reaches its receiver this long after its send
     allreduce_ms: tuple[float, ...] = ()  # per stage, its gradients' all-reduce (D > 1)
     step_bytes: tuple[float, float] = (0.0, 0.0)  # held all step: inputs (first), targets (last)
+    #: with a device model, (F, B, I, W) tables of the host's time to issue each action and the
+    #: device's to run it (the tables above are then their spans: ``cost.instep.span_ms``);
+    #: empty without one (no host time; the device's time is the action's)
+    host_ms: tuple[list[list[float]], ...] = ()
+    device_ms: tuple[list[list[float]], ...] = ()
 
 
 def stage_of_ranges(ranges: Sequence[tuple[int, int]]) -> IntArray:
@@ -166,20 +172,24 @@ def stage_durations(cm: CostModel, stage_of: IntArray, devices: Sequence[int]) -
     rc = np.array([cm.recomputes(k) for k in range(big_k)])
     table = {key: np.zeros((big_k, n_sizes))
              for key in ("f", "b", "i", "w", "sf", "sb", "hold", "rebuild", "w_hold")}
+    two_clocks = cm.runtime.device is not None
+    host = {key: np.zeros((big_k, n_sizes)) for key in "fbiw"} if two_clocks else {}
+    device = {key: np.zeros((big_k, n_sizes)) for key in "fbiw"} if two_clocks else {}
     for s, b in enumerate(distinct):
-        fwd = _stage_sums(cm.layer_array("fwd_ms", b), order, bounds)
-        bwd = _stage_sums(cm.layer_array("bwd_ms", b), order, bounds)
-        bwd_i = _stage_sums(cm.layer_array("bwd_input_ms", b), order, bounds)
-        bwd_w = _stage_sums(cm.layer_array("bwd_weight_ms", b), order, bounds)
-        again = _stage_sums(cm.layer_array("recompute_ms", b), order, bounds)
+        if two_clocks:  # spans of the host and device clocks instead of sums
+            spans = _two_clocks(cm, b, stage_of, order, bounds, rc, host, device, s)
+        else:
+            again = np.where(rc, _stage_sums(cm.layer_array("recompute_ms", b), order, bounds),
+                             0.0)
+            spans = [_stage_sums(cm.layer_array(key, b), order, bounds) + extra for key, extra in
+                     (("fwd_ms", 0.0), ("bwd_ms", again), ("bwd_input_ms", again),
+                      ("bwd_weight_ms", 0.0))]
         ms = np.where(paid, cm.value_transfer_ms(b)[x], 0.0)
         received = (_per_stage(recv_stage, cm.layer_array("in_bytes", b)[recv_layer], big_k)
                     if chain else _per_stage(dst, cm.value_bytes(b)[x], big_k))
         stash = received + _per_stage(root_stage, cm.layer_array("in_bytes", b)[roots], big_k)
-        table["f"][:, s] = fwd + cm.runtime.action_ms  # fwd, bwd: scaled by the runtime
-        table["b"][:, s] = bwd + np.where(rc, again, 0.0) + cm.runtime.action_ms
-        table["i"][:, s] = bwd_i + np.where(rc, again, 0.0) + cm.runtime.action_ms
-        table["w"][:, s] = bwd_w + cm.runtime.action_ms
+        for key, span in zip("fbiw", spans, strict=True):  # + the runner's cost per action
+            table[key][:, s] = span + cm.runtime.action_ms
         table["sf"][:, s] = _per_stage(src, ms, big_k)
         table["sb"][:, s] = _per_stage(dst, np.where(grad, ms, 0.0), big_k)
         terms = cm.activations(b)  # not exact: act is the saved bytes (and the loss's)
@@ -200,7 +210,37 @@ def stage_durations(cm: CostModel, stage_of: IntArray, devices: Sequence[int]) -
     lists = {key: arr.tolist() for key, arr in table.items()}
     allreduce = (tuple(stage_allreduce_ms(cm, _stage_sums(grad_bytes(cm), order, bounds)
                                           .tolist())) if cm.replicas > 1 else ())
+    action = cm.runtime.action_ms  # the runner's own cost per action: its host's
     return Durations(lists["f"], lists["b"], lists["i"], lists["w"], lists["sf"], lists["sb"],
                      lists["hold"], lists["rebuild"], lists["w_hold"], state.tolist(),
                      [distinct.index(b) for b in sizes], cm.runtime.message_ms, allreduce,
-                     cm.step_bytes())
+                     cm.step_bytes(),
+                     tuple((host[key] + action).tolist() for key in host),
+                     tuple((device[key] + action).tolist() for key in device))
+
+
+def _two_clocks(cm: CostModel, b: float, stage_of: IntArray, order: IntArray, bounds: IntArray,
+                rc: npt.NDArray[np.bool_], host: dict[str, FloatArray],
+                device: dict[str, FloatArray], s: int) -> list[FloatArray]:
+    """With a device model, at size b: each stage's F, B, I and W as spans (``span_ms``; B
+    and I with the recomputed forward in front), and their host and device times into column
+    s of ``host`` and ``device``. A forward issues its layers in order, a backward in reverse."""
+    backwards = np.lexsort((-np.arange(len(stage_of)), stage_of))  # each stage's, reversed
+
+    def clocks(key: str, seq: IntArray) -> tuple[FloatArray, FloatArray, FloatArray]:
+        h, d = cm.layer_array(f"host:{key}", b), cm.layer_array(f"device:{key}", b)
+        return (_stage_sums(h, seq, bounds), _stage_sums(d, seq, bounds),
+                span_ms(h[seq], d[seq], bounds))
+
+    fh, fd, fwd = clocks("fwd_ms", order)
+    host["f"][:, s], device["f"][:, s] = fh, fd
+    rh, rd, again = clocks("recompute_ms", order)
+    spans = [fwd]
+    for key, kind in (("bwd_ms", "b"), ("bwd_input_ms", "i"), ("bwd_weight_ms", "w")):
+        bh, bd, span = clocks(key, backwards)
+        if kind != "w":  # the recomputation first: its span then B's, or B's after its issue
+            span = np.where(rc, np.maximum(again + bd, rh + span), span)
+            bh, bd = bh + np.where(rc, rh, 0.0), bd + np.where(rc, rd, 0.0)
+        host[kind][:, s], device[kind][:, s] = bh, bd
+        spans.append(span)
+    return spans

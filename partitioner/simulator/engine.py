@@ -84,6 +84,9 @@ from partitioner.simulator.program import (
 
 __all__ = ["SimResult", "device_indices", "ranges_from_boundaries", "simulate"]
 
+SLOT = [0] * (max(FWD, BWD, INPUT, WEIGHT) + 1)  # a compute kind -> F, B, I, W (0-3)
+SLOT[FWD], SLOT[BWD], SLOT[INPUT], SLOT[WEIGHT] = 0, 1, 2, 3
+
 @dataclass(frozen=True)
 class SimResult:
     """Figures of one simulated training step (times in ms from the step's start)."""
@@ -218,6 +221,15 @@ class _Replay:
         # the receive a rank waits for: k * m + i for RF(k, i), -(k * m + i) - 1 for RB(k, i)
         blocked: list[int | None] = [None] * len(stages_of)
         # per stage k, what its actions read: durations, memory, where its messages go
+        # with a device model each action has a host time and a device time besides its span
+        clocks = bool(dur.host_ms)
+        issue = [[h[k] for h in dur.host_ms] if clocks else [] for k in range(last + 1)]
+        run_ms = [[d[k] for d in dur.device_ms] if clocks else [] for k in range(last + 1)]
+        host_at = dict.fromkeys(rank_dev, 0.0)  # when each device's host has issued all so far
+        # whether stage k's host waits for what it receives from k-1 and from k+1: from another
+        # device, yes (the runner reads a header); on its own device the stream orders it
+        waits = [(self.devs[k - 1] != self.devs[k], self.devs[min(k + 1, last)] != self.devs[k])
+                 for k in range(last + 1)]
         fixed = [(dur.fwd_ms[k], dur.bwd_ms[k], dur.input_ms[k], dur.weight_ms[k],
                   dur.hold_bytes[k], dur.rebuild_bytes[k], dur.w_hold_bytes[k], dur.state_bytes[k],
                   dur.send_f_ms[k], dur.send_b_ms[k], arrived_f[k], arrived_b[k],
@@ -232,6 +244,7 @@ class _Replay:
             ops, p, n, first, cur = programs[r], pos[r], len(programs[r]), True, -1
             rpeak, other = rank_peak[r], 0.0
             held = peak = 0.0  # stage cur's, loaded when the rank turns to it
+            h = host_at[rank_dev[r]]
             while p < n:
                 recv, work, send, k, i, act = ops[p]
                 if k != cur:  # the rank turns to stage k: store the last one's, load k's
@@ -252,6 +265,8 @@ class _Replay:
                         break
                     if arrival > t:
                         t = arrival
+                    if arrival > h and waits[k][recv != RF]:  # a receive from afar
+                        h = arrival
                     if not (work or send):
                         p += 1
                         continue
@@ -262,15 +277,23 @@ class _Replay:
                     t = max(t, dev_free[rank_dev[r]])
                 first = False
                 s = size[i]
+                if work:
+                    start, kind = t, SLOT[work]
+                    span = (f_ms, b_ms, i_ms, w_ms)[kind][s]
+                    if clocks:  # the device runs it from t, the host issues it from h
+                        end = max(t + run_ms[k][kind][s], h + span)
+                        if h > t:
+                            start = h
+                        h += issue[k][kind][s]
+                    else:
+                        end = t + span
                 if work == FWD:
-                    end = t + f_ms[s]
                     held += hold[s]
                     if held > peak:
                         peak = held
                     if multi and held + other > rpeak:
                         rpeak = held + other
                 elif work == BWD:
-                    end = t + b_ms[s]
                     top = held + rebuild[s]
                     if top > peak:
                         peak = top
@@ -279,7 +302,7 @@ class _Replay:
                     held -= hold[s]
                     backward_end[k] = end
                 elif work == INPUT:  # a recomputing stage rebuilds its activations here
-                    end = t + i_ms[s]  # and from its end holds what W needs instead
+                    # and from its end holds what W needs instead
                     top = max(held + rebuild[s], held - hold[s] + w_hold[s])
                     if top > peak:
                         peak = top
@@ -287,13 +310,12 @@ class _Replay:
                         rpeak = top + other
                     held += w_hold[s] - hold[s]
                 elif work == WEIGHT:  # what W needed goes
-                    end = t + w_ms[s]
                     held -= w_hold[s]
                     backward_end[k] = end
                 if work:
-                    busy_ms[k] += end - t
+                    busy_ms[k] += end - start
                     if record:
-                        events.append(Event(act, t, end, state + held))  # type: ignore[arg-type]
+                        events.append(Event(act, start, end, state + held))  # type: ignore[arg-type]
                     t = end
                 if send:
                     if send == SF:
@@ -320,6 +342,7 @@ class _Replay:
             if cur >= 0:
                 held_bytes[cur], peak_bytes[cur] = held, peak
             pos[r], ready[r], rank_peak[r] = p, t, rpeak
+            host_at[rank_dev[r]] = h
 
 
 def _result(cm: CostModel, schedule: Schedule, dur: Durations, sim: _Replay,

@@ -23,6 +23,12 @@ what the search simulates):
   first micro-batch reaching the stage (the fill) before it, and per stage its compute then
   its all-reduce (``overlapped``), or every rank's work then its rings (``after``).
 
+Under a device model (two clocks: the host issues, the device runs, ``simulator.engine``)
+each sum is taken on each clock apart, the larger kept: a rank's host and its device each do
+their share one action at a time, but an action's span is not a lower bound of what it adds
+(the host may have issued it while the device ran the one before). The fill still sums
+spans: a stage's host waits for the first forward from the rank before it.
+
 The search compares them with a margin (``SLACK``) for the rounding of sums taken in another
 order, so a skipped configuration is provably slower than what it is compared with.
 """
@@ -34,7 +40,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from partitioner.cost.allreduce import grad_bytes, ring_allreduce_ms
-from partitioner.cost.model import CostModel, split_microbatches
+from partitioner.cost.model import CostModel, FloatArray, split_microbatches
 from partitioner.formats.assumptions import Link
 from partitioner.schedule.generators import v_placement
 from partitioner.simulator.durations import Durations
@@ -66,13 +72,15 @@ def work_bound_ms(cm: CostModel, allreduce_links: Sequence[Link] = ()) -> float:
     big_k, ranks = cm.stages, cm.stages // cm.stages_per_rank
     forced = big_k if cm.recompute == "always" else (
         big_k - 1 if cm.recompute == "except_last" else 0)  # layers that recompute surely
-    compute = 0.0
     sizes = split_microbatches(cm.replica_batch, cm.microbatches)
-    for b in set(sizes):
-        fwd = cm.layer_array("fwd_ms", b)
-        again = cm.layer_array("recompute_ms", b)
-        per = float(fwd.sum()) + float(cm.backward_ms(b).sum()) + float(again[:forced].sum())
-        compute += sizes.count(b) * per
+    compute = 0.0
+    for side in _sides(cm):  # the device's work and, with a device model, the host's apart
+        work = 0.0
+        for b in set(sizes):
+            again = cm.layer_array(side + "recompute_ms", b)
+            work += sizes.count(b) * (float(cm.layer_array(side + "fwd_ms", b).sum()) + float(
+                _backward(cm, side, b).sum()) + float(again[:forced].sum()))
+        compute = max(compute, work)
     compute += cm.microbatches * big_k * cm.compute_actions * cm.runtime.action_ms
     ring = 0.0
     if cm.replicas > 1 and allreduce_links:
@@ -93,18 +101,38 @@ def _fill_bound_ms(cm: CostModel, sizes: list[int]) -> float:
     (prefix sums over the layers of the first micro-batch's forward and of every
     micro-batch's F and backward). With F0 >= rho W layer by layer, cuts as far as that
     allows reach at most (1 - (1 - rho)^K) T / rho of the work: T >= rho W / (1 - (1-rho)^K)."""
-    fwd0 = cm.layer_array("fwd_ms", sizes[0])
-    work = np.zeros(cm.profile.num_layers)
-    for b in set(sizes):
-        work = work + sizes.count(b) * (cm.layer_array("fwd_ms", b) + cm.backward_ms(b))
-    total = float(work.sum())
-    positive = work > 0
-    if total <= 0 or not positive.any():
-        return 0.0
-    rho = min(1.0, float((fwd0[positive] / work[positive]).min()))
-    if rho < 1e-12:
-        return total / cm.stages
-    return rho * total / (1.0 - (1.0 - rho) ** cm.stages)
+    bound = 0.0
+    for side in _sides(cm):  # a stage's host and its device each wait for the first forward
+        fwd0 = cm.layer_array(side + "fwd_ms", sizes[0])
+        work = np.zeros(cm.profile.num_layers)
+        for b in set(sizes):
+            work = work + sizes.count(b) * (cm.layer_array(side + "fwd_ms", b)
+                                            + _backward(cm, side, b))
+        total = float(work.sum())
+        positive = work > 0
+        if total <= 0 or not positive.any():
+            continue
+        rho = min(1.0, float((fwd0[positive] / work[positive]).min()))
+        bound = max(bound, total / cm.stages if rho < 1e-12 else
+                    rho * total / (1.0 - (1.0 - rho) ** cm.stages))
+    return bound
+
+
+def _sides(cm: CostModel) -> tuple[str, ...]:
+    """The clocks a bound sums over: the device's and the host's under a device model (each
+    bounds the step alone; their per-layer maxima summed do not), else the one."""
+    return ("device:", "host:") if cm.runtime.device is not None else ("",)
+
+
+def _backward(cm: CostModel, side: str, b: float) -> FloatArray:
+    """``cm.backward_ms(b)`` on one clock (``side``: ``device:``, ``host:`` or none)."""
+    if not side:
+        return cm.backward_ms(b)
+    if not cm.splits_backward:
+        return cm.layer_array(side + "bwd_ms", b)
+    out: FloatArray = cm.layer_array(side + "bwd_input_ms", b) + cm.layer_array(
+        side + "bwd_weight_ms", b)
+    return out
 
 
 def stage_bound_ms(cm: CostModel, dur: Durations, ranks_of: Sequence[int]) -> float:
@@ -114,18 +142,25 @@ def stage_bound_ms(cm: CostModel, dur: Durations, ranks_of: Sequence[int]) -> fl
     counts = [0] * len(dur.fwd_ms[0])
     for s in dur.size_index:
         counts[s] += 1
-    compute, sends = [0.0] * big_k, [0.0] * big_k
+    # per stage: the device's time of its actions (their spans without a device model), the
+    # host's (0 without one), its sends (on the device's clock)
+    device = dur.device_ms or (dur.fwd_ms, dur.bwd_ms, dur.input_ms, dur.weight_ms)
+    host = dur.host_ms
+    run, issue, sends = [0.0] * big_k, [0.0] * big_k, [0.0] * big_k
     for k in range(big_k):
-        f, b, i, w = dur.fwd_ms[k], dur.bwd_ms[k], dur.input_ms[k], dur.weight_ms[k]
         sf, sb = dur.send_f_ms[k], dur.send_b_ms[k]
         for s, n in enumerate(counts):
-            compute[k] += n * (f[s] + (i[s] + w[s] if split else b[s]))
+            run[k] += n * _per_microbatch(device, k, s, split)
+            if host:
+                issue[k] += n * _per_microbatch(host, k, s, split)
             sends[k] += n * (sf[s] + sb[s])
     ranks = max(ranks_of) + 1
-    rank_work = [0.0] * ranks
+    on_device, on_host = [0.0] * ranks, [0.0] * ranks
     for k in range(big_k):
-        rank_work[ranks_of[k]] += compute[k] + sends[k]
-    bound = max(rank_work)
+        on_device[ranks_of[k]] += run[k] + sends[k]
+        on_host[ranks_of[k]] += issue[k]
+    bound = max(max(on_device), max(on_host))
+    compute = [max(r, i) for r, i in zip(run, issue, strict=True)]
     ar = dur.allreduce_ms or (0.0,) * big_k
     if cm.allreduce == "after" and dur.allreduce_ms:
         rings = [0.0] * ranks
@@ -137,8 +172,15 @@ def stage_bound_ms(cm: CostModel, dur: Durations, ranks_of: Sequence[int]) -> fl
     for k in range(big_k):
         start = fill if one_each else 0.0
         bound = max(bound, start + compute[k] + ar[k])
-        if one_each:
-            bound = max(bound, start + compute[k] + sends[k])
+        if one_each:  # its host and device both start once the first forward reached it
+            bound = max(bound, start + max(run[k] + sends[k], issue[k]))
             sent = dur.send_f_ms[k][s0]
             fill += dur.fwd_ms[k][s0] + sent + (dur.message_ms if sent > 0 else 0.0)
     return bound
+
+
+def _per_microbatch(tables: Sequence[Sequence[Sequence[float]]], k: int, s: int,
+                    split: bool) -> float:
+    """Stage k's F and backward (B, or I + W) at size s from (F, B, I, W) ``tables``."""
+    f, b, i, w = (table[k][s] for table in tables)
+    return f + (i + w if split else b)

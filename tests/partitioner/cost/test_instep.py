@@ -68,10 +68,16 @@ def test_the_device_model_prices_recompute_with_its_own_host_factor() -> None:
     cm = CostModel(prof, 16, 16, stages=2, recompute="always", runtime=Runtime(device=dm))
     fwd, again = cm.layer_array("fwd_ms"), cm.layer_array("recompute_ms")
     blocks = [i for i, lay in enumerate(prof.layers) if lay.type == "Block"]
-    # at b = 1 the blocks are launch-bound: host factor x the pooled floor
+    # the host issues a block in its host factor x the pooled floor; alone it costs the larger
     floor = np.median([prof.layers[i].fwd_ms for i in blocks], axis=0).min()
-    assert fwd[blocks].tolist() == pytest.approx([dm.host_forward * floor] * len(blocks))
-    assert again[blocks].tolist() == pytest.approx([dm.host_recompute * floor] * len(blocks))
+    host, rc_host = cm.layer_array("host:fwd_ms"), cm.layer_array("host:recompute_ms")
+    assert host[blocks].tolist() == pytest.approx([dm.host_forward * floor] * len(blocks))
+    assert rc_host[blocks].tolist() == pytest.approx([dm.host_recompute * floor] * len(blocks))
+    for key, side in (("fwd_ms", host), ("recompute_ms", rc_host)):
+        assert cm.layer_array(key).tolist() == pytest.approx(
+            np.maximum(side, cm.layer_array(f"device:{key}")).tolist())
+    assert cm.layer_array("device:recompute_ms").tolist() == cm.layer_array(
+        "device:fwd_ms").tolist()  # the same kernels, issued through other hooks
     bwd = cm.backward_ms()
     assert cm.stage_compute_ms(0, 13, 0) == pytest.approx(float((fwd + bwd + again)[:13].sum()))
     scaled = CostModel(prof, 16, 16, stages=2, recompute="always",
@@ -91,4 +97,4 @@ def test_identical_layers_cost_the_same_in_a_step() -> None:
     one_off = CostModel(dataclasses.replace(prof, layers=tuple(layers)), 16, 4,
                         runtime=Runtime(device=load_device_model("h200")))
     assert one_off.layer_array("fwd_ms")[blocks[0]] == pytest.approx(
-        cm.layer_array("fwd_ms")[blocks[0]])  # the median of 24 blocks ignores one outlier
+        cm.layer_array("fwd_ms")[blocks[0]], rel=0.01)  # the median of 24 moves by one rank

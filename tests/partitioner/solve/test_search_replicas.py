@@ -3,13 +3,14 @@ and pruning (``keep``) that leaves the reported rows and the best plan exactly a
 
 import pytest
 
-from partitioner.formats.assumptions import LINKS
+from partitioner.formats.assumptions import LINKS, Runtime
+from partitioner.formats.device import load_device_model
 from partitioner.formats.profile import load_profile
 from partitioner.formats.topology import Topology
 from partitioner.report.plans import search_table
 from partitioner.simulator.engine import simulate
 from partitioner.solve.bounds import work_bound_ms
-from partitioner.solve.search import Candidate, search
+from partitioner.solve.search import Candidate, _partitioned_bound, search
 from tests.synthetic import make_profile
 
 TOPO = Topology(1, 4, LINKS["nvlink"], LINKS["ib"])
@@ -20,11 +21,14 @@ def _row(c: Candidate) -> tuple[object, ...]:
             c.peak_bytes, c.solution.boundaries, c.placement)
 
 
-@pytest.fixture(scope="module")
-def full():  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module", params=[None, "h200"])
+def full(request):  # type: ignore[no-untyped-def]
+    # the profile as it is, and under the H200 device model (two clocks: the bounds sum each)
     prof = load_profile("h200/gpt2-medium")
+    runtime = Runtime(device=load_device_model(request.param)) if request.param else None
     return prof, search(prof, 0, 24, float(prof.device.memory_bytes or 0), topology=TOPO,
-                        schedules=("gpipe", "1f1b", "zb-h1", "zbv", "interleaved", "synth"))
+                        schedules=("gpipe", "1f1b", "zb-h1", "zbv", "interleaved", "synth"),
+                        runtime=runtime)
 
 
 def test_both_ends_every_candidate_fits_the_devices_and_d_divides_b(full) -> None:  # type: ignore[no-untyped-def]
@@ -42,7 +46,8 @@ def test_both_ends_every_candidate_fits_the_devices_and_d_divides_b(full) -> Non
 def test_pruning_keeps_the_rows_the_ends_and_the_plan(full, keep: int) -> None:  # type: ignore[no-untyped-def]
     prof, res = full
     pruned = search(prof, 0, 24, res.memory_limit_bytes, topology=TOPO, keep=keep,
-                    schedules=("gpipe", "1f1b", "zb-h1", "zbv", "interleaved", "synth"))
+                    schedules=("gpipe", "1f1b", "zb-h1", "zbv", "interleaved", "synth"),
+                    runtime=res.candidates[0].cost_model.runtime)
     assert pruned.skipped > 0 and pruned.tried == res.tried
     top = max(keep, 1)
     assert [_row(c) for c in pruned.candidates[:top]] == [_row(c) for c in res.candidates[:top]]
@@ -53,12 +58,13 @@ def test_pruning_keeps_the_rows_the_ends_and_the_plan(full, keep: int) -> None: 
     assert rows == search_table(res, top).split("configurations tried")[0]
 
 
-def test_the_work_bound_never_exceeds_the_simulated_step(full) -> None:  # type: ignore[no-untyped-def]
+def test_the_bounds_never_exceed_the_simulated_step(full) -> None:  # type: ignore[no-untyped-def]
     _, res = full
     for c in res.candidates:
         if c.synthesised is None:
             links = [c.cost_model.allreduce_link]
             assert work_bound_ms(c.cost_model, links) <= c.step_ms * (1 + 1e-9)
+            assert _partitioned_bound(c.cost_model, c.solution) <= c.step_ms * (1 + 1e-9)
             assert simulate(c.cost_model, nodes=c.solution.nodes,
                             record=False).step_ms == c.step_ms
 
