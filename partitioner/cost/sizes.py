@@ -1,5 +1,6 @@
-"""Micro-batch sizes: how B samples split into M micro-batches, figures at any size b, and the
-rule that splits a backward into its input and weight gradients.
+"""Micro-batch sizes and the split of a backward into its input and weight gradients.
+
+How B samples split into M micro-batches, and a profile's figures at any size b.
 
     >>> split_microbatches(10, 4), interpolate(np.array([[1.0, 3.0]]), (1, 2), 4).tolist()
     ([3, 3, 2, 2], [7.0])
