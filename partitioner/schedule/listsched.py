@@ -17,6 +17,7 @@ deadlocks. Times are in any unit (``Costs``), communication included; ``zbv`` us
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -78,60 +79,79 @@ def replay(costs: Costs, placement: Sequence[int], microbatches: int, caps: Sequ
     on_rank = [[k for k in range(big_k) if placement[k] == r] for r in range(ranks)]
     free = [0.0] * ranks
     done = {"F": [0] * big_k, "I": [0] * big_k, "W": [0] * big_k}
-    arrived: dict[tuple[str, int, int], float] = {}  # (F|I, k, i): k's output of i is there
+    done_f, done_i, done_w = done["F"], done["I"], done["W"]
+    # arrived[kind][k][i]: when stage k's output of micro-batch i is there (F: at k+1, I: at
+    # k-1), None until it was sent
+    arrived: dict[str, list[list[float | None]]] = {
+        kind: [[None] * m for _ in range(big_k)] for kind in "FI"}
+    arrived_f, arrived_i = arrived["F"], arrived["I"]
     rows: list[list[Action]] = [[] for _ in range(ranks)]
     last = big_k - 1
     send = {"F": (costs.send_f_ms, 1), "I": (costs.send_b_ms, -1)}
+    rule_i, rule_f, rule_w = rule["I"], rule["F"], rule["W"]
+    split = costs.split
     Choice = tuple[float, int, int, int, str]  # (start, rule, order, k, kind)
 
     def choice(k: int) -> Choice | None:
         """Stage k's first action by (start, rule, order): these three never tie between two
         actions (rule is the kind's, order the stage's within a kind), so the smallest over
         the stages is the one the rule picks."""
-        n_f, n_i, n_w = done["F"][k], done["I"][k], done["W"][k]
+        n_f, n_i, n_w = done_f[k], done_i[k], done_w[k]
         at, out = free[placement[k]], None
         if n_i < n_f:
-            ready = arrived.get(("I", k + 1, n_i)) if k < last else arrived["F", k, n_i]
+            ready = arrived_i[k + 1][n_i] if k < last else arrived_f[k][n_i]
             if ready is not None:
-                out = (max(at, ready), rule["I"], -k if deep_inputs_first else k, k, "I")
+                out = (at if at > ready else ready, rule_i, -k if deep_inputs_first else k,
+                       k, "I")
         if n_f < m and n_f - n_w < caps[k]:
-            ready = arrived.get(("F", k - 1, n_f)) if k > 0 else 0.0
+            ready = arrived_f[k - 1][n_f] if k > 0 else 0.0
             if ready is not None:
-                cand = (max(at, ready), rule["F"], -k, k, "F")
+                cand = (at if at > ready else ready, rule_f, -k, k, "F")
                 out = cand if out is None or cand < out else out
-        if costs.split and n_w < n_i:
-            cand = (at, rule["W"], k, k, "W")
+        if split and n_w < n_i:
+            cand = (at, rule_w, k, k, "W")
             out = cand if out is None or cand < out else out
         return out
 
     # each stage's next choice, refreshed only where an action changed what it depends on: its
-    # rank's free time, its own counts, its neighbours' messages
-    choices = [choice(k) for k in range(big_k)]
-    for _ in range(big_k * m * (3 if costs.split else 2)):
-        best = min((c for c in choices if c is not None), default=None)
-        assert best is not None, "the list scheduler found nothing to run"  # see docstring
-        start, _, _, k, kind = best
+    # rank's free time, its own counts, its neighbours' messages; a heap of them, where an
+    # entry whose stage has been refreshed since (its version is not the stage's) is stale
+    version = [0] * big_k
+    heap: list[tuple[float, int, int, int, str, int]] = []
+    for k in range(big_k):
+        c = choice(k)
+        if c is not None:
+            heap.append((*c, 0))
+    heapq.heapify(heap)
+    for _ in range(big_k * m * (3 if split else 2)):
+        while heap and heap[0][5] != version[heap[0][3]]:
+            heapq.heappop(heap)
+        assert heap, "the list scheduler found nothing to run"  # see docstring
+        start, _, _, k, kind, _ = heapq.heappop(heap)
         r, i = placement[k], done[kind][k]
         if kind == "F":
             end = start + costs.fwd_ms[k]
         elif kind == "I":
-            end = start + costs.input_ms[k] + (0.0 if costs.split else costs.weight_ms[k])
+            end = start + costs.input_ms[k] + (0.0 if split else costs.weight_ms[k])
         else:
             end = start + costs.weight_ms[k]
         if kind in send:
             times, step = send[kind]
             if 0 <= k + step < big_k and placement[k + step] != r:
                 end += times[k]
-            arrived[kind, k, i] = end
+            arrived[kind][k][i] = end
         done[kind][k] += 1
-        if kind == "I" and not costs.split:
-            done["W"][k] += 1
-        written = kind if costs.split or kind != "I" else "B"
+        if kind == "I" and not split:
+            done_w[k] += 1
+        written = kind if split or kind != "I" else "B"
         rows[r].append(Action(written, k, i))  # type: ignore[arg-type]
         free[r] = end
         for j in {*on_rank[r], k - 1, k + 1}:
             if 0 <= j < big_k:
-                choices[j] = choice(j)
+                version[j] += 1
+                c = choice(j)
+                if c is not None:
+                    heapq.heappush(heap, (*c, version[j]))
     identity = tuple(placement) == tuple(range(big_k))
     sched = Schedule(name, big_k, m, tuple(map(tuple, rows)), () if identity else tuple(placement))
     return sched, max(free)

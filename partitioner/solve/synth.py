@@ -60,14 +60,15 @@ def synthesise_for(cm: CostModel, sol: Solution, devices: Sequence[int] | None =
                   tuple(w[s] for w in dur.weight_ms), tuple(x[s] for x in dur.send_f_ms),
                   tuple(x[s] for x in dur.send_b_ms))
 
-    replayed: dict[Schedule, SimResult] = {}  # fits() and evaluate() ask about the same one
+    # fits() and evaluate() ask about the same schedule object, one after the other: kept by
+    # identity, since hashing or comparing a schedule walks its K x M x 3 actions
+    replayed: list[tuple[Schedule, SimResult]] = []
 
     def run(sched: Schedule) -> SimResult:
-        if sched not in replayed:
-            replayed.clear()
-            replayed[sched] = simulate(cm, nodes=sol.nodes, schedule=sched, devices=devs,
-                                       record=False)
-        return replayed[sched]
+        if not replayed or replayed[0][0] is not sched:
+            replayed[:] = [(sched, simulate(cm, nodes=sol.nodes, schedule=sched, devices=devs,
+                                            record=False))]
+        return replayed[0][1]
 
     def evaluate(sched: Schedule) -> float:
         return run(sched).step_ms
