@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -179,7 +180,6 @@ def _measure_round(name: str, prof: Profile, batch: int, ms: list[int], steps: i
                    tmp: str) -> list[tuple[int, list[int], float, float]]:
     """One round for one model: the runtime calibrated on a trial at M=1,4, then each M's K=2
     plan predicted and trained; (M, layers per stage, predicted ms, measured ms) per M."""
-    import statistics
 
     from executor.distributed.spawn import spawn_local
     from executor.profiling.calibrate import measure_runtime, run_trials
@@ -214,7 +214,6 @@ def measure(cases: list[tuple[str, Profile]], batch: int, ms: list[int], steps: 
     median of its rounds' errors, each round's prediction calibrated minutes, not tens of
     minutes, before its measurement (this shared host's speed drifts by 10-40% over minutes,
     and a model measured only once takes whatever drift its turn met)."""
-    import statistics
     import tempfile
 
     from executor.profiling.calibrate import measure_link
@@ -231,7 +230,7 @@ def measure(cases: list[tuple[str, Profile]], batch: int, ms: list[int], steps: 
                                                                     steps, link, tmp):
                     results.setdefault((name, m), []).append((nodes, predicted, measured))
     print(f"{'model':<12} {'M':>3} {'stages':<22} {'predicted_ms':>12} {'measured_ms':>11} "
-          f"{'error':>7}  {'rounds':<}")
+          f"{'error':>7}  rounds")
     errors, held_out = [], []
     for (name, m), runs in results.items():
         errs = [(p - x) / x for _, p, x in runs]
