@@ -31,7 +31,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from partitioner.schedule.generators import in_flight, make_schedule, peak_in_flight
+from partitioner.schedule.generators import (
+    counting_microbatches,
+    in_flight,
+    make_schedule,
+    peak_in_flight,
+)
 from partitioner.schedule.ir import Schedule
 
 __all__ = ["SPLIT_SCHEDULES", "Holding", "holding", "peak_rebuilt", "peak_states"]
@@ -131,7 +136,8 @@ def holding(name: str, stages: int, microbatches: int, stages_per_rank: int = 1)
     """The counts of schedule ``name`` for K stages, M micro-batches, V stages per rank: the
     closed forms of GPipe, 1F1B and ZB-H1 (in flight min(K, M) on every stage, rebuilt
     max(1, min(K, M) - (K-1-k))), the replay of the generated schedule for the others (as
-    ``generators.in_flight`` replays it)."""
+    ``generators.in_flight`` replays it), of at most 3R micro-batches
+    (``generators.counting_microbatches``)."""
     big_k, m, v = stages, microbatches, stages_per_rank
     if name in ("gpipe", "1f1b"):  # the peak: the first B, every F so far still held
         flight = tuple(in_flight(name, k, big_k, m, v) for k in range(big_k))
@@ -142,6 +148,11 @@ def holding(name: str, stages: int, microbatches: int, stages_per_rank: int = 1)
         rebuilt = tuple(max(1, most - (big_k - 1 - k)) for k in range(big_k))
         states = tuple(((most - q, q, 0), (most - q + 1, q - 1, 1)) for q in rebuilt)
         return Holding(True, (most,) * big_k, rebuilt, tuple(range(big_k)), states)
-    sched = make_schedule(name, big_k, m, v)  # generated once for all the counts
+    return _replayed(name, big_k, counting_microbatches(name, big_k, m, v), v)
+
+
+@lru_cache(maxsize=4096)  # a search asks for many M that count as the same few
+def _replayed(name: str, stages: int, microbatches: int, stages_per_rank: int) -> Holding:
+    sched = make_schedule(name, stages, microbatches, stages_per_rank)  # once for all counts
     return Holding(bool(sched.split), peak_in_flight(sched), peak_rebuilt(sched), sched.rank_of,
                    peak_states(sched))
