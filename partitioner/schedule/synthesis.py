@@ -111,15 +111,28 @@ def _starts(placement: Sequence[int], big_k: int, m: int) -> list[tuple[int, ...
 
 def _shrink_to_fit(priority: str, caps: tuple[int, ...],
                    trial: Callable[[str, tuple[int, ...]], float | None]) -> tuple[int, ...] | None:
-    """Lower the largest cap until the schedule fits (None: not even all ones fit), by a
-    quarter of itself (at least 1) each time: O(K log M) trials, not O(K M), since every
-    trial replays the whole step (the climb that follows moves caps one at a time)."""
-    while trial(priority, caps) is None:
-        if max(caps) == 1:
-            return None
-        k = caps.index(max(caps))
-        caps = (*caps[:k], caps[k] - max(1, caps[k] // 4), *caps[k + 1:])
-    return caps
+    """``caps`` if they fit, else the caps clamped to the highest level c that fits,
+    min(cap, c) on every stage (None: not even all ones fit), found by bisection over c:
+    O(log M) trials, each a replay of the whole step (the climb that follows moves single
+    caps). In the list scheduler's schedules memory grows with the caps as a rule, so the
+    levels that fit are those up to one; where it does not, the result still fits, being a
+    level that was tried, only perhaps not the highest."""
+    if trial(priority, caps) is not None:
+        return caps
+
+    def clamped(c: int) -> tuple[int, ...]:
+        return tuple(min(cap, c) for cap in caps)
+
+    fits, fails = 1, max(caps)  # invariant: level ``fits`` fits, level ``fails`` does not
+    if trial(priority, clamped(fits)) is None:
+        return None
+    while fails - fits > 1:
+        mid = (fits + fails) // 2
+        if trial(priority, clamped(mid)) is None:
+            fails = mid
+        else:
+            fits = mid
+    return clamped(fits)
 
 
 def _climb(priority: str, caps: tuple[int, ...], m: int,
