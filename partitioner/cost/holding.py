@@ -36,6 +36,7 @@ from partitioner.schedule.generators import (
     in_flight,
     make_schedule,
     peak_in_flight,
+    v_placement,
 )
 from partitioner.schedule.ir import Schedule
 
@@ -100,8 +101,12 @@ def peak_rebuilt(sched: Schedule) -> tuple[int, ...]:
 
 def _frontier(found: set[State]) -> tuple[State, ...]:
     """The states of ``found`` that no other one exceeds (or equals) in every count."""
-    return tuple(sorted(s for s in found if not any(
-        o != s and o[0] >= s[0] and o[1] >= s[1] and o[2] >= s[2] for o in found)))
+    top: dict[tuple[int, int], int] = {}  # of the states with the same (a, t), the largest b
+    for a, b, t in found:
+        top[a, t] = max(b, top.get((a, t), b))
+    kept = [(a, b, t) for (a, t), b in top.items()]
+    return tuple(sorted(s for s in kept if not any(
+        o != s and o[0] >= s[0] and o[1] >= s[1] and o[2] >= s[2] for o in kept)))
 
 
 def peak_states(sched: Schedule) -> tuple[tuple[State, ...], ...]:
@@ -134,10 +139,10 @@ def peak_states(sched: Schedule) -> tuple[tuple[State, ...], ...]:
 @lru_cache(maxsize=1024)
 def holding(name: str, stages: int, microbatches: int, stages_per_rank: int = 1) -> Holding:
     """The counts of schedule ``name`` for K stages, M micro-batches, V stages per rank: the
-    closed forms of GPipe, 1F1B and ZB-H1 (in flight min(K, M) on every stage, rebuilt
-    max(1, min(K, M) - (K-1-k))), the replay of the generated schedule for the others (as
-    ``generators.in_flight`` replays it), of at most 3R micro-batches
-    (``generators.counting_microbatches``)."""
+    closed forms of GPipe, 1F1B, ZB-H1 (in flight min(K, M) on every stage, rebuilt
+    max(1, min(K, M) - (K-1-k))) and ZB-V with M >= R (``_zbv_holding``), the replay of the
+    generated schedule for the others (as ``generators.in_flight`` replays it), of at most 3R
+    micro-batches (``generators.counting_microbatches``)."""
     big_k, m, v = stages, microbatches, stages_per_rank
     if name in ("gpipe", "1f1b"):  # the peak: the first B, every F so far still held
         flight = tuple(in_flight(name, k, big_k, m, v) for k in range(big_k))
@@ -148,7 +153,27 @@ def holding(name: str, stages: int, microbatches: int, stages_per_rank: int = 1)
         rebuilt = tuple(max(1, most - (big_k - 1 - k)) for k in range(big_k))
         states = tuple(((most - q, q, 0), (most - q + 1, q - 1, 1)) for q in rebuilt)
         return Holding(True, (most,) * big_k, rebuilt, tuple(range(big_k)), states)
+    if name == "zbv" and m >= big_k // 2:  # closed forms, tested against the replay
+        return _zbv_holding(big_k // 2)
     return _replayed(name, big_k, counting_microbatches(name, big_k, m, v), v)
+
+
+def _zbv_holding(ranks: int) -> Holding:
+    """ZB-V's counts for M >= R (constant in M): R in flight on every stage; on stage k < R
+    of the way down q = k+1 waiting W or rebuilding at most, states (R-q, q, 0) and
+    (R-j, j, 1) for j < q; on the way up (p = 2R-1-k stages from the end) (0, R, 0) and
+    (R-j, j, 1) for R-1-p <= j < R."""
+    big_r, big_k = ranks, 2 * ranks
+    states = []
+    for k in range(big_k):
+        if k < big_r:
+            found = [(big_r - k - 1, k + 1, 0)] + [(big_r - j, j, 1) for j in range(k + 1)]
+        else:
+            low = big_r - 1 - (big_k - 1 - k)
+            found = [(0, big_r, 0)] + [(big_r - j, j, 1) for j in range(low, big_r)]
+        states.append(tuple(sorted(found)))
+    return Holding(True, (big_r,) * big_k, tuple(min(k + 1, big_r) for k in range(big_k)),
+                   v_placement(big_r), tuple(states))
 
 
 @lru_cache(maxsize=4096)  # a search asks for many M that count as the same few

@@ -119,3 +119,12 @@ def test_periodic_schedules_are_counted_on_a_shorter_one(name: str, big_k: int, 
     assert got.in_flight == peak_in_flight(sched) == tuple(in_flight(name, k, big_k, m, v)
                                                            for k in range(big_k))
     assert got.rebuilt == peak_rebuilt(sched)
+
+
+@pytest.mark.parametrize("ranks,m", [(r, m) for r in range(1, 11) for m in range(r, 3 * r + 3)]
+                         + [(16, 16), (16, 37), (32, 32), (32, 64)])
+def test_zbv_closed_forms_equal_the_replay(ranks: int, m: int) -> None:
+    sched = make_schedule("zbv", 2 * ranks, m, 2)
+    got = holding("zbv", 2 * ranks, m, 2)
+    assert got.states == peak_states(sched) and got.rank_of == sched.rank_of
+    assert got.in_flight == peak_in_flight(sched) and got.rebuilt == peak_rebuilt(sched)
