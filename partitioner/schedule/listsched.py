@@ -20,10 +20,11 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from partitioner.schedule.ir import Action, Schedule
 
-__all__ = ["Costs", "list_schedule", "replay", "timed"]
+__all__ = ["Costs", "Replayed", "list_schedule", "replay", "timed"]
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,24 @@ def list_schedule(costs: Costs, placement: Sequence[int], microbatches: int,
     return replay(costs, placement, microbatches, caps, name, priority, deep_inputs_first)[0]
 
 
+class Replayed(NamedTuple):
+    """A replay's schedule, the step it took, and per stage k the caps (low, high) for which
+    the replay is the same: any caps with low[k] <= caps[k] <= high[k] on every stage make
+    this very schedule (a cap only matters where it stopped a forward, or would have)."""
+
+    schedule: Schedule
+    step: float
+    same_caps: tuple[tuple[int, int], ...]
+
+
 def replay(costs: Costs, placement: Sequence[int], microbatches: int, caps: Sequence[int],
            name: str = "listed", priority: str = "IFW",
-           deep_inputs_first: bool = False) -> tuple[Schedule, float]:
+           deep_inputs_first: bool = False) -> Replayed:
     """``list_schedule``'s schedule and the step it took in the replay (a send occupies its
-    sender, as in the simulator; a message between stages of one rank is free)."""
+    sender, as in the simulator; a message between stages of one rank is free), and the caps
+    that make the same replay. Those: the replay depends on ``caps[k]`` only through the test
+    "fewer than caps[k] in flight" each time stage k's next forward is ready; a cap above
+    every count it allowed and at most every count it refused passes the same tests."""
     if sorted(priority) != ["F", "I", "W"]:
         raise ValueError(f"priority {priority!r} must order the kinds I, F and W, e.g. 'IFW'")
     rule = {c: priority.index(c) for c in "IFW"}
@@ -91,6 +105,8 @@ def replay(costs: Costs, placement: Sequence[int], microbatches: int, caps: Sequ
     rule_i, rule_f, rule_w = rule["I"], rule["F"], rule["W"]
     split = costs.split
     Choice = tuple[float, int, int, int, str]  # (start, rule, order, k, kind)
+    allowed = [0] * big_k  # per stage, the most in flight while a ready forward was let start
+    refused = [m + 1] * big_k  # and the fewest in flight while one was kept from starting
 
     def choice(k: int) -> Choice | None:
         """Stage k's first action by (start, rule, order): these three never tie between two
@@ -103,11 +119,17 @@ def replay(costs: Costs, placement: Sequence[int], microbatches: int, caps: Sequ
             if ready is not None:
                 out = (at if at > ready else ready, rule_i, -k if deep_inputs_first else k,
                        k, "I")
-        if n_f < m and n_f - n_w < caps[k]:
+        if n_f < m:
             ready = arrived_f[k - 1][n_f] if k > 0 else 0.0
             if ready is not None:
-                cand = (at if at > ready else ready, rule_f, -k, k, "F")
-                out = cand if out is None or cand < out else out
+                held = n_f - n_w
+                if held < caps[k]:
+                    if held > allowed[k]:
+                        allowed[k] = held
+                    cand = (at if at > ready else ready, rule_f, -k, k, "F")
+                    out = cand if out is None or cand < out else out
+                elif held < refused[k]:
+                    refused[k] = held
         if split and n_w < n_i:
             cand = (at, rule_w, k, k, "W")
             out = cand if out is None or cand < out else out
@@ -154,7 +176,8 @@ def replay(costs: Costs, placement: Sequence[int], microbatches: int, caps: Sequ
                     heapq.heappush(heap, (*c, version[j]))
     identity = tuple(placement) == tuple(range(big_k))
     sched = Schedule(name, big_k, m, tuple(map(tuple, rows)), () if identity else tuple(placement))
-    return sched, max(free)
+    same = tuple((allowed[k] + 1, refused[k]) for k in range(big_k))
+    return Replayed(sched, max(free), same)
 
 
 def timed(costs: Costs, sched: Schedule) -> float:

@@ -35,6 +35,9 @@ __all__ = ["Synthesis", "synthesise"]
 
 #: The kinds' orders the search tries (``listsched``): input gradients first, or forwards first.
 PRIORITIES = ("IFW", "FIW")
+#: How many of the latest replays a trial's caps are checked against before replaying them
+#: (the climb's neighbours are of a caps vector replayed at most 2K trials before).
+_RECENT = 48
 
 
 @dataclass(frozen=True)
@@ -74,11 +77,22 @@ def synthesise(costs: Costs, placement: Sequence[int], microbatches: int, *,
             best = (step, sched)
         return step
 
+    # the caps each recent replay stands for (``Replayed.same_caps``), with its score
+    recent: dict[str, list[tuple[tuple[tuple[int, int], ...], float | None]]] = {
+        p: [] for p in PRIORITIES}
+
     def trial(priority: str, caps: tuple[int, ...]) -> float | None:
+        nonlocal tried
         key = (priority, caps)
         if key not in seen:
-            sched, own_ms = replay(costs, placement, m, caps, "synth", priority)
+            for same, got in reversed(recent.setdefault(priority, [])[-_RECENT:]):
+                if all(lo <= c <= hi for c, (lo, hi) in zip(caps, same, strict=True)):
+                    tried += 1  # the schedule of a replay done: counted, not replayed again
+                    seen[key] = got
+                    return got
+            sched, own_ms, same = replay(costs, placement, m, caps, "synth", priority)
             seen[key] = score(sched, own_ms)
+            recent[priority].append((same, seen[key]))
         return seen[key]
 
     base_name, base_ms = None, float("inf")

@@ -29,7 +29,7 @@ def test_replay_equals_the_plain_replay(seed: int, ranks: int, m: int, split: bo
                  "interleaved": tuple(k % ranks for k in range(2 * ranks))}[shape]
     costs = _costs(rng, len(placement), split, unit)
     caps = tuple(rng.randint(1, m + 1) for _ in placement)
-    sched, step = replay(costs, placement, m, caps, priority=priority, deep_inputs_first=deep)
+    sched, step, _ = replay(costs, placement, m, caps, priority=priority, deep_inputs_first=deep)
     rows, want = reference_rows(costs, placement, m, caps, priority, deep)
     assert [list(r) for r in sched.actions] == rows
     assert step == want
@@ -40,7 +40,32 @@ def test_replay_is_the_same_on_a_large_v() -> None:
     rng = random.Random(7)
     placement = v_placement(8)
     for costs in (Costs.uniform(16), _costs(rng, 16, True, False)):
-        sched, step = replay(costs, placement, 32, (8,) * 16, priority="FIW")
+        sched, step, _ = replay(costs, placement, 32, (8,) * 16, priority="FIW")
         rows, want = reference_rows(costs, placement, 32, (8,) * 16, "FIW")
         assert [list(r) for r in sched.actions] == rows
         assert step == pytest.approx(want, rel=0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**32), st.integers(1, 4), st.integers(1, 7),
+       st.sampled_from(["chain", "v", "interleaved"]), st.sampled_from(["IFW", "FIW"]))
+def test_caps_in_the_reported_range_make_the_same_replay(seed: int, ranks: int, m: int,
+                                                         shape: str, priority: str) -> None:
+    rng = random.Random(seed)
+    placement = {"chain": tuple(range(ranks)), "v": v_placement(ranks),
+                 "interleaved": tuple(k % ranks for k in range(2 * ranks))}[shape]
+    costs = _costs(rng, len(placement), True, rng.random() < 0.3)
+    caps = tuple(rng.randint(1, m + 1) for _ in placement)
+    got = replay(costs, placement, m, caps, priority=priority)
+    assert all(lo <= c <= hi for c, (lo, hi) in zip(caps, got.same_caps, strict=True))
+    for _ in range(4):
+        other = tuple(rng.randint(lo, hi) for lo, hi in got.same_caps)
+        again = replay(costs, placement, m, other, priority=priority)
+        assert again.schedule.actions == got.schedule.actions and again.step == got.step
+    # a cap outside its range changes what some test said: not always the schedule, but the
+    # range then moves with it
+    k = rng.randrange(len(caps))
+    hi = got.same_caps[k][1]
+    if hi <= m:
+        bigger = replay(costs, placement, m, (*caps[:k], hi + 1, *caps[k + 1:]), priority=priority)
+        assert bigger.same_caps[k][0] > hi
