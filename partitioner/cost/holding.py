@@ -141,7 +141,7 @@ def holding(name: str, stages: int, microbatches: int, stages_per_rank: int = 1)
     """The counts of schedule ``name`` for K stages, M micro-batches, V stages per rank: the
     closed forms of GPipe, 1F1B, ZB-H1 (in flight min(K, M) on every stage, rebuilt
     max(1, min(K, M) - (K-1-k))) and ZB-V with M >= R (``_zbv_holding``), the replay of the
-    generated schedule for the others (as ``generators.in_flight`` replays it), of at most 3R
+    generated schedule for the others (as ``generators.in_flight`` replays it), of at most 2R
     micro-batches (``generators.counting_microbatches``)."""
     big_k, m, v = stages, microbatches, stages_per_rank
     if name in ("gpipe", "1f1b"):  # the peak: the first B, every F so far still held
