@@ -20,7 +20,9 @@ neighbouring actions of one rank (a weight gradient earlier, a forward later, ..
 the swap keeps the schedule valid, shortens the step and fits, until no swap helps or
 ``max_tries`` evaluations are spent. The fixed schedules the caller passes (``baselines``)
 are evaluated under the same rules; the result is the best of everything seen, so it is
-never worse than the best of them.
+never worse than the best of them. A trial whose caps a recent replay says would replay the
+same way (``listsched.Replayed.same_caps``) takes that replay's verdict without replaying
+or evaluating it again (it still counts against ``max_tries``, so the search is the same).
 """
 
 from __future__ import annotations
