@@ -92,7 +92,7 @@ def test_soak_short_keeps_each_ranks_memory() -> None:
     last = result.stdout.strip().splitlines()[-1]
     figures = dict(item.split("=") for item in last.split())
     assert float(figures["rss_growth"]) <= 0.05, result.stdout
-    assert float(figures["step_drift"]) >= 0.0
+    assert float(figures["step_drift"]) >= 0.0 and float(figures["cpu_drift"]) >= 0.0
     assert result.stdout.count("median step ms per 20 steps") == 2
 
 
