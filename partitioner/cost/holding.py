@@ -155,7 +155,7 @@ def holding(name: str, stages: int, microbatches: int, stages_per_rank: int = 1)
         return Holding(True, (most,) * big_k, rebuilt, tuple(range(big_k)), states)
     if name == "zbv" and m >= big_k // 2:  # closed forms, tested against the replay
         return _zbv_holding(big_k // 2)
-    return _replayed(name, big_k, counting_microbatches(name, big_k, m, v), v)
+    return _replayed_holding(name, big_k, counting_microbatches(name, big_k, m, v), v)
 
 
 def _zbv_holding(ranks: int) -> Holding:
@@ -177,7 +177,7 @@ def _zbv_holding(ranks: int) -> Holding:
 
 
 @lru_cache(maxsize=4096)  # a search asks for many M that count as the same few
-def _replayed(name: str, stages: int, microbatches: int, stages_per_rank: int) -> Holding:
+def _replayed_holding(name: str, stages: int, microbatches: int, stages_per_rank: int) -> Holding:
     sched = make_schedule(name, stages, microbatches, stages_per_rank)  # once for all counts
     return Holding(bool(sched.split), peak_in_flight(sched), peak_rebuilt(sched), sched.rank_of,
                    peak_states(sched))

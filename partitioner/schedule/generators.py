@@ -272,9 +272,9 @@ def counting_microbatches(schedule: str, stages: int, microbatches: int,
         >>> counting_microbatches("interleaved", 8, 512, 2), counting_microbatches("1f1b", 8, 512)
         (8, 512)
     """
-    ranks = stages // (2 if schedule == "zbv" else stages_per_rank)
     if schedule not in ("interleaved", "zbv"):
         return microbatches
+    ranks = stages // (2 if schedule == "zbv" else stages_per_rank)
     return min(microbatches, 2 * ranks)
 
 

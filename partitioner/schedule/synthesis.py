@@ -80,21 +80,20 @@ def synthesise(costs: Costs, placement: Sequence[int], microbatches: int, *,
         return step
 
     # the caps each recent replay stands for (``Replayed.same_caps``), with its score
-    recent: dict[str, list[tuple[tuple[tuple[int, int], ...], float | None]]] = {
-        p: [] for p in PRIORITIES}
+    recent: dict[str, list[tuple[tuple[tuple[int, int], ...], float | None]]] = {}
 
     def trial(priority: str, caps: tuple[int, ...]) -> float | None:
         nonlocal tried
         key = (priority, caps)
         if key not in seen:
-            for same, got in reversed(recent.setdefault(priority, [])[-_RECENT:]):
+            for same, got in reversed(recent.get(priority, [])[-_RECENT:]):
                 if all(lo <= c <= hi for c, (lo, hi) in zip(caps, same, strict=True)):
                     tried += 1  # the schedule of a replay done: counted, not replayed again
                     seen[key] = got
                     return got
             sched, own_ms, same = replay(costs, placement, m, caps, "synth", priority)
             seen[key] = score(sched, own_ms)
-            recent[priority].append((same, seen[key]))
+            recent.setdefault(priority, []).append((same, seen[key]))
         return seen[key]
 
     base_name, base_ms = None, float("inf")
