@@ -129,19 +129,42 @@ class Solution:
 
 def stage_costs(cm: CostModel, cuts: Sequence[int]) -> Solution:
     """The chain split with cut points ``cuts`` (0, end_0, ..., L), costed by the cost model's
-    chain rules (prefix sums; exact for a profile without edges)."""
-    compute, comm, mem, sent = [], [], [], []
-    vals = cm.values
-    out_bytes = np.bincount(vals.producer, cm.value_bytes(), minlength=cm.profile.num_layers)
-    last = len(cuts) - 2
-    for k in range(last + 1):
-        start, end = cuts[k], cuts[k + 1]
-        compute.append(cm.stage_compute_ms(start, end, k))
-        comm.append(cm.stage_comm_ms(start, end))
-        mem.append(cm.stage_memory_bytes(start, end, k))
-        sent.append(float(out_bytes[end - 1]) if k < last else 0.0)
-    nodes = tuple(tuple(range(cuts[k], cuts[k + 1])) for k in range(last + 1))
-    return Solution(nodes, tuple(compute), tuple(comm), tuple(mem), tuple(sent))
+    chain rules (``stage_compute_ms``, ``stage_comm_ms``, ``stage_memory_bytes``; exact for a
+    profile without edges) for every stage at once: each per-layer sum is a difference of
+    prefix sums, so a split costs O(L + K) array work however many stages it has (a search
+    costs thousands of splits)."""
+    at = np.asarray(cuts, dtype=np.int64)
+    start, end = at[:-1], at[1:]
+    big_k, n = len(start), cm.profile.num_layers
+    rc = np.array([cm.recomputes(k) for k in range(big_k)], dtype=bool)
+
+    def span(layer_values: FloatArray) -> FloatArray:
+        prefix = np.concatenate(([0.0], np.cumsum(layer_values)))
+        out: FloatArray = prefix[end] - prefix[start]
+        return out
+
+    again = np.where(rc, span(cm.layer_array("recompute_ms")), 0.0)
+    compute = (span(cm.layer_array("fwd_ms")) + span(cm.backward_ms()) + again
+               + cm.compute_actions * cm.runtime.action_ms)
+    comm = cm.cut_grad_ms()[start] + cm.cut_send_ms()[end]
+    state = span(cm.param_state_bytes())
+    if cm.profile.tied:
+        state += [cm.range_tied_bytes(int(a), int(b)) for a, b in zip(start, end, strict=True)]
+    terms = cm.activations()
+    shares = []  # per form (held, held_for_w, rebuilt): each stage's bytes, recomputing or not
+    for with_rc, without in zip(terms.forms(True), terms.forms(False), strict=True):
+        shares.append(np.where(rc, with_rc[0][end] - with_rc[1][start],
+                               without[0][end] - without[1][start]))
+    held, held_w, rebuilt = shares  # (forms(False)'s rebuilt is 0: nothing is rebuilt)
+    inputs, targets = cm.step_bytes()
+    mem = state + np.where(start == 0, inputs, 0.0) + np.where(end == n, targets, 0.0)
+    mem += [cm.holding.activation_bytes(k, float(held[k]), float(held_w[k]), float(rebuilt[k]))
+            for k in range(big_k)]
+    out_bytes = np.bincount(cm.values.producer, cm.value_bytes(), minlength=n)
+    sent = [float(out_bytes[e - 1]) for e in end[:-1]] + [0.0]
+    nodes = tuple(tuple(range(int(a), int(b))) for a, b in zip(start, end, strict=True))
+    return Solution(nodes, tuple(map(float, compute)), tuple(map(float, comm)),
+                    tuple(map(float, mem)), tuple(sent))
 
 
 def recost(cm: CostModel, sol: Solution) -> Solution:

@@ -101,7 +101,6 @@ def replay(costs: Costs, placement: Sequence[int], microbatches: int, caps: Sequ
     arrived_f, arrived_i = arrived["F"], arrived["I"]
     rows: list[list[Action]] = [[] for _ in range(ranks)]
     last = big_k - 1
-    send = {"F": (costs.send_f_ms, 1), "I": (costs.send_b_ms, -1)}
     rule_i, rule_f, rule_w = rule["I"], rule["F"], rule["W"]
     split = costs.split
     Choice = tuple[float, int, int, int, str]  # (start, rule, order, k, kind)
@@ -145,35 +144,42 @@ def replay(costs: Costs, placement: Sequence[int], microbatches: int, caps: Sequ
         if c is not None:
             heap.append((*c, 0))
     heapq.heapify(heap)
+    pop, push = heapq.heappop, heapq.heappush
+    # per kind and stage: the stages its action refreshes (those of its rank, whose free time
+    # it moves, and the neighbour its message reaches: k+1 after an F, k-1 after an I), what
+    # it takes, and the message time it adds (0 where the neighbour is on the same rank or
+    # there is none)
+    touched = {kind: [tuple(sorted({*on_rank[placement[k]], *(
+        [k + step] if 0 <= k + step < big_k else [])})) for k in range(big_k)]
+        for kind, step in (("F", 1), ("I", -1), ("W", 0))}
+    took = {"F": costs.fwd_ms, "I": costs.input_ms, "W": costs.weight_ms}
+    sends = {"F": [costs.send_f_ms[k] if k < last and placement[k + 1] != placement[k] else 0.0
+                   for k in range(big_k)],
+             "I": [costs.send_b_ms[k] if k > 0 and placement[k - 1] != placement[k] else 0.0
+                   for k in range(big_k)]}
+    written = {"F": "F", "I": "I" if split else "B", "W": "W"}
     for _ in range(big_k * m * (3 if split else 2)):
         while heap and heap[0][5] != version[heap[0][3]]:
-            heapq.heappop(heap)
+            pop(heap)
         assert heap, "the list scheduler found nothing to run"  # see docstring
-        start, _, _, k, kind, _ = heapq.heappop(heap)
-        r, i = placement[k], done[kind][k]
-        if kind == "F":
-            end = start + costs.fwd_ms[k]
-        elif kind == "I":
-            end = start + costs.input_ms[k] + (0.0 if split else costs.weight_ms[k])
-        else:
-            end = start + costs.weight_ms[k]
-        if kind in send:
-            times, step = send[kind]
-            if 0 <= k + step < big_k and placement[k + step] != r:
-                end += times[k]
-            arrived[kind][k][i] = end
-        done[kind][k] += 1
-        if kind == "I" and not split:
+        start, _, _, k, kind, _ = pop(heap)
+        r, counts = placement[k], done[kind]
+        i = counts[k]
+        end = start + took[kind][k]
+        if kind == "I" and not split:  # a full B: the weight gradient with it
+            end += costs.weight_ms[k]
             done_w[k] += 1
-        written = kind if split or kind != "I" else "B"
-        rows[r].append(Action(written, k, i))  # type: ignore[arg-type]
+        if kind != "W":
+            end += sends[kind][k]
+            arrived[kind][k][i] = end
+        counts[k] = i + 1
+        rows[r].append(Action(written[kind], k, i))  # type: ignore[arg-type]
         free[r] = end
-        for j in {*on_rank[r], k - 1, k + 1}:
-            if 0 <= j < big_k:
-                version[j] += 1
-                c = choice(j)
-                if c is not None:
-                    heapq.heappush(heap, (*c, version[j]))
+        for j in touched[kind][k]:
+            version[j] += 1
+            c = choice(j)
+            if c is not None:
+                push(heap, (*c, version[j]))
     identity = tuple(placement) == tuple(range(big_k))
     sched = Schedule(name, big_k, m, tuple(map(tuple, rows)), () if identity else tuple(placement))
     same = tuple((allowed[k] + 1, refused[k]) for k in range(big_k))

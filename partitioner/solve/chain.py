@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
@@ -55,61 +56,79 @@ class _StageArrays:
     head: FloatArray  # H[j]: objective value contributed by the end cut
     tail: FloatArray  # G[i]: objective value subtracted at the start cut
     last_end: IntArray  # J[i]: the furthest end j whose memory fits with start i (< i+1: none)
-    # Start i may end its stage anywhere in [i+1, J[i]]: that interval as two blocks of
-    # 2**level points, one from i+1 and one ending at J[i], each written to the flat index
-    # level * n + first point; the writes sorted by (target, G) for _cover_max.
-    write_target: IntArray
-    write_start: IntArray  # the start i of each write
 
-    @staticmethod
-    def build(head: FloatArray, tail: FloatArray, last_end: IntArray) -> _StageArrays:
-        n = len(head)
+    @cached_property
+    def writes(self) -> tuple[IntArray, IntArray]:
+        """Start i may end its stage anywhere in [i+1, J[i]]: that interval as two blocks of
+        2**level points, one from i+1 and one ending at J[i], each written to the flat index
+        level * n + first point; the writes' targets and starts i, sorted by (target, G) for
+        ``_cover_max`` (made on first use: the dense solve does without them)."""
+        n, last_end = len(self.head), self.last_end
         starts = np.flatnonzero(last_end > np.arange(n))
         level = np.floor(np.log2(last_end[starts] - starts)).astype(np.int64)
         targets = np.concatenate([level * n + starts + 1,
                                   level * n + last_end[starts] - (1 << level) + 1])
         owners = np.concatenate([starts, starts])
-        order = np.lexsort((tail[owners], targets))
-        return _StageArrays(head, tail, last_end, targets[order], owners[order])
+        order = np.lexsort((self.tail[owners], targets))
+        return targets[order], owners[order]
 
 
 def _prefix(x: FloatArray) -> FloatArray:
     return np.concatenate(([0.0], np.cumsum(x)))
 
 
-def _memory_forms(cm: CostModel, stage: int,
-                  states: tuple[tuple[int, int, int], ...]) -> list[tuple[FloatArray, FloatArray]]:
-    """(R, E) for stage k in each of the schedule's ``states`` (``cost.holding``): a stage
-    [i, j) holds R[j] - E[i] in that state (``ActivationTerms.forms``), its memory the
-    largest over them."""
-    state = _prefix(cm.param_state_bytes())
-    held, w, rebuilt = cm.activations().forms(cm.recomputes(stage))
-    inputs, targets = cm.step_bytes()  # the first stage holds these all step, the last those
-    out: list[tuple[FloatArray, FloatArray]] = []
-    for a, b, t in states:
-        mem_end = state + a * held[0] + b * w[0] + t * rebuilt[0]
-        mem_start = state[:-1] + a * held[1] + b * w[1] + t * rebuilt[1]
-        mem_start[0] -= inputs
-        mem_end[-1] += targets
-        ends: FloatArray = np.append(mem_start, math.inf)  # no stage starts at L
-        out.append((mem_end, ends))
-    return out
+class _Forms:
+    """What every stage variant of one search shares, made once per recompute flag: the
+    state's prefix sums, the activations' forms (``ActivationTerms.forms``), the objective's
+    (H, G) arrays."""
 
+    def __init__(self, cm: CostModel, memory_objective: bool) -> None:
+        self.cm, self.memory_objective = cm, memory_objective
+        self.state = _prefix(cm.param_state_bytes())
+        self.inputs, self.targets = cm.step_bytes()  # the first stage holds these, the last those
+        self._made: dict[bool, tuple[tuple[tuple[FloatArray, FloatArray], ...],
+                                     tuple[FloatArray, FloatArray]]] = {}
 
-def _variant_arrays(cm: CostModel, stage: int, memory_objective: bool,
-                    states: tuple[tuple[int, int, int], ...]
-                    ) -> tuple[FloatArray, FloatArray, list[tuple[FloatArray, FloatArray]]]:
-    """(H, G) and, per state, (R, E) for stage k holding micro-batches as ``states`` say
-    (none: no memory rule to state); with ``memory_objective`` the objective is the memory of
-    the state that holds the most on the whole chain (the others only bound it: a good split,
-    not always the best)."""
-    forms = _memory_forms(cm, stage, states)
-    if memory_objective:
-        top = max(forms, key=lambda f: f[0][-1] - f[1][0])
-        return top[0], top[1], forms
-    fwd, bwd = cm.layer_array("fwd_ms"), cm.backward_ms()
-    work = _prefix(fwd + bwd + (cm.layer_array("recompute_ms") if cm.recomputes(stage) else 0.0))
-    return work + cm.cut_send_ms(), work - cm.cut_grad_ms(), forms
+    def of(self, recompute: bool) -> tuple[tuple[tuple[FloatArray, FloatArray], ...],
+                                           tuple[FloatArray, FloatArray]]:
+        """(the forms of held, held_for_w, rebuilt; (H, G) of the time objective)."""
+        made = self._made.get(recompute)
+        if made is None:
+            cm = self.cm
+            fwd, bwd = cm.layer_array("fwd_ms"), cm.backward_ms()
+            work = _prefix(fwd + bwd + (cm.layer_array("recompute_ms") if recompute else 0.0))
+            made = self._made[recompute] = (cm.activations().forms(recompute),
+                                            (work + cm.cut_send_ms(), work - cm.cut_grad_ms()))
+        return made
+
+    def memory(self, recompute: bool, states: tuple[tuple[int, int, int], ...]
+               ) -> list[tuple[FloatArray, FloatArray]]:
+        """(R, E) for a stage in each of the schedule's ``states`` (``cost.holding``): a stage
+        [i, j) holds R[j] - E[i] in that state (``ActivationTerms.forms``), its memory the
+        largest over them."""
+        (held, w, rebuilt), _ = self.of(recompute)
+        out: list[tuple[FloatArray, FloatArray]] = []
+        for a, b, t in states:
+            mem_end = self.state + a * held[0] + b * w[0] + t * rebuilt[0]
+            mem_start = self.state[:-1] + a * held[1] + b * w[1] + t * rebuilt[1]
+            mem_start[0] -= self.inputs
+            mem_end[-1] += self.targets
+            ends: FloatArray = np.append(mem_start, math.inf)  # no stage starts at L
+            out.append((mem_end, ends))
+        return out
+
+    def variant(self, recompute: bool, states: tuple[tuple[int, int, int], ...]
+                ) -> tuple[FloatArray, FloatArray, list[tuple[FloatArray, FloatArray]]]:
+        """(H, G) and, per state, (R, E) for a stage holding micro-batches as ``states`` say
+        (none: no memory rule to state); with ``memory_objective`` the objective is the memory
+        of the state that holds the most on the whole chain (the others only bound it: a good
+        split, not always the best)."""
+        forms = self.memory(recompute, states)
+        if self.memory_objective:
+            top = max(forms, key=lambda f: f[0][-1] - f[1][0])
+            return top[0], top[1], forms
+        head, tail = self.of(recompute)[1]
+        return head, tail, forms
 
 
 def _last_ends(cm: CostModel, mem_end: FloatArray, cap: FloatArray) -> IntArray:
@@ -154,8 +173,9 @@ def _cover_max(arr: _StageArrays, allowed: BoolArray) -> FloatArray:
     pre-sorted by (target block, G), so the last write of each block carries its maximum."""
     n = len(arr.head)
     best = np.full(n, -math.inf)
-    keep = allowed[arr.write_start]
-    targets, starts = arr.write_target[keep], arr.write_start[keep]
+    write_target, write_start = arr.writes
+    keep = allowed[write_start]
+    targets, starts = write_target[keep], write_start[keep]
     if len(targets) == 0:
         return best
     first = int(starts.min()) + 1
@@ -186,18 +206,19 @@ class _Search:
         tol = _MEM_RTOL * max(1.0, abs(limit)) if math.isfinite(limit) else 0.0
         cache: dict[tuple[bool, tuple[tuple[int, int, int], ...]], _StageArrays] = {}
         self.arrays: list[_StageArrays] = []
+        shared = _Forms(cm, memory_objective)
         free = math.isinf(limit) and not memory_objective  # no memory rule to state
         for k in range(self.stages):
             # (without a limit the memory arrays go unused: no schedule is generated to count
             # what the stage holds)
             key = (cm.recomputes(k), () if free else cm.holding.states[k])
             if key not in cache:
-                head, tail, forms = _variant_arrays(cm, k, memory_objective, key[1])
+                head, tail, forms = shared.variant(*key)
                 last_end = np.full(self.num_layers + 1, self.num_layers, dtype=np.int64)
                 for mem_end, mem_start in forms:
                     last_end = np.minimum(last_end, _last_ends(cm, mem_end,
                                                                mem_start + limit + tol))
-                cache[key] = _StageArrays.build(head, tail, last_end)
+                cache[key] = _StageArrays(head, tail, last_end)
             self.arrays.append(cache[key])
 
     def reach(self, bound: float) -> list[BoolArray] | None:
