@@ -158,7 +158,8 @@ def stage_costs(cm: CostModel, cuts: Sequence[int]) -> Solution:
     held, held_w, rebuilt = shares  # (forms(False)'s rebuilt is 0: nothing is rebuilt)
     inputs, targets = cm.step_bytes()
     mem = state + np.where(start == 0, inputs, 0.0) + np.where(end == n, targets, 0.0)
-    mem += [cm.holding.activation_bytes(k, float(held[k]), float(held_w[k]), float(rebuilt[k]))
+    hold = cm.holding
+    mem += [hold.activation_bytes(k, float(held[k]), float(held_w[k]), float(rebuilt[k]))
             for k in range(big_k)]
     out_bytes = np.bincount(cm.values.producer, cm.value_bytes(), minlength=n)
     sent = [float(out_bytes[e - 1]) for e in end[:-1]] + [0.0]
