@@ -109,6 +109,30 @@ def test_a_meta_model_loads_only_its_stage() -> None:
             materialise([g.module_of(2)], model, None, torch.device("cpu"))
 
 
+def test_exported_layers_reach_their_parameters_by_shortcut_and_see_swapped_ones() -> None:
+    real = Net()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "w.pt")
+        save_weights(real, path)
+        with torch.device("meta"):
+            model = Net()
+        g = trace_model(model, torch.ones(2, 4, device="meta"), tracer="export", check=False)
+        layer = g.module_of(1)
+        assert {n for n, _ in layer.named_parameters()} == {"blocks.0.fc.weight",
+                                                             "blocks.0.fc.bias"}
+        paths = [str(n.target) for n in layer.graph.nodes if n.op == "get_attr"]
+        assert paths and all("." in p for p in paths)
+        for p in paths:  # every step of the path is a plain attribute: no Module.__getattr__
+            holder: nn.Module = layer
+            for step in p.split(".")[:-1]:
+                assert vars(holder)[step] is holder._modules[step]
+                holder = holder._modules[step]
+        materialise([layer], model, path, torch.device("cpu"))  # swaps the parameters
+        x = torch.randn(2, 4)
+        (got,) = layer(x)
+        assert torch.equal(got, real.blocks[0](x))
+
+
 def test_a_graph_that_computes_otherwise_is_refused() -> None:
     class Sneaky(nn.Module):
         def __init__(self) -> None:
