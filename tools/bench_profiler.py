@@ -28,7 +28,10 @@ order, the boundary nodes included) over the same reference, and ``faults`` is n
 ``layered`` is the traced layers' own forward+backward, run one after the other with nothing
 timed inside (what a one-stage pipeline runs: ``LayerGraph.run_layers``), over the same
 reference, timed right after it: where it is below 1, the pipeline runs the model faster than
-the model runs itself (the graph skips the Python of the modules' calls).
+the model runs itself (the graph skips the Python of the modules' calls). ``--paired N``
+measures the graph models pass by pass instead: N rounds of an eager pass, a layered pass and
+one timed pass of the graph profiler back to back, medians of each (ratios that see the same
+moments of a shared machine, whose load swings whole profiles by +-50%).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from torch.utils import _pytree as pytree
 
 from executor.graphs.layers import LayerGraph, as_call, trace_model
 from executor.profiling.graph import profile_graph
+from executor.profiling.graphtime import time_graph_layers
 from executor.profiling.measure import Clock, quiet_gc
 from executor.profiling.profiler import TIMINGS, profile_model, time_whole_model
 from executor.profiling.samples import resize_sample
@@ -197,6 +201,46 @@ def bench_graph(name: str, sizes: list[int], args: argparse.Namespace) -> list[l
     return rows
 
 
+def bench_graph_paired(name: str, sizes: list[int], args: argparse.Namespace
+                       ) -> list[list[object]]:
+    """Per size, ``args.paired`` rounds of three passes back to back: the eager model, the
+    traced layers run one after the other (``layered``), and one of the graph profiler's
+    timed passes (``time_graph_layers``, one pass: its layers' times summed); medians of each,
+    so that the ratios see the same moments of a noisy machine."""
+    work = build_graph_model(name, batch=max(sizes))
+    work.model.train()
+    clock = Clock(torch.device("cpu"), args.clock)
+    graph = trace_model(work.model, work.sample)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    rows: list[list[object]] = []
+    start = time.perf_counter()
+    try:
+        for b in sizes:
+            sample = resize_sample(work.sample, b)
+            env = graph.inputs_of(*as_call(sample))
+            got: dict[str, list[float]] = {"eager": [], "layered": [], "sum": []}
+            for r in range(args.warmup + args.paired):
+                eager = eager_ms(work.model, sample, clock, 0, 1)
+                layered = layered_ms(graph, sample, clock, 0, 1)
+                t = time_graph_layers(graph, env, clock, warmup=0, repeat=1)
+                if r >= args.warmup:
+                    got["eager"].append(eager)
+                    got["layered"].append(layered)
+                    got["sum"].append(sum(t.fwd_ms) + sum(t.bwd_ms))
+            med = {k: statistics.median(v) for k, v in got.items()}
+            ratio = med["sum"] / med["eager"]
+            rows.append([name, b, graph.num_layers, f"{med['eager']:.3f}", f"{ratio:.3f}",
+                         f"{med['layered'] / med['eager']:.3f}",
+                         f"{med['sum'] / med['layered']:.3f}",
+                         "ok" if 0.9 <= ratio <= 1.1 else "OFF"])
+    finally:
+        torch.set_num_threads(threads)
+    print(f"  {name}: {args.paired} paired rounds per size in "
+          f"{time.perf_counter() - start:.1f} s; traced with {graph.capture.tracer}", flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=DEFAULT_MODELS, help=f"default: {DEFAULT_MODELS}")
@@ -215,14 +259,26 @@ def main() -> None:
                    help="how the profiler times layers (default: auto, its default)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=9)
+    p.add_argument("--paired", type=int, default=0,
+                   help="for the graph models: this many rounds of eager, layered and profiled "
+                        "passes back to back instead of whole profiles (default: 0, off)")
     args = p.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"== sum of per-layer fwd+bwd / whole-model fwd+bwd (CPU, {args.threads} thread(s), "
           f"{args.clock} clock) ==")
     rows: list[list[object]] = []
+    paired: list[list[object]] = []
     for name in args.models.split(","):
+        if args.paired and name in GRAPH_MODELS:
+            paired += bench_graph_paired(name, sizes, args)
+            continue
         bench = bench_graph if name in GRAPH_MODELS else bench_model
         rows += bench(name, sizes, args)
+    if paired:
+        print(format_table(["model", "b", "layers", "eager_ms", "sum/eager", "layered/eager",
+                            "sum/layered", "0.9..1.1"], paired))
+    if not rows:
+        return
     print(format_table(["model", "b", "layers", "whole_ms", "corrected", "range", "raw",
                         "faults", "layered", "0.9..1.1"], rows))
 
