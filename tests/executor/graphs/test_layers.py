@@ -94,13 +94,19 @@ def test_routes_go_straight_from_producer_to_consumer() -> None:
     assert set(packets) == {1, 3} and packets[3].needs_grad == (False, True)
 
 
-def test_a_meta_model_loads_only_its_stage() -> None:
+def _meta_net(tmp: str) -> tuple[Net, Net, str]:
+    """A Net with real weights, the same Net built on meta, and the file of the real weights."""
     real = Net()
+    path = os.path.join(tmp, "w.pt")
+    save_weights(real, path)
+    with torch.device("meta"):
+        model = Net()
+    return real, model, path
+
+
+def test_a_meta_model_loads_only_its_stage() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "w.pt")
-        save_weights(real, path)
-        with torch.device("meta"):
-            model = Net()
+        real, model, path = _meta_net(tmp)
         g = trace_model(model, torch.ones(2, 4, device="meta"), check=False)
         materialise([g.module_of(1)], model, path, torch.device("cpu"))
         assert not model.blocks[0].fc.weight.is_meta and model.blocks[1].fc.weight.is_meta
@@ -110,12 +116,8 @@ def test_a_meta_model_loads_only_its_stage() -> None:
 
 
 def test_exported_layers_reach_their_parameters_by_shortcut_and_see_swapped_ones() -> None:
-    real = Net()
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "w.pt")
-        save_weights(real, path)
-        with torch.device("meta"):
-            model = Net()
+        real, model, path = _meta_net(tmp)
         g = trace_model(model, torch.ones(2, 4, device="meta"), tracer="export", check=False)
         layer = g.module_of(1)
         assert {n for n, _ in layer.named_parameters()} == {"blocks.0.fc.weight",
