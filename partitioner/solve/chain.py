@@ -30,12 +30,15 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
 
+from partitioner.cost.activations import ActivationTerms
 from partitioner.cost.model import CostModel, FloatArray
 from partitioner.cost.partition import Solution, stage_costs
 from partitioner.solve.infeasible import InfeasibleError, explain_infeasible, too_many_stages
@@ -101,34 +104,75 @@ class _Forms:
                                             (work + cm.cut_send_ms(), work - cm.cut_grad_ms()))
         return made
 
-    def memory(self, recompute: bool, states: tuple[tuple[int, int, int], ...]
-               ) -> list[tuple[FloatArray, FloatArray]]:
-        """(R, E) for a stage in each of the schedule's ``states`` (``cost.holding``): a stage
-        [i, j) holds R[j] - E[i] in that state (``ActivationTerms.forms``), its memory the
-        largest over them."""
+    def memory(self, recompute: bool, states: Sequence[tuple[int, int, int]]
+               ) -> tuple[FloatArray, FloatArray]:
+        """(R, E), one row per state of ``states`` (``cost.holding``): a stage [i, j) holds
+        R[j] - E[i] in that state (``ActivationTerms.forms``), its memory the largest over
+        them; E[L] is inf (no stage starts at L)."""
         (held, w, rebuilt), _ = self.of(recompute)
-        out: list[tuple[FloatArray, FloatArray]] = []
-        for a, b, t in states:
-            mem_end = self.state + a * held[0] + b * w[0] + t * rebuilt[0]
-            mem_start = self.state[:-1] + a * held[1] + b * w[1] + t * rebuilt[1]
-            mem_start[0] -= self.inputs
-            mem_end[-1] += self.targets
-            ends: FloatArray = np.append(mem_start, math.inf)  # no stage starts at L
-            out.append((mem_end, ends))
-        return out
+        a, b, t = (np.array(col, dtype=np.float64)[:, None] for col in zip(*states, strict=True))
+        mem_end = self.state + a * held[0] + b * w[0] + t * rebuilt[0]
+        mem_start = self.state[:-1] + a * held[1] + b * w[1] + t * rebuilt[1]
+        mem_start[:, 0] -= self.inputs
+        mem_end[:, -1] += self.targets
+        ends: FloatArray = np.hstack([mem_start, np.full((len(states), 1), math.inf)])
+        return mem_end, ends
 
-    def variant(self, recompute: bool, states: tuple[tuple[int, int, int], ...]
-                ) -> tuple[FloatArray, FloatArray, list[tuple[FloatArray, FloatArray]]]:
-        """(H, G) and, per state, (R, E) for a stage holding micro-batches as ``states`` say
-        (none: no memory rule to state); with ``memory_objective`` the objective is the memory
-        of the state that holds the most on the whole chain (the others only bound it: a good
-        split, not always the best)."""
-        forms = self.memory(recompute, states)
+    def objective(self, recompute: bool, states: tuple[tuple[int, int, int], ...]
+                  ) -> tuple[FloatArray, FloatArray]:
+        """(H, G) for a stage holding micro-batches as ``states`` say; with
+        ``memory_objective`` the memory of the state that holds the most on the whole chain
+        (the others only bound it: a good split, not always the best)."""
         if self.memory_objective:
-            top = max(forms, key=lambda f: f[0][-1] - f[1][0])
-            return top[0], top[1], forms
-        head, tail = self.of(recompute)[1]
-        return head, tail, forms
+            mem_end, ends = self.memory(recompute, states)
+            top = int(np.argmax(mem_end[:, -1] - ends[:, 0]))
+            return mem_end[top], ends[top]
+        return self.of(recompute)[1]
+
+
+#: Per ``ActivationTerms`` (one micro-batch size of one profile, which ``CostModel.like``
+#: shares across a search's configurations): the furthest-end arrays of the stage variants
+#: made so far, by all else they depend on. A search asks for the same variant many times
+#: (1F1B's stage k holds K - k micro-batches whatever M >= K - k).
+_MEMOS: dict[int, tuple[weakref.ref[ActivationTerms], dict[tuple[object, ...], IntArray]]] = {}
+
+
+def _memo_of(cm: CostModel) -> dict[tuple[object, ...], IntArray]:
+    terms = cm.activations()
+    got = _MEMOS.get(id(terms))
+    if got is not None and got[0]() is terms:
+        return got[1]
+    memo: dict[tuple[object, ...], IntArray] = {}
+    ident = id(terms)
+    _MEMOS[ident] = (weakref.ref(terms, lambda _: _MEMOS.pop(ident, None)), memo)
+    return memo
+
+
+def _variant_last_ends(cm: CostModel, shared: _Forms,
+                       variants: Sequence[tuple[bool, tuple[tuple[int, int, int], ...]]],
+                       limit: float, tol: float
+                       ) -> dict[tuple[bool, tuple[tuple[int, int, int], ...]], IntArray]:
+    """J for each (recompute, states) variant: the smallest over its states of the furthest
+    end whose memory fits ``limit`` (+ ``tol``); made for all missing variants' states at once
+    (one row per distinct state) and remembered (``_MEMOS``)."""
+    memo = _memo_of(cm)
+    base = (cm.optimizer, cm.replicas if cm.shard_optimizer else 1, *cm.step_bytes(), limit,
+            tol)
+    out = {key: memo[(*base, *key)] for key in variants if (*base, *key) in memo}
+    for rc in (False, True):
+        missing = [key for key in variants if key[0] == rc and key not in out]
+        if not missing:
+            continue
+        states = list(dict.fromkeys(s for _, group in missing for s in group))
+        mem_end, ends = shared.memory(rc, states)
+        caps = ends + limit + tol
+        row = {s: _last_ends(cm, mem_end[j], caps[j]) for j, s in enumerate(states)}
+        for key in missing:
+            last_end = np.full(cm.profile.num_layers + 1, cm.profile.num_layers, dtype=np.int64)
+            for s in key[1]:
+                last_end = np.minimum(last_end, row[s])
+            out[key] = memo[(*base, *key)] = last_end
+    return out
 
 
 def _last_ends(cm: CostModel, mem_end: FloatArray, cap: FloatArray) -> IntArray:
@@ -204,22 +248,25 @@ class _Search:
         work = cm.layer_array("fwd_ms") + cm.backward_ms()
         self.lower_bound = 0.0 if memory_objective else max(work.sum() / cm.stages, work.max())
         tol = _MEM_RTOL * max(1.0, abs(limit)) if math.isfinite(limit) else 0.0
-        cache: dict[tuple[bool, tuple[tuple[int, int, int], ...]], _StageArrays] = {}
-        self.arrays: list[_StageArrays] = []
         shared = _Forms(cm, memory_objective)
         free = math.isinf(limit) and not memory_objective  # no memory rule to state
-        for k in range(self.stages):
-            # (without a limit the memory arrays go unused: no schedule is generated to count
-            # what the stage holds)
-            key = (cm.recomputes(k), () if free else cm.holding.states[k])
-            if key not in cache:
-                head, tail, forms = shared.variant(*key)
-                last_end = np.full(self.num_layers + 1, self.num_layers, dtype=np.int64)
-                for mem_end, mem_start in forms:
-                    last_end = np.minimum(last_end, _last_ends(cm, mem_end,
-                                                               mem_start + limit + tol))
-                cache[key] = _StageArrays(head, tail, last_end)
-            self.arrays.append(cache[key])
+        self.limited = not free
+        # (without a limit the memory arrays go unused: no schedule is generated to count
+        # what the stage holds)
+        keys = [(cm.recomputes(k), () if free else cm.holding.states[k])
+                for k in range(self.stages)]
+        variants = list(dict.fromkeys(keys))
+        if free:
+            everywhere = np.full(self.num_layers + 1, self.num_layers, dtype=np.int64)
+            ends = dict.fromkeys(variants, everywhere)
+        else:
+            ends = _variant_last_ends(cm, shared, variants, limit, tol)
+        made: dict[tuple[bool, tuple[tuple[int, int, int], ...]], _StageArrays] = {}
+        for key in variants:
+            head, tail = shared.objective(*key)
+            made[key] = _StageArrays(head, tail, ends[key])
+        self.arrays = [made[key] for key in keys]
+        self.after = np.arange(1, self.num_layers + 1)  # the cuts 1..L
 
     def reach(self, bound: float) -> list[BoolArray] | None:
         """reach[k][j]: layers [0, j) split into k+1 stages, each within bound and memory."""
@@ -233,6 +280,10 @@ class _Search:
                 ok = bool(np.any(arr.tail[i] >= arr.head[n - 1] - bound))
                 cur = np.zeros(n, dtype=bool)
                 cur[n - 1] = ok
+            elif math.isinf(bound):  # any end that some reachable start's memory allows
+                furthest = np.maximum.accumulate(np.where(prev, arr.last_end, -1))
+                cur = np.zeros(n, dtype=bool)
+                cur[1:] = furthest[:-1] >= self.after
             else:
                 best = _cover_max(arr, prev)
                 cur = (best > -math.inf) & (best >= arr.head - bound)
@@ -264,6 +315,8 @@ class _Search:
     def solve(self) -> list[int] | None:
         """Cut points minimising the bottleneck (to a relative 1e-9), or None if none fits."""
         if (self.num_layers + 1) ** 2 * self.stages <= _DENSE_MAX:
+            if self.limited and self.reach(math.inf) is None:
+                return None  # nothing fits: proven in O(K L), before the O(K L^2) recurrence
             return self.solve_dense()
         reach = self.reach(math.inf)
         if reach is None:

@@ -160,3 +160,32 @@ def test_large_instances_stay_fast() -> None:
     sol = partition_chain(cm, 3e8)
     assert time.perf_counter() - start < 20
     assert len(sol.boundaries) == 65 and max(sol.stage_memory_bytes) <= 3e8
+
+
+def test_configurations_sharing_their_arrays_solve_as_fresh_ones() -> None:
+    """``like`` shares the activation terms, and with them the remembered furthest ends of the
+    stage variants (``chain._MEMOS``): every configuration of a search-like sweep, solved
+    after the others, gets the partition (or the infeasibility) a fresh cost model gets."""
+    prof = load_profile("h200/gpt2-medium")
+    base = CostModel(prof, 32, 1)
+    mem = [max(partition_chain(base.like(stages=k, microbatches=8, schedule="1f1b"))
+               .stage_memory_bytes) for k in (4, 8)]
+    outcomes = set()
+    for k, m, sched, rc, d, shard, limit in itertools.product(
+            (2, 4, 8), (2, 8), ("gpipe", "1f1b", "zb-h1", "interleaved"), ("never", "always"),
+            (1, 2), (False, True), (mem[0], mem[1], 0.8 * mem[1])):
+        if sched == "interleaved" and k % 2:
+            continue
+        args = dict(stages=k, microbatches=m, schedule=sched, recompute=rc, replicas=d,
+                    shard_optimizer=shard, stages_per_rank=2 if sched == "interleaved" else 1)
+        shared, fresh = base.like(**args), CostModel(prof, 32, **args)  # type: ignore[arg-type]
+        got = []
+        for cm in (shared, fresh):
+            try:
+                got.append(partition_chain(cm, limit, explain=False).boundaries)
+            except InfeasibleError:
+                got.append(None)
+        assert got[0] == got[1], args
+        outcomes.add(got[0] is None)
+    assert outcomes == {True, False}  # both feasible and infeasible configurations were met
+    assert any(memo for _, memo in chain._MEMOS.values())
