@@ -100,13 +100,23 @@ def peak_rebuilt(sched: Schedule) -> tuple[int, ...]:
 
 
 def _frontier(found: set[State]) -> tuple[State, ...]:
-    """The states of ``found`` that no other one exceeds (or equals) in every count."""
+    """The states of ``found`` that no other one exceeds (or equals) in every count, in one
+    sweep by decreasing a (t is 0 or 1: a state with t = 1 is exceeded only by one with t = 1
+    and a greater a, one with t = 0 also by one of t = 1 and an equal a)."""
     top: dict[tuple[int, int], int] = {}  # of the states with the same (a, t), the largest b
     for a, b, t in found:
         top[a, t] = max(b, top.get((a, t), b))
-    kept = [(a, b, t) for (a, t), b in top.items()]
-    return tuple(sorted(s for s in kept if not any(
-        o != s and o[0] >= s[0] and o[1] >= s[1] and o[2] >= s[2] for o in kept)))
+    kept = []
+    beyond = [-1, -1]  # per t, the largest b of the states with a greater a
+    for a in sorted({a for a, _ in top}, reverse=True):
+        b0, b1 = top.get((a, 0)), top.get((a, 1))
+        if b1 is not None and beyond[1] < b1:
+            kept.append((a, b1, 1))
+        if b0 is not None and max(beyond[0], beyond[1], -1 if b1 is None else b1) < b0:
+            kept.append((a, b0, 0))
+        beyond = [max(beyond[0], -1 if b0 is None else b0),
+                  max(beyond[1], -1 if b1 is None else b1)]
+    return tuple(sorted(kept))
 
 
 def peak_states(sched: Schedule) -> tuple[tuple[State, ...], ...]:

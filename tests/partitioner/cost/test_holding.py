@@ -129,3 +129,17 @@ def test_zbv_closed_forms_equal_the_replay(ranks: int, m: int) -> None:
     got = holding("zbv", 2 * ranks, m, 2)
     assert got.states == peak_states(sched) and got.rank_of == sched.rank_of
     assert got.in_flight == peak_in_flight(sched) and got.rebuilt == peak_rebuilt(sched)
+
+
+def test_the_states_kept_are_those_no_other_state_reaches_in_every_count() -> None:
+    """``_frontier``'s sweep against the definition, on random sets of (a, b, t) counts."""
+    from partitioner.cost.holding import _frontier
+
+    rng = random.Random(7)
+    for _ in range(3000):
+        hi = rng.randint(0, 6)
+        found = {(rng.randint(0, hi), rng.randint(0, hi), rng.randint(0, 1))
+                 for _ in range(rng.randint(1, 25))}
+        expected = sorted(s for s in found if not any(
+            o != s and all(x >= y for x, y in zip(o, s, strict=True)) for o in found))
+        assert list(_frontier(found)) == expected, found
