@@ -24,6 +24,7 @@ from partitioner.formats.plan import save_plan
 from partitioner.report.plans import search_table
 from partitioner.schedule.generators import MAX_MICROBATCHES
 from partitioner.solve.search import search
+from partitioner.solve.synth import available_jobs
 
 __all__ = ["main"]
 
@@ -46,6 +47,9 @@ def main(argv: Sequence[str]) -> int:
     add_solver_arguments(p, 10.0, "seconds each ILP partition may take (default 10); the "
                          "table says which were proven optimal")
     p.add_argument("--top", type=count("--top"), default=10, help="rows to print")
+    p.add_argument("--jobs", "-j", type=count("--jobs"), default=None, metavar="N",
+                   help="processes that synthesise schedules at once (default: one per core "
+                        "this process may use; 1: none besides this one)")
     p.add_argument("-o", "--output", default=None, metavar="BEST.json",
                    help="write the best plan")
     args = p.parse_args(argv)
@@ -63,7 +67,7 @@ def main(argv: Sequence[str]) -> int:
                     time_limit_s=args.time_limit, runtime=runtime_from_args(args, profile=profile),
                     topology=topology, replicas=args.replicas,
                     shard_optimizer=args.shard_optimizer, allreduce=args.allreduce,
-                    keep=args.top)
+                    keep=args.top, jobs=args.jobs or available_jobs())
     print(f"{profile.model} on {profile.device.name}, B={args.global_batch}, up to "
           f"{devices} devices, D in {','.join(map(str, result.replicas))}, M in "
           f"{','.join(map(str, result.microbatches))}, "

@@ -145,10 +145,13 @@ def simulate(
     record: bool = True,
     *,
     nodes: Sequence[Sequence[int]] | None = None,
+    durations: Durations | None = None,
 ) -> SimResult:
     """Replay ``schedule`` (default: ``cm.schedule`` for K stages, M, V stages per rank) on
     stages holding layers ``ranges[k] = (start, end)``, or the layer-graph nodes ``nodes[k]``
-    (convex sets; give one of the two); ``devices[k]``: stage k's device (default: its rank's).
+    (convex sets; give one of the two); ``devices[k]``: stage k's device (default: its rank's);
+    ``durations``: ``stage_durations`` of these stages on these devices, made once by a
+    caller that simulates many schedules of one partition.
 
         >>> from partitioner import CostModel, load_profile
         >>> cm = CostModel(load_profile("h200/gpt2-medium"), 16, 4, stages=2)
@@ -170,7 +173,7 @@ def simulate(
     programs = rank_programs(schedule)
     devs = list(schedule.rank_of) if devices is None else list(devices)
     check_rank_devices(schedule, devs)
-    dur = stage_durations(cm, stage_of, devs)
+    dur = stage_durations(cm, stage_of, devs) if durations is None else durations
     sim = _Replay(schedule, devs, dur, record)
     sim.run(programs)
     if any(sim.pos[r] < len(programs[r]) for r in range(schedule.ranks)):

@@ -14,6 +14,8 @@ that does not bracket its compute is a step of its own, with compute code 0).
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from partitioner.schedule.ir import Action, Schedule, ScheduleError, validate
 
 __all__ = ["BWD", "CODE", "FWD", "INPUT", "KINDS", "RB", "RF", "SB", "SF", "WEIGHT", "Op",
@@ -30,7 +32,27 @@ _CLOSES = {FWD: SF, BWD: SB, INPUT: SB}  # and its send
 _NEW, _FWD, _DONE, _INPUT = range(4)
 
 
+#: The programs of the latest schedules lowered, by identity (each kept alive by its entry,
+#: so its id is not reused): a search simulates one named schedule on many partitions.
+_RECENT: OrderedDict[int, tuple[Schedule, list[list[Op]]]] = OrderedDict()
+_RECENT_MAX = 16
+
+
 def rank_programs(sched: Schedule) -> list[list[Op]]:
+    """Per rank, the schedule's actions as ``Op`` steps, made once for the latest schedules
+    (``_RECENT``; the event loop only reads them); see ``_lower``."""
+    got = _RECENT.get(id(sched))
+    if got is not None and got[0] is sched:
+        _RECENT.move_to_end(id(sched))
+        return got[1]
+    programs = _lower(sched)
+    _RECENT[id(sched)] = (sched, programs)
+    if len(_RECENT) > _RECENT_MAX:
+        _RECENT.popitem(last=False)
+    return programs
+
+
+def _lower(sched: Schedule) -> list[list[Op]]:
     """Per rank, the schedule's actions as ``Op`` steps. A plain schedule gets the receives
     and sends that ``lower`` would add, and is checked here in one cheap pass (each
     micro-batch's F once, then its B once or its I then its W, on the right stage and rank); a

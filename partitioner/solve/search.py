@@ -171,6 +171,7 @@ def search(
     shard_optimizer: bool = False,
     allreduce: AllReduce = "overlapped",
     keep: int | None = None,
+    jobs: int = 1,
 ) -> SearchResult:
     """Try every R in 1..devices ranks, schedule (with its V, K = R x V), M in
     ``microbatches`` and recompute mode; rank the feasible ones by simulated step time. ``solver`` (dp, ilp or auto) picks the
@@ -189,12 +190,15 @@ def search(
     the order of their partition-free bound (best first), and one whose lower bound
     (``solve.bounds``) proves it slower than those found is counted in ``skipped``, neither
     partitioned nor simulated. Those candidates, and so the best plan, are what the search
-    without ``keep`` finds."""
+    without ``keep`` finds. ``jobs``: how many configurations ``synth`` refines at once, each
+    in a process of its own (the same results, sooner on several cores)."""
     devices = topology.devices if topology is not None and devices < 1 else devices
     ds = sorted(set(replicas)) if replicas else (
         [d for d in range(1, devices + 1) if global_batch % d == 0] if topology else [1])
     problems = _check(profile, devices, global_batch, schedules, recompute, microbatches)
     problems += replica_problems(ds, devices, global_batch, topology)
+    if jobs < 1:
+        problems.append(f"jobs={jobs} must be at least 1 (1: synthesise here, one at a time)")
     if problems:
         raise ValueError("cannot search:\n  " + "\n  ".join(problems))
     name = "custom" if partition is not None else resolve_solver(solver, profile)
@@ -250,7 +254,7 @@ def search(
         else:
             infeasible += 1
     if SYNTH in schedules:
-        synthesised = _synthesise_best(found, memory_limit_bytes)
+        synthesised = _synthesise_best(found, memory_limit_bytes, jobs)
         tried += len(synthesised)
         found += synthesised
     found.sort(key=lambda c: (c.step_ms, c.stages, c.peak_bytes, c.microbatches))
@@ -281,25 +285,23 @@ def _layouts(num_layers: int, devices: int,
     return out
 
 
-def _synthesise_best(found: list[Candidate], limit: float) -> list[Candidate]:
+def _synthesise_best(found: list[Candidate], limit: float, jobs: int = 1) -> list[Candidate]:
     """Synthesised schedules for the ``SYNTH_TOP`` fastest configurations found (one per
-    (K, M, recompute, placement)), as candidates of their own."""
-    from partitioner.solve.synth import synthesise_for  # the list scheduler, only when asked
+    (K, M, recompute, placement)), as candidates of their own; ``jobs`` of them at once."""
+    from partitioner.solve.synth import synthesise_each  # the list scheduler, only when asked
 
-    out, seen = [], set()
+    chosen: dict[tuple[object, ...], Candidate] = {}
     for cand in sorted(found, key=lambda c: c.step_ms):
-        cm = cand.cost_model
-        key = synth_key(cm)
-        if key in seen:
-            continue
-        seen.add(key)
-        got = synthesise_for(cm, cand.solution, memory_limit_bytes=limit)
-        if got.schedule.name == SYNTH:
-            res = simulate(cm, nodes=cand.solution.nodes, schedule=got.schedule, record=False)
+        chosen.setdefault(synth_key(cand.cost_model), cand)
+        if len(chosen) == SYNTH_TOP:
+            break
+    tasks = [(cand.cost_model, cand.solution) for cand in chosen.values()]
+    out = []
+    for cand, (got, res) in zip(chosen.values(), synthesise_each(tasks, limit, jobs),
+                                strict=True):
+        if res is not None:
             out.append(replace(cand, step_ms=res.step_ms, bubble_fraction=res.bubble_fraction,
                                peak_bytes=max(res.rank_peak_bytes), synthesised=got.schedule))
-        if len(seen) == SYNTH_TOP:
-            break
     return out
 
 

@@ -19,12 +19,17 @@ for its placement, zbv for the V shape.
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
+import sys
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
 from partitioner.cost.model import CostModel
 from partitioner.cost.partition import Solution
+from partitioner.formats.plan_schedule import SYNTH
 from partitioner.schedule.generators import make_schedule, v_placement
 from partitioner.schedule.ir import Schedule
 from partitioner.schedule.listsched import Costs
@@ -32,7 +37,7 @@ from partitioner.schedule.synthesis import Synthesis, synthesise
 from partitioner.simulator.durations import stage_durations
 from partitioner.simulator.engine import SimResult, simulate
 
-__all__ = ["baselines_for", "synthesise_for"]
+__all__ = ["available_jobs", "baselines_for", "synthesise_each", "synthesise_for"]
 
 
 def baselines_for(cm: CostModel) -> list[Schedule]:
@@ -67,7 +72,7 @@ def synthesise_for(cm: CostModel, sol: Solution, devices: Sequence[int] | None =
     def run(sched: Schedule) -> SimResult:
         if not replayed or replayed[0][0] is not sched:
             replayed[:] = [(sched, simulate(cm, nodes=sol.nodes, schedule=sched, devices=devs,
-                                            record=False))]
+                                            record=False, durations=dur))]
         return replayed[0][1]
 
     def evaluate(sched: Schedule) -> float:
@@ -79,3 +84,34 @@ def synthesise_for(cm: CostModel, sol: Solution, devices: Sequence[int] | None =
 
     return synthesise(costs, placement, cm.microbatches, evaluate=evaluate, fits=fits,
                       baselines=baselines_for(cm), max_tries=max_tries)
+
+
+def available_jobs() -> int:
+    """The cores this process may run on (its CPU affinity where the system says)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+
+
+def synthesise_each(tasks: Sequence[tuple[CostModel, Solution]], memory_limit_bytes: float,
+                    jobs: int = 1) -> list[tuple[Synthesis, SimResult | None]]:
+    """``synthesise_for`` on each (cost model, partition), with the simulation of each
+    schedule it synthesised (None where a fixed schedule stayed the best), in order. With
+    ``jobs`` > 1, up to that many at once in forked processes (Linux: the tasks are
+    independent and deterministic, so the results are those of one process); elsewhere, or
+    with one task, here."""
+    if jobs < 1:
+        raise ValueError(f"jobs={jobs} must be at least 1 (1: synthesise here, one at a time)")
+    work = [(cm, sol, memory_limit_bytes) for cm, sol in tasks]
+    if jobs == 1 or len(work) < 2 or not sys.platform.startswith("linux"):
+        return [_synthesised(task) for task in work]
+    with ProcessPoolExecutor(min(jobs, len(work)),
+                             mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(_synthesised, work))
+
+
+def _synthesised(task: tuple[CostModel, Solution, float]) -> tuple[Synthesis, SimResult | None]:
+    cm, sol, limit = task
+    got = synthesise_for(cm, sol, memory_limit_bytes=limit)
+    if got.schedule.name != SYNTH:
+        return got, None
+    return got, simulate(cm, nodes=sol.nodes, schedule=got.schedule, record=False)

@@ -93,6 +93,24 @@ def test_every_schedule_with_its_ranks_under_the_limit() -> None:
     assert plan.build_schedule().ranks <= 3
 
 
+@pytest.mark.timeout(120)
+def test_schedules_synthesised_in_processes_are_those_synthesised_here() -> None:
+    """``jobs`` synthesises the fastest configurations in forked processes: the same
+    candidates, schedules and all, as one process."""
+    prof = _random_profile(4)
+    args = dict(devices=3, global_batch=6, memory_limit_bytes=2600.0, link=LINKS["pcie"],
+                optimizer="none")
+    here = search(prof, **args, jobs=1)  # type: ignore[arg-type]
+    forked = search(prof, **args, jobs=3)  # type: ignore[arg-type]
+    made = [(c.step_ms, c.stages, c.microbatches, c.synthesised) for c in here.candidates
+            if c.synthesised is not None]
+    assert len(made) >= 2  # several configurations, so several processes, were refined
+    assert made == [(c.step_ms, c.stages, c.microbatches, c.synthesised)
+                    for c in forked.candidates if c.synthesised is not None]
+    with pytest.raises(ValueError, match="jobs=0 must be at least 1"):
+        search(prof, **args, jobs=0)  # type: ignore[arg-type]
+
+
 def test_the_partition_function_is_a_parameter() -> None:
     prof = _random_profile(3)
     calls = []
