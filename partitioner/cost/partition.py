@@ -34,14 +34,18 @@ exactly ``CostModel.stage_compute_ms + stage_comm_ms`` and ``stage_memory_bytes`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
+import numpy.typing as npt
 
+from partitioner.cost.holding import holding
 from partitioner.cost.model import CostModel, FloatArray
 from partitioner.formats.layers import assignment_problems, layer_edges, stage_of_nodes
+from partitioner.schedule.recompute import recomputes
 
 __all__ = ["STATUSES", "Solution", "evaluate_assignment", "recost", "stage_costs",
            "tied_copies"]
@@ -131,15 +135,15 @@ def stage_costs(cm: CostModel, cuts: Sequence[int]) -> Solution:
     """The chain split with cut points ``cuts`` (0, end_0, ..., L), costed by the cost model's
     chain rules (``stage_compute_ms``, ``stage_comm_ms``, ``stage_memory_bytes``; exact for a
     profile without edges) for every stage at once: each per-layer sum is a difference of
-    prefix sums, so a split costs O(L + K) array work however many stages it has (a search
-    costs thousands of splits)."""
+    prefix sums (made once per array, ``_derived``), so a split costs O(K) array work however
+    many layers it has (a search costs thousands of splits)."""
     at = np.asarray(cuts, dtype=np.int64)
     start, end = at[:-1], at[1:]
     big_k, n = len(start), cm.profile.num_layers
-    rc = np.array([cm.recomputes(k) for k in range(big_k)], dtype=bool)
+    rc = _recomputing(cm.recompute, big_k)
 
     def span(layer_values: FloatArray) -> FloatArray:
-        prefix = np.concatenate(([0.0], np.cumsum(layer_values)))
+        prefix = _derived(layer_values, "prefix", _prefix_sums)
         out: FloatArray = prefix[end] - prefix[start]
         return out
 
@@ -158,14 +162,68 @@ def stage_costs(cm: CostModel, cuts: Sequence[int]) -> Solution:
     held, held_w, rebuilt = shares  # (forms(False)'s rebuilt is 0: nothing is rebuilt)
     inputs, targets = cm.step_bytes()
     mem = state + np.where(start == 0, inputs, 0.0) + np.where(end == n, targets, 0.0)
-    hold = cm.holding
-    mem += [hold.activation_bytes(k, float(held[k]), float(held_w[k]), float(rebuilt[k]))
-            for k in range(big_k)]
-    out_bytes = np.bincount(cm.values.producer, cm.value_bytes(), minlength=n)
-    sent = [float(out_bytes[e - 1]) for e in end[:-1]] + [0.0]
-    nodes = tuple(tuple(range(int(a), int(b))) for a, b in zip(start, end, strict=True))
-    return Solution(nodes, tuple(map(float, compute)), tuple(map(float, comm)),
-                    tuple(map(float, mem)), tuple(sent))
+    a, b, t = _state_counts(cm.schedule, big_k, cm.microbatches, cm.stages_per_rank)
+    # each stage's largest a held + b held_for_w + t rebuilt over its states (padded with
+    # repeats of its first), as ``Holding.activation_bytes`` adds them
+    mem += (a * held[:, None] + b * held_w[:, None] + t * rebuilt[:, None]).max(axis=1)
+    out_bytes = _derived(cm.value_bytes(), "by_producer", lambda size: np.bincount(
+        cm.values.producer, size, minlength=n).astype(np.float64))
+    sent = [*out_bytes[end[:-1] - 1].tolist(), 0.0]
+    nodes = tuple(tuple(range(a, b)) for a, b in zip(start.tolist(), end.tolist(), strict=True))
+    return Solution(nodes, tuple(compute.tolist()), tuple(comm.tolist()), tuple(mem.tolist()),
+                    tuple(sent))
+
+
+#: Arrays derived from read-only per-layer arrays (their prefix sums, ...), by the array's
+#: identity and what was derived; each entry keeps its array alive, so an id is not reused
+#: while it is here (``like`` shares the per-layer arrays across a search's configurations).
+_DERIVED: OrderedDict[tuple[int, str], tuple[FloatArray, FloatArray]] = OrderedDict()
+_DERIVED_MAX = 256
+
+
+def _derived(values: FloatArray, what: str, make: Callable[[FloatArray], FloatArray]
+             ) -> FloatArray:
+    if values.flags.writeable:  # may change: not remembered
+        return make(values)
+    key = (id(values), what)
+    got = _DERIVED.get(key)
+    if got is not None and got[0] is values:
+        _DERIVED.move_to_end(key)
+        return got[1]
+    out = make(values)
+    out.setflags(write=False)
+    _DERIVED[key] = (values, out)
+    if len(_DERIVED) > _DERIVED_MAX:
+        _DERIVED.popitem(last=False)
+    return out
+
+
+def _prefix_sums(values: FloatArray) -> FloatArray:
+    out: FloatArray = np.concatenate(([0.0], np.cumsum(values)))
+    return out
+
+
+@lru_cache(maxsize=512)
+def _recomputing(mode: str, stages: int) -> npt.NDArray[np.bool_]:
+    """Which of K stages recompute under ``mode`` (``schedule.recompute``)."""
+    out = np.array([recomputes(mode, k, stages) for k in range(stages)], dtype=bool)
+    out.setflags(write=False)
+    return out
+
+
+@lru_cache(maxsize=4096)  # a search's (schedule, K, M, V): a few thousand
+def _state_counts(name: str, stages: int, microbatches: int, stages_per_rank: int
+                  ) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """``holding``'s states as three (K, S) arrays of counts (before I, between I and W,
+    rebuilding), a stage with fewer than S states padded with its first."""
+    states = holding(name, stages, microbatches, stages_per_rank).states
+    width = max(len(s) for s in states)
+    padded = [[*s, *(s[0],) * (width - len(s))] for s in states]
+    grid = np.array(padded, dtype=np.float64).reshape(stages, width, 3)
+    cols = tuple(np.ascontiguousarray(grid[:, :, j]) for j in range(3))
+    for col in cols:
+        col.setflags(write=False)
+    return cols[0], cols[1], cols[2]
 
 
 def recost(cm: CostModel, sol: Solution) -> Solution:
