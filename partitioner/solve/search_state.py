@@ -17,6 +17,9 @@ import bisect
 import math
 from collections.abc import Callable
 
+import numpy as np
+import numpy.typing as npt
+
 from partitioner.cost.model import CostModel
 from partitioner.cost.partition import Solution, recost
 from partitioner.solve.bounds import SLACK
@@ -102,6 +105,9 @@ class PartitionCache:
         self.relaxed: dict[tuple[object, ...], Solution] = {}
         self.limited: dict[tuple[object, ...], Solution | str] = {}
         self.infeasible: dict[tuple[object, ...], list[_Held]] = {}
+        # per key, the counts of each of its infeasible helds as one row: one comparison
+        # finds those whose counts the new one reaches (only they need the states compared)
+        self.infeasible_counts: dict[tuple[object, ...], npt.NDArray[np.int64]] = {}
 
     def solve(self, cm: CostModel, limit: float) -> Solution | str:
         """A partition fitting ``limit``, or ``infeasible`` / ``timeout``."""
@@ -116,8 +122,10 @@ class PartitionCache:
             return sol
         hold = cm.holding
         held = (hold.states, hold.in_flight + hold.rebuilt + (cm.stages_per_rank,), hold.splits)
-        if any(_holds_more(held, fewer) for fewer in self.infeasible.get(key, ())):
-            return "infeasible"  # memory only grows with the micro-batches held
+        if key in self.infeasible:
+            reached = np.all(self.infeasible_counts[key] <= np.asarray(held[1]), axis=1)
+            if any(_holds_more(held, self.infeasible[key][j]) for j in np.flatnonzero(reached)):
+                return "infeasible"  # memory only grows with the micro-batches held
         if (*key, held) not in self.limited:
             self.solves += 1
             try:
@@ -133,4 +141,7 @@ class PartitionCache:
         found = self.limited[(*key, held)]
         if found == "infeasible":
             self.infeasible.setdefault(key, []).append(held)
+            row = np.asarray([held[1]], dtype=np.int64)
+            known = self.infeasible_counts.get(key)
+            self.infeasible_counts[key] = row if known is None else np.vstack([known, row])
         return found if isinstance(found, str) else recost(cm, found)
